@@ -1,0 +1,114 @@
+"""KV blocks: ref counts, an LRU free queue, and the prefix-cache map from block hash to block.
+
+A block holds `block_size` tokens of K/V for every layer. A full block is keyed by the chained
+xxhash64 of (parent block hash, its token ids), so equal hashes mean equal prefixes. Freed blocks keep
+their hash and stay findable until the allocator reuses them, oldest-freed first:
+
+    free queue:  head [b7 b3 b9 ... b2] tail      allocate() pops the head,
+                  evicted first     freed last     free() appends at the tail
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """xxhash64 over the parent hash (8 bytes, little endian) and the int64 token ids."""
+    h = xxhash.xxh64()
+    if parent_hash is not None:
+        h.update(parent_hash.to_bytes(8, "little"))
+    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return h.intdigest()
+
+
+@dataclass(eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: int | None = None  # set once the block is full and cached
+    token_ids: tuple[int, ...] = field(default=())  # the tokens behind the hash, to verify hits
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[int, KVBlock] = {}  # block hash -> block
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def lookup(self, block_hash: int, token_ids: Sequence[int]) -> KVBlock | None:
+        """The cached block with this hash and these exact tokens, or None."""
+        block = self._cached.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on cache hits, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        if n > len(self._free):
+            raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference from each block; blocks reaching zero join the free queue tail.
+
+        Callers pass a request's blocks tail first, so its last (least shared) blocks are
+        evicted before its prefix.
+        """
+        for block in blocks:
+            assert block.ref_cnt > 0, f"double free of block {block.block_id}"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def cache(self, block: KVBlock, block_hash: int, token_ids: Sequence[int]) -> None:
+        """Register a full block under its hash (first writer wins on duplicates)."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self._cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only possible when no block is in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            self._evict(block)
+        return True
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is not None:
+            if self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+            block.block_hash = None
+            block.token_ids = ()

@@ -1,0 +1,76 @@
+"""EngineCore.step(): schedule -> execute -> update. Token ids in, token ids out; no text."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from atom.config import EngineConfig
+from atom.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from atom.engine.request import Request, RequestStatus
+from atom.engine.scheduler import Scheduler, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def determine_num_kv_blocks(self) -> int: ...
+    def kv_bytes_per_block(self) -> int: ...
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+def create_executor(config: EngineConfig) -> Executor:
+    if config.parallel.tensor_parallel_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size={config.parallel.tensor_parallel_size}: tensor parallelism "
+            "is not available yet; run with -tp 1"
+        )
+    from atom.executor.model_runner import ModelRunner  # the tensor side, imported on demand
+
+    return ModelRunner(config)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.executor = executor if executor is not None else create_executor(config)
+        num_blocks = self.executor.determine_num_kv_blocks()
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.executor.allocate_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s",
+            num_blocks,
+            config.cache.block_size,
+            num_blocks * config.cache.block_size,
+            num_blocks * self.executor.kv_bytes_per_block() / 2**30,
+            time.perf_counter() - start,
+        )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: Iterable[str]) -> None:
+        """End requests that met a stop condition outside the core (a stop string)."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        result = self.executor.execute_model(sched)
+        return self.scheduler.update_from_output(sched, result)
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv.reset_prefix_cache()

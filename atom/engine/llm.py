@@ -1,0 +1,198 @@
+"""LLM: offline generation, shaped like vLLM's `LLM` (generate, chat, RequestOutput)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from atom.args import EngineArgs
+from atom.engine.core import EngineCore
+from atom.engine.output_processor import OutputProcessor
+from atom.engine.request import Request
+from atom.model_source import load_tokenizer
+from atom.outputs import RequestOutput
+from atom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} / {"prompt": "text"}
+Message = dict[str, Any]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        skip_tokenizer_init: bool = False,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        args = EngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            skip_tokenizer_init=skip_tokenizer_init,
+            trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            **kwargs,
+        )
+        self.config = args.create_engine_config()
+        mc = self.config.model
+        self.tokenizer: Any = None
+        if not skip_tokenizer_init:
+            gguf = mc.gguf_file if mc.tokenizer == mc.model_dir else None
+            self.tokenizer = load_tokenizer(mc.tokenizer, gguf, trust_remote_code)
+        self.engine = EngineCore(self.config)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    # ---- public API ----
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        items = [prompts] if isinstance(prompts, str | dict) else list(prompts)
+        params = self._broadcast_params(sampling_params, len(items))
+        # Validate everything before adding anything: a bad prompt leaves the engine untouched.
+        processed = [self._process_prompt(p, sp) for p, sp in zip(items, params)]
+        request_ids = [
+            self._add_request(text, ids, sp) for (text, ids), sp in zip(processed, params)
+        ]
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer (skip_tokenizer_init=True was given)")
+        if not messages:
+            raise ValueError("messages is empty")
+        conversations = messages if isinstance(messages[0], list) else [messages]
+        prompts = [
+            self.apply_chat_template(c, chat_template, add_generation_prompt, chat_template_kwargs)
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(
+        self,
+        conversation: list[Message],
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        kwargs = dict(
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+        ids = self.tokenizer.apply_chat_template(
+            conversation, tokenize=True, return_dict=False, **kwargs
+        )
+        return {"prompt": text, "prompt_token_ids": list(ids)}
+
+    # ---- internals ----
+    @staticmethod
+    def _broadcast_params(
+        params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return list(params)
+
+    def _process_prompt(
+        self, prompt: PromptType, params: SamplingParams
+    ) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, dict):
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        else:
+            raise ValueError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
+        if ids is None:
+            if text is None:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
+            ids = self.tokenizer.encode(text)
+        ids = list(ids)
+        vocab = self.config.model.vocab_size
+        max_len = self.config.model.max_model_len
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len={max_len}")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        return text, ids
+
+    def _add_request(
+        self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ) -> str:
+        request_id = str(next(self._ids))
+        params = params.clone(_eos_token_ids=self.config.model.eos_token_ids)
+        arrival = time.time()
+        child_ids = self.output_processor.add_request(
+            request_id, prompt, prompt_token_ids, params, arrival
+        )
+        for i, child_id in enumerate(child_ids):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + i
+                child_params = params.clone(n=1, seed=seed)
+            self.engine.add_request(Request(child_id, prompt_token_ids, child_params, arrival))
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                results, to_finish = self.output_processor.process(self.engine.step())
+                if to_finish:
+                    self.engine.finish_requests(to_finish)
+                for out in results:
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in request_ids:  # leave the engine clean for the next call
+                self.engine.abort_requests(self.output_processor.abort(request_id))
+            raise
+        finally:
+            bar.close()
+        return [done[r] for r in request_ids]

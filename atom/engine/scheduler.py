@@ -1,0 +1,256 @@
+"""Token-budget scheduler: one budget per step, no phases (DESIGN.md §1).
+
+Every request has `num_computed_tokens` catching up with `num_tokens`. A step first gives each running
+request its next tokens (1 for decode, a chunk for prefill), oldest first, then admits waiting requests
+FCFS while the token budget, `max_num_seqs` and the KV pool allow. When the pool runs dry the newest
+running request is preempted: its blocks are freed and it is recomputed later, ahead of the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from atom.config import CacheConfig, SchedulerConfig
+from atom.engine.kv_cache_manager import KVCacheManager
+from atom.engine.outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from atom.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(
+        self, config: SchedulerConfig, cache_config: CacheConfig, num_kv_blocks: int
+    ) -> None:
+        self.config = config
+        self.block_size = cache_config.block_size
+        if num_kv_blocks * self.block_size < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_kv_blocks * self.block_size} tokens, fewer than "
+                f"max_model_len={config.max_model_len}: lower max_model_len or give the cache "
+                "more memory"
+            )
+        self.kv = KVCacheManager(num_kv_blocks, self.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._dropped_ids: set[str] = set()  # finished or preempted since the last schedule()
+        self.num_preemptions = 0
+
+    # ---- requests in and out ----
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        if not req.prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if req.num_prompt_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {req.num_prompt_tokens} tokens, more than "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(
+        self, request_ids: Iterable[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED
+    ) -> None:
+        """End requests from outside (abort, or a stop string seen by the detokenizer)."""
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._dropped_ids)
+        self._dropped_ids = set()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            new_block_ids = self.kv.allocate_slots(req, num_new)
+            while new_block_ids is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                new_block_ids = self.kv.allocate_slots(req, num_new)
+            if new_block_ids is None:
+                break
+            out.cached_reqs.append(
+                CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens)
+            )
+            out.num_scheduled_tokens[req.request_id] = num_new
+            budget -= num_new
+            i += 1
+        # A step that had to preempt admits nobody: the pool is full.
+        if not preempted:
+            budget = self._admit_waiting(out, budget)
+        out.finished_req_ids |= self._dropped_ids
+        self._dropped_ids = set()
+        out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
+        for req_id, n in out.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        now = time.time()
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.kv.get_computed_blocks(req)
+            num_computed = len(hits) * self.block_size
+            num_new = req.num_tokens - num_computed
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = self._chunk(num_new, budget)
+            if self.kv.allocate_slots(req, num_new, hits) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            self.running.append(req)
+            out.new_reqs.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    output_token_ids=list(req.output_token_ids),
+                    sampling_params=req.sampling_params,
+                    block_ids=self.kv.block_ids(req.request_id),
+                    num_computed_tokens=num_computed,
+                )
+            )
+            out.num_scheduled_tokens[req.request_id] = num_new
+            budget -= num_new
+        return budget
+
+    def _chunk(self, num_tokens: int, budget: int) -> int:
+        n = min(num_tokens, budget)
+        if self.config.long_prefill_token_threshold > 0:
+            n = min(n, self.config.long_prefill_token_threshold)
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        logger.debug("preempting %s (%d tokens)", req.request_id, req.num_tokens)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._dropped_ids.add(req.request_id)
+
+    # ---- results ----
+    def update_from_output(
+        self, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for idx, req_id in enumerate(result.req_ids):
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished from outside while the step ran
+            new_tokens: list[int] = []
+            for token_id in result.sampled_token_ids[idx]:
+                req.output_token_ids.append(token_id)
+                new_tokens.append(token_id)
+                if self._check_stop(req, token_id):
+                    break
+            prompt_logprobs = self._new_prompt_logprobs(req, sched, result)
+            if not new_tokens and not prompt_logprobs:
+                continue
+            logprobs = result.logprobs[idx]
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=req_id,
+                    new_token_ids=new_tokens,
+                    new_logprobs=[logprobs] if logprobs is not None and new_tokens else [],
+                    new_prompt_logprobs=prompt_logprobs,
+                    finish_reason=req.status.finish_reason,
+                    stop_reason=req.stop_reason,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                )
+            )
+        if any(r.status.finished for r in self.running):
+            for req in [r for r in self.running if r.status.finished]:
+                self._free(req)
+            self.running = [r for r in self.running if not r.status.finished]
+        return outputs
+
+    def _new_prompt_logprobs(
+        self, req: Request, sched: SchedulerOutput, result: ModelRunnerOutput
+    ) -> list:
+        """Prompt logprobs of this step, minus those delivered before a preemption.
+
+        Entry j (j >= 1) scores prompt token j; a chunk over positions [s, e) yields entries from
+        s + 1 on.
+        """
+        entries = result.prompt_logprobs.get(req.request_id)
+        if not entries:
+            return []
+        first = req.num_computed_tokens - sched.num_scheduled_tokens[req.request_id] + 1
+        entries = entries[max(0, req.num_prompt_logprobs + 1 - first) :]
+        req.num_prompt_logprobs += len(entries)
+        return entries
+
+    def _check_stop(self, req: Request, token_id: int) -> bool:
+        params = req.sampling_params
+        if req.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = token_id if token_id in params.stop_token_ids else None
+        elif (
+            params.max_tokens is not None and req.num_output_tokens >= params.max_tokens
+        ) or req.num_tokens >= self.config.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        return req.status.finished
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._dropped_ids.add(req.request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_free_blocks=self.kv.pool.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_query_tokens,
+            prefix_cache_hits=self.kv.prefix_hit_tokens,
+            num_preemptions=self.num_preemptions,
+        )

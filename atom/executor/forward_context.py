@@ -1,0 +1,49 @@
+"""Per-step attention metadata, visible to attention layers only while the runner's forward runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """A flat batch of B sequences, T tokens in all, over the paged KV cache.
+
+    Sequence i owns query tokens [query_start_loc[i], query_start_loc[i+1]); after this step it
+    holds seq_lens[i] tokens of context, the last of which are its query tokens.
+    """
+
+    slot_mapping: Tensor  # [T] int64: block_id * block_size + offset for each new token
+    block_tables: Tensor  # [B, max_blocks] int32, padded with 0
+    seq_lens: Tensor  # [B] int32
+    query_start_loc: Tensor  # [B + 1] int32
+    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+_CONTEXT: ContextVar[AttentionMetadata | None] = ContextVar("atom_forward_context", default=None)
+
+
+@contextmanager
+def set_forward_context(metadata: AttentionMetadata | None) -> Iterator[None]:
+    token = _CONTEXT.set(metadata)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def get_attention_metadata() -> AttentionMetadata | None:
+    """None outside a runner step (e.g. the memory-profile forward, which has no KV cache)."""
+    return _CONTEXT.get()

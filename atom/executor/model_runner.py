@@ -1,0 +1,202 @@
+"""ModelRunner: builds the model on its device, owns the KV cache, runs one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor
+
+from atom.config import EngineConfig
+from atom.engine.outputs import (
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+from atom.executor.forward_context import set_forward_context
+from atom.executor.input_batch import (
+    CachedRequestState,
+    StepInputs,
+    build_sampling_metadata,
+    build_step_inputs,
+)
+from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
+from atom.executor.sampler import Sampler, SamplerOutput
+from atom.layers.attention import Attention
+from atom.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def kv_cache_torch_dtype(config: EngineConfig) -> torch.dtype:
+    if config.cache.kv_cache_dtype == "fp8":
+        return torch.float8_e4m3fn
+    if config.cache.kv_cache_dtype == "bf16":
+        return torch.bfloat16
+    return torch_dtype(config.model.dtype)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = torch_dtype(config.model.dtype)
+        self.block_size = config.cache.block_size
+        self.states: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
+        start = time.perf_counter()
+        self.model = self._build_model()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        logger.info("model loaded in %.1f s", time.perf_counter() - start)
+
+    def _build_model(self) -> torch.nn.Module:
+        mc = self.config.model
+        cls = get_model_class(mc.architecture)
+        max_position = max(mc.max_model_len, getattr(mc.hf_config, "max_position_embeddings", 0))
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(mc.hf_config, max_position)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if mc.load_format == "dummy":
+            init_dummy_weights(model, mc.seed)
+        else:
+            load_weights(model, checkpoint_weights(mc))
+        return model.eval()
+
+    # ---- KV cache ----
+    def kv_bytes_per_block(self) -> int:
+        itemsize = torch.empty(0, dtype=kv_cache_torch_dtype(self.config)).element_size()
+        per_layer = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
+        return self.block_size * per_layer * itemsize
+
+    def determine_num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_free_memory()
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        return max(budget // self.kv_bytes_per_block(), 0)
+
+    @torch.inference_mode()
+    def _profile_free_memory(self) -> int:
+        """Bytes left for KV after a forward at the full token budget (the activation peak)."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.config.scheduler.max_num_batched_tokens
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device))
+        self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.cache.gpu_memory_utilization) - peak - in_use_elsewhere
+        logger.info(
+            "memory: total %.1f GiB, model+activation peak %.2f GiB, KV budget %.2f GiB",
+            total / 2**30,
+            peak / 2**30,
+            budget / 2**30,
+        )
+        torch.cuda.empty_cache()
+        return max(budget, 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        dtype = kv_cache_torch_dtype(self.config)
+        for layer in self.attn_layers:
+            shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(sched)
+        if sched.is_empty:
+            return ModelRunnerOutput()
+        inputs = build_step_inputs(sched, self.states, self.block_size, self.device)
+        with set_forward_context(inputs.attn):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
+        out = ModelRunnerOutput(
+            req_ids=inputs.req_ids,
+            sampled_token_ids=[[] for _ in inputs.req_ids],
+            logprobs=[None] * len(inputs.req_ids),
+            prompt_logprobs=self._prompt_logprobs(inputs, hidden),
+        )
+        if rows:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            result = self.sampler(logits, build_sampling_metadata(rows, self.device))
+            self._record_samples(inputs, rows, result, out)
+        return out
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for req_id in sched.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in sched.new_reqs:
+            params = new.sampling_params
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(self.device).manual_seed(params.seed)
+            self.states[new.req_id] = CachedRequestState(
+                new.req_id,
+                new.prompt_token_ids,
+                list(new.output_token_ids),
+                params,
+                list(new.block_ids),
+                new.num_computed_tokens,
+                gen,
+            )
+        for cached in sched.cached_reqs:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens  # before this step
+
+    def _record_samples(
+        self,
+        inputs: StepInputs,
+        rows: list[CachedRequestState],
+        result: SamplerOutput,
+        out: ModelRunnerOutput,
+    ) -> None:
+        sampled = result.sampled.tolist()  # the step's one host sync
+        lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
+        ranks = result.ranks.tolist() if result.ranks is not None else None
+        for j, (i, state) in enumerate(zip(inputs.sample_rows, rows)):
+            state.output_token_ids.append(sampled[j])
+            out.sampled_token_ids[i] = [sampled[j]]
+            k = state.sampling_params.logprobs
+            if k is not None and lp_ids is not None and lps is not None and ranks is not None:
+                out.logprobs[i] = TokenLogprobs(lp_ids[j][: k + 1], lps[j][: k + 1], ranks[j])
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: Tensor) -> dict[str, list]:
+        result: dict[str, list] = {}
+        for i, (lo, hi) in inputs.prompt_logprob_spans.items():
+            state = self.states[inputs.req_ids[i]]
+            k = state.sampling_params.prompt_logprobs or 0
+            first = inputs.positions[lo].item() + 1  # prompt index scored by the first row
+            targets = torch.tensor(
+                state.prompt_token_ids[first : first + hi - lo], device=self.device
+            )
+            logprobs = self.model.compute_logits(hidden[lo:hi]).float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, targets.unsqueeze(1))
+            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+            top_lp, top_ids = logprobs.topk(k, dim=-1)
+            ids = torch.cat([targets.unsqueeze(1), top_ids], dim=1).tolist()
+            lps = torch.cat([chosen, top_lp], dim=1).tolist()
+            result[state.req_id] = [TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks)]
+        return result

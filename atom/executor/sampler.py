@@ -1,0 +1,130 @@
+"""Token sampling on the device: penalties, temperature, top-k/top-p/min-p, seeded noise, logprobs.
+
+Random sampling is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
+probability p_i, and lets each seeded request draw E from its own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(slots=True)
+class SamplingMetadata:
+    temperature: Tensor  # [B] float32; rows with 0 are greedy
+    all_greedy: bool
+    top_k: Tensor | None  # [B] int64, vocab size = off
+    top_p: Tensor | None  # [B] float32
+    min_p: Tensor | None  # [B] float32
+    generators: dict[int, torch.Generator]  # row -> the request's own generator
+    presence_penalty: Tensor | None  # [B]; the three penalties are all set or all None
+    frequency_penalty: Tensor | None
+    repetition_penalty: Tensor | None
+    output_token_ids: list[list[int]]
+    prompt_token_ids: list[list[int]]
+    blocked_tokens: list[tuple[int, list[int]]]  # (row, stop ids) while below min_tokens
+    max_num_logprobs: int | None  # top-k logprobs wanted by some row
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    sampled: Tensor  # [B] int64
+    logprob_token_ids: Tensor | None  # [B, 1 + k]: sampled token, then the top-k
+    logprobs: Tensor | None  # [B, 1 + k]
+    ranks: Tensor | None  # [B] 1-based rank of the sampled token
+
+
+def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> Tensor:
+    """[B, vocab] int counts of each token id per row."""
+    width = max((len(t) for t in token_ids), default=0)
+    padded = torch.full((len(token_ids), width + 1), vocab_size, dtype=torch.int64)
+    for i, ids in enumerate(token_ids):
+        padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    padded = padded.to(device)
+    counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    """OpenAI presence/frequency penalties on generated tokens; the CTRL repetition penalty on
+    prompt and generated tokens (divide positive logits, multiply negative ones)."""
+    assert meta.presence_penalty is not None and meta.frequency_penalty is not None
+    assert meta.repetition_penalty is not None
+    vocab = logits.shape[-1]
+    out_counts = token_counts(meta.output_token_ids, vocab, logits.device)
+    seen = (out_counts > 0) | (token_counts(meta.prompt_token_ids, vocab, logits.device) > 0)
+    rep = meta.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - meta.frequency_penalty.unsqueeze(1) * out_counts
+    return logits - meta.presence_penalty.unsqueeze(1) * (out_counts > 0)
+
+
+def apply_top_k_top_p_min_p(
+    logits: Tensor, top_k: Tensor | None, top_p: Tensor | None, min_p: Tensor | None
+) -> Tensor:
+    """Set logits outside each row's allowed set to -inf (the top token always stays)."""
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        drop |= ranks >= top_k.unsqueeze(1)
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
+        drop |= mass_before >= top_p.unsqueeze(1)
+    drop[:, 0] = False
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+def exponential_noise(
+    shape: tuple[int, int], generators: dict[int, torch.Generator], device: torch.device
+) -> Tensor:
+    noise = torch.empty(shape, device=device).exponential_()
+    for row, gen in generators.items():
+        noise[row].exponential_(generator=gen)
+    return noise
+
+
+class Sampler(nn.Module):
+    def forward(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        for row, token_ids in meta.blocked_tokens:
+            logits[row, token_ids] = float("-inf")
+        if meta.repetition_penalty is not None:
+            logits = apply_penalties(logits, meta)
+        sampled = logits.argmax(dim=-1)
+        if not meta.all_greedy:
+            sampled = torch.where(meta.temperature == 0, sampled, self._random(logits, meta))
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        return self._logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+
+    @staticmethod
+    def _random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
+        logits = apply_top_k_top_p_min_p(
+            logits / temperature.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p
+        )
+        probs = logits.softmax(dim=-1)
+        noise = exponential_noise(tuple(probs.shape), meta.generators, probs.device)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(raw: Tensor, sampled: Tensor, k: int) -> SamplerOutput:
+        chosen = raw.gather(1, sampled.unsqueeze(1))
+        ranks = (raw > chosen).sum(dim=-1) + 1
+        top_lp, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], sampled[:, None][:, :0])
+        ids = torch.cat([sampled.unsqueeze(1), top_ids], dim=1)
+        return SamplerOutput(sampled, ids, torch.cat([chosen, top_lp], dim=1), ranks)

@@ -1,0 +1,81 @@
+"""Attention over the paged KV cache: the torch reference (the CPU path and the kernel oracle).
+
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence
+lives in block block_table[t // block_size] at offset t % block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def reshape_and_cache_ref(
+    key: Tensor,
+    value: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Write new K/V ([T, num_kv_heads, head_dim]) into their cache slots.
+
+    An fp8 cache stores value / scale (per-layer scales), read back as stored * scale.
+    """
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    if kv_cache.dtype != key.dtype:
+        key = (key.float() / k_scale).to(kv_cache.dtype)
+        value = (value.float() / v_scale).to(kv_cache.dtype)
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor | None:
+    """Query i sits at context position kv_len - q_len + i and sees keys up to it."""
+    if q_len == 1:
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
+    return torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos
+
+
+def paged_attention_ref(
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> Tensor:
+    """query [T, num_heads, head_dim] -> [T, num_heads, head_dim], per sequence with SDPA."""
+    block_size = kv_cache.shape[2]
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    out = torch.empty_like(query)
+    for i, kv_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        blocks = block_tables[i, : -(-kv_len // block_size)].long()
+        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
+        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
+        if kv_cache.dtype != query.dtype:
+            k = k.to(query.dtype) * k_scale
+            v = v.to(query.dtype) * v_scale
+        out[start:end] = sdpa(query[start:end], k, v, scale)
+    return out
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail)."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    mask = causal_mask(q_len, kv_len, q.device)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).to(k.dtype),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask if q_len != kv_len else None,
+        is_causal=q_len == kv_len and q_len > 1,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o.transpose(0, 1).to(q.dtype)

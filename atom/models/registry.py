@@ -1,0 +1,27 @@
+"""Model classes keyed by the checkpoint's `architectures[0]`; later families drop in here."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# architecture -> (module under atom.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
+        )
+    module, name = _MODELS[architecture]
+    return getattr(importlib.import_module(f"atom.models.{module}"), name)
