@@ -1,8 +1,8 @@
 """KV blocks: ref counts, an LRU free queue, and the prefix-cache map from block hash to block.
 
 A block holds `block_size` tokens of K/V for every layer. A full block is keyed by the chained
-xxhash64 of (parent block hash, its token ids), so equal hashes mean equal prefixes. Freed blocks keep
-their hash and stay findable until the allocator reuses them, oldest-freed first:
+xxhash64 of (parent block hash, its token ids), so equal hashes mean equal prefixes. Freed blocks
+keep their hash and stay findable until the allocator reuses them, oldest-freed first:
 
     free queue:  head [b7 b3 b9 ... b2] tail      allocate() pops the head,
                   evicted first     freed last     free() appends at the tail

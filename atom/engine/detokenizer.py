@@ -38,7 +38,9 @@ class IncrementalDetokenizer:
 
     def update(self, new_token_ids: list[int], num_output_tokens: int) -> str | None:
         """Add tokens; returns the stop string that ended the text, if one did."""
-        for token_id in new_token_ids:
+        # num_output_tokens counts all of new_token_ids; min_tokens is judged token by token.
+        first_count = num_output_tokens - len(new_token_ids) + 1
+        for count, token_id in enumerate(new_token_ids, start=first_count):
             self._ids.append(token_id)
             prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
             text = self._decode(self._ids[self._prefix_offset :])
@@ -46,22 +48,28 @@ class IncrementalDetokenizer:
                 delta = text[len(prefix) :]
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
                 self.output_text += delta
-                if num_output_tokens >= self.params.min_tokens:
+                if count >= self.params.min_tokens:
                     stop = self._check_stop_strings(len(delta))
                     if stop is not None:
                         return stop
         return None
 
     def _check_stop_strings(self, new_chars: int) -> str | None:
+        # The match that completes first wins, as if the text had come one character at a time;
+        # list order would let a later stop string cut the text after an earlier one.
+        best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self.params.stop or []:
             # Only a match that overlaps the new text can be new.
             start = max(0, len(self.output_text) - new_chars - len(stop) + 1)
             idx = self.output_text.find(stop, start)
-            if idx != -1:
-                end = idx + len(stop) if self.params.include_stop_str_in_output else idx
-                self.output_text = self.output_text[:end]
-                return stop
-        return None
+            if idx != -1 and (best is None or idx + len(stop) < best[0]):
+                best = (idx + len(stop), idx, stop)
+        if best is None:
+            return None
+        end, idx, stop = best
+        keep = end if self.params.include_stop_str_in_output else idx
+        self.output_text = self.output_text[:keep]
+        return stop
 
     def new_text(self, finished: bool) -> str:
         """Text not streamed yet, keeping back what could still become a stop string."""

@@ -69,7 +69,7 @@ class KVCacheManager:
             if not blocks:
                 del self.req_blocks[req.request_id]
             return None
-        if not blocks and self.enable_caching:
+        if not blocks and self.enable_caching and req.sampling_params.prompt_logprobs is None:
             self.prefix_query_tokens += req.num_tokens
             self.prefix_hit_tokens += len(computed_blocks) * self.block_size
         self.pool.touch(computed_blocks)

@@ -76,9 +76,10 @@ class LLM:
         items = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params = self._broadcast_params(sampling_params, len(items))
         # Validate everything before adding anything: a bad prompt leaves the engine untouched.
-        processed = [self._process_prompt(p, sp) for p, sp in zip(items, params)]
+        processed = [self._process_prompt(p, sp) for p, sp in zip(items, params, strict=True)]
         request_ids = [
-            self._add_request(text, ids, sp) for (text, ids), sp in zip(processed, params)
+            self._add_request(text, ids, sp)
+            for (text, ids), sp in zip(processed, params, strict=True)
         ]
         return self._run(request_ids, use_tqdm)
 

@@ -158,7 +158,7 @@ class OutputProcessor:
 
     def _position(self, entry: TokenLogprobs) -> PositionLogprobs:
         position: PositionLogprobs = {}
-        for j, (token_id, logprob) in enumerate(zip(entry.token_ids, entry.logprobs)):
+        for j, (token_id, logprob) in enumerate(zip(entry.token_ids, entry.logprobs, strict=True)):
             if token_id in position:
                 continue
             rank = entry.rank if j == 0 else j

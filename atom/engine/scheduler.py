@@ -1,9 +1,10 @@
 """Token-budget scheduler: one budget per step, no phases (DESIGN.md §1).
 
-Every request has `num_computed_tokens` catching up with `num_tokens`. A step first gives each running
-request its next tokens (1 for decode, a chunk for prefill), oldest first, then admits waiting requests
-FCFS while the token budget, `max_num_seqs` and the KV pool allow. When the pool runs dry the newest
-running request is preempted: its blocks are freed and it is recomputed later, ahead of the queue.
+Every request has `num_computed_tokens` catching up with `num_tokens`. A step first gives each
+running request its next tokens (1 for decode, a chunk for prefill), oldest first, then admits
+waiting requests FCFS while the token budget, `max_num_seqs` and the KV pool allow. When the pool
+runs dry the newest running request is preempted: its blocks are freed and it is recomputed later,
+ahead of the queue.
 """
 
 from __future__ import annotations

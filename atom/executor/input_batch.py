@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,7 +93,7 @@ def build_step_inputs(
         query_start_loc=dev(qsl, torch.int32),
         seq_lens_cpu=seq_lens,
         query_start_loc_cpu=qsl,
-        max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+        max_query_len=max(b - a for a, b in itertools.pairwise(qsl)),
         max_seq_len=max(seq_lens),
     )
     return StepInputs(
@@ -121,7 +122,7 @@ def build_sampling_metadata(
     wanted = [p.logprobs for p in params if p.logprobs is not None]
     blocked = [
         (i, sorted(p.all_stop_token_ids))
-        for i, (p, s) in enumerate(zip(params, rows))
+        for i, (p, s) in enumerate(zip(params, rows, strict=True))
         if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids
     ]
     return SamplingMetadata(

@@ -80,8 +80,11 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> Non
         try:
             with torch.no_grad():
                 written[name] += loader(param, tensor.to(param.dtype), shard_id)
-        except ValueError as e:
-            raise ValueError(f"{ckpt_name}: {e}") from e
+        except (ValueError, RuntimeError) as e:  # RuntimeError: a slice past the tensor's end
+            raise ValueError(
+                f"{ckpt_name} {tuple(tensor.shape)} does not fit parameter {name} "
+                f"{tuple(param.shape)}: {e}"
+            ) from e
     incomplete = [n for n, count in written.items() if count != params[n].numel()]
     if incomplete:
         raise ValueError(f"weights missing or partial in the checkpoint: {', '.join(incomplete)}")

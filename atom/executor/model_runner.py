@@ -176,7 +176,7 @@ class ModelRunner:
         lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         ranks = result.ranks.tolist() if result.ranks is not None else None
-        for j, (i, state) in enumerate(zip(inputs.sample_rows, rows)):
+        for j, (i, state) in enumerate(zip(inputs.sample_rows, rows, strict=True)):
             state.output_token_ids.append(sampled[j])
             out.sampled_token_ids[i] = [sampled[j]]
             k = state.sampling_params.logprobs
@@ -198,5 +198,7 @@ class ModelRunner:
             top_lp, top_ids = logprobs.topk(k, dim=-1)
             ids = torch.cat([targets.unsqueeze(1), top_ids], dim=1).tolist()
             lps = torch.cat([chosen, top_lp], dim=1).tolist()
-            result[state.req_id] = [TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks)]
+            result[state.req_id] = [
+                TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks, strict=True)
+            ]
         return result

@@ -82,7 +82,8 @@ def apply_top_k_top_p_min_p(
     if top_p is not None:
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
-        drop |= mass_before >= top_p.unsqueeze(1)
+        # The float32 cumsum can reach 1.0 before the tail: rows with top_p = 1 (off) keep all.
+        drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     drop[:, 0] = False
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
@@ -100,6 +101,8 @@ class Sampler(nn.Module):
     def forward(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        if meta.blocked_tokens:  # .float() returns float32 input itself: keep the caller's intact
+            logits = logits.clone()
         for row, token_ids in meta.blocked_tokens:
             logits[row, token_ids] = float("-inf")
         if meta.repetition_penalty is not None:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def reshape_and_cache_ref(
     key: Tensor,
@@ -27,8 +29,14 @@ def reshape_and_cache_ref(
     if kv_cache.dtype != key.dtype:
         key = (key.float() / k_scale).to(kv_cache.dtype)
         value = (value.float() / v_scale).to(kv_cache.dtype)
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    cache = _bytes(kv_cache)
+    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _bytes(key))
+    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _bytes(value))
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """fp8 tensors as uint8: CPU indexing kernels are not built for float8."""
+    return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor | None:
@@ -56,8 +64,10 @@ def paged_attention_ref(
     for i, kv_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         blocks = block_tables[i, : -(-kv_len // block_size)].long()
-        k = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
-        v = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:kv_len]
+        k = _bytes(kv_cache)[0, blocks].view(kv_cache.dtype)
+        v = _bytes(kv_cache)[1, blocks].view(kv_cache.dtype)
+        k = k.reshape(-1, num_kv_heads, head_dim)[:kv_len]
+        v = v.reshape(-1, num_kv_heads, head_dim)[:kv_len]
         if kv_cache.dtype != query.dtype:
             k = k.to(query.dtype) * k_scale
             v = v.to(query.dtype) * v_scale

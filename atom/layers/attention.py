@@ -21,7 +21,7 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads, head_dim]."""
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
         meta = get_attention_metadata()
         if meta is None or self.kv_cache.numel() == 0:
             # Memory-profile forward: one fresh causal sequence, no cache.

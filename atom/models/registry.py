@@ -21,7 +21,8 @@ def supported_architectures() -> list[str]:
 def get_model_class(architecture: str) -> type[nn.Module]:
     if architecture not in _MODELS:
         raise ValueError(
-            f"unknown architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
+            f"unknown architecture {architecture!r}; "
+            f"supported: {', '.join(supported_architectures())}"
         )
     module, name = _MODELS[architecture]
     return getattr(importlib.import_module(f"atom.models.{module}"), name)

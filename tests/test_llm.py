@@ -1,0 +1,241 @@
+"""The offline API: inputs, outputs, model sources and bad input, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from atom import LLM, SamplingParams
+from atom.args import EngineArgs, FlexibleArgumentParser
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _tiny_config(**overrides: Any) -> transformers.LlamaConfig:
+    values: dict[str, Any] = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        eos_token_id=1,
+        bos_token_id=0,
+    )
+    values.update(overrides)
+    return transformers.LlamaConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    transformers.LlamaForCausalLM(_tiny_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm(tiny: Path) -> LLM:
+    return LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+
+
+def _ids(*lens: int) -> list[dict[str, list[int]]]:
+    return [{"prompt_token_ids": [(7 * i + n) % 120 + 2 for i in range(n)]} for n in lens]
+
+
+def _assert_clean(llm: LLM) -> None:
+    pool = llm.engine.scheduler.kv.pool
+    assert not llm.engine.has_unfinished_requests()
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ({"prompt_token_ids": []}, GREEDY, "empty"),
+        ({"prompt_token_ids": [5] * 300}, GREEDY, "max_model_len"),
+        ({"prompt_token_ids": [5, 128]}, GREEDY, "vocabulary"),
+        ({"prompt_token_ids": [5, -1]}, GREEDY, "vocabulary"),
+        ({"nothing": 1}, GREEDY, "prompt_token_ids"),
+        ("text needs a tokenizer", GREEDY, "tokenizer"),
+    ],
+)
+def test_bad_prompts_raise_and_engine_survives(
+    llm: LLM, prompt: Any, params: SamplingParams, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        llm.generate([*_ids(5), prompt], params, use_tqdm=False)
+    _assert_clean(llm)
+    assert len(llm.generate(_ids(5)[0], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"n": 0}, "n must"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"stop": [""]}, "stop"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_bad_sampling_params(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_outputs_shape_and_n(llm: LLM) -> None:
+    outs = llm.generate(_ids(3, 20), [GREEDY, GREEDY.clone(n=3, max_tokens=5)], use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [1, 3]
+    first, second = outs
+    assert len(first.outputs[0].token_ids) == 8 and first.outputs[0].finish_reason == "length"
+    # greedy siblings agree and share the prompt's blocks
+    assert len({tuple(c.token_ids) for c in second.outputs}) == 1
+    assert second.finished and second.prompt_token_ids == _ids(20)[0]["prompt_token_ids"]
+    _assert_clean(llm)
+
+
+def test_seeded_sampling_reproducible(llm: LLM) -> None:
+    params = SamplingParams(temperature=1.0, seed=123, max_tokens=12, ignore_eos=True)
+    a = llm.generate(_ids(9), params, use_tqdm=False)[0].outputs[0].token_ids
+    b = llm.generate(_ids(9) * 3, params, use_tqdm=False)[2].outputs[0].token_ids
+    assert a == b
+
+
+def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
+    base = llm.generate(_ids(11), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = base[3]
+    first = base.index(stop_id)
+    out = llm.generate(_ids(11), GREEDY.clone(stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == base[: first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_id
+    late = GREEDY.clone(stop_token_ids=[stop_id], min_tokens=first + 2)
+    tokens = llm.generate(_ids(11), late, use_tqdm=False)[0].outputs[0].token_ids
+    assert stop_id not in tokens[: first + 2]
+
+
+def test_generation_config_eos_ends_generation(tiny: Path, tmp_path: Path) -> None:
+    for f in tiny.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    plain = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    base = plain.generate(_ids(6), GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    eos = base[2]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos]}))
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    out = llm.generate(_ids(6), params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == base[: base.index(eos) + 1] and out.finish_reason == "stop"
+
+
+def test_dummy_weights_from_config_alone(tmp_path: Path) -> None:
+    _tiny_config(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    llm = LLM(
+        str(tmp_path), skip_tokenizer_init=True, load_format="dummy", kv_cache_memory_bytes=4 << 20
+    )
+    out = llm.generate(_ids(4), GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 8
+
+
+def _copy_with(tiny: Path, dst: Path, edit: Any) -> None:
+    for f in tiny.iterdir():
+        if f.suffix != ".safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tiny / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_weight_raises(tiny: Path, tmp_path: Path) -> None:
+    _copy_with(tiny, tmp_path, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match="qkv_proj"):
+        LLM(str(tmp_path), skip_tokenizer_init=True)
+
+
+def test_shape_mismatch_raises(tiny: Path, tmp_path: Path) -> None:
+    def shrink(t: dict[str, torch.Tensor]) -> None:
+        key = "model.layers.0.mlp.down_proj.weight"
+        t[key] = t[key][:, :7].contiguous()
+
+    _copy_with(tiny, tmp_path, shrink)
+    with pytest.raises(ValueError, match="down_proj"):
+        LLM(str(tmp_path), skip_tokenizer_init=True)
+
+
+def test_unexpected_tensor_raises(tiny: Path, tmp_path: Path) -> None:
+    _copy_with(tiny, tmp_path, lambda t: t.update(extra=torch.zeros(2)))
+    with pytest.raises(ValueError, match="extra"):
+        LLM(str(tmp_path), skip_tokenizer_init=True)
+
+
+def test_unknown_architecture_raises(tmp_path: Path) -> None:
+    _tiny_config(architectures=["FooForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="FooForCausalLM"):
+        LLM(str(tmp_path), skip_tokenizer_init=True, load_format="dummy")
+
+
+def test_missing_model_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        LLM(str(tmp_path / "nope"), skip_tokenizer_init=True)
+
+
+def test_kv_cache_too_small_for_max_model_len(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(str(tiny), skip_tokenizer_init=True, num_gpu_blocks_override=2)
+
+
+def test_fp8_kv_cache_close_to_full_precision(tiny: Path, llm: LLM) -> None:
+    fp8 = LLM(
+        str(tiny),
+        skip_tokenizer_init=True,
+        kv_cache_dtype="fp8",
+        kv_cache_memory_bytes=4 << 20,
+        max_num_batched_tokens=16,
+    )  # chunks read the cache
+    assert fp8.engine.executor.attn_layers[0].kv_cache.dtype == torch.float8_e4m3fn
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    prompt = _ids(60)
+    ref = llm.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
+    got = fp8.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
+    assert ref is not None and got is not None
+    errors = [
+        abs(next(iter(g.values())).logprob - next(iter(r.values())).logprob)
+        for r, g in zip(ref[1:], got[1:], strict=True)
+        if r is not None and g is not None
+    ]
+    assert len(errors) == 59 and max(errors) < 0.5 and sum(errors) / len(errors) < 0.1
+
+
+def test_cli_accepts_kebab_and_snake() -> None:
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    a = EngineArgs.from_cli_args(
+        parser.parse_args(
+            [
+                "--kv_cache_dtype",
+                "fp8",
+                "-tp",
+                "2",
+                "--max-model-len",
+                "64",
+                "--no-enable_prefix_caching",
+                "--cudagraph-capture-sizes",
+                "[1,2,4]",
+                "--enforce_eager",
+                "--kv-cache-memory",
+                "1GiB",
+            ]
+        )
+    )
+    assert (a.kv_cache_dtype, a.tensor_parallel_size, a.max_model_len) == ("fp8", 2, 64)
+    assert not a.enable_prefix_caching and a.enforce_eager
+    assert a.cudagraph_capture_sizes == [1, 2, 4] and a.kv_cache_memory_bytes == 1 << 30
