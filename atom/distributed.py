@@ -6,6 +6,8 @@ collective is the identity, so single-device code pays nothing.
 
 from __future__ import annotations
 
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -32,3 +34,36 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_first(x: torch.Tensor) -> torch.Tensor:
+    """Every rank gets rank 0's x (in place)."""
+    if tp_world_size() > 1:
+        dist.broadcast(x, src=0)
+    return x
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    if tp_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_tensor_parallel(rank: int, world_size: int, port: int, device_type: str) -> None:
+    """Join the tensor-parallel group: NCCL on GPUs (one per rank), gloo on CPUs."""
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if device_type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+    )

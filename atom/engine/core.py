@@ -20,15 +20,16 @@ class Executor(Protocol):
     def kv_bytes_per_block(self) -> int: ...
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+    def shutdown(self) -> None: ...
 
 
 def create_executor(config: EngineConfig) -> Executor:
+    # The tensor side is imported on demand: the engine itself never needs torch.
     if config.parallel.tensor_parallel_size > 1:
-        raise ValueError(
-            f"tensor_parallel_size={config.parallel.tensor_parallel_size}: tensor parallelism "
-            "is not available yet; run with -tp 1"
-        )
-    from atom.executor.model_runner import ModelRunner  # the tensor side, imported on demand
+        from atom.executor.worker import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    from atom.executor.model_runner import ModelRunner
 
     return ModelRunner(config)
 
@@ -71,6 +72,9 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv.reset_prefix_cache()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,6 +63,11 @@ class LLM:
         self.engine = EngineCore(self.config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        # Worker processes of tensor parallelism end with the LLM object, or at exit.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    def shutdown(self) -> None:
+        self._finalizer()
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from atom.config import EngineConfig
+from atom.distributed import all_reduce_min, broadcast_from_first
 from atom.engine.outputs import (
     ModelRunnerOutput,
     SchedulerOutput,
@@ -44,9 +45,12 @@ def kv_cache_torch_dtype(config: EngineConfig) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int = 0) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.rank = rank
+        self.device = (
+            torch.device(config.device, rank) if config.device == "cuda" else torch.device("cpu")
+        )
         self.dtype = torch_dtype(config.model.dtype)
         self.block_size = config.cache.block_size
         self.states: dict[str, CachedRequestState] = {}
@@ -90,7 +94,8 @@ class ModelRunner:
             budget = self._profile_free_memory()
         else:
             budget = CPU_DEFAULT_KV_BYTES
-        return max(budget // self.kv_bytes_per_block(), 0)
+        # Every rank must agree; the one with the least memory decides.
+        return all_reduce_min(max(budget // self.kv_bytes_per_block(), 0), self.device)
 
     @torch.inference_mode()
     def _profile_free_memory(self) -> int:
@@ -121,6 +126,9 @@ class ModelRunner:
             shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
+    def shutdown(self) -> None:
+        pass
+
     # ---- one step ----
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -140,6 +148,7 @@ class ModelRunner:
         if rows:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
             result = self.sampler(logits, build_sampling_metadata(rows, self.device))
+            broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
             self._record_samples(inputs, rows, result, out)
         return out
 

@@ -1,0 +1,45 @@
+"""Tensor parallelism on the CPU (gloo): tp=2 gives the tokens tp=1 gives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from atom import LLM, SamplingParams
+
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [(5 * i + n) % 90 + 3 for i in range(n)]} for n in (3, 17, 40)]
+
+
+def _tokens(path: Path, **kwargs: Any) -> list[list[int]]:
+    llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory_bytes=8 << 20, **kwargs)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("cls", "num_kv_heads"),
+    [(transformers.LlamaConfig, 2), (transformers.Qwen3Config, 1)],  # 1: KV heads replicated
+    ids=["llama", "qwen3-replicated-kv"],
+)
+def test_tp2_matches_tp1(tmp_path: Path, cls: Any, num_kv_heads: int) -> None:
+    torch.manual_seed(0)
+    config = cls(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        vocab_size=101,  # uneven vocabulary shards
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    assert _tokens(tmp_path, tensor_parallel_size=2) == _tokens(tmp_path)
