@@ -1,0 +1,171 @@
+"""The engine on CUDA (run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from atom import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    cls = transformers.LlamaConfig if request.param == "llama" else transformers.Qwen3Config
+    config = cls(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=1000,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    path = tmp_path_factory.mktemp(request.param)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (1, 15, 16, 17, 100, 333)]
+
+
+def _hf(path: Path, dtype: torch.dtype) -> Any:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).cuda().eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _hf_greedy(model: Any, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt], device="cuda"),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _atom(path: Path, **kwargs: Any) -> list[list[int]]:
+    llm = LLM(str(path), skip_tokenizer_init=True, device="cuda", **kwargs)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
+    pool = llm.engine.scheduler.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_float32_greedy_and_logits_match_hf(checkpoint: Path) -> None:
+    hf = _hf(checkpoint, torch.float32)
+    assert _atom(checkpoint, dtype="float32") == [_hf_greedy(hf, p) for p in _prompts()]
+    prompt = _prompts()[-1]
+    llm = LLM(str(checkpoint), skip_tokenizer_init=True, device="cuda", dtype="float32")
+    model = llm.engine.executor.model
+    ids = torch.tensor(prompt, device="cuda")
+    with torch.no_grad():
+        logits = model.compute_logits(model(ids, torch.arange(len(prompt), device="cuda")))
+        expected = hf(ids[None]).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_bfloat16_close_to_hf(checkpoint: Path) -> None:
+    hf = _hf(checkpoint, torch.bfloat16)
+    ours = _atom(checkpoint)  # auto dtype on the GPU: bfloat16
+    ref = [_hf_greedy(hf, p) for p in _prompts()]
+    first_tokens = sum(a[0] == b[0] for a, b in zip(ours, ref, strict=True))
+    assert first_tokens >= len(ref) - 1, (ours, ref)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"enable_prefix_caching": False},
+        {"max_num_batched_tokens": 64, "long_prefill_token_threshold": 37},
+        {"num_gpu_blocks_override": 40, "max_model_len": 512},
+        {"kv_cache_dtype": "fp8"},
+    ],
+    ids=["no-prefix-cache", "chunked", "preemption", "fp8-kv"],
+)
+def test_knobs_on_cuda(checkpoint: Path, kwargs: dict[str, Any]) -> None:
+    base = _atom(checkpoint, dtype="float32")
+    got = _atom(checkpoint, dtype="float32", **kwargs)
+    if kwargs.get("kv_cache_dtype") == "fp8":
+        agree = sum(
+            a == b for x, y in zip(base, got, strict=True) for a, b in zip(x, y, strict=True)
+        )
+        print(f"fp8 KV greedy agreement: {agree}/{NEW_TOKENS * len(base)}")
+        assert sum(x[0] == y[0] for x, y in zip(base, got, strict=True)) >= len(base) - 1
+    else:
+        assert got == base
+
+
+def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
+    config = transformers.Qwen3Config(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    config.save_pretrained(tmp_path)
+    llm = LLM(
+        str(tmp_path),
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        device="cuda",
+        gpu_memory_utilization=0.5,
+        max_model_len=4096,
+    )
+    print(f"Qwen3-0.6B dummy: {llm.engine.num_kv_blocks} KV blocks")
+    free, total = torch.cuda.mem_get_info()
+    assert (total - free) / total < 0.6
+    prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (100, 1000, 3000)] * 20
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+@pytest.mark.skipif(not os.environ.get("ATOM_SMOLLM2_GGUF"), reason="set ATOM_SMOLLM2_GGUF")
+def test_smollm2_on_cuda_matches_hf() -> None:
+    gguf = Path(os.environ["ATOM_SMOLLM2_GGUF"])
+    llm = LLM(str(gguf), device="cuda", dtype="float32", max_model_len=2048)
+    hf = (
+        transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        .cuda()
+        .eval()
+    )
+    chats = ["1+2+3=?", "What is the capital of France?", "Write a haiku about the sea."]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    outs = llm.chat([[{"role": "user", "content": c}] for c in chats], params, use_tqdm=False)
+    for out in outs:
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([out.prompt_token_ids], device="cuda"),
+                max_new_tokens=40,
+                do_sample=False,
+            )
+        assert out.outputs[0].token_ids == ref[0, len(out.prompt_token_ids) :].tolist()
