@@ -23,7 +23,7 @@ from atom.executor.input_batch import (
     build_step_inputs,
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
-from atom.executor.sampler import Sampler, SamplerOutput
+from atom.executor.sampler import Sampler, SamplerOutput, profile_sampling_metadata
 from atom.layers.attention import Attention
 from atom.models.registry import get_model_class
 
@@ -102,10 +102,14 @@ class ModelRunner:
         """Bytes left for KV after a forward at the full token budget (the activation peak)."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = self.config.scheduler.max_num_batched_tokens
+        sched = self.config.scheduler
+        n = sched.max_num_batched_tokens
         ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device))
-        self.model.compute_logits(hidden[-self.config.scheduler.max_num_seqs :])
+        positions = torch.arange(n, device=self.device) % sched.max_model_len
+        hidden = self.model(ids, positions)
+        rows = min(sched.max_num_seqs, n)
+        logits = self.model.compute_logits(hidden[-rows:])
+        self.sampler(logits, profile_sampling_metadata(rows, self.device))  # its sort and copies
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)

@@ -37,6 +37,26 @@ class SamplerOutput:
     ranks: Tensor | None  # [B] 1-based rank of the sampled token
 
 
+def profile_sampling_metadata(rows: int, device: torch.device) -> SamplingMetadata:
+    """Every feature on, for measuring the sampler's peak memory."""
+    ones = torch.ones(rows, device=device)
+    return SamplingMetadata(
+        temperature=ones,
+        all_greedy=False,
+        top_k=torch.full((rows,), 50, dtype=torch.int64, device=device),
+        top_p=ones * 0.9,
+        min_p=ones * 0.05,
+        generators={},
+        presence_penalty=None,
+        frequency_penalty=None,
+        repetition_penalty=None,
+        output_token_ids=[],
+        prompt_token_ids=[],
+        blocked_tokens=[],
+        max_num_logprobs=20,
+    )
+
+
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> Tensor:
     """[B, vocab] int counts of each token id per row."""
     width = max((len(t) for t in token_ids), default=0)
