@@ -78,14 +78,17 @@ def paged_attention_ref(
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail)."""
     q_len, kv_len = q.shape[0], k.shape[0]
-    mask = causal_mask(q_len, kv_len, q.device)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # equal head counts let SDPA pick a fused kernel instead of the O(n^2) math one
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    is_causal = q_len == kv_len and q_len > 1
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).to(k.dtype),
         k.transpose(0, 1),
         v.transpose(0, 1),
-        attn_mask=mask if q_len != kv_len else None,
-        is_causal=q_len == kv_len and q_len > 1,
+        attn_mask=None if is_causal else causal_mask(q_len, kv_len, q.device),
+        is_causal=is_causal,
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
     )
     return o.transpose(0, 1).to(q.dtype)
