@@ -1,0 +1,56 @@
+"""Paged attention (torch reference) against dense float32 attention on contiguous K/V."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atom.kernels.paged_attention import paged_attention_ref, reshape_and_cache_ref
+
+BLOCK = 16
+
+
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, H, D] = the last n positions of k, v [L, Hkv, D]; causal; float32."""
+    n, length = q.shape[0], k.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(groups, 1)
+    v = v.float().repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    pos = torch.arange(length - n, length).unsqueeze(1)
+    scores = scores.masked_fill(torch.arange(length).unsqueeze(0) > pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 32), (6, 1, 128)])
+def test_paged_attention_matches_dense(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    # (context length after the step, new query tokens): decode, chunks, whole prompts
+    seqs = [(1, 1), (15, 1), (16, 1), (17, 1), (33, 5), (16, 16), (17, 17), (100, 37), (250, 1)]
+    num_blocks = sum(-(-length // BLOCK) for length, _ in seqs) + 7
+    perm = torch.randperm(num_blocks, generator=gen).tolist()  # shuffled, non-contiguous
+    cache = torch.zeros(2, num_blocks, BLOCK, kv_heads, head_dim, dtype=dtype)
+    tables = torch.zeros(len(seqs), 20, dtype=torch.int32)
+    queries, expected, keys = [], [], []
+    for i, (length, n) in enumerate(seqs):
+        blocks = [perm.pop() for _ in range(-(-length // BLOCK))]
+        tables[i, : len(blocks)] = torch.tensor(blocks)
+        k = torch.randn(length, kv_heads, head_dim, generator=gen).to(dtype)
+        v = torch.randn(length, kv_heads, head_dim, generator=gen).to(dtype)
+        slots = torch.tensor([blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+        reshape_and_cache_ref(k, v, cache, slots)
+        q = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
+        queries.append(q)
+        expected.append(_dense(q, k, v, head_dim**-0.5))
+        keys.append(k)
+    qsl = [0]
+    for _, n in seqs:
+        qsl.append(qsl[-1] + n)
+    out = paged_attention_ref(
+        torch.cat(queries), cache, tables, [s[0] for s in seqs], qsl, head_dim**-0.5
+    )
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float(), torch.cat(expected), atol=tol, rtol=tol)
