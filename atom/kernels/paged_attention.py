@@ -39,12 +39,17 @@ def _bytes(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> Tensor | None:
-    """Query i sits at context position kv_len - q_len + i and sees keys up to it."""
-    if q_len == 1:
-        return None
+def causal_mask(
+    q_len: int, kv_len: int, device: torch.device, sliding_window: int | None = None
+) -> Tensor:
+    """Query i sits at context position p = kv_len - q_len + i and sees keys j <= p
+    (and, with a sliding window W, only the last W of them: j > p - W)."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(1)
-    return torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos
+    k_pos = torch.arange(kv_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
 
 
 def paged_attention_ref(
@@ -56,6 +61,7 @@ def paged_attention_ref(
     scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    sliding_window: int | None = None,
 ) -> Tensor:
     """query [T, num_heads, head_dim] -> [T, num_heads, head_dim], one sequence at a time."""
     block_size = kv_cache.shape[2]
@@ -66,9 +72,10 @@ def paged_attention_ref(
         k, v = _gather(kv_cache, blocks, query.dtype, k_scale, v_scale)
         k, v = k[:kv_len], v[:kv_len]
         if end - start == 1:
-            out[start] = _decode(query[start], k, v, scale)
+            window = slice(-sliding_window, None) if sliding_window else slice(None)
+            out[start] = _decode(query[start], k[window], v[window], scale)
         else:
-            out[start:end] = sdpa(query[start:end], k, v, scale)
+            out[start:end] = sdpa(query[start:end], k, v, scale, sliding_window)
     return out
 
 
@@ -95,19 +102,21 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.reshape(q.shape).to(q.dtype)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, sliding_window: int | None = None
+) -> Tensor:
     """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail)."""
     q_len, kv_len = q.shape[0], k.shape[0]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # equal head counts let SDPA pick a fused kernel instead of the O(n^2) math one
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    is_causal = q_len == kv_len and q_len > 1
+    is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).to(k.dtype),
         k.transpose(0, 1),
         v.transpose(0, 1),
-        attn_mask=None if is_causal else causal_mask(q_len, kv_len, q.device),
+        attn_mask=None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window),
         is_causal=is_causal,
         scale=scale,
     )

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from atom.layers.attention import Attention
+from atom.layers.attention import Attention, sliding_window_of
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.linear import QKVParallelLinear, RowParallelLinear
 from atom.layers.mlp import GatedMLP
@@ -15,7 +15,7 @@ from atom.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, layer_idx: int) -> None:
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
@@ -35,7 +35,13 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias
         )
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            self.num_kv_heads,
+            sliding_window_of(config, layer_idx),
+        )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
         # hidden_states: [num_tokens, hidden_size]; no batch dimension anywhere
@@ -48,9 +54,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, max_position)
+        self.self_attn = LlamaAttention(config, max_position, layer_idx)
         self.mlp = GatedMLP(
             config.hidden_size,
             config.intermediate_size,
@@ -74,7 +80,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, max_position) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, max_position, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

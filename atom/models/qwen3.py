@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from atom.layers.attention import Attention
+from atom.layers.attention import Attention, sliding_window_of
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.linear import QKVParallelLinear, RowParallelLinear
 from atom.layers.mlp import GatedMLP
@@ -15,7 +15,7 @@ from atom.layers.rotary import RotaryEmbedding
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, layer_idx: int) -> None:
         super().__init__()
         self.head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
@@ -37,7 +37,13 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            self.num_kv_heads,
+            sliding_window_of(config, layer_idx),
+        )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
         # hidden_states: [num_tokens, hidden_size]; no batch dimension anywhere
@@ -50,9 +56,9 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: Any, max_position: int) -> None:
+    def __init__(self, config: Any, max_position: int, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, max_position)
+        self.self_attn = Qwen3Attention(config, max_position, layer_idx)
         self.mlp = GatedMLP(
             config.hidden_size,
             config.intermediate_size,
@@ -76,7 +82,7 @@ class Qwen3Model(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, max_position) for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, max_position, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

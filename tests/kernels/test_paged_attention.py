@@ -10,7 +10,9 @@ from atom.kernels.paged_attention import paged_attention_ref, reshape_and_cache_
 BLOCK = 16
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+) -> torch.Tensor:
     """q [n, H, D] = the last n positions of k, v [L, Hkv, D]; causal; float32."""
     n, length = q.shape[0], k.shape[0]
     groups = q.shape[1] // k.shape[1]
@@ -18,14 +20,17 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     v = v.float().repeat_interleave(groups, 1)
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
     pos = torch.arange(length - n, length).unsqueeze(1)
-    scores = scores.masked_fill(torch.arange(length).unsqueeze(0) > pos, float("-inf"))
+    keys = torch.arange(length).unsqueeze(0)
+    hidden = (keys > pos) | ((keys <= pos - window) if window else False)
+    scores = scores.masked_fill(hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 32), (6, 1, 128)])
 def test_paged_attention_matches_dense(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, window: int | None
 ) -> None:
     gen = torch.Generator().manual_seed(heads * head_dim)
     # (context length after the step, new query tokens): decode, chunks, whole prompts
@@ -44,13 +49,19 @@ def test_paged_attention_matches_dense(
         reshape_and_cache_ref(k, v, cache, slots)
         q = torch.randn(n, heads, head_dim, generator=gen).to(dtype)
         queries.append(q)
-        expected.append(_dense(q, k, v, head_dim**-0.5))
+        expected.append(_dense(q, k, v, head_dim**-0.5, window))
         keys.append(k)
     qsl = [0]
     for _, n in seqs:
         qsl.append(qsl[-1] + n)
     out = paged_attention_ref(
-        torch.cat(queries), cache, tables, [s[0] for s in seqs], qsl, head_dim**-0.5
+        torch.cat(queries),
+        cache,
+        tables,
+        [s[0] for s in seqs],
+        qsl,
+        head_dim**-0.5,
+        sliding_window=window,
     )
     tol = {torch.float32: 1e-4, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out.float(), torch.cat(expected), atol=tol, rtol=tol)

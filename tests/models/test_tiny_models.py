@@ -40,6 +40,10 @@ def _configs() -> dict[str, Any]:
         "llama": transformers.LlamaConfig(**common),
         "llama3-rope": transformers.LlamaConfig(**common, rope_parameters=llama3_rope),
         "qwen3": transformers.Qwen3Config(**common),
+        "mistral-sliding-window": transformers.MistralConfig(**common, sliding_window=24),
+        "qwen3-sliding-window": transformers.Qwen3Config(
+            **common, use_sliding_window=True, sliding_window=24, max_window_layers=1
+        ),
     }
 
 
