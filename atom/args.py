@@ -57,6 +57,7 @@ class EngineArgs:
     trust_remote_code: bool = False
     dtype: str = "auto"
     seed: int = 0
+    max_logprobs: int = 20
     load_format: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -92,6 +93,7 @@ class EngineArgs:
         a("--trust-remote-code", action="store_true")
         a("--dtype", default=d.dtype, choices=DTYPES)
         a("--seed", type=int, default=d.seed)
+        a("--max-logprobs", type=int, default=d.max_logprobs)
         a(
             "--load-format",
             default=d.load_format,
@@ -154,6 +156,7 @@ class EngineArgs:
             seed=self.seed,
             trust_remote_code=self.trust_remote_code,
             served_model_name=self.served_model_name or "",
+            max_logprobs=self.max_logprobs,
         )
         sizes = tuple(self.cudagraph_capture_sizes) if self.cudagraph_capture_sizes else None
         return EngineConfig(

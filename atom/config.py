@@ -28,6 +28,7 @@ class ModelConfig:
     seed: int = 0
     trust_remote_code: bool = False
     served_model_name: str = ""
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES[1:]:

@@ -66,6 +66,10 @@ def _assert_clean(llm: LLM) -> None:
         ({"prompt_token_ids": [5, -1]}, GREEDY, "vocabulary"),
         ({"nothing": 1}, GREEDY, "prompt_token_ids"),
         ("text needs a tokenizer", GREEDY, "tokenizer"),
+        (_ids(3)[0], GREEDY.clone(logprobs=21), "max_logprobs"),
+        (_ids(3)[0], GREEDY.clone(prompt_logprobs=100), "max_logprobs"),
+        (_ids(3)[0], GREEDY.clone(stop_token_ids=[128]), "vocabulary"),
+        (_ids(3)[0], GREEDY.clone(stop=["x"]), "tokenizer"),
     ],
 )
 def test_bad_prompts_raise_and_engine_survives(
@@ -88,6 +92,8 @@ def test_bad_prompts_raise_and_engine_survives(
         ({"min_p": 2.0}, "min_p"),
         ({"stop": [""]}, "stop"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict[str, Any], message: str) -> None:
@@ -111,6 +117,29 @@ def test_seeded_sampling_reproducible(llm: LLM) -> None:
     a = llm.generate(_ids(9), params, use_tqdm=False)[0].outputs[0].token_ids
     b = llm.generate(_ids(9) * 3, params, use_tqdm=False)[2].outputs[0].token_ids
     assert a == b
+
+
+def test_seeded_sampling_survives_preemption(tiny: Path) -> None:
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
+    prompts = _ids(20, 21, 22)
+    tokens = []
+    for blocks in (40, 6):  # 6 blocks of 16 for three 60-token sequences: preemptions
+        llm = LLM(
+            str(tiny), skip_tokenizer_init=True, num_gpu_blocks_override=blocks, max_model_len=64
+        )
+        tokens.append(
+            [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        )
+        preemptions = llm.engine.stats().num_preemptions
+    assert preemptions > 0 and tokens[0] == tokens[1]
+
+
+def test_n_with_prompt_logprobs(llm: LLM) -> None:
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=4, prompt_logprobs=1)
+    out = llm.generate(_ids(10), params, use_tqdm=False)[0]
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == 10
+    assert len(out.outputs) == 3
+    _assert_clean(llm)
 
 
 def test_stop_token_ids_and_min_tokens(llm: LLM) -> None:
@@ -239,3 +268,23 @@ def test_cli_accepts_kebab_and_snake() -> None:
     assert (a.kv_cache_dtype, a.tensor_parallel_size, a.max_model_len) == ("fp8", 2, 64)
     assert not a.enable_prefix_caching and a.enforce_eager
     assert a.cudagraph_capture_sizes == [1, 2, 4] and a.kv_cache_memory_bytes == 1 << 30
+
+
+def test_failed_step_leaves_no_stale_prefix_cache(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = _ids(50)
+    expected = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm.engine.reset_prefix_cache()
+    runner = llm.engine.executor
+
+    def fail(*args: Any) -> None:
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(runner.model, "forward", fail)
+    with pytest.raises(RuntimeError, match="fell over"):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    _assert_clean(llm)
+    out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == expected

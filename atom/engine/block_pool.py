@@ -106,6 +106,9 @@ class BlockPool:
             self._evict(block)
         return True
 
+    def uncache(self, block: KVBlock) -> None:
+        self._evict(block)
+
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) is block:

@@ -67,7 +67,11 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         sched = self.scheduler.schedule()
-        result = self.executor.execute_model(sched)
+        try:
+            result = self.executor.execute_model(sched)
+        except BaseException:
+            self.scheduler.rollback(sched)
+            raise
         return self.scheduler.update_from_output(sched, result)
 
     def stats(self) -> SchedulerStats:

@@ -36,10 +36,18 @@ class IncrementalDetokenizer:
             clean_up_tokenization_spaces=False,
         )
 
-    def update(self, new_token_ids: list[int], num_output_tokens: int) -> str | None:
-        """Add tokens; returns the stop string that ended the text, if one did."""
+    def update(
+        self, new_token_ids: list[int], num_output_tokens: int, stopped_on_token: bool = False
+    ) -> str | None:
+        """Add tokens; returns the stop string that ended the text, if one did.
+
+        A final EOS / stop token id (`stopped_on_token`) adds no text unless
+        include_stop_str_in_output asks for it, as in vLLM.
+        """
         # num_output_tokens counts all of new_token_ids; min_tokens is judged token by token.
         first_count = num_output_tokens - len(new_token_ids) + 1
+        if stopped_on_token and not self.params.include_stop_str_in_output:
+            new_token_ids = new_token_ids[:-1]
         for count, token_id in enumerate(new_token_ids, start=first_count):
             self._ids.append(token_id)
             prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
@@ -48,7 +56,7 @@ class IncrementalDetokenizer:
                 delta = text[len(prefix) :]
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
                 self.output_text += delta
-                if count >= self.params.min_tokens:
+                if count > self.params.min_tokens:  # as vLLM: only after min_tokens tokens
                     stop = self._check_stop_strings(len(delta))
                     if stop is not None:
                         return stop

@@ -83,6 +83,15 @@ class KVCacheManager:
         self._num_cached_blocks.pop(req.request_id, None)
         self.pool.free(reversed(blocks))
 
+    def uncache_from(self, req: Request, num_tokens: int) -> None:
+        """Forget the hashes of the request's blocks past its first `num_tokens` tokens: a failed
+        step registered them but never wrote their KV."""
+        keep = num_tokens // self.block_size
+        for block in self.req_blocks.get(req.request_id, [])[keep:]:
+            self.pool.uncache(block)
+        if self._num_cached_blocks.get(req.request_id, 0) > keep:
+            self._num_cached_blocks[req.request_id] = keep
+
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
 

@@ -13,15 +13,14 @@ from tqdm.auto import tqdm
 
 from atom.args import EngineArgs
 from atom.engine.core import EngineCore
+from atom.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from atom.engine.output_processor import OutputProcessor
-from atom.engine.request import Request
 from atom.model_source import load_tokenizer
 from atom.outputs import RequestOutput
 from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} / {"prompt": "text"}
 Message = dict[str, Any]
 
 
@@ -61,6 +60,7 @@ class LLM:
             gguf = mc.gguf_file if mc.tokenizer == mc.model_dir else None
             self.tokenizer = load_tokenizer(mc.tokenizer, gguf, trust_remote_code)
         self.engine = EngineCore(self.config)
+        self.inputs = InputProcessor(self.config.model, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         # Worker processes of tensor parallelism end with the LLM object, or at exit.
@@ -82,11 +82,8 @@ class LLM:
         items = [prompts] if isinstance(prompts, str | dict) else list(prompts)
         params = self._broadcast_params(sampling_params, len(items))
         # Validate everything before adding anything: a bad prompt leaves the engine untouched.
-        processed = [self._process_prompt(p, sp) for p, sp in zip(items, params, strict=True)]
-        request_ids = [
-            self._add_request(text, ids, sp)
-            for (text, ids), sp in zip(processed, params, strict=True)
-        ]
+        processed = [self.inputs.process(p, sp) for p, sp in zip(items, params, strict=True)]
+        request_ids = [self._add_request(p) for p in processed]
         return self._run(request_ids, use_tqdm)
 
     def chat(
@@ -140,48 +137,14 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
         return list(params)
 
-    def _process_prompt(
-        self, prompt: PromptType, params: SamplingParams
-    ) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            text, ids = prompt, None
-        elif isinstance(prompt, dict):
-            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-        else:
-            raise ValueError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
-        if ids is None:
-            if text is None:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True)")
-            ids = self.tokenizer.encode(text)
-        ids = list(ids)
-        vocab = self.config.model.vocab_size
-        max_len = self.config.model.max_model_len
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) > max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than max_model_len={max_len}")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        return text, ids
-
-    def _add_request(
-        self, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
-    ) -> str:
+    def _add_request(self, prompt: ProcessedPrompt) -> str:
         request_id = str(next(self._ids))
-        params = params.clone(_eos_token_ids=self.config.model.eos_token_ids)
         arrival = time.time()
-        child_ids = self.output_processor.add_request(
-            request_id, prompt, prompt_token_ids, params, arrival
+        self.output_processor.add_request(
+            request_id, prompt.text, prompt.token_ids, prompt.params, arrival
         )
-        for i, child_id in enumerate(child_ids):
-            child_params = params
-            if params.n > 1:
-                seed = None if params.seed is None else params.seed + i
-                child_params = params.clone(n=1, seed=seed)
-            self.engine.add_request(Request(child_id, prompt_token_ids, child_params, arrival))
+        for request in self.inputs.core_requests(request_id, prompt, arrival):
+            self.engine.add_request(request)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

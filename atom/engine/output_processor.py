@@ -150,7 +150,8 @@ class OutputProcessor:
         comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
         if comp.detokenizer is None:
             return False
-        stop = comp.detokenizer.update(out.new_token_ids, len(comp.token_ids))
+        stopped_on_token = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+        stop = comp.detokenizer.update(out.new_token_ids, len(comp.token_ids), stopped_on_token)
         if stop is None:
             return False
         comp.finish_reason, comp.stop_reason = "stop", stop

@@ -127,6 +127,15 @@ class Scheduler:
             self.requests[req_id].num_computed_tokens += n
         return out
 
+    def rollback(self, sched: SchedulerOutput) -> None:
+        """Undo a step whose execution failed: its tokens were not computed, so the blocks it
+        registered in the prefix cache hold no KV."""
+        for req_id, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is not None:
+                req.num_computed_tokens -= n
+                self.kv.uncache_from(req, req.num_computed_tokens)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         now = time.time()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

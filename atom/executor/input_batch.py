@@ -107,6 +107,21 @@ def build_step_inputs(
     )
 
 
+def _positioned(state: CachedRequestState) -> torch.Generator:
+    """The request's generator, seeded for the position of the token it is about to draw.
+
+    A draw depends only on (seed, position), so preemption, recompute and batch composition
+    change no sampled token.
+    """
+    assert state.generator is not None and state.sampling_params.seed is not None
+    seed = position_seed(state.sampling_params.seed, len(state.output_token_ids))
+    return state.generator.manual_seed(seed)
+
+
+def position_seed(seed: int, position: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + position) % (1 << 63)
+
+
 def build_sampling_metadata(
     rows: list[CachedRequestState], device: torch.device
 ) -> SamplingMetadata:
@@ -133,7 +148,7 @@ def build_sampling_metadata(
         else None,
         top_p=col([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
         min_p=col([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
-        generators={i: s.generator for i, s in enumerate(rows) if s.generator is not None},
+        generators={i: _positioned(s) for i, s in enumerate(rows) if s.generator is not None},
         presence_penalty=col([p.presence_penalty for p in params]) if needs_penalty else None,
         frequency_penalty=col([p.frequency_penalty for p in params]) if needs_penalty else None,
         repetition_penalty=col([p.repetition_penalty for p in params]) if needs_penalty else None,

@@ -173,7 +173,10 @@ def test_min_tokens_defers_stop_strings(tokenizer: PreTrainedTokenizerFast) -> N
     for chunks in (None, [len(output)]):
         detok, found, _, _ = run(tokenizer, [], output, params, chunks)
         assert found == "wor" and detok.output_text == expected
+    # "wor" completes on token 2: stop strings count only after min_tokens tokens (as vLLM).
     detok, found, _, _ = run(tokenizer, [], output, params.clone(min_tokens=2))
+    assert found == "wor" and detok.output_text == expected
+    detok, found, _, _ = run(tokenizer, [], output, params.clone(min_tokens=1))
     assert found == "wor" and detok.output_text == "hello "
 
 

@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from atom.executor.input_batch import CachedRequestState, build_sampling_metadata
+from atom.executor.input_batch import (
+    CachedRequestState,
+    build_sampling_metadata,
+    position_seed,
+)
 from atom.executor.sampler import (
     Sampler,
     SamplingMetadata,
@@ -169,7 +173,7 @@ def test_build_sampling_metadata_greedy_and_seeded() -> None:
     seq = [Sampler()(logits, meta).sampled for _ in range(8)]
     assert all(int(s[0]) == int(logits[0].argmax()) for s in seq)
     assert all(int(s[2]) in logits[2].topk(3).indices.tolist() for s in seq)
-    gen = torch.Generator(CPU).manual_seed(5)
+    gen = torch.Generator(CPU).manual_seed(position_seed(5, 0))  # seed 5, first output token
     again = [Sampler()(logits, make_meta(3, generators={1: gen})).sampled[1] for _ in range(8)]
     assert [int(s[1]) for s in seq] == [int(t) for t in again]
 
