@@ -71,12 +71,10 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
     enforce_eager: bool = False
     level: int = 3
     cudagraph_capture_sizes: list[int] | None = None
     device: str | None = None  # None = cuda when available, else cpu
-    torch_profiler_dir: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -118,12 +116,10 @@ class EngineArgs:
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
         a("--long-prefill-token-threshold", type=int, default=0)
         a("--tensor-parallel-size", "-tp", type=int, default=1)
-        a("--data-parallel-size", "-dp", type=int, default=1)
         a("--enforce-eager", action="store_true")
         a("--level", type=int, default=d.level, choices=[0, 1, 2, 3])
         a("--cudagraph-capture-sizes", type=ast.literal_eval, default=None, help='e.g. "[1,2,4,8]"')
         a("--device", default=None, choices=["cpu", "cuda"])
-        a("--torch-profiler-dir", default=None)
         return parser
 
     @classmethod
@@ -176,10 +172,9 @@ class EngineArgs:
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
             ),
-            parallel=ParallelConfig(self.tensor_parallel_size, self.data_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size),
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
             device=device,
-            torch_profiler_dir=self.torch_profiler_dir,
         )
 
 

@@ -100,6 +100,10 @@ class SchedulerConfig:
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len})"
             )
+        if not self.enable_chunked_prefill and self.long_prefill_token_threshold > 0:
+            raise ValueError(
+                "long_prefill_token_threshold chunks prompts: it needs chunked prefill"
+            )
         if self.long_prefill_token_threshold < 0:
             raise ValueError(
                 "long_prefill_token_threshold must be >= 0, "
@@ -110,15 +114,12 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.tensor_parallel_size <= 8:
             raise ValueError(
                 f"tensor_parallel_size must be in [1, 8], got {self.tensor_parallel_size}"
             )
-        if self.data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
 
     @property
     def world_size(self) -> int:
@@ -157,4 +158,3 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     device: str = "cpu"  # "cpu" or "cuda"
-    torch_profiler_dir: str | None = None

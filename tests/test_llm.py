@@ -288,3 +288,17 @@ def test_failed_step_leaves_no_stale_prefix_cache(
     _assert_clean(llm)
     out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == expected
+
+
+def test_prompt_logprobs_in_slices(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    import atom.executor.model_runner as runner
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=2)
+    whole = llm.generate(_ids(40), params, use_tqdm=False)[0].prompt_logprobs
+    monkeypatch.setattr(runner, "PROMPT_LOGPROBS_ROWS", 7)
+    sliced = llm.generate(_ids(40), params, use_tqdm=False)[0].prompt_logprobs
+    assert whole is not None and sliced is not None and len(sliced) == 40
+    for a, b in zip(whole[1:], sliced[1:], strict=True):
+        assert a is not None and b is not None and a.keys() == b.keys()
+        for token_id in a:
+            assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-5

@@ -33,6 +33,7 @@ class KVBlock:
     ref_cnt: int = 0
     block_hash: int | None = None  # set once the block is full and cached
     token_ids: tuple[int, ...] = field(default=())  # the tokens behind the hash, to verify hits
+    parent_hash: int | None = None  # the previous block's hash: a hit verifies the whole chain
 
 
 class BlockPool:
@@ -53,12 +54,14 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - len(self._free) / self.num_blocks
 
-    def lookup(self, block_hash: int, token_ids: Sequence[int]) -> KVBlock | None:
-        """The cached block with this hash and these exact tokens, or None."""
+    def lookup(
+        self, block_hash: int, token_ids: Sequence[int], parent_hash: int | None = None
+    ) -> KVBlock | None:
+        """The cached block with this hash, these exact tokens and this parent, or None."""
         block = self._cached.get(block_hash)
         if block is None or block.token_ids != tuple(token_ids):
             return None
-        return block
+        return block if block.parent_hash == parent_hash else None
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take a reference on cache hits, pulling free ones out of the free queue."""
@@ -90,12 +93,19 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache(self, block: KVBlock, block_hash: int, token_ids: Sequence[int]) -> None:
+    def cache(
+        self,
+        block: KVBlock,
+        block_hash: int,
+        token_ids: Sequence[int],
+        parent_hash: int | None = None,
+    ) -> None:
         """Register a full block under its hash (first writer wins on duplicates)."""
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
         block.token_ids = tuple(token_ids)
+        block.parent_hash = parent_hash
         self._cached.setdefault(block_hash, block)
 
     def reset_prefix_cache(self) -> bool:
@@ -115,3 +125,4 @@ class BlockPool:
                 del self._cached[block.block_hash]
             block.block_hash = None
             block.token_ids = ()
+            block.parent_hash = None

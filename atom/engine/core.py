@@ -39,9 +39,13 @@ class EngineCore:
         start = time.perf_counter()
         self.config = config
         self.executor = executor if executor is not None else create_executor(config)
-        num_blocks = self.executor.determine_num_kv_blocks()
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
-        self.executor.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = self.executor.determine_num_kv_blocks()
+            self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+            self.executor.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # no orphan worker processes
+            raise
         self.num_kv_blocks = num_blocks
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s",

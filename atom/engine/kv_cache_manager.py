@@ -44,7 +44,8 @@ class KVCacheManager:
         hashes = self._block_hashes(req, max_blocks * bs)
         hits: list[KVBlock] = []
         for i in range(max_blocks):
-            block = self.pool.lookup(hashes[i], req.token_ids_slice(i * bs, (i + 1) * bs))
+            parent = hashes[i - 1] if i else None
+            block = self.pool.lookup(hashes[i], req.token_ids_slice(i * bs, (i + 1) * bs), parent)
             if block is None:
                 break
             hits.append(block)
@@ -105,7 +106,8 @@ class KVCacheManager:
             return
         hashes = self._block_hashes(req, num_full * bs)
         for i in range(start, num_full):
-            self.pool.cache(blocks[i], hashes[i], req.token_ids_slice(i * bs, (i + 1) * bs))
+            tokens = req.token_ids_slice(i * bs, (i + 1) * bs)
+            self.pool.cache(blocks[i], hashes[i], tokens, hashes[i - 1] if i else None)
         self._num_cached_blocks[req.request_id] = num_full
 
     def _block_hashes(self, req: Request, num_tokens: int) -> list[int]:

@@ -67,8 +67,8 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
-    ) -> list[str]:
-        """Register a request; returns the core request ids of its n completions."""
+    ) -> None:
+        """Register a request whose n completions run as core requests child_request_id(...)."""
         completions = []
         for i in range(params.n):
             detok = None
@@ -92,10 +92,6 @@ class OutputProcessor:
             RequestMetrics(arrival_time=arrival_time),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
-        return [child_request_id(request_id, i, params.n) for i in range(params.n)]
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
 
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its core request ids."""
@@ -137,6 +133,8 @@ class OutputProcessor:
         if out.new_prompt_logprobs and state.prompt_logprobs is not None:
             state.prompt_logprobs += [self._position(p) for p in out.new_prompt_logprobs]
         state.num_cached_tokens = out.num_cached_tokens
+        if state.metrics.first_scheduled_time is None:
+            state.metrics.first_scheduled_time = out.scheduled_time
         if out.new_token_ids:
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now

@@ -71,6 +71,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    scheduled_time: float | None = None  # when the request was first scheduled
 
     @property
     def finished(self) -> bool:

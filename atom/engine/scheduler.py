@@ -214,6 +214,7 @@ class Scheduler:
                     finish_reason=req.status.finish_reason,
                     stop_reason=req.stop_reason,
                     num_cached_tokens=max(req.num_cached_tokens, 0),
+                    scheduled_time=req.first_scheduled_time,
                 )
             )
         if any(r.status.finished for r in self.running):

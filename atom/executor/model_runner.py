@@ -30,6 +30,7 @@ from atom.models.registry import get_model_class
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
+PROMPT_LOGPROBS_ROWS = 512
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -197,21 +198,26 @@ class ModelRunner:
                 out.logprobs[i] = TokenLogprobs(lp_ids[j][: k + 1], lps[j][: k + 1], ranks[j])
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: Tensor) -> dict[str, list]:
+        """Logprobs of each prompt token given the tokens before it, PROMPT_LOGPROBS_ROWS
+        positions at a time: a full-vocabulary float32 softmax is large."""
         result: dict[str, list] = {}
         for i, (lo, hi) in inputs.prompt_logprob_spans.items():
             state = self.states[inputs.req_ids[i]]
-            k = state.sampling_params.prompt_logprobs or 0
-            first = inputs.positions[lo].item() + 1  # prompt index scored by the first row
-            targets = torch.tensor(
-                state.prompt_token_ids[first : first + hi - lo], device=self.device
-            )
-            logprobs = self.model.compute_logits(hidden[lo:hi]).float().log_softmax(dim=-1)
-            chosen = logprobs.gather(1, targets.unsqueeze(1))
-            ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-            top_lp, top_ids = logprobs.topk(k, dim=-1)
-            ids = torch.cat([targets.unsqueeze(1), top_ids], dim=1).tolist()
-            lps = torch.cat([chosen, top_lp], dim=1).tolist()
-            result[state.req_id] = [
-                TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks, strict=True)
-            ]
+            first = state.num_computed_tokens + 1  # prompt index scored by row lo
+            entries: list[TokenLogprobs] = []
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+                targets = state.prompt_token_ids[first + a - lo : first + b - lo]
+                entries += self._score(hidden[a:b], targets, state.sampling_params.prompt_logprobs)
+            result[state.req_id] = entries
         return result
+
+    def _score(self, hidden: Tensor, targets: list[int], k: int | None) -> list[TokenLogprobs]:
+        target = torch.tensor(targets, device=self.device).unsqueeze(1)
+        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, target)
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
+        top_lp, top_ids = logprobs.topk(k or 0, dim=-1)
+        ids = torch.cat([target, top_ids], dim=1).tolist()
+        lps = torch.cat([chosen, top_lp], dim=1).tolist()
+        return [TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks, strict=True)]

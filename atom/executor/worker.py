@@ -63,12 +63,16 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
     runner.determine_num_kv_blocks()  # a collective: every rank takes part
     while True:
         command = channel.recv()
-        if isinstance(command, AllocateKVCache):
-            runner.allocate_kv_cache(command.num_blocks)
-        elif isinstance(command, ExecuteModel):
-            runner.execute_model(command.sched)
-        else:
+        if isinstance(command, Shutdown):
             break
+        try:
+            if isinstance(command, AllocateKVCache):
+                runner.allocate_kv_cache(command.num_blocks)
+            else:
+                runner.execute_model(command.sched)
+        except Exception:
+            # Input-dependent failures hit every rank alike; rank 0 reports them, we go on.
+            logger.exception("rank %d: %s failed", rank, type(command).__name__)
     dist.destroy_process_group()
 
 
@@ -85,10 +89,14 @@ class MultiprocExecutor:
         ]
         for p in self.workers:
             p.start()
-        init_tensor_parallel(0, world, port, config.device)
-        self.channel = _Channel()
-        self.runner = ModelRunner(config, 0)
         self._closed = False
+        try:
+            init_tensor_parallel(0, world, port, config.device)
+            self.channel = _Channel()
+            self.runner = ModelRunner(config, 0)
+        except BaseException:
+            self._kill()
+            raise
 
     def determine_num_kv_blocks(self) -> int:
         return self.runner.determine_num_kv_blocks()
@@ -107,10 +115,17 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self.channel.send(Shutdown())
         for p in self.workers:
             p.join(timeout=30)
+        self._kill()
+
+    def _kill(self) -> None:
+        """Stop every worker and leave the process group (also after a failed start)."""
+        self._closed = True
+        for p in self.workers:
             if p.is_alive():
                 p.kill()
-        dist.destroy_process_group()
+            p.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()

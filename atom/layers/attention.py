@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
-        self.k_scale = 1.0  # per-layer fp8 KV scales
+        self.k_scale = 1.0  # per-layer fp8 KV scales (1.0 until checkpoint/calibrated scales land)
         self.v_scale = 1.0
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 

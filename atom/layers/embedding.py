@@ -21,6 +21,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: object = None) -> int:
+        if loaded.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"{loaded.shape[0]} vocabulary rows, the config says {self.vocab_size}"
+            )
         rows = loaded[self.vocab_start : self.vocab_start + self.shard_size]
         param.data[rows.shape[0] :].zero_()
         _copy_checked(param.data[: rows.shape[0]], rows, "embedding")

@@ -58,7 +58,8 @@ def test_allocate_slots_on_a_fresh_pool() -> None:
     h1 = hash_block_tokens(h0, [4, 5, 6, 7])
     assert req.block_hashes == [h0, h1]
     assert [b.block_hash for b in kv.pool.blocks[:3]] == [h0, h1, None]
-    assert kv.pool.lookup(h1, [4, 5, 6, 7]) is kv.pool.blocks[1]
+    assert kv.pool.lookup(h1, [4, 5, 6, 7], parent_hash=h0) is kv.pool.blocks[1]
+    assert kv.pool.lookup(h1, [4, 5, 6, 7]) is None  # same tokens, other parent: no hit
 
 
 def test_decode_fills_the_last_block_then_adds_one() -> None:

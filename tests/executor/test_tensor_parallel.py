@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,26 @@ def test_tp2_matches_tp1(tmp_path: Path, cls: Any, num_kv_heads: int) -> None:
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     assert _tokens(tmp_path, tensor_parallel_size=2) == _tokens(tmp_path)
+
+
+def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=512,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for _ in range(2):  # the second start would fail if the first had leaked its process group
+        with pytest.raises(ValueError, match="max_model_len"):
+            LLM(
+                str(tmp_path),
+                skip_tokenizer_init=True,
+                tensor_parallel_size=2,
+                num_gpu_blocks_override=2,
+            )
+    assert not torch.distributed.is_initialized()
+    assert not [p for p in mp.active_children() if p.name.startswith("atom-tp")]
