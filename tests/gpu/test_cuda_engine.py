@@ -223,3 +223,21 @@ def test_smollm2_fp8_kv_agreement() -> None:
         f"{prefix}/{total} tokens before the first divergence"
     )
     assert prefix >= total // 4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_matches_tp1(checkpoint: Path) -> None:
+    base = _atom(checkpoint, dtype="float32")
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        device="cuda",
+        dtype="float32",
+        tensor_parallel_size=2,
+    )
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
+    llm.shutdown()
+    got = [o.outputs[0].token_ids for o in outs]
+    agree = sum(a == b for x, y in zip(base, got, strict=True) for a, b in zip(x, y, strict=True))
+    print(f"tp=2 (NCCL) vs tp=1 greedy agreement: {agree}/{NEW_TOKENS * len(base)}")
+    assert sum(x[0] == y[0] for x, y in zip(base, got, strict=True)) >= len(base) - 1
