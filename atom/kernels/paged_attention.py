@@ -112,12 +112,13 @@ def sdpa(
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
-    o = F.scaled_dot_product_attention(
-        q.transpose(0, 1).to(k.dtype),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
-        attn_mask=None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window),
+    mask = None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window)
+    o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the fused CUDA kernels want a batch
+        q.transpose(0, 1).unsqueeze(0).to(k.dtype),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
         is_causal=is_causal,
         scale=scale,
     )
-    return o.transpose(0, 1).to(q.dtype)
+    return o[0].transpose(0, 1).to(q.dtype)
