@@ -150,15 +150,20 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
+        start, tokens_in, tokens_out = time.perf_counter(), 0, 0
         try:
             while self.engine.has_unfinished_requests():
                 results, to_finish = self.output_processor.process(self.engine.step())
                 if to_finish:
                     self.engine.finish_requests(to_finish)
-                for out in results:
-                    if out.finished:
-                        done[out.request_id] = out
-                        bar.update(1)
+                for out in (o for o in results if o.finished):
+                    done[out.request_id] = out
+                    tokens_in += len(out.prompt_token_ids)
+                    tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = time.perf_counter() - start
+                    rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
+                    bar.set_postfix_str(f"{rates} tok/s", refresh=False)
+                    bar.update(1)
         except BaseException:
             for request_id in request_ids:  # leave the engine clean for the next call
                 self.engine.abort_requests(self.output_processor.abort(request_id))
