@@ -36,7 +36,9 @@ class ModelConfig:
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.load_format not in LOAD_FORMATS[1:]:
-            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+            raise ValueError(
+                f"load_format must be one of {LOAD_FORMATS[1:]}, got {self.load_format!r}"
+            )
 
     @property
     def architecture(self) -> str:

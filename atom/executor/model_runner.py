@@ -162,9 +162,8 @@ class ModelRunner:
             self.states.pop(req_id, None)
         for new in sched.new_reqs:
             params = new.sampling_params
-            gen = None
-            if params.seed is not None:
-                gen = torch.Generator(self.device).manual_seed(params.seed)
+            # Seeded per drawn position when sampling (input_batch.position_seed).
+            gen = torch.Generator(self.device) if params.seed is not None else None
             self.states[new.req_id] = CachedRequestState(
                 new.req_id,
                 new.prompt_token_ids,
