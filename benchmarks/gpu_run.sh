@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Everything GPU-related in one call on the GPU machine (the device tool's `run`):
-#   bash benchmarks/gpu_run.sh
-# Installs carried wheels (.whl/), runs the CUDA tests and, when the SmolLM2 GGUF was carried in
-# two parts (~/smol/part-aa from a first call, .gpu/smol.part-ab in this one), the example on it.
-# Logs go to $OUT.
+# Everything GPU-related, run on the GPU machine through the device tool's `run`:
+#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench peer smol
+#   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
+#   kernels  benchmarks/bench_attention.py (our attention vs SDPA flash; TFLOP/s, GB/s)
+#   bench    benchmark_throughput (Qwen3-0.6B shape) and benchmark_latency (Llama-3.1-8B shape),
+#            then a second start of the latency engine to time a warm compile cache
+#   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
+#            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
+#   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
+#   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
+# Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/atom-gpu}
 mkdir -p "$OUT"
@@ -13,17 +19,72 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+TAG=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" >>"$OUT/gpu.txt"
 
-gguf="$HOME/smol/SmolLM2-135M-Instruct.Q4_1.gguf"
-if [ -f "$HOME/smol/part-aa" ] && [ -f .gpu/smol.part-ab ]; then
-    cat "$HOME/smol/part-aa" .gpu/smol.part-ab >"$gguf"
-fi
-[ -f "$gguf" ] && export ATOM_SMOLLM2_GGUF="$gguf"
+stage_stash() {
+    mkdir -p ~/peer ~/smol
+    [ -f .peer/vllm-0.26.0.tar.xz.part-aa ] && cp .peer/vllm-0.26.0.tar.xz.part-aa ~/peer/
+    [ -f .gpu/smol.part-aa ] && cp .gpu/smol.part-aa ~/smol/part-aa
+    [ -f .peer/peer_bench.py ] && cp .peer/*.py ~/peer/
+    ls -la ~/peer ~/smol
+}
 
-python3 -m pytest tests/gpu -q -s -rs 2>&1 | tee "$OUT/gpu_tests.log"
-if [ -f "$gguf" ]; then
+stage_tests() {
+    timeout "${ATOM_TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -q -rs --durations=15 \
+        2>&1 | tee "$OUT/gpu_tests.log"
+}
+
+stage_kernels() {
+    python3 benchmarks/bench_attention.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+}
+
+# One benchmark CLI; its log in $OUT/NAME.log, its JSON line echoed.
+bench() {
+    local name=$1
+    shift
+    python3 -m "atom.benchmarks.$@" --tag "$TAG" --output-json "$OUT/$name.json" \
+        >"$OUT/$name.log" 2>&1 || { echo "$name failed:"; tail -n 30 "$OUT/$name.log"; }
+    grep -h -e '^{' -e 'ready in' -e 'captured' -e 'memory:' "$OUT/$name.log" | cut -c1-600
+}
+
+stage_bench() {
+    bench throughput benchmark_throughput
+    bench latency benchmark_latency
+    bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
+}
+
+stage_peer() {
+    export VLLM_USE_FLASHINFER_SAMPLER=0
+    if [ ! -d ~/site-vllm/vllm ]; then
+        mkdir -p ~/site-vllm
+        cat ~/peer/vllm-0.26.0.tar.xz.part-aa .peer/vllm-0.26.0.tar.xz.part-ab | python3 -c \
+            'import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1])' \
+            ~/site-vllm
+    fi
+    local peer=~/peer
+    [ -f .peer/peer_bench.py ] && peer=.peer
+    [ -f ~/qwen3-rand/model.safetensors ] || python3 $peer/make_dummy_qwen3.py ~/qwen3-rand
+    PYTHONPATH=~/site-vllm python3 $peer/peer_bench.py vllm ~/qwen3-rand >"$OUT/peer_throughput.log" 2>&1
+    grep '^{' "$OUT/peer_throughput.log"
+    PYTHONPATH=~/site-vllm python3 $peer/peer_latency.py ~/llama-dummy >"$OUT/peer_latency.log" 2>&1
+    grep '^{' "$OUT/peer_latency.log"
+}
+
+stage_smol() {
+    local gguf="$HOME/smol/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ -f "$HOME/smol/part-aa" ] && [ -f .gpu/smol.part-ab ]; then
+        cat "$HOME/smol/part-aa" .gpu/smol.part-ab >"$gguf"
+    fi
+    [ -f "$gguf" ] || { echo "no SmolLM2 GGUF"; return; }
+    export ATOM_SMOLLM2_GGUF="$gguf"
+    python3 -m pytest tests/gpu -q -rs -k smollm2 2>&1 | tee "$OUT/smol_tests.log"
     python3 -m atom.examples.simple_inference --model "$gguf" 2>&1 \
         | grep -v -e "de-quantizing" | tee "$OUT/simple_inference.log"
-fi
+}
+
+for stage in "$@"; do
+    echo "=== $stage $(date +%T)"
+    "stage_$stage"
+done

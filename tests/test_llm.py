@@ -281,7 +281,7 @@ def test_failed_step_leaves_no_stale_prefix_cache(
     def fail(*args: Any) -> None:
         raise RuntimeError("device fell over")
 
-    monkeypatch.setattr(runner.model, "forward", fail)
+    monkeypatch.setattr(runner, "forward", fail)
     with pytest.raises(RuntimeError, match="fell over"):
         llm.generate(prompt, GREEDY, use_tqdm=False)
     monkeypatch.undo()

@@ -1,10 +1,17 @@
-"""EngineCore.step(): schedule -> execute -> update. Token ids in, token ids out; no text."""
+"""EngineCore.step(): schedule -> execute -> update. Token ids in, token ids out; no text.
+
+With an executor that can submit a step without waiting for it (the model runner), steps are
+pipelined one deep: step() collects the step in flight, queues the next one, and returns what it
+collected, so the caller's output processing (detokenization, stop strings) runs while the GPU
+computes. Nothing is scheduled before the step in flight is collected: blocks freed meanwhile (a
+stop string, an abort) are reused only after the GPU is done writing them.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from atom.config import EngineConfig
@@ -21,6 +28,12 @@ class Executor(Protocol):
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
     def shutdown(self) -> None: ...
+
+
+class AsyncExecutor(Executor, Protocol):
+    def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Queue the step on the device; the returned function waits for its output."""
+        ...
 
 
 def create_executor(config: EngineConfig) -> Executor:
@@ -47,6 +60,7 @@ class EngineCore:
             self.executor.shutdown()  # no orphan worker processes
             raise
         self.num_kv_blocks = num_blocks
+        self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s",
             num_blocks,
@@ -70,9 +84,32 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        sched = self.scheduler.schedule()
+        submit = getattr(self.executor, "submit_model", None)
+        if submit is None:
+            sched = self.scheduler.schedule()
+            return self._update(sched, lambda: self.executor.execute_model(sched))
+        outputs = self._collect()
+        if self.scheduler.has_unfinished_requests():
+            sched = self.scheduler.schedule()
+            try:
+                self._in_flight = (sched, submit(sched))
+            except BaseException:
+                self.scheduler.rollback(sched)
+                raise
+        return outputs
+
+    def _collect(self) -> list[EngineCoreOutput]:
+        if self._in_flight is None:
+            return []
+        sched, wait = self._in_flight
+        self._in_flight = None
+        return self._update(sched, wait)
+
+    def _update(
+        self, sched: SchedulerOutput, run: Callable[[], ModelRunnerOutput]
+    ) -> list[EngineCoreOutput]:
         try:
-            result = self.executor.execute_model(sched)
+            result = run()
         except BaseException:
             self.scheduler.rollback(sched)
             raise
@@ -82,6 +119,7 @@ class EngineCore:
         return self.scheduler.stats()
 
     def shutdown(self) -> None:
+        self._in_flight = None
         self.executor.shutdown()
 
     def reset_prefix_cache(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,7 @@ class CachedRequestState:
 
 @dataclass(slots=True)
 class StepInputs:
-    input_ids: Tensor  # [T]
+    input_ids: Tensor  # [T] (T includes CUDA-graph padding rows, if any)
     positions: Tensor  # [T]
     attn: AttentionMetadata
     req_ids: list[str]  # batch order
@@ -48,62 +49,137 @@ class StepInputs:
     sample_rows: list[int]  # batch index of each sampling row
     prompt_logprob_spans: dict[int, tuple[int, int]] = field(default_factory=dict)
 
+    @property
+    def is_decode_only(self) -> bool:
+        """One query token per sequence, each sampled, no prompt logprobs: CUDA-graph material."""
+        return (
+            self.attn.max_query_len == 1
+            and len(self.sample_rows) == len(self.req_ids)
+            and not self.prompt_logprob_spans
+        )
+
+
+class StepBuffers:
+    """Persistent per-step input tensors. CUDA graphs replay over slices of the device side; the
+    host side is pinned so each step's inputs go up in one asynchronous copy per tensor."""
+
+    def __init__(
+        self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device
+    ) -> None:
+        self.device = device
+        pin = device.type == "cuda"
+
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[np.ndarray, Tensor, Tensor]:
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            dev = torch.zeros(shape, dtype=dtype, device=device) if pin else host
+            return host.numpy(), host, dev
+
+        self.ids_np, self._ids_host, self.input_ids = pair((max_tokens,), torch.int64)
+        self.pos_np, self._pos_host, self.positions = pair((max_tokens,), torch.int64)
+        self.slots_np, self._slots_host, self.slot_mapping = pair((max_tokens,), torch.int64)
+        self.tables_np, self._tables_host, self.block_tables = pair(
+            (max_seqs, max_blocks), torch.int32
+        )
+        self.seq_lens_np, self._seq_lens_host, self.seq_lens = pair((max_seqs,), torch.int32)
+        self.qsl_np, self._qsl_host, self.query_start_loc = pair((max_seqs + 1,), torch.int32)
+        self.logits_np, self._logits_host, self.logits_indices = pair((max_seqs,), torch.int64)
+        self._copied = torch.cuda.Event() if pin else None
+
+    def wait_writable(self) -> None:
+        """The host side may be rewritten once the last upload has left it (a step with nothing
+        to sample has no host sync of its own)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def upload(self, num_tokens: int, num_seqs: int, num_blocks: int, num_samples: int) -> None:
+        if self.device.type != "cuda":
+            return  # host and device are the same tensors
+
+        def up(host: Tensor, dev: Tensor, n: int) -> None:
+            dev[:n].copy_(host[:n], non_blocking=True)
+
+        up(self._ids_host, self.input_ids, num_tokens)
+        up(self._pos_host, self.positions, num_tokens)
+        up(self._slots_host, self.slot_mapping, num_tokens)
+        up(self._seq_lens_host, self.seq_lens, num_seqs)
+        up(self._qsl_host, self.query_start_loc, num_seqs + 1)
+        up(self._logits_host, self.logits_indices, num_samples)
+        self.block_tables[:num_seqs, :num_blocks].copy_(
+            self._tables_host[:num_seqs, :num_blocks], non_blocking=True
+        )
+        assert self._copied is not None
+        self._copied.record()
+
 
 def build_step_inputs(
     sched: SchedulerOutput,
     states: dict[str, CachedRequestState],
     block_size: int,
-    device: torch.device,
+    buffers: StepBuffers,
+    pad_to: Callable[[int], int | None] = lambda n: None,
 ) -> StepInputs:
+    """Writes the step's flat inputs into `buffers`. A decode-only batch of B sequences for which
+    pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1)."""
     req_ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
-    tokens: list[int] = []
-    positions, slots = [], []
+    b = buffers
+    b.wait_writable()
+    t = 0  # tokens written
     seq_lens, qsl = [], [0]
     logits_indices, sample_rows = [], []
     spans: dict[int, tuple[int, int]] = {}
+    max_blocks = 0
     for i, req_id in enumerate(req_ids):
         state = states[req_id]
         start, n = state.num_computed_tokens, sched.num_scheduled_tokens[req_id]
         end = start + n
-        tokens += state.token_ids(start, end)
+        b.ids_np[t : t + n] = state.token_ids(start, end)
         pos = np.arange(start, end, dtype=np.int64)
-        positions.append(pos)
+        b.pos_np[t : t + n] = pos
         table = np.asarray(state.block_ids, dtype=np.int64)
-        slots.append(table[pos // block_size] * block_size + pos % block_size)
+        b.slots_np[t : t + n] = table[pos // block_size] * block_size + pos % block_size
+        b.tables_np[i, : len(table)] = table
+        max_blocks = max(max_blocks, len(table))
+        t += n
         seq_lens.append(end)
-        qsl.append(qsl[-1] + n)
+        qsl.append(t)
         if state.sampling_params.prompt_logprobs is not None:
             last = min(end, len(state.prompt_token_ids) - 1)  # positions scoring prompt tokens
             if last > start:
                 spans[i] = (qsl[-2], qsl[-2] + last - start)
         if end >= state.num_tokens:  # reached the end: this step yields a token
-            logits_indices.append(qsl[-1] - 1)
+            logits_indices.append(t - 1)
             sample_rows.append(i)
-    max_blocks = max(len(states[r].block_ids) for r in req_ids)
-    tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-    for i, req_id in enumerate(req_ids):
-        ids = states[req_id].block_ids
-        tables[i, : len(ids)] = ids
-
-    def dev(a: np.ndarray | list[int], dtype: torch.dtype) -> Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
-
+    num_seqs = len(req_ids)
+    max_query_len = max(b - a for a, b in itertools.pairwise(qsl))
+    decode_only = max_query_len == 1 and len(sample_rows) == num_seqs and not spans
+    padded = pad_to(num_seqs) if decode_only else None
+    if padded is not None and padded > num_seqs:
+        b.ids_np[t:padded] = 0
+        b.pos_np[t:padded] = 0
+        b.slots_np[t:padded] = -1
+        seq_lens += [0] * (padded - num_seqs)
+        qsl += list(range(t + 1, padded + 1))
+        num_seqs = t = padded
+    b.seq_lens_np[:num_seqs] = seq_lens
+    b.qsl_np[: num_seqs + 1] = qsl
+    b.logits_np[: len(logits_indices)] = logits_indices
+    b.upload(t, num_seqs, max_blocks, len(logits_indices))
     attn = AttentionMetadata(
-        slot_mapping=dev(np.concatenate(slots), torch.int64),
-        block_tables=dev(tables, torch.int32),
-        seq_lens=dev(seq_lens, torch.int32),
-        query_start_loc=dev(qsl, torch.int32),
+        slot_mapping=b.slot_mapping[:t],
+        block_tables=b.block_tables[:num_seqs, :max_blocks],
+        seq_lens=b.seq_lens[:num_seqs],
+        query_start_loc=b.query_start_loc[: num_seqs + 1],
         seq_lens_cpu=seq_lens,
         query_start_loc_cpu=qsl,
-        max_query_len=max(b - a for a, b in itertools.pairwise(qsl)),
+        max_query_len=max_query_len,
         max_seq_len=max(seq_lens),
     )
     return StepInputs(
-        input_ids=dev(tokens, torch.int64),
-        positions=dev(np.concatenate(positions), torch.int64),
+        input_ids=b.input_ids[:t],
+        positions=b.positions[:t],
         attn=attn,
         req_ids=req_ids,
-        logits_indices=dev(logits_indices, torch.int64),
+        logits_indices=b.logits_indices[: len(logits_indices)],
         sample_rows=sample_rows,
         prompt_logprob_spans=spans,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,9 +16,12 @@ from atom.engine.outputs import (
     SchedulerOutput,
     TokenLogprobs,
 )
-from atom.executor.forward_context import set_forward_context
+from atom.executor.compile import compile_forward
+from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from atom.executor.input_batch import (
     CachedRequestState,
+    StepBuffers,
     StepInputs,
     build_sampling_metadata,
     build_step_inputs,
@@ -59,8 +63,29 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
         start = time.perf_counter()
         self.model = self._build_model()
-        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        modules = self.model.named_modules()
+        self.attn_by_name = {n: m for n, m in modules if isinstance(m, Attention)}
+        for name, layer in self.attn_by_name.items():
+            layer.layer_name = name
+        self.attn_layers = list(self.attn_by_name.values())
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        sched = config.scheduler
+        comp = config.compilation
+        fast = self.device.type == "cuda" and not comp.enforce_eager
+        self.capture_sizes = comp.capture_sizes(sched.max_num_seqs) if fast else []
+        max_blocks = -(-sched.max_model_len // self.block_size)
+        self.buffers = StepBuffers(
+            max(sched.max_num_batched_tokens, *self.capture_sizes, 1),
+            sched.max_num_seqs,
+            max_blocks,
+            self.device,
+        )
+        # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
+        self.forward = compile_forward(self.model.forward, comp.level if fast else 0)
+        self.graphs: DecodeGraphs | None = None
+        self._sampled_host = torch.zeros(
+            sched.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda"
+        )
 
     def _build_model(self) -> torch.nn.Module:
         mc = self.config.model
@@ -89,6 +114,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        if self.config.cache.kv_cache_dtype == "fp8":
+            self._calibrate_kv_scales()
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
@@ -105,57 +132,176 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         sched = self.config.scheduler
         n = sched.max_num_batched_tokens
-        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        positions = torch.arange(n, device=self.device) % sched.max_model_len
-        hidden = self.model(ids, positions)
+        # Inputs from the step buffers, as in every later step: inference-mode tensors would
+        # differ in dispatch keys and make Dynamo compile the forward twice.
+        ids, positions = self.buffers.input_ids[:n], self.buffers.positions[:n]
+        ids.zero_()
+        positions.copy_(torch.arange(n, device=self.device) % sched.max_model_len)
+        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+            hidden = self.forward(ids, positions)  # compiles at level >= 1
         rows = min(sched.max_num_seqs, n)
         logits = self.model.compute_logits(hidden[-rows:])
         self.sampler(logits, profile_sampling_metadata(rows, self.device))  # its sort and copies
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        del hidden, logits
+        graph_reserve = self._graph_memory_estimate()
         free, total = torch.cuda.mem_get_info(self.device)
         in_use_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * self.config.cache.gpu_memory_utilization) - peak - in_use_elsewhere
+        budget = (
+            int(total * self.config.cache.gpu_memory_utilization)
+            - peak
+            - graph_reserve
+            - in_use_elsewhere
+        )
         logger.info(
-            "memory: total %.1f GiB, model+activation peak %.2f GiB, KV budget %.2f GiB",
+            "memory: total %.1f GiB, model+activation peak %.2f GiB, CUDA graphs %.2f GiB, "
+            "KV budget %.2f GiB",
             total / 2**30,
             peak / 2**30,
+            graph_reserve / 2**30,
             budget / 2**30,
         )
         torch.cuda.empty_cache()
         return max(budget, 0)
+
+    def _graph_memory_estimate(self) -> int:
+        """The CUDA graphs' pool holds the activations of the largest captured decode batch."""
+        if not self.capture_sizes:
+            return 0
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        n = self.capture_sizes[-1]
+        ids = self.buffers.input_ids[:n]
+        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+            logits = self.model.compute_logits(self.forward(ids, self.buffers.positions[:n]))
+        torch.cuda.synchronize(self.device)
+        del logits
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+    @torch.inference_mode()
+    def _calibrate_kv_scales(self) -> None:
+        """Per-layer fp8 KV scales from the K/V maxima of one forward over random tokens."""
+        n = min(self.config.scheduler.max_num_batched_tokens, self.config.model.max_model_len, 1024)
+        gen = torch.Generator(self.device).manual_seed(self.config.model.seed)
+        vocab = self.config.model.hf_config.vocab_size
+        ids = torch.randint(0, vocab, (n,), generator=gen, device=self.device)
+        for layer in self.attn_layers:
+            layer.kv_amax = (0.0, 0.0)
+        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+            self.model(ids, torch.arange(n, device=self.device))  # eager: it reads maxima
+        for layer in self.attn_layers:
+            layer.set_kv_scales_from_amax()
+        logger.info(
+            "fp8 KV scales: k %.3g..%.3g, v %.3g..%.3g",
+            min(a.k_scale for a in self.attn_layers),
+            max(a.k_scale for a in self.attn_layers),
+            min(a.v_scale for a in self.attn_layers),
+            max(a.v_scale for a in self.attn_layers),
+        )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         dtype = kv_cache_torch_dtype(self.config)
         for layer in self.attn_layers:
             shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        if self.capture_sizes:
+            self._capture_graphs()
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        start = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device)
+        b = self.buffers
+        n = self.capture_sizes[-1]
+        b.input_ids[:n].zero_()
+        b.positions[:n].zero_()
+        b.slot_mapping[:n].fill_(-1)  # padding rows write nothing ...
+        b.seq_lens[:n].zero_()  # ... and attend to nothing
+        b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
+        self.graphs = DecodeGraphs(self.capture_sizes)
+        self.graphs.capture(self._decode_forward)
+        logger.info(
+            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB",
+            len(self.capture_sizes),
+            self.capture_sizes[0],
+            n,
+            time.perf_counter() - start,
+            (torch.cuda.memory_reserved(self.device) - before) / 2**30,
+        )
+
+    def _decode_forward(self, size: int) -> Tensor:
+        """Logits of a decode batch of `size` rows read from the step buffers: what the graphs
+        capture. Attention's grid depends only on the shapes and max_seq_len, fixed here."""
+        b = self.buffers
+        meta = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:size],
+            block_tables=b.block_tables[:size],
+            seq_lens=b.seq_lens[:size],
+            query_start_loc=b.query_start_loc[: size + 1],
+            seq_lens_cpu=[],
+            query_start_loc_cpu=[],
+            max_query_len=1,
+            max_seq_len=self.config.scheduler.max_model_len,
+        )
+        with set_forward_context(ForwardContext(self.attn_by_name, meta)):
+            hidden = self.forward(b.input_ids[:size], b.positions[:size])
+        return self.model.compute_logits(hidden)
+
+    def _pad_to(self, num_seqs: int) -> int | None:
+        return None if self.graphs is None else self.graphs.padded_size(num_seqs)
 
     def shutdown(self) -> None:
         pass
 
     # ---- one step ----
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.submit_model(sched)()
+
+    @torch.inference_mode()
+    def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Queues the step on the device and returns the function that waits for its output
+        (the step's one host sync). The next submit must come after that wait: it reads the
+        tokens the wait appends."""
         self._update_states(sched)
         if sched.is_empty:
-            return ModelRunnerOutput()
-        inputs = build_step_inputs(sched, self.states, self.block_size, self.device)
-        with set_forward_context(inputs.attn):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+            return ModelRunnerOutput
+        inputs = build_step_inputs(sched, self.states, self.block_size, self.buffers, self._pad_to)
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
+        # Built before the forward is queued: its small host-to-device copies then wait for nothing.
+        sampling = build_sampling_metadata(rows, self.device) if rows else None
+        num_rows = inputs.input_ids.shape[0]
+        if self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs:
+            logits = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
+            prompt_logprobs: dict[str, list] = {}
+        else:
+            with set_forward_context(ForwardContext(self.attn_by_name, inputs.attn)):
+                hidden = self.forward(inputs.input_ids, inputs.positions)
+            prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if rows else None
         out = ModelRunnerOutput(
             req_ids=inputs.req_ids,
             sampled_token_ids=[[] for _ in inputs.req_ids],
             logprobs=[None] * len(inputs.req_ids),
-            prompt_logprobs=self._prompt_logprobs(inputs, hidden),
+            prompt_logprobs=prompt_logprobs,
         )
-        if rows:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            result = self.sampler(logits, build_sampling_metadata(rows, self.device))
-            broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
-            self._record_samples(inputs, rows, result, out)
-        return out
+        if logits is None or sampling is None:
+            return lambda: out
+        result = self.sampler(logits, sampling)
+        broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
+        sampled = self._sampled_host[: len(rows)]
+        sampled.copy_(result.sampled, non_blocking=True)
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+
+        def wait() -> ModelRunnerOutput:
+            if done is not None:
+                done.synchronize()
+            self._record_samples(inputs, rows, sampled.tolist(), result, out)
+            return out
+
+        return wait
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
@@ -182,10 +328,11 @@ class ModelRunner:
         self,
         inputs: StepInputs,
         rows: list[CachedRequestState],
+        sampled: list[int],
         result: SamplerOutput,
         out: ModelRunnerOutput,
     ) -> None:
-        sampled = result.sampled.tolist()  # the step's one host sync
+        # Logprobs, when asked for, cost syncs of their own.
         lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         ranks = result.ranks.tolist() if result.ranks is not None else None

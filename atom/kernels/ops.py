@@ -2,6 +2,112 @@
 
 Layers call these functions; each looks at its input's device, so a model built on the CPU runs the
 references and the same model on a GPU runs the Triton kernels, with no flag threaded through.
+Pattern for a new op: kernels/<op>.py holds `<op>` (Triton launcher) and `<op>_ref` with the same
+signature; here, one function that picks between them on the main input's `is_cuda`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from atom.kernels import reshape_and_cache as _cache
+from atom.kernels import rms_norm as _norm
+from atom.kernels import rotary as _rotary
+from atom.kernels import silu_and_mul as _silu
+from atom.kernels import unified_attention as _attention
+from atom.kernels.paged_attention import paged_attention_ref
+
+if TYPE_CHECKING:
+    from atom.executor.forward_context import AttentionMetadata
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    fn = _norm.rms_norm if x.is_cuda else _norm.rms_norm_ref
+    return fn(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    fn = _norm.fused_add_rms_norm if x.is_cuda else _norm.fused_add_rms_norm_ref
+    return fn(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: Tensor,
+    q: Tensor,
+    k: Tensor,
+    cos_sin_cache: Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> tuple[Tensor, Tensor]:
+    """(q_out, k_out), new tensors; q [T, H, D], k [T, H_kv, D]."""
+    fn = _rotary.rotary_embedding if q.is_cuda else _rotary.rotary_embedding_ref
+    return fn(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
+    fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref
+    return fn(x)
+
+
+def reshape_and_cache(
+    key: Tensor,
+    value: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """key/value [T, H_kv, D] into kv_cache at slot_mapping [T], in place; slots < 0 skipped."""
+    fn = _cache.reshape_and_cache if key.is_cuda else _cache.reshape_and_cache_ref
+    fn(key, value, kv_cache, slot_mapping, k_scale, v_scale)
+
+
+def paged_attention(
+    query: Tensor,
+    kv_cache: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: float,
+    v_scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    out: Tensor,
+) -> None:
+    """Attention of query [T, H, D] over the paged cache (its own K/V already written) into out."""
+    if query.is_cuda:
+        _attention.unified_attention(
+            query,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            meta.max_seq_len,
+            scale,
+            k_scale,
+            v_scale,
+            sliding_window,
+            softcap,
+            out,
+        )
+        return
+    out.copy_(
+        paged_attention_ref(
+            query,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens_cpu,
+            meta.query_start_loc_cpu,
+            scale,
+            k_scale,
+            v_scale,
+            sliding_window,
+            softcap,
+        )
+    )

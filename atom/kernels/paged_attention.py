@@ -13,27 +13,6 @@ from torch import Tensor
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def reshape_and_cache_ref(
-    key: Tensor,
-    value: Tensor,
-    kv_cache: Tensor,
-    slot_mapping: Tensor,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-) -> None:
-    """Write new K/V ([T, num_kv_heads, head_dim]) into their cache slots.
-
-    An fp8 cache stores value / scale (per-layer scales), read back as stored * scale.
-    """
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    if kv_cache.dtype != key.dtype:
-        key = (key.float() / k_scale).to(kv_cache.dtype)
-        value = (value.float() / v_scale).to(kv_cache.dtype)
-    cache = _bytes(kv_cache)
-    cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _bytes(key))
-    cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _bytes(value))
-
-
 def _bytes(t: Tensor) -> Tensor:
     """fp8 tensors as uint8: CPU indexing kernels are not built for float8."""
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
@@ -62,8 +41,12 @@ def paged_attention_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
-    """query [T, num_heads, head_dim] -> [T, num_heads, head_dim], one sequence at a time."""
+    """query [T, num_heads, head_dim] -> [T, num_heads, head_dim], one sequence at a time.
+
+    softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2).
+    """
     block_size = kv_cache.shape[2]
     out = torch.empty_like(query)
     for i, kv_len in enumerate(seq_lens):
@@ -73,9 +56,9 @@ def paged_attention_ref(
         k, v = k[:kv_len], v[:kv_len]
         if end - start == 1:
             window = slice(-sliding_window, None) if sliding_window else slice(None)
-            out[start] = _decode(query[start], k[window], v[window], scale)
+            out[start] = _decode(query[start], k[window], v[window], scale, softcap)
         else:
-            out[start:end] = sdpa(query[start:end], k, v, scale, sliding_window)
+            out[start:end] = sdpa(query[start:end], k, v, scale, sliding_window, softcap)
     return out
 
 
@@ -90,7 +73,7 @@ def _gather(
     return k, v
 
 
-def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None = None) -> Tensor:
     """One query token q [H, D] over k, v [L, H_kv, D]; query heads grouped per KV head.
 
     Plain einsum: on the CPU it beats SDPA's generic path by ~4x for a single query row.
@@ -98,12 +81,19 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     num_kv_heads = k.shape[1]
     qg = q.float().view(num_kv_heads, -1, q.shape[-1])  # [H_kv, groups, D]
     scores = torch.einsum("hgd,lhd->hgl", qg, k.float()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     out = torch.einsum("hgl,lhd->hgd", scores.softmax(dim=-1), v.float())
     return out.reshape(q.shape).to(q.dtype)
 
 
 def sdpa(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, sliding_window: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail)."""
     q_len, kv_len = q.shape[0], k.shape[0]
@@ -111,6 +101,12 @@ def sdpa(
     if groups > 1:  # equal head counts let SDPA pick a fused kernel instead of the O(n^2) math one
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
+    if softcap is not None:  # SDPA has no score hook: spell it out in float32
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+        scores = softcap * torch.tanh(scores / softcap)
+        mask = causal_mask(q_len, kv_len, q.device, sliding_window)
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
     is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
     mask = None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window)
     o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the fused CUDA kernels want a batch

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from atom.kernels import ops
 
 
 class SiluAndMul(nn.Module):
     """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]"""
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.silu_and_mul(x)
 
 
 def get_act_and_mul(name: str) -> nn.Module:

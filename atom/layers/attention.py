@@ -1,4 +1,9 @@
-"""Attention over the paged KV cache; the runner binds each layer's cache tensor to `kv_cache`."""
+"""Attention over the paged KV cache; the runner binds each layer's cache tensor to `kv_cache`.
+
+Under torch.compile the layer calls `torch.ops.atom.attention`, an opaque custom op that finds the
+layer by name in the forward context: compiled graphs split at it (level 3), and the cache writes
+and Triton launches inside stay out of Dynamo's sight.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from atom.executor.forward_context import get_attention_metadata
-from atom.kernels.paged_attention import paged_attention_ref, reshape_and_cache_ref, sdpa
+from atom.executor.forward_context import get_forward_context
+from atom.kernels import ops
+from atom.kernels.paged_attention import sdpa
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def sliding_window_of(config: Any, layer_idx: int) -> int | None:
@@ -30,32 +38,72 @@ class Attention(nn.Module):
         scale: float,
         num_kv_heads: int,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.sliding_window = sliding_window
+        self.softcap = softcap
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
-        self.k_scale = 1.0  # per-layer fp8 KV scales (1.0 until checkpoint/calibrated scales land)
+        self.layer_name = ""  # its key in the forward context, set by the runner
+        # fp8 KV stores k / k_scale; the runner calibrates the scales (1.0 for other dtypes).
+        self.k_scale = 1.0
         self.v_scale = 1.0
+        self.kv_amax: tuple[float, float] | None = None  # set while calibrating: max |k|, |v|
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
-        meta = get_attention_metadata()
+        out = torch.empty_like(q)
+        if torch.compiler.is_compiling():
+            torch.ops.atom.attention(q, k, v, out, self.layer_name)
+        else:  # eager: skip the dispatcher, ~10 us per call
+            self.forward_into(q, k, v, out)
+        return out
+
+    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+        context = get_forward_context()
+        meta = None if context is None else context.attn
         if meta is None or self.kv_cache.numel() == 0:
-            # Memory-profile forward: one fresh causal sequence, no cache.
-            return sdpa(q, k, v, self.scale, self.sliding_window)
-        reshape_and_cache_ref(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return paged_attention_ref(
+            # A forward with no cache (memory profile, fp8 calibration): one causal sequence.
+            if self.kv_amax is not None:
+                self.kv_amax = (
+                    max(self.kv_amax[0], k.abs().max().item()),
+                    max(self.kv_amax[1], v.abs().max().item()),
+                )
+            out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, softcap=self.softcap))
+            return
+        ops.reshape_and_cache(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        ops.paged_attention(
             q,
             self.kv_cache,
-            meta.block_tables,
-            meta.seq_lens_cpu,
-            meta.query_start_loc_cpu,
+            meta,
             self.scale,
             self.k_scale,
             self.v_scale,
             self.sliding_window,
+            self.softcap,
+            out,
         )
+
+    def set_kv_scales_from_amax(self, margin: float = 2.0) -> None:
+        """fp8 scales from the calibrated maxima; the margin keeps unseen larger values unclipped
+        at no cost in relative precision (e4m3 has 3 mantissa bits at any scale)."""
+        assert self.kv_amax is not None
+        self.k_scale = max(self.kv_amax[0] * margin / FP8_MAX, 1e-6)
+        self.v_scale = max(self.kv_amax[1] * margin / FP8_MAX, 1e-6)
+        self.kv_amax = None
+
+
+@torch.library.custom_op("atom::attention", mutates_args=("out",))
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_name: str) -> None:
+    context = get_forward_context()
+    assert context is not None, "atom.attention runs inside the runner's forward context"
+    context.layers[layer_name].forward_into(q, k, v, out)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_name: str) -> None:
+    return None

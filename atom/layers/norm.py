@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """float32 inside, cast back; multiplies the weight in the input dtype as transformers does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+from atom.kernels import ops
 
 
 class RMSNorm(nn.Module):
@@ -21,9 +16,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Returns (norm(x + residual), x + residual); with no residual, x is the residual."""
-        if residual is not None:
-            x = x + residual
-        return rms_norm_ref(x, self.weight, self.eps), x
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
     def norm(self, x: Tensor) -> Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
+        """x [..., hidden_size] -> normed; also per-head views [T, heads, head_dim] (q/k norm)."""
+        return ops.rms_norm(x, self.weight, self.eps)

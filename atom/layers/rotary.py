@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from atom.kernels import ops
+
 
 def rope_parameters(config: Any) -> dict[str, Any]:
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -39,28 +41,26 @@ class RotaryEmbedding(nn.Module):
         self, config: Any, head_dim: int, max_position: int, is_neox_style: bool = True
     ) -> None:
         super().__init__()
-        inv_freq, scaling = _inv_freq(config, head_dim)
-        self.rotary_dim = inv_freq.numel() * 2
         self.is_neox_style = is_neox_style
-        t = torch.arange(max_position, dtype=torch.int64).float()
-        freqs = torch.outer(t, inv_freq)
-        cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-        self.register_buffer("cos_sin_cache", cache.to(torch.float32), persistent=False)
+        cache = _cos_sin_cache(config, head_dim, max_position)
+        self.rotary_dim = cache.shape[-1]
+        # float32 whatever the model dtype; built on the CPU (transformers' initialisers return
+        # CPU tensors), then moved to the device the model is being built on.
+        device = torch.get_default_device()
+        self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]."""
-        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim] (views
+        are fine) -> new (q, k); fp32 math, features past rotary_dim pass through."""
+        return ops.rotary_embedding(
+            positions, q, k, self.cos_sin_cache, self.rotary_dim, self.is_neox_style
+        )
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        rot = x[..., : self.rotary_dim].float()
-        if self.is_neox_style:
-            x1, x2 = rot.chunk(2, dim=-1)
-            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        else:  # gpt-j: interleaved pairs
-            x1, x2 = rot[..., ::2], rot[..., 1::2]
-            out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-        out = out.to(x.dtype)
-        if self.rotary_dim < x.shape[-1]:
-            out = torch.cat([out, x[..., self.rotary_dim :]], dim=-1)
-        return out
+
+def _cos_sin_cache(config: Any, head_dim: int, max_position: int) -> Tensor:
+    """[max_position, rotary_dim] float32 on the CPU: cos | sin, times the attention scaling."""
+    with torch.device("cpu"):
+        inv_freq, scaling = _inv_freq(config, head_dim)
+        t = torch.arange(max_position, dtype=torch.int64).float()
+        freqs = torch.outer(t, inv_freq)
+        return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1).float()

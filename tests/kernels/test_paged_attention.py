@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atom.kernels.paged_attention import paged_attention_ref, reshape_and_cache_ref
+from atom.kernels.paged_attention import paged_attention_ref
+from atom.kernels.reshape_and_cache import reshape_and_cache_ref
 
 BLOCK = 16
 

@@ -1,0 +1,153 @@
+"""The decode roofline: what a step must read from memory, and how fast this device reads.
+
+A decode step of a dense model streams every weight once (the input embedding excepted: its rows
+are gathered, one per token) plus the KV cache of every sequence; at small batch that is the whole
+cost, so step time >= (weight bytes + KV bytes) / copy bandwidth. The formulas follow
+`peer_latency.py` (the vLLM side of the comparison) so that both report the same percentage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# Dense families whose parameter count parameter_count() knows (one formula, checked against
+# transformers in the tests).
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen3")
+
+
+def measure_copy_bandwidth(
+    device: torch.device | str, num_bytes: int | None = None, iters: int = 20
+) -> float:
+    """Bytes/s of a device-to-device copy, read plus write counted (as peer_latency.py: a 1 GiB
+    uint8 copy on CUDA, the median of 20 timed with CUDA events); 64 MiB on the CPU."""
+    dev = torch.device(device)
+    n = num_bytes or (1 << 30 if dev.type == "cuda" else 64 << 20)
+    seconds = _time_copy(n, dev, iters)
+    _release_cached_memory(dev)  # the buffers died with _time_copy's frame
+    return 2 * n / seconds
+
+
+def measure_matmul_flops(
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    size: int | None = None,
+    iters: int = 20,
+) -> float:
+    """FLOP/s of a square matmul: 8192^3 in bfloat16 on CUDA, 512^3 in float32 on the CPU."""
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
+    n = size or (8192 if on_cuda else 512)
+    seconds = _time_matmul(n, dtype, dev, iters if on_cuda else min(iters, 5))
+    _release_cached_memory(dev)
+    return 2 * n**3 / seconds
+
+
+def parameter_count(config: Any) -> int:
+    """Parameters of a dense Llama/Mistral/Qwen3 config, counting tied embeddings once."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in DENSE_MODEL_TYPES:
+        raise ValueError(
+            f"parameter_count knows {', '.join(DENSE_MODEL_TYPES)}, not {model_type!r}: "
+            "pass the model itself to weight_bytes_streamed"
+        )
+    h, v, inter = config.hidden_size, config.vocab_size, config.intermediate_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = h * (q + 2 * kv) + q * h  # qkv_proj + o_proj
+    if getattr(config, "attention_bias", False):
+        attn += q + 2 * kv + h
+    mlp = 3 * h * inter  # gate, up, down
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * inter + h
+    norms = 2 * h + (2 * head_dim if model_type == "qwen3" else 0)  # Qwen3 adds q_norm, k_norm
+    embeddings = v * h * (1 if _tied(config) else 2)
+    return config.num_hidden_layers * (attn + mlp + norms) + embeddings + h  # + final norm
+
+
+def weight_bytes_streamed(model_or_config: nn.Module | Any, dtype_bytes: int = 2) -> int:
+    """Weight bytes one decode step reads: every parameter except the input embedding (its rows
+    are gathered, not streamed); tied embeddings are streamed once, as the LM head.
+
+    A module counts its own parameters at their own dtypes (a tensor-parallel rank's shards);
+    a config counts a dense model at `dtype_bytes` per parameter.
+    """
+    if isinstance(model_or_config, nn.Module):
+        return _module_weight_bytes(model_or_config)
+    config = model_or_config
+    embedding = 0 if _tied(config) else config.vocab_size * config.hidden_size
+    return (parameter_count(config) - embedding) * dtype_bytes
+
+
+def kv_bytes_per_step(config: Any, batch: int, context_len: float, kv_dtype_bytes: int = 2) -> int:
+    """KV cache bytes one decode step reads: K and V of `context_len` tokens (the average over the
+    timed steps) for each of `batch` sequences in every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
+    return round(batch * context_len * per_token * kv_dtype_bytes)
+
+
+def _module_weight_bytes(model: nn.Module) -> int:
+    # named_parameters() yields a tied weight once, under its first name (the embedding's).
+    config = getattr(model, "config", None)
+    tied = config is not None and _tied(config)
+    total = 0
+    for name, param in model.named_parameters():
+        if name.endswith("embed_tokens.weight") and not tied:
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def _tied(config: Any) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+def _time_copy(num_bytes: int, device: torch.device, iters: int) -> float:
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return _median_seconds(lambda: dst.copy_(src), device, iters)
+
+
+def _time_matmul(n: int, dtype: torch.dtype, device: torch.device, iters: int) -> float:
+    gen = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    return _median_seconds(lambda: torch.matmul(a, b, out=out), device, iters)
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """The upper median of `iters` timings after 3 warm-ups (peer_latency.py's sorted(ts)[10])."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            for _ in range(iters):
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    # The engine sizes its KV cache from free memory: give our buffers back first.
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,130 @@
+"""Compilation levels of the model forward, as in the reference:
+
+  0  eager
+  1  Dynamo as is: torch.compile(backend="eager", fullgraph=True), a check that the model traces
+  2  Dynamo once: the whole graph through Inductor
+  3  piecewise: the FX graph split at every attention op (an opaque custom op), Inductor on each
+     piece between them, attention run eagerly between the compiled pieces
+
+The token dimension is dynamic, so one compile serves every batch (batch size 1 gets one more:
+Dynamo specialises sizes 0 and 1). Inductor's FX-graph and AOT caches live under the compile
+cache directory, so a second start with the same model and code skips Inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+from torch._inductor.compile_fx import compile_fx
+
+import atom.layers.attention  # noqa: F401  registers torch.ops.atom.attention
+
+logger = logging.getLogger(__name__)
+
+SPLITTING_OPS = (torch.ops.atom.attention, torch.ops.atom.attention.default)
+Forward = Callable[[Tensor, Tensor], Tensor]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atom" / "torch_compile"
+
+
+def compile_forward(forward: Forward, level: int, cache_dir: Path | None = None) -> Forward:
+    if level == 0:
+        return forward
+    _use_cache_dir(cache_dir or default_cache_dir())
+    # Dynamo keys its cache on the code object: every engine built in one process (tests, a
+    # benchmark sweep) adds entries for the same model class's forward.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 4096
+    )
+    backend: str | Callable[..., Any] = {1: "eager", 2: "inductor", 3: PiecewiseBackend()}[level]
+    compiled = torch.compile(forward, backend=backend, fullgraph=True)
+
+    def run(input_ids: Tensor, positions: Tensor) -> Tensor:
+        if input_ids.shape[0] > 1:  # one graph for every token count
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        return compiled(input_ids, positions)
+
+    return run
+
+
+def _use_cache_dir(path: Path) -> None:
+    """Inductor reads its cache location from the environment when it first needs it."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+
+
+class PiecewiseBackend:
+    """A torch.compile backend: split at attention, Inductor on the pieces in between."""
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        split_gm, attention_parts = split_at_attention(gm)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        assert fake_mode is not None
+        # Lifted parameters arrive as real tensors: run every input as a fake one.
+        fake = [fake_mode.from_tensor(t) if isinstance(t, Tensor) else t for t in example_inputs]
+        with fake_mode:
+            _CompilePieces(split_gm, attention_parts).run(*fake)
+        logger.info(
+            "piecewise compile: %d Inductor pieces around %d attention ops",
+            len(list(split_gm.named_children())) - len(attention_parts),
+            len(attention_parts),
+        )
+        return split_gm
+
+
+def split_at_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, set[str]]:
+    """Each attention call gets a piece of its own; the nodes between two calls share one."""
+    part, parts, attention = 0, {}, set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_function" and node.target in SPLITTING_OPS:
+            part += 1
+            parts[node] = part
+            attention.add(f"submod_{part}")
+            part += 1
+        else:
+            parts[node] = part
+    split = torch.fx.passes.split_module.split_module(
+        gm, None, lambda node: parts[node], keep_original_order=True
+    )
+    return split, attention
+
+
+class _CompilePieces(torch.fx.Interpreter):
+    """Runs the split graph on fake inputs, compiling each non-attention piece with the fake
+    arguments it actually receives (symbolic token counts included)."""
+
+    def __init__(self, module: fx.GraphModule, attention_parts: set[str]) -> None:
+        super().__init__(module)
+        self.attention_parts = attention_parts
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        out = super().call_module(target, args, kwargs)
+        if target not in self.attention_parts:
+            piece = getattr(self.module, target)
+            compiled = compile_fx(piece, list(args))
+            setattr(self.module, target, _Piece(compiled))
+        return out
+
+
+class _Piece(torch.nn.Module):
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)

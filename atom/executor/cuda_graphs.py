@@ -1,0 +1,52 @@
+"""Whole-forward CUDA graphs of decode batches (model + LM head), one per padded batch size.
+
+All graphs share one memory pool and are captured largest first, so each smaller one reuses the
+memory the larger ones already hold. A batch of B decode rows replays the graph of the smallest
+captured size >= B; the runner fills rows B.. with padding (slot -1, seq_len 0).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class DecodeGraphs:
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sorted(sizes)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, Tensor] = {}
+
+    def __contains__(self, size: int) -> bool:
+        return size in self._graphs
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The graph that fits num_seqs rows, None when the batch is larger than every graph."""
+        i = bisect.bisect_left(self.sizes, num_seqs)
+        return self.sizes[i] if i < len(self.sizes) else None
+
+    def capture(self, forward: Callable[[int], Tensor]) -> None:
+        """forward(size) runs one decode batch of `size` rows and returns its output tensor."""
+        pool = None
+        gc.collect()
+        gc.freeze()  # no collection (and its frees) in the middle of a capture
+        try:
+            for size in reversed(self.sizes):
+                forward(size)  # warm-up: compiles, autotunes and allocates outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._outputs[size] = forward(size)
+                pool = graph.pool() if pool is None else pool
+                self._graphs[size] = graph
+        finally:
+            gc.unfreeze()
+        torch.cuda.synchronize()
+
+    def replay(self, size: int) -> Tensor:
+        """The captured output of `size` rows, recomputed from the current step buffers."""
+        self._graphs[size].replay()
+        return self._outputs[size]

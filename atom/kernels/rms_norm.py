@@ -1,0 +1,145 @@
+"""RMSNorm, alone or with the residual add fused in: one read and one write of each row.
+
+Rows may be the tokens of [T, hidden] or the heads of [T, heads, head_dim] (Qwen3's q_norm/k_norm
+on views of the fused qkv output, whose token stride is not heads * head_dim). The kernel takes
+the two strides so that such views are read in place, without a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Elements per program: small rows (head_dim 64..256) are packed several to a program so that a
+# launch over T * heads rows is not dominated by tiny programs.
+_TILE_ELEMENTS = 4096
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """float32 inside, cast back; multiplies the weight in the input dtype as transformers does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual); the sum is rounded to the input dtype first."""
+    new_residual = x + residual
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,  # residual in (read only when HAS_RESIDUAL)
+    w_ptr,
+    out_ptr,  # [num_rows, n] contiguous
+    res_out_ptr,  # [num_rows, n] contiguous: x + residual (written only when HAS_RESIDUAL)
+    num_rows,
+    n,
+    inner,  # rows per outer index: row r lives at (r // inner) * s_outer + (r % inner) * s_inner
+    x_s_outer,
+    x_s_inner,
+    r_s_outer,
+    r_s_inner,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < num_rows)[:, None] & (cols < n)[None, :]
+    outer, in_row = rows // inner, rows % inner
+    x_off = (outer * x_s_outer + in_row * x_s_inner)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0)
+    out_off = rows[:, None] * n + cols[None, :]
+    if HAS_RESIDUAL:
+        r_off = (outer * r_s_outer + in_row * r_s_inner)[:, None] + cols[None, :]
+        r = tl.load(res_ptr + r_off, mask=mask, other=0.0)
+        # Round the sum to the input dtype before normalising it, as the reference does.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + out_off, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n + eps)
+    # Cast back to the input dtype before the weight multiply, as transformers does.
+    y = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + out_off, (y * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows_view(x: Tensor) -> tuple[Tensor, int, int, int]:
+    """(tensor, inner, outer stride, inner stride) addressing x's rows; copies only if it must."""
+    if x.stride(-1) != 1 or x.dim() > 3:
+        x = x.reshape(-1, x.shape[-1]).contiguous()
+    if x.dim() == 3:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    if x.dim() == 2:
+        return x, 1, x.stride(0), 0
+    return x, 1, 0, 0  # 1-D: a single row
+
+
+def _launch(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor | None]:
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n}")
+    num_rows = x.numel() // n if n else 0
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res_out = (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
+    )
+    if num_rows == 0:
+        return out, res_out
+    xv, inner, xs0, xs1 = _rows_view(x)
+    rv, rs0, rs1 = xv, xs0, xs1
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
+        rv, r_inner, rs0, rs1 = _rows_view(residual)
+        if r_inner != inner:  # differing layouts: give both the flat [rows, n] layout
+            xv, rv = xv.reshape(-1, n).contiguous(), rv.reshape(-1, n).contiguous()
+            inner, xs0, xs1, rs0, rs1 = 1, n, 0, n, 0
+    block_n = triton.next_power_of_2(n)
+    # From the row size only: no guard on the token count under torch.compile's dynamic shapes.
+    block_m = max(1, _TILE_ELEMENTS // block_n)
+    num_warps = min(max(block_m * block_n // 512, 1), 8)
+    _rms_norm_kernel[(triton.cdiv(num_rows, block_m),)](
+        xv,
+        rv,
+        weight,
+        out,
+        res_out if res_out is not None else out,
+        num_rows,
+        n,
+        inner,
+        xs0,
+        xs1,
+        rs0,
+        rs1,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
+    return out, res_out
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., n] (last dim contiguous; up to 3 dims read in place) -> contiguous [..., n]."""
+    return _launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(x + residual), x + residual), both new contiguous tensors; inputs untouched."""
+    out, res_out = _launch(x, residual, weight, eps)
+    assert res_out is not None
+    return out, res_out

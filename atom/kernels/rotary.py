@@ -1,0 +1,215 @@
+"""Rotary position embedding of q and k in one launch, from a [max_position, rotary_dim] cache.
+
+Row p of the cache is [cos(p * f_0..f_{r/2-1}) | sin(...)], already scaled (llama3, yarn, ...) by
+atom/layers/rotary.py. Two pairings of the first rotary_dim features of a head:
+
+    neox  (halves):            x[i] with x[i + r/2]
+    gpt-j (interleaved pairs): x[2i] with x[2i + 1]
+
+Features past rotary_dim pass through unchanged (partial rotary). Out of place: q and k are often
+views of the fused qkv output and the callers expect fresh, contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_TILE_ELEMENTS = 2048  # heads x head_dim elements per program
+
+
+def rotary_embedding_ref(
+    positions: Tensor,
+    q: Tensor,
+    k: Tensor,
+    cos_sin_cache: Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> tuple[Tensor, Tensor]:
+    """positions [T]; q [T, H, D]; k [T, H_kv, D] -> (q_out, k_out), float32 inside."""
+    cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+    return (
+        _rotate_ref(q, cos, sin, rotary_dim, is_neox_style),
+        _rotate_ref(k, cos, sin, rotary_dim, is_neox_style),
+    )
+
+
+def _rotate_ref(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, is_neox: bool) -> Tensor:
+    rot = x[..., :rotary_dim].float()
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., ::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    out = out.to(x.dtype)
+    if rotary_dim < x.shape[-1]:
+        out = torch.cat([out, x[..., rotary_dim:]], dim=-1)
+    return out
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    out_ptr,  # [T, num_heads, head_dim] contiguous
+    s_tok,
+    s_head,
+    token,
+    head0,
+    num_heads,
+    cos,  # [BLOCK_R] float32
+    sin,
+    head_dim,
+    rotary_dim,
+    IS_NEOX: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    heads = head0 + tl.arange(0, BLOCK_H)
+    half = rotary_dim // 2
+    i = tl.arange(0, BLOCK_R)
+    if IS_NEOX:
+        d1, d2 = i, i + half
+    else:
+        d1, d2 = 2 * i, 2 * i + 1
+    mask = (heads < num_heads)[:, None] & (i < half)[None, :]
+    src = x_ptr + token * s_tok + heads[:, None] * s_head
+    dst = out_ptr + (token * num_heads + heads[:, None]) * head_dim
+    x1 = tl.load(src + d1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + d2[None, :], mask=mask, other=0.0).to(tl.float32)
+    out_ty = out_ptr.dtype.element_ty
+    tl.store(dst + d1[None, :], (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
+    tl.store(dst + d2[None, :], (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+    if HAS_TAIL:
+        d = tl.arange(0, BLOCK_D)
+        tail = (heads < num_heads)[:, None] & ((d >= rotary_dim) & (d < head_dim))[None, :]
+        tl.store(dst + d[None, :], tl.load(src + d[None, :], mask=tail), mask=tail)
+
+
+@triton.jit
+def _rotary_embedding_kernel(
+    pos_ptr,
+    cache_ptr,  # [max_position, rotary_dim] float32 contiguous
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    q_s_tok,
+    q_s_head,
+    k_s_tok,
+    k_s_head,
+    num_q_heads,
+    num_kv_heads,
+    head_dim,
+    rotary_dim,
+    IS_NEOX: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # grid (T, q head blocks + k head blocks): decode batches still spread over many programs.
+    token = tl.program_id(0).to(tl.int64)
+    head_block = tl.program_id(1)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    half = rotary_dim // 2
+    i = tl.arange(0, BLOCK_R)
+    row = cache_ptr + tl.load(pos_ptr + token).to(tl.int64) * rotary_dim
+    cos = tl.load(row + i, mask=i < half, other=0.0)
+    sin = tl.load(row + half + i, mask=i < half, other=0.0)
+    if head_block < q_blocks:
+        _rotate_heads(
+            q_ptr,
+            q_out_ptr,
+            q_s_tok,
+            q_s_head,
+            token,
+            head_block * BLOCK_H,
+            num_q_heads,
+            cos,
+            sin,
+            head_dim,
+            rotary_dim,
+            IS_NEOX,
+            HAS_TAIL,
+            BLOCK_H,
+            BLOCK_R,
+            BLOCK_D,
+        )
+    else:
+        _rotate_heads(
+            k_ptr,
+            k_out_ptr,
+            k_s_tok,
+            k_s_head,
+            token,
+            (head_block - q_blocks) * BLOCK_H,
+            num_kv_heads,
+            cos,
+            sin,
+            head_dim,
+            rotary_dim,
+            IS_NEOX,
+            HAS_TAIL,
+            BLOCK_H,
+            BLOCK_R,
+            BLOCK_D,
+        )
+
+
+def rotary_embedding(
+    positions: Tensor,
+    q: Tensor,
+    k: Tensor,
+    cos_sin_cache: Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> tuple[Tensor, Tensor]:
+    """positions [T] int; q [T, H, D]; k [T, H_kv, D] (any token/head strides) -> new contiguous
+    (q_out, k_out); the inputs are not written."""
+    head_dim = q.shape[-1]
+    if q.dim() != 3 or k.dim() != 3 or k.shape[-1] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [T, heads, head_dim]")
+    if not q.shape[0] == k.shape[0] == positions.shape[0]:
+        raise ValueError(
+            f"shapes do not fit: q {q.shape}, k {k.shape}, positions {positions.shape}"
+        )
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim or cos_sin_cache.shape[-1] != rotary_dim:
+        raise ValueError(f"rotary_dim {rotary_dim} does not fit head_dim {head_dim} / cache")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    num_tokens, num_q_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
+    if num_tokens == 0:
+        return q_out, k_out
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(max(_TILE_ELEMENTS // block_d, 1), triton.next_power_of_2(max(num_q_heads, 1)))
+    grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    _rotary_embedding_kernel[grid](
+        positions,
+        cos_sin_cache.contiguous().float(),
+        q,
+        k,
+        q_out,
+        k_out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        rotary_dim,
+        IS_NEOX=is_neox_style,
+        HAS_TAIL=rotary_dim < head_dim,
+        BLOCK_H=block_h,
+        BLOCK_R=triton.next_power_of_2(rotary_dim // 2),
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return q_out, k_out

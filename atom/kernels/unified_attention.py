@@ -1,0 +1,488 @@
+"""Paged attention for any batch the scheduler makes, in Triton: prefill, chunked prefill,
+prefix-cache hits and decode in one kernel, plus a split-KV (flash-decoding) pass for small decode
+batches over long contexts. The torch reference is `paged_attention_ref` in paged_attention.py.
+
+Work split. Axis 0 of the grid walks q-blocks (up to BLOCK_Q query tokens of one sequence), axis 1
+the KV heads, axis 2 the KV splits. A program multiplies its BLOCK_M = BLOCK_Q * GROUP rows (every
+query head that shares the KV head) against each K/V tile, so a tile is loaded once per group:
+
+    query rows  | seq 0: 40 tokens          | seq 1: 1 | seq 2: 70 tokens                 |
+    q-blocks    | qb 0 (32)   | qb 1 (8)    | qb 0 (1) | qb 0 (32) | qb 1 (32) | qb 2 (6) |
+    BLOCK_M row m -> query token m // GROUP of the q-block, query head kv_head * GROUP + m % GROUP
+
+Sequence i's first q-block is program qsl[i] // BLOCK_Q + i, so T // BLOCK_Q + B programs always
+suffice; each finds its sequence by binary search over query_start_loc and programs past a
+sequence's last q-block exit. The grid depends only on shapes and Python ints: no host sync, and a
+CUDA graph replays the same launches. When every sequence fits in one q-block (decode, short
+speculative steps), axis 0 is the sequence index and no search is needed.
+
+A K/V tile is TILE tokens, i.e. several pages: each token's block id comes from the block table:
+
+    token j -> kv_cache[0 or 1, block_tables[i, j // block_size], j % block_size, kv_head, :]
+
+Tiles past a q-block's last causal position or before its sliding window are never visited; tiles
+every row of the q-block sees completely skip the mask arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from atom.kernels.paged_attention import FP8_DTYPES
+
+LOG2E = 1.4426950408889634
+DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (the interpreter)
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _softcap(x, cap):
+    """cap * tanh(x / cap); tanh from exp2 (the interpreter and every Triton version have it).
+    For large |x| exp2 saturates to inf or 0 and the formula to +-cap, never NaN."""
+    e = tl.exp2((2.0 * 1.4426950408889634 / cap) * x)
+    return cap - (2.0 * cap) / (e + 1.0)
+
+
+@triton.jit
+def _find_seq(qsl_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence i whose first q-block (qsl[i] // BLOCK_Q + i) is <= q_block."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tiles(
+    acc,  # [BLOCK_M, HEAD_DIM_P] fp32, unnormalised output
+    m_i,  # [BLOCK_M] running max of the log2-domain scores
+    l_i,  # [BLOCK_M] running sum of exp2(score - m_i)
+    q,  # [BLOCK_M, HEAD_DIM_P]
+    tile_lo,
+    tile_hi,
+    k_base,
+    v_base,
+    bt_row,
+    pos,  # [BLOCK_M] context position of each row's query token
+    kv_hi,  # keys >= kv_hi are never read
+    qk_scale,
+    softcap,
+    stride_kb,
+    stride_ks,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every row sees every key of these tiles
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_t = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM
+    for t in range(tile_lo, tile_hi):
+        j = t * TILE + offs_t  # [TILE] key positions
+        if MASKED:
+            j_ok = j < kv_hi
+            blk = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
+        else:
+            j_ok = offs_t < TILE
+            blk = tl.load(bt_row + j // BLOCK_SIZE)
+        off = blk.to(tl.int64) * stride_kb + (j % BLOCK_SIZE) * stride_ks  # [TILE]
+        if MASKED or HEAD_DIM_P != HEAD_DIM:
+            # Masked-out keys must load as 0, not as whatever a padded block holds: NaN * 0 = NaN.
+            k = tl.load(
+                k_base + off[None, :] + offs_d[:, None],
+                mask=j_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + off[:, None] + offs_d[None, :],
+                mask=j_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+        else:
+            k = tl.load(k_base + off[None, :] + offs_d[:, None])  # [HEAD_DIM_P, TILE]
+            v = tl.load(v_base + off[:, None] + offs_d[None, :])  # [TILE, HEAD_DIM_P]
+        s = tl.dot(q, k.to(q.dtype), input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
+        if USE_SOFTCAP:
+            s = _softcap(s * qk_scale, softcap) * 1.4426950408889634
+        else:
+            s = s * (qk_scale * 1.4426950408889634)
+        if MASKED:
+            seen = (j[None, :] <= pos[:, None]) & j_ok[None, :]
+            if SLIDING_WINDOW > 0:
+                seen &= j[None, :] > pos[:, None] - SLIDING_WINDOW
+            s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen no key yet keeps m = -inf; exponents then use 0 to avoid inf - inf.
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_exp[:, None])
+        alpha = tl.exp2(m_i - m_exp)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION
+        )
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _unified_attention_kernel(
+    out_ptr,  # [T, H, D]
+    q_ptr,  # [T, H, D]
+    k_ptr,  # [num_blocks, block_size, H_kv, D]
+    v_ptr,  # [num_blocks, block_size, H_kv, D]
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    qsl_ptr,  # [B + 1] int32
+    ws_acc_ptr,  # [T, H, num_splits, HEAD_DIM_P] fp32 (SPLIT only)
+    ws_m_ptr,  # [T, H, num_splits] fp32
+    ws_l_ptr,  # [T, H, num_splits] fp32
+    qk_scale,  # softmax scale * k_scale
+    softcap,
+    v_scale,
+    num_seqs,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    TILE: tl.constexpr,
+    ONE_BLOCK_PER_SEQ: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if ONE_BLOCK_PER_SEQ:
+        seq = tl.program_id(0)
+        q_block = 0
+    else:
+        # Last program first: later q-blocks of a causal prefill have the most tiles.
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+        q_block = pid - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len  # tokens cached before this step's queries
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    q_local = q_block * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_ok = (offs_m // GROUP < BLOCK_Q) & (q_local < q_len)
+    d_ok = offs_d < HEAD_DIM
+    tok = (q_start + q_local).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    pos = context + q_local
+    if KV_FP8:
+        # fp8 -> fp16 is a single conversion on Hopper, fp8 -> bf16 is not (measured: decode 2.9
+        # vs 2.2 TB/s): run both dots in fp16, on a query pre-scaled so that a bf16 query cannot
+        # overflow fp16.
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+
+    # Key range of the whole q-block, in tiles; `full` tiles are seen by every row.
+    first = context + q_block * BLOCK_Q
+    last = context + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_hi = tl.maximum(tl.minimum(last + 1, seq_len), 0)
+    if SLIDING_WINDOW > 0:
+        tile_lo = tl.maximum(first - SLIDING_WINDOW + 1, 0) // TILE
+        full_lo = tl.cdiv(tl.maximum(last - SLIDING_WINDOW + 1, 0), TILE)
+    else:
+        tile_lo = 0
+        full_lo = 0
+    tile_hi = tl.cdiv(kv_hi, TILE)
+    full_hi = tl.maximum(first + 1, 0) // TILE
+    # This split's share of the tiles, then its masked head, unmasked middle and masked tail.
+    n_tiles = tl.maximum(tile_hi - tile_lo, 0)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    s_lo = tile_lo + tl.minimum(split * per_split, n_tiles)
+    s_hi = tile_lo + tl.minimum(split * per_split + per_split, n_tiles)
+    mid_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
+    mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), s_hi)
+
+    k_base = k_ptr + kv_head * stride_kh
+    v_base = v_ptr + kv_head * stride_kh
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, True, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, False, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, True, DOT_PRECISION,
+    )  # fmt: skip
+    acc = acc * v_scale  # an fp8 cache's V scale, applied once instead of per loaded element
+
+    if SPLIT:
+        # Partials stay unnormalised: an empty split (l = 0, m = -inf) then weighs nothing.
+        ws_row = (tok * NUM_HEADS + head) * num_splits + split
+        tl.store(ws_m_ptr + ws_row, m_i, mask=row_ok)
+        tl.store(ws_l_ptr + ws_row, l_i, mask=row_ok)
+        tl.store(
+            ws_acc_ptr + ws_row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None]
+        )
+    else:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row with no keys writes zeros
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _reduce_splits_kernel(
+    out_ptr,  # [T, H, D]
+    ws_acc_ptr,  # [T, H, num_splits, HEAD_DIM_P]
+    ws_m_ptr,  # [T, H, num_splits]
+    ws_l_ptr,  # [T, H, num_splits]
+    qsl_ptr,
+    num_seqs,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    if tok >= tl.load(qsl_ptr + num_seqs):  # padding tokens after the last sequence
+        return
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    s_ok = offs_s < num_splits
+    row = (tok.to(tl.int64) * NUM_HEADS + head) * num_splits + offs_s
+    m = tl.load(ws_m_ptr + row, mask=s_ok, other=float("-inf"))
+    lsum = tl.load(ws_l_ptr + row, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [SPLITS_P]
+    denom = tl.sum(w * lsum, axis=0)
+    acc = tl.load(
+        ws_acc_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], mask=s_ok[:, None], other=0.0
+    )
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(
+        out_ptr + tok * stride_ot + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    block_m: int  # rows of one program: block_q query tokens x group heads (padded)
+    block_q: int
+    tile: int  # KV tokens per loop iteration
+    one_block_per_seq: bool
+    num_warps: int
+    num_stages: int
+
+
+def _config(max_query_len: int, group: int, head_dim_p: int) -> _Config:
+    """Tile sizes from the Python ints only (so a captured CUDA graph sees the same launch).
+
+    Measured on an H200 (bf16, H=32, H_kv=8, D=128): decode reads 3.9-4.4 TB/s of KV at
+    B >= 32 with 128-token tiles (64: 3.3-3.7); prefill reaches 260-305 TFLOP/s with 64 x 64 tiles
+    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276).
+    """
+    rows = max(max_query_len, 1) * group
+    if rows <= 64:
+        # Decode and short speculative steps: one q-block per sequence, as few padded rows as
+        # tl.dot allows (M >= 16). Memory bound: long tiles, K and V double-buffered.
+        block_m = max(16, triton.next_power_of_2(rows))
+        return _Config(block_m, block_m // group, 128 if head_dim_p <= 128 else 64, True, 4, 2)
+    # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
+    tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
+    block_m = max(64, triton.next_power_of_2(group))
+    return _Config(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, num_sms: int
+) -> int:
+    """KV splits per (sequence, KV head) for flash-decoding.
+
+    Only decode splits: a prefill has q-blocks enough to fill the GPU. A decode batch of
+    num_seqs * num_kv_heads programs that already covers every SM runs in one pass; otherwise
+    the splits aim at four programs per SM, each over at least MIN_TOKENS_PER_SPLIT keys
+    (H200, B=1 x 32k: 33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0).
+    """
+    programs = num_seqs * num_kv_heads
+    if max_query_len != 1 or programs == 0 or programs >= num_sms:
+        return 1
+    wanted = math.ceil(4 * num_sms / programs)
+    by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def unified_attention(
+    query: Tensor,  # [T, H, D]
+    kv_cache: Tensor,  # [2, num_blocks, block_size, H_kv, D]
+    block_tables: Tensor,  # [B, max_blocks] int32 (rows may be padded with 0)
+    seq_lens: Tensor,  # [B] int32: context length incl. this step's tokens; 0 = padding row
+    query_start_loc: Tensor,  # [B + 1] int32: sequence i owns query rows [qsl[i], qsl[i+1])
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    sliding_window: int | None = None,  # key j visible to query at position p iff p - W < j <= p
+    softcap: float | None = None,  # scores = softcap * tanh(scores / softcap) before masking
+    out: Tensor | None = None,  # [T, H, D] written in place when given
+    *,
+    num_splits: int | None = None,  # KV splits; None = choose_num_splits (tests force it)
+) -> Tensor:
+    """Causal attention of every query row over its sequence's paged K/V (its own K/V included).
+
+    Query row r of sequence i sits at position seq_lens[i] - q_len + (r - qsl[i]). Rows of a
+    sequence with seq_len 0 are written as zeros; rows after qsl[B] are left untouched.
+    """
+    _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_seqs = block_tables.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    cfg = _config(max_query_len, group, head_dim_p)
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            num_seqs, num_kv_heads, max_query_len, max_seq_len, _num_sms(query.device)
+        )
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    split = num_splits > 1
+    kv_fp8 = kv_cache.dtype in FP8_DTYPES
+    dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
+    ws_shape = (num_tokens, num_heads, num_splits) if split else (1,)
+    ws_m = torch.empty(ws_shape, dtype=torch.float32, device=query.device)
+    ws_l = torch.empty_like(ws_m)
+    ws_acc = torch.empty((*ws_shape, head_dim_p) if split else (1,), **_f32(query))
+    q_blocks = num_seqs if cfg.one_block_per_seq else num_tokens // cfg.block_q + num_seqs
+    _unified_attention_kernel[(q_blocks, num_kv_heads, num_splits)](
+        out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
+        ws_acc, ws_m, ws_l,
+        scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE=cfg.tile,
+        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
+        SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
+        KV_FP8=kv_fp8,
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            out, ws_acc, ws_m, ws_l, query_start_loc, num_seqs, num_splits,
+            out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _f32(like: Tensor) -> dict:
+    return {"dtype": torch.float32, "device": like.device}
+
+
+def _check_inputs(
+    query: Tensor,
+    kv_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    out: Tensor | None,
+) -> None:
+    """Shapes and dtypes only: reading values would cost a host sync."""
+    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            f"want query [T, H, D] and kv_cache [2, blocks, block_size, H_kv, D], got "
+            f"{tuple(query.shape)} and {tuple(kv_cache.shape)}"
+        )
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads, cache_dim = kv_cache.shape[3:]
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(
+            f"query heads x dim {num_heads} x {head_dim} do not fit the cache's "
+            f"{num_kv_heads} x {cache_dim}"
+        )
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape != (num_seqs,) or query_start_loc.shape != (num_seqs + 1,):
+        raise ValueError(
+            f"{num_seqs} block-table rows want seq_lens [{num_seqs}] and query_start_loc "
+            f"[{num_seqs + 1}], got {tuple(seq_lens.shape)} and {tuple(query_start_loc.shape)}"
+        )
+    for name, t in (("block_tables", block_tables), ("seq_lens", seq_lens)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if query_start_loc.dtype != torch.int32:
+        raise ValueError(f"query_start_loc must be int32, got {query_start_loc.dtype}")
+    if query.stride(2) != 1 or kv_cache.stride(4) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("query, kv_cache and block_tables need a contiguous last dimension")
+    if out is not None and (out.shape != query.shape or out.stride(2) != 1):
+        raise ValueError(
+            f"out must be {tuple(query.shape)} with a contiguous last dimension, "
+            f"got {tuple(out.shape)}"
+        )

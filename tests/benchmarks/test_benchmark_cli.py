@@ -1,0 +1,107 @@
+"""Both benchmark CLIs end to end on tiny configs, and the throughput workload equal to the
+peer script's."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from atom.benchmarks import benchmark_latency, benchmark_throughput
+from atom.benchmarks.benchmark_throughput import workload
+from atom.benchmarks.model_dirs import benchmark_model_names
+
+# Small engines: eager, a 16 MiB KV cache, on the CPU even where a GPU is present.
+ENGINE_FLAGS = ["--load-format", "dummy", "--enforce-eager", "--device", "cpu"]
+ENGINE_FLAGS += ["--kv-cache-memory", "16MiB"]
+ENV_FIELDS = ("device_name", "torch", "triton", "git_commit", "startup_s", "engine_args")
+
+
+def _peer_workload(n: int, max_in: int, max_out: int) -> tuple[list[list[int]], list[int]]:
+    """peer_bench.py's workload(), verbatim but for restoring the global generator."""
+    state = random.getstate()
+    try:
+        random.seed(0)
+        ids = [
+            [random.randint(0, 10000) for _ in range(random.randint(100, max_in))] for _ in range(n)
+        ]
+        outs = [random.randint(100, max_out) for _ in range(n)]
+        return ids, outs
+    finally:
+        random.setstate(state)
+
+
+def test_workload_is_the_peers() -> None:
+    ids, outs = workload(256, 100, 1024, 100, 1024, seed=0)
+    assert (ids, outs) == _peer_workload(256, 1024, 1024)
+    # The peer's 18,762 tok/s over 7.14 s: 133,960 planned tokens, to rounding.
+    assert sum(map(len, ids)) == 142_827 and sum(outs) == 133_966
+    assert workload(8, 100, 300, 100, 200, seed=0) == _peer_workload(8, 300, 200)
+    with pytest.raises(ValueError, match="input lengths"):
+        workload(4, 100, 32, 1, 8, seed=0)
+
+
+def test_help_lists_the_benchmark_models() -> None:
+    for parser in (
+        benchmark_throughput.build_throughput_parser(),
+        benchmark_latency.build_latency_parser(),
+    ):
+        text = parser.format_help()
+        assert all(name in text for name in benchmark_model_names())
+        assert "--kv-cache-dtype" in text and "--enforce-eager" in text  # every engine flag
+    defaults = benchmark_latency.build_latency_parser().parse_args([])
+    assert (defaults.model, defaults.load_format, defaults.max_model_len) == (
+        "llama-3.1-8b",
+        "dummy",
+        4096,
+    )
+    assert defaults.batch_sizes == [1, 8, 32, 128] and defaults.output_lens == [16, 272]
+    defaults = benchmark_throughput.build_throughput_parser().parse_args([])
+    assert (defaults.model, defaults.num_seqs, defaults.seed) == ("qwen3-0.6b", 256, 0)
+    assert (defaults.max_input_len, defaults.max_output_len) == (1024, 1024)
+
+
+def test_throughput_cli(
+    tiny_qwen3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "out" / "throughput.json"
+    argv = ["--model", str(tiny_qwen3), *ENGINE_FLAGS, "--num-seqs", "4"]
+    argv += ["--min-input-len", "8", "--max-input-len", "32"]
+    argv += ["--min-output-len", "2", "--max-output-len", "8", "--output-json", str(out_path)]
+    argv += ["--tag", "abc123"]
+    record = benchmark_throughput.main(argv)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line) == record == json.loads(out_path.read_text())
+    ids, outs = workload(4, 8, 32, 2, 8, seed=0)
+    assert record["seqs"] == 4 and record["prompt_tokens"] == sum(map(len, ids))
+    assert record["planned_out"] == record["generated"] == sum(outs)  # ignore_eos
+    assert record["seconds"] > 0 and record["tok_per_s"] > 0
+    assert record["total_tok_per_s"] > record["output_tok_per_s"] > 0
+    assert record["engine"] == "atom" and record["device"] == "cpu" and record["tag"] == "abc123"
+    assert record["max_model_len"] == 4096
+    assert all(field in record for field in (*ENV_FIELDS, "warmup_s", "total_wall_incl_startup"))
+
+
+def test_latency_cli(tiny_llama: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "latency.json"
+    argv = ["--model", str(tiny_llama), *ENGINE_FLAGS, "--batch-sizes", "1,2"]
+    argv += ["--input-len", "16", "--output-lens", "2,6", "--num-iters", "1"]
+    record = benchmark_latency.main([*argv, "--output-json", str(out_path)])
+    assert json.loads(out_path.read_text()) == record
+    assert record["copy_GBps"] > 0 and record["matmul_TFLOPs"] >= 0
+    assert record["avg_context_len"] == 16 + 4 and record["kv_dtype_bytes"] == 4  # float32
+    assert record["weight_bytes"] > 0 and record["dtype"] == "float32"
+    for bs in (1, 2):
+        assert isinstance(record[f"bs{bs}_ms_per_step"], float)  # noisy on a CPU: any sign
+        kv = bs * 20 * 2 * 2 * 2 * 16 * 4  # ctx, layers, K+V, kv heads, head_dim, float32
+        assert record[f"bs{bs}_kv_bytes"] == kv
+        for key in ("tok_s", "achieved_GBps", "roofline_pct"):
+            assert f"bs{bs}_{key}" in record
+    assert all(field in record for field in ENV_FIELDS)
+
+
+def test_latency_rejects_bad_lengths(tiny_llama: Path) -> None:
+    with pytest.raises(ValueError, match="output-lens"):
+        benchmark_latency.main(["--model", str(tiny_llama), "--output-lens", "8,8"])

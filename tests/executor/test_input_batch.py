@@ -1,0 +1,61 @@
+"""Step inputs written into the persistent buffers, with CUDA-graph padding of decode batches."""
+
+from __future__ import annotations
+
+import torch
+
+from atom.engine.outputs import CachedRequestData, SchedulerOutput
+from atom.executor.input_batch import CachedRequestState, StepBuffers, build_step_inputs
+from atom.sampling_params import SamplingParams
+
+BS = 4
+
+
+def _state(req_id: str, prompt: list[int], out: list[int], blocks: list[int], done: int):
+    return CachedRequestState(req_id, prompt, out, SamplingParams(), blocks, done)
+
+
+def _buffers() -> StepBuffers:
+    return StepBuffers(max_tokens=32, max_seqs=8, max_blocks=6, device=torch.device("cpu"))
+
+
+def test_mixed_batch_layout() -> None:
+    states = {
+        "a": _state("a", list(range(10, 20)), [], [7, 3, 9], 4),  # prefill chunk 4..10
+        "b": _state("b", [1, 2, 3], [5], [2], 3),  # decode of its 4th token
+    }
+    sched = SchedulerOutput(
+        cached_reqs=[CachedRequestData("a", [], 4), CachedRequestData("b", [], 3)],
+        num_scheduled_tokens={"a": 6, "b": 1},
+        total_num_scheduled_tokens=7,
+    )
+    inputs = build_step_inputs(sched, states, BS, _buffers(), lambda n: 8)
+    assert inputs.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 5]
+    assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 3]
+    # position p of "a" lives in block [7, 3, 9][p // 4] at offset p % 4
+    assert inputs.attn.slot_mapping.tolist() == [12, 13, 14, 15, 36, 37, 11]
+    assert inputs.attn.block_tables[0].tolist() == [7, 3, 9]
+    assert inputs.attn.block_tables[1, 0].item() == 2
+    assert inputs.attn.seq_lens.tolist() == [10, 4]
+    assert inputs.attn.query_start_loc.tolist() == [0, 6, 7]
+    assert inputs.logits_indices.tolist() == [5, 6]
+    assert not inputs.is_decode_only  # a prefill chunk: not padded, no graph
+
+
+def test_decode_batch_padded_for_a_graph() -> None:
+    states = {r: _state(r, [1, 2, 3, 4, 5], [6], [i + 1, i + 5], 5) for i, r in enumerate("xyz")}
+    sched = SchedulerOutput(
+        cached_reqs=[CachedRequestData(r, [], 5) for r in "xyz"],
+        num_scheduled_tokens=dict.fromkeys("xyz", 1),
+        total_num_scheduled_tokens=3,
+    )
+    bufs = _buffers()
+    bufs.slots_np[:] = 99  # stale values from an earlier step must not survive padding
+    inputs = build_step_inputs(sched, states, BS, bufs, lambda n: 4 if n <= 4 else None)
+    assert inputs.is_decode_only
+    assert inputs.input_ids.tolist() == [6, 6, 6, 0]
+    assert inputs.attn.slot_mapping.tolist() == [(i + 5) * BS + 1 for i in range(3)] + [-1]
+    assert inputs.attn.seq_lens.tolist() == [6, 6, 6, 0]
+    assert inputs.attn.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert inputs.logits_indices.tolist() == [0, 1, 2]
+    assert inputs.req_ids == list("xyz")

@@ -1,0 +1,112 @@
+"""Rotary embedding: the kernel (the interpreter without a GPU) against the reference, and the
+layer's cos/sin cache (llama3, yarn folded in) against transformers' own rotary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from atom.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from atom.layers.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3)}
+MAX_POSITION = 300
+
+
+def _qk(
+    num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, heads, D] and k [T, kv_heads, D] as views into one fused qkv output, as models pass."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    qkv = qkv.to(device=DEVICE, dtype=dtype)
+    q = qkv[:, : heads * head_dim].view(num_tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(
+        num_tokens, kv_heads, head_dim
+    )
+    return q, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_neox_style", [True, False])
+@pytest.mark.parametrize(
+    ("num_tokens", "heads", "kv_heads", "head_dim", "rotary_dim"),
+    [(1, 4, 2, 64, 64), (7, 3, 1, 96, 32), (17, 8, 2, 128, 128), (5, 40, 8, 80, 40)],
+)
+def test_rotary_embedding(
+    num_tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    is_neox_style: bool,
+    dtype: torch.dtype,
+) -> None:
+    q, k = _qk(num_tokens, heads, kv_heads, head_dim, dtype, seed=head_dim + num_tokens)
+    gen = torch.Generator().manual_seed(0)
+    cache = torch.randn(MAX_POSITION, rotary_dim, generator=gen).to(DEVICE)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    q0, k0 = q.clone(), k.clone()
+    q_out, k_out = rotary_embedding(positions, q, k, cache, rotary_dim, is_neox_style)
+    q_ref, k_ref = rotary_embedding_ref(positions, q, k, cache, rotary_dim, is_neox_style)
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_out, k_ref, **TOL[dtype])
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
+    # the pass-through tail is copied bit for bit
+    assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])
+
+
+ROPE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPE_PARAMETERS))
+def test_layer_matches_transformers(rope: str) -> None:
+    """float32: the layer (ops path) and the kernel on the layer's cache, against HF's rotary."""
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=MAX_POSITION,
+        rope_parameters=ROPE_PARAMETERS[rope],
+    )
+    num_tokens = 37
+    q, k = _qk(num_tokens, 4, 2, 64, torch.float32, seed=1)
+    positions = torch.randperm(MAX_POSITION, generator=torch.Generator().manual_seed(2))
+    positions = positions[:num_tokens].to(DEVICE)
+
+    hf_rope = LlamaRotaryEmbedding(config).to(DEVICE)
+    cos, sin = hf_rope(q, positions[None])  # [1, T, D]
+    # HF layout: [batch, heads, T, D]
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    hf_q, hf_k = hf_q[0].transpose(0, 1), hf_k[0].transpose(0, 1)
+
+    with torch.device(DEVICE):
+        layer = RotaryEmbedding(config, head_dim=64, max_position=MAX_POSITION)
+    for q_out, k_out in (
+        layer(positions, q, k),
+        rotary_embedding(positions, q, k, layer.cos_sin_cache, layer.rotary_dim, True),
+    ):
+        torch.testing.assert_close(q_out, hf_q, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_out, hf_k, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,251 @@
+"""Triton unified paged attention against the torch reference (paged_attention_ref, float32).
+
+On a machine without CUDA the kernel runs in the Triton interpreter on CPU tensors (conftest.py),
+so sizes stay small. Sequences are (seq_len, q_len): seq_len counts the cached context plus this
+step's q_len tokens; (0, 0) is a padding row of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from atom.kernels.paged_attention import paged_attention_ref
+from atom.kernels.unified_attention import (
+    DEFAULT_NUM_SMS,
+    choose_num_splits,
+    unified_attention,
+)
+
+BLOCK = 16
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+DECODE = [(1, 1), (15, 1), (16, 1), (17, 1), (50, 1)]
+# decode rows, chunks over a cached prefix, whole prompts, a padding row
+MIXED = [(17, 1), (1, 1), (40, 7), (33, 17), (16, 16), (0, 0), (37, 37), (16, 1)]
+
+
+@dataclass
+class Batch:
+    query: torch.Tensor  # [T, H, D] float32
+    cache: torch.Tensor  # [2, num_blocks, BLOCK, H_kv, D] float32
+    tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    seqs: list[tuple[int, int]]
+    qsl: list[int]
+
+    def run(
+        self,
+        dtype: torch.dtype,
+        out: torch.Tensor | None = None,
+        cache: torch.Tensor | None = None,
+        **kw: object,
+    ) -> torch.Tensor:
+        """The kernel on inputs cast to dtype (or on the given cache as is)."""
+        cache = self.cache.to(dtype) if cache is None else cache
+        return unified_attention(
+            self.query.to(dtype).to(DEVICE),
+            cache.to(DEVICE),
+            self.tables.to(DEVICE),
+            torch.tensor([s for s, _ in self.seqs], dtype=torch.int32, device=DEVICE),
+            torch.tensor(self.qsl, dtype=torch.int32, device=DEVICE),
+            max(q for _, q in self.seqs),
+            max(s for s, _ in self.seqs),
+            kw.pop("scale", self.query.shape[-1] ** -0.5),
+            out=out,
+            **kw,
+        )
+
+    def expected(
+        self, dtype: torch.dtype, cache: torch.Tensor | None = None, **kw: object
+    ) -> torch.Tensor:
+        """The reference per non-padding sequence, float32 on inputs rounded to dtype."""
+        query = self.query.to(dtype).float()
+        cache = self.cache.to(dtype).float() if cache is None else cache
+        scale = kw.pop("scale", self.query.shape[-1] ** -0.5)
+        out = torch.zeros_like(query)
+        for i, (seq_len, q_len) in enumerate(self.seqs):
+            if seq_len == 0:
+                continue
+            rows = slice(self.qsl[i], self.qsl[i] + q_len)
+            out[rows] = paged_attention_ref(
+                query[rows], cache, self.tables[i : i + 1], [seq_len], [0, q_len], scale, **kw
+            )
+        return out
+
+    @property
+    def rows(self) -> int:
+        return self.qsl[-1]
+
+
+def make_batch(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, extra_tokens: int = 0
+) -> Batch:
+    """Random K/V in every block (unused ones too), shuffled non-contiguous block ids."""
+    gen = torch.Generator().manual_seed(hash((tuple(seqs), heads, kv_heads, head_dim)) % 2**31)
+    blocks_per_seq = [-(-s // BLOCK) for s, _ in seqs]
+    num_blocks = sum(blocks_per_seq) + 5
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = torch.zeros(len(seqs), max(blocks_per_seq) + 2, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[used : used + n]
+        used += n
+    qsl = [0]
+    for _, q_len in seqs:
+        qsl.append(qsl[-1] + q_len)
+    return Batch(
+        query=torch.randn(qsl[-1] + extra_tokens, heads, head_dim, generator=gen),
+        cache=torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim, generator=gen),
+        tables=tables,
+        seqs=seqs,
+        qsl=qsl,
+    )
+
+
+def check(batch: Batch, dtype: torch.dtype, **kw: object) -> None:
+    out = batch.run(dtype, **dict(kw)).float().cpu()
+    kw.pop("num_splits", None)
+    n = batch.rows
+    torch.testing.assert_close(
+        out[:n], batch.expected(dtype, **kw)[:n], atol=TOL[dtype], rtol=TOL[dtype]
+    )
+
+
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 4, 128), (8, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_reference(
+    seqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    check(make_batch(seqs, heads, kv_heads, head_dim), dtype)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (8, 2)])
+def test_long_prefill_spans_q_blocks(heads: int, kv_heads: int) -> None:
+    # Several q-blocks per sequence, starting off block boundaries: the binary search path.
+    check(make_batch([(150, 150), (5, 1), (200, 131)], heads, kv_heads, 64), torch.float16)
+
+
+@pytest.mark.parametrize(("head_dim", "dtype"), [(256, torch.float16), (80, torch.float32)])
+def test_other_head_dims(head_dim: int, dtype: torch.dtype) -> None:
+    check(make_batch(MIXED, 4, 2, head_dim), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+@pytest.mark.parametrize("window", [5, 16, 40])
+def test_sliding_window(window: int, num_splits: int | None) -> None:
+    seqs = [(1, 1), (17, 1), (100, 1), (70, 30), (45, 45), (0, 0)]
+    check(make_batch(seqs, 4, 2, 64), torch.float16, sliding_window=window, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_softcap(window: int | None) -> None:
+    # scale 0.5 makes raw scores large enough (std ~4) for a cap of 3 to bite
+    batch = make_batch(MIXED, 4, 2, 64)
+    check(batch, torch.float32, scale=0.5, softcap=3.0, sliding_window=window)
+
+
+@pytest.mark.parametrize("num_splits", [2, 7])  # 7: more splits than tiles, empty splits
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_split_kv_decode(num_splits: int, heads: int, kv_heads: int) -> None:
+    seqs = [(1, 1), (16, 1), (0, 0), (300, 1), (129, 1)]
+    check(make_batch(seqs, heads, kv_heads, 64), torch.float32, num_splits=num_splits)
+
+
+def test_split_kv_mixed_batch() -> None:
+    # Splits are general (any q-block); the heuristic only picks them for decode.
+    check(make_batch([(17, 1), (40, 7), (33, 17), (0, 0)], 4, 2, 64), torch.float16, num_splits=3)
+
+
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_fp8_cache(num_splits: int | None) -> None:
+    batch = make_batch([(17, 1), (40, 7), (0, 0), (16, 16)], 8, 2, 64)
+    scales = {"k_scale": 0.5, "v_scale": 2.0}
+    stored = batch.cache / torch.tensor([0.5, 2.0]).view(2, 1, 1, 1, 1)
+    cache8 = stored.to(torch.float8_e4m3fn)
+    out = batch.run(torch.float16, cache=cache8, num_splits=num_splits, **scales)
+    # The reference reads the same fp8 values back as stored * scale, in float32.
+    expected = batch.expected(torch.float16, cache=cache8, **scales)
+    n = batch.rows
+    torch.testing.assert_close(out.float().cpu()[:n], expected[:n], atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_padding_rows_and_out_in_place(num_splits: int | None) -> None:
+    # (0, 1): a padded decode slot of a CUDA graph batch; 3 tokens after the last sequence.
+    seqs = [(20, 1), (0, 0), (0, 1), (33, 1), (0, 0)]
+    batch = make_batch(seqs, 4, 2, 64, extra_tokens=3)
+    # A query sliced out of a fused QKV projection: rows are strided.
+    qkv = torch.randn(batch.query.shape[0], 8, 64).to(DEVICE)
+    qkv[:, :4] = batch.query.to(DEVICE)
+    out = torch.full_like(batch.query, 7.0).to(DEVICE)
+    result = unified_attention(
+        qkv[:, :4], batch.cache.to(DEVICE), batch.tables.to(DEVICE),
+        torch.tensor([s for s, _ in seqs], dtype=torch.int32, device=DEVICE),
+        torch.tensor(batch.qsl, dtype=torch.int32, device=DEVICE),
+        1, 33, 0.125, out=out, num_splits=num_splits,
+    )  # fmt: skip
+    assert result.data_ptr() == out.data_ptr()
+    expected = batch.expected(torch.float32, scale=0.125)
+    torch.testing.assert_close(out[:3].cpu(), expected[:3], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[1].cpu(), torch.zeros(4, 64))  # seq_len 0: zeros, no memory touched
+    assert torch.equal(out[3:].cpu(), torch.full((3, 4, 64), 7.0))  # not owned: untouched
+
+
+def test_choose_num_splits() -> None:
+    sms = DEFAULT_NUM_SMS
+    assert choose_num_splits(8, 8, 1, 32768, sms) == 9  # 64 programs -> ~4 per SM
+    assert choose_num_splits(1, 8, 1, 32768, sms) == 64  # capped
+    assert choose_num_splits(1, 8, 1, 1024, sms) == 4  # at least 256 keys per split
+    assert choose_num_splits(4, 8, 1, 100, sms) == 1  # too short to split
+    assert choose_num_splits(32, 8, 1, 32768, sms) == 1  # 256 programs already fill the GPU
+    assert choose_num_splits(1, 8, 512, 32768, sms) == 1  # prefill: q-blocks fill the GPU
+
+
+def test_rejects_bad_inputs() -> None:
+    batch = make_batch(DECODE, 4, 2, 64)
+    with pytest.raises(ValueError, match="seq_lens must be int32"):
+        unified_attention(
+            batch.query, batch.cache, batch.tables, torch.ones(5, dtype=torch.int64),
+            torch.arange(6, dtype=torch.int32), 1, 1, 1.0,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="do not fit"):
+        unified_attention(
+            batch.query[:, :3], batch.cache, batch.tables, torch.ones(5, dtype=torch.int32),
+            torch.arange(6, dtype=torch.int32), 1, 1, 1.0,
+        )  # fmt: skip
+
+
+def _dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float, window: int | None
+) -> torch.Tensor:
+    """q [n, H, D] = the last n positions of k, v [L, Hkv, D]; causal, softcapped; float32."""
+    n, length = q.shape[0], k.shape[0]
+    groups = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(groups, 1)
+    v = v.float().repeat_interleave(groups, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    scores = cap * torch.tanh(scores / cap)
+    pos = torch.arange(length - n, length).unsqueeze(1)
+    keys = torch.arange(length).unsqueeze(0)
+    hidden = (keys > pos) | ((keys <= pos - window) if window else False)
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [None, 10])
+def test_reference_softcap_matches_dense(window: int | None) -> None:
+    seqs = [(1, 1), (17, 1), (40, 7), (33, 33)]  # decode (einsum path) and prefill (sdpa path)
+    batch = make_batch(seqs, 4, 2, 32)
+    for i, (seq_len, q_len) in enumerate(seqs):
+        rows = slice(batch.qsl[i], batch.qsl[i] + q_len)
+        blocks = batch.tables[i, : -(-seq_len // BLOCK)].long()
+        k, v = (batch.cache[j, blocks].flatten(0, 1)[:seq_len] for j in (0, 1))
+        got = paged_attention_ref(
+            batch.query[rows], batch.cache, batch.tables[i : i + 1], [seq_len], [0, q_len], 0.5,
+            sliding_window=window, softcap=2.0,
+        )  # fmt: skip
+        want = _dense(batch.query[rows], k, v, 0.5, 2.0, window)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
