@@ -75,6 +75,7 @@ class EngineArgs:
     level: int = 3
     cudagraph_capture_sizes: list[int] | None = None
     device: str | None = None  # None = cuda when available, else cpu
+    torch_profiler_dir: str | None = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -120,6 +121,11 @@ class EngineArgs:
         a("--level", type=int, default=d.level, choices=[0, 1, 2, 3])
         a("--cudagraph-capture-sizes", type=ast.literal_eval, default=None, help='e.g. "[1,2,4,8]"')
         a("--device", default=None, choices=["cpu", "cuda"])
+        a(
+            "--torch-profiler-dir",
+            default=None,
+            help="where start_profile/stop_profile write traces (one folder per rank)",
+        )
         return parser
 
     @classmethod
@@ -174,6 +180,7 @@ class EngineArgs:
             ),
             parallel=ParallelConfig(self.tensor_parallel_size),
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
+            torch_profiler_dir=self.torch_profiler_dir,
             device=device,
         )
 

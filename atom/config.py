@@ -159,4 +159,5 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
+    torch_profiler_dir: str | None = None  # start_profile/stop_profile write traces here
     device: str = "cpu"  # "cpu" or "cuda"

@@ -34,6 +34,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None
     finish_reason: str | None = None  # "stop" or "length" ("abort" if aborted)
     stop_reason: int | str | None = None  # the stop token id or stop string, if one ended it
+    # Text new since the previous RequestOutput of this request, minus what could still turn
+    # out to be a stop string (held back until it cannot): what a stream sends next.
+    delta_text: str = ""
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,20 @@ def test_prompt_logprobs_in_slices(llm: LLM, monkeypatch: pytest.MonkeyPatch) ->
         assert a is not None and b is not None and a.keys() == b.keys()
         for token_id in a:
             assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-5
+
+
+def test_profile_writes_a_chrome_trace(tiny: Path, tmp_path: Path) -> None:
+    llm = LLM(str(tiny), skip_tokenizer_init=True, torch_profiler_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not running"):
+        llm.stop_profile()
+    llm.start_profile()
+    llm.generate(_ids(5, 9), SamplingParams(max_tokens=4), use_tqdm=False)
+    llm.stop_profile()
+    (trace,) = (tmp_path / "rank_0").glob("*_ts_*.pt.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    assert any("linear" in e.get("name", "") for e in events)
+
+
+def test_profile_needs_a_directory(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="torch-profiler-dir"):
+        llm.start_profile()

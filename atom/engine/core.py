@@ -27,6 +27,8 @@ class Executor(Protocol):
     def kv_bytes_per_block(self) -> int: ...
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+    def start_profile(self) -> None: ...
+    def stop_profile(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -82,6 +84,16 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def has_work(self) -> bool:
+        """Requests to run, or a step in flight to collect."""
+        return self._in_flight is not None or self.scheduler.has_unfinished_requests()
+
+    def start_profile(self) -> None:
+        self.executor.start_profile()
+
+    def stop_profile(self) -> None:
+        self.executor.stop_profile()
 
     def step(self) -> list[EngineCoreOutput]:
         submit = getattr(self.executor, "submit_model", None)

@@ -72,6 +72,14 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
+    def start_profile(self) -> None:
+        """Start the torch profiler on every rank (needs torch_profiler_dir)."""
+        self.engine.start_profile()
+
+    def stop_profile(self) -> None:
+        """Stop it; traces go to <torch_profiler_dir>/rank_<r>/."""
+        self.engine.stop_profile()
+
     # ---- public API ----
     def generate(
         self,

@@ -175,6 +175,9 @@ class OutputProcessor:
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
+                delta_text=c.detokenizer.new_text(c.finish_reason is not None)
+                if c.detokenizer is not None
+                else "",
             )
             for c in state.completions
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -83,6 +84,8 @@ class ModelRunner:
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.forward = compile_forward(self.model.forward, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
+        self.profile_dir = config.torch_profiler_dir
+        self._profiler: torch.profiler.profile | None = None
         self._sampled_host = torch.zeros(
             sched.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda"
         )
@@ -252,7 +255,34 @@ class ModelRunner:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
 
     def shutdown(self) -> None:
-        pass
+        if self._profiler is not None:
+            self.stop_profile()
+
+    # ---- torch profiler ----
+    def start_profile(self) -> None:
+        if self.profile_dir is None:
+            raise ValueError("profiling needs --torch-profiler-dir")
+        if self._profiler is not None:
+            raise ValueError("the profiler is already running")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+        self._profiler.start()
+
+    def stop_profile(self) -> None:
+        """Writes DIR/rank_<r>/<model>_ts_<unix ms>.pt.trace.json.gz."""
+        if self._profiler is None:
+            raise ValueError("the profiler is not running")
+        profiler, self._profiler = self._profiler, None
+        profiler.stop()
+        assert self.profile_dir is not None
+        folder = Path(self.profile_dir) / f"rank_{self.rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = Path(self.config.model.model.rstrip("/")).name or "model"
+        path = folder / f"{name}_ts_{int(time.time() * 1000)}.pt.trace.json.gz"
+        profiler.export_chrome_trace(str(path))
+        logger.info("profile written to %s", path)
 
     # ---- one step ----
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:

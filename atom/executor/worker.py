@@ -32,11 +32,16 @@ class ExecuteModel:
 
 
 @dataclass(frozen=True, slots=True)
+class Profile:
+    start: bool  # start or stop the torch profiler
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     pass
 
 
-Command = AllocateKVCache | ExecuteModel | Shutdown
+Command = AllocateKVCache | ExecuteModel | Profile | Shutdown
 
 
 class _Channel:
@@ -68,6 +73,8 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
         try:
             if isinstance(command, AllocateKVCache):
                 runner.allocate_kv_cache(command.num_blocks)
+            elif isinstance(command, Profile):
+                runner.start_profile() if command.start else runner.stop_profile()
             else:
                 runner.execute_model(command.sched)
         except Exception:
@@ -111,6 +118,14 @@ class MultiprocExecutor:
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.channel.send(ExecuteModel(sched))
         return self.runner.execute_model(sched)
+
+    def start_profile(self) -> None:
+        self.channel.send(Profile(start=True))
+        self.runner.start_profile()
+
+    def stop_profile(self) -> None:
+        self.channel.send(Profile(start=False))
+        self.runner.stop_profile()
 
     def shutdown(self) -> None:
         if self._closed:
