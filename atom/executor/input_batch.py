@@ -132,11 +132,17 @@ def build_step_inputs(
         state = states[req_id]
         start, n = state.num_computed_tokens, sched.num_scheduled_tokens[req_id]
         end = start + n
-        b.ids_np[t : t + n] = state.token_ids(start, end)
-        pos = np.arange(start, end, dtype=np.int64)
-        b.pos_np[t : t + n] = pos
-        table = np.asarray(state.block_ids, dtype=np.int64)
-        b.slots_np[t : t + n] = table[pos // block_size] * block_size + pos % block_size
+        table = state.block_ids
+        if n == 1:  # decode: plain ints beat numpy's per-call overhead at batch 256
+            b.ids_np[t] = state.token_ids(start, end)[0]
+            b.pos_np[t] = start
+            b.slots_np[t] = table[start // block_size] * block_size + start % block_size
+        else:
+            b.ids_np[t : t + n] = state.token_ids(start, end)
+            pos = np.arange(start, end, dtype=np.int64)
+            b.pos_np[t : t + n] = pos
+            blocks = np.asarray(table, dtype=np.int64)
+            b.slots_np[t : t + n] = blocks[pos // block_size] * block_size + pos % block_size
         b.tables_np[i, : len(table)] = table
         max_blocks = max(max_blocks, len(table))
         t += n
