@@ -35,7 +35,7 @@ from atom.args import EngineArgs
 from atom.config import EngineConfig
 from atom.engine import core_proc as cp
 from atom.engine.input_processor import InputProcessor, PromptType
-from atom.engine.output_processor import OutputProcessor
+from atom.engine.output_processor import OutputProcessor, child_request_id
 from atom.engine.scheduler import SchedulerStats
 from atom.model_source import load_tokenizer
 from atom.outputs import RequestOutput
@@ -120,9 +120,12 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Validate, queue, then yield outputs until finished; leaving early aborts the request."""
         self._check_alive()
-        if request_id in self._queues:
-            raise ValueError(f"request id {request_id!r} is already running")
         processed = self.inputs.process(prompt, params)  # ValueError: nothing was queued
+        core_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        if request_id in self._queues or any(
+            self.output_processor.has_core_request(c) for c in core_ids
+        ):
+            raise ValueError(f"request id {request_id!r} is already running")
         self._ensure_handler()
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
@@ -143,9 +146,10 @@ class AsyncLLM:
                 finished = item.finished
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:  # cancelled, disconnected or failed: free its blocks now
-                self._abort(request_id)
+            if self._queues.get(request_id) is queue:  # abort() may have handed the id on
+                del self._queues[request_id]
+                if not finished:  # cancelled, disconnected or failed: free its blocks now
+                    self._abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
@@ -216,13 +220,13 @@ class AsyncLLM:
     def _dispatch(self, msg: cp.Outputs) -> None:
         self.last_stats = msg.stats
         if self.on_stats is not None:
-            self.on_stats(msg.stats)
+            _call_hook(self.on_stats, msg.stats)
         results, to_finish = self.output_processor.process(msg.outputs)
         if to_finish:
             self._send(cp.FinishRequests(to_finish))
         for out in results:
             if out.finished and self.on_finished is not None:
-                self.on_finished(out)
+                _call_hook(self.on_finished, out)
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
@@ -236,9 +240,10 @@ class AsyncLLM:
         else:
             future.set_result(msg.result)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, expected: bool = False) -> None:
         self._error = str(error)
-        logger.error("engine core is dead: %s", error)
+        if not expected:
+            logger.error("engine core is dead: %s", error)
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(str(error))
         for queue in self._queues.values():
             queue.put_nowait(dead)
@@ -259,6 +264,8 @@ class AsyncLLM:
         """Stop the core process (and its tensor-parallel workers); idempotent."""
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
+        if self._error is None:
+            self._fail_all(EngineDeadError("the engine was shut down"), expected=True)
         if self._proc.is_alive():
             with contextlib.suppress(zmq.ZMQError):
                 self._send(cp.Shutdown())
@@ -270,3 +277,11 @@ class AsyncLLM:
         self._from_core.close(linger=0)
         self._ctx.term()
         self._tmp.cleanup()
+
+
+def _call_hook(hook: Callable[[Any], None], arg: Any) -> None:
+    """A failing observer (metrics) must not take the engine's output path down with it."""
+    try:
+        hook(arg)
+    except Exception:
+        logger.exception("hook %r failed", hook)

@@ -9,8 +9,11 @@ SamplingParams, and sends back token ids, logprobs and scheduler stats after eve
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
 import traceback
 from typing import Any
 
@@ -26,7 +29,8 @@ from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_MS = 500  # also how often an idle core checks that its parent is alive
+IDLE_POLL_MS = 500
+PR_SET_PDEATHSIG = 1
 
 
 # ---- front end -> core ----
@@ -142,7 +146,7 @@ class _CoreLoop:
             if self.inbox.poll(0 if busy else IDLE_POLL_MS):
                 while self.running and self.inbox.poll(0):
                     self._handle(self.decoder.decode(self.inbox.recv()))
-            elif not busy and os.getppid() != self.parent:
+            if os.getppid() != self.parent:  # a getppid per step costs ~1 us
                 logger.warning("front end is gone: engine core exits")
                 return
             if self.running and self.core.has_work():
@@ -154,7 +158,10 @@ class _CoreLoop:
         if isinstance(msg, AddRequest):
             params = msg.params.clone(_eos_token_ids=self.eos)  # private field: not on the wire
             req = Request(msg.request_id, msg.prompt_token_ids, params, msg.arrival_time)
-            core.add_request(req)
+            try:
+                core.add_request(req)
+            except ValueError:  # the front end checks ids; never let one request end the core
+                logger.exception("rejected request %s", msg.request_id)
         elif isinstance(msg, AbortRequests):
             core.abort_requests(msg.request_ids)
         elif isinstance(msg, FinishRequests):
@@ -181,3 +188,13 @@ class _CoreLoop:
 
 def config_eos(config: EngineConfig) -> tuple[int, ...]:
     return tuple(config.model.eos_token_ids)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, even in the middle of a step (a blocked
+    send to a dead front end would otherwise hold the GPU forever)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        logger.debug("prctl unavailable: relying on the parent check of the core loop")

@@ -3,6 +3,10 @@
 Loading is a table: a checkpoint name is renamed through the model's `packed_modules`
 ({"q_proj": ("qkv_proj", "q"), ...}) and handed to the parameter's `weight_loader`. Every element
 of every parameter must be written exactly once, or loading fails naming what is missing.
+
+Quirks a table cannot express (per-expert tensors stacked into one parameter, MLA splits) go in
+the model's one optional hook, `remap_weights(weights) -> Iterator[(name, tensor, shard_id)]`: a
+name it gives with a shard_id is final; with shard_id None it still goes through `packed_modules`.
 """
 
 from __future__ import annotations
@@ -60,17 +64,26 @@ def checkpoint_weights(config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     return iter_safetensors(config.model_dir)
 
 
+def _remapped(
+    model: nn.Module, weights: Iterable[tuple[str, Tensor]]
+) -> Iterator[tuple[str, Tensor, object]]:
+    remap = getattr(model, "remap_weights", None)
+    if remap is None:
+        return ((name, tensor, None) for name, tensor in weights)
+    return remap(weights)
+
+
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, Tensor]]) -> None:
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     written = dict.fromkeys(params, 0)
-    for ckpt_name, tensor in weights:
+    for ckpt_name, tensor, shard_id in _remapped(model, weights):
         if ckpt_name.endswith(_IGNORED_SUFFIXES) or (tied and ckpt_name == "lm_head.weight"):
             continue
-        name, shard_id = ckpt_name, None
+        name = ckpt_name
         for part, (fused, shard) in packed.items():
-            if f".{part}." in name:
+            if shard_id is None and f".{part}." in name:
                 name, shard_id = name.replace(f".{part}.", f".{fused}."), shard
                 break
         param = params.get(name)

@@ -115,10 +115,10 @@ class ModelRunner:
 
     def determine_num_kv_blocks(self) -> int:
         cache = self.config.cache
+        if cache.kv_cache_dtype == "fp8":
+            self._calibrate_kv_scales()
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        if self.config.cache.kv_cache_dtype == "fp8":
-            self._calibrate_kv_scales()
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
@@ -169,7 +169,8 @@ class ModelRunner:
         return max(budget, 0)
 
     def _graph_memory_estimate(self) -> int:
-        """The CUDA graphs' pool holds the activations of the largest captured decode batch."""
+        """The CUDA graphs' pool: the activations of the largest captured decode batch, plus
+        the hidden-state outputs every graph keeps alive."""
         if not self.capture_sizes:
             return 0
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -177,10 +178,11 @@ class ModelRunner:
         n = self.capture_sizes[-1]
         ids = self.buffers.input_ids[:n]
         with set_forward_context(ForwardContext(self.attn_by_name, None)):
-            logits = self.model.compute_logits(self.forward(ids, self.buffers.positions[:n]))
+            hidden = self.forward(ids, self.buffers.positions[:n])
         torch.cuda.synchronize(self.device)
-        del logits
-        return torch.cuda.max_memory_allocated(self.device) - base
+        outputs = sum(self.capture_sizes) * hidden.shape[-1] * hidden.element_size()
+        del hidden
+        return torch.cuda.max_memory_allocated(self.device) - base + outputs
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
@@ -234,8 +236,9 @@ class ModelRunner:
         )
 
     def _decode_forward(self, size: int) -> Tensor:
-        """Logits of a decode batch of `size` rows read from the step buffers: what the graphs
-        capture. Attention's grid depends only on the shapes and max_seq_len, fixed here."""
+        """Hidden states of a decode batch of `size` rows read from the step buffers: what the
+        graphs capture. Attention's grid depends only on the shapes and max_seq_len, fixed here.
+        The LM head stays outside: [size, vocab] logits kept alive per graph would cost GiBs."""
         b = self.buffers
         meta = AttentionMetadata(
             slot_mapping=b.slot_mapping[:size],
@@ -248,8 +251,7 @@ class ModelRunner:
             max_seq_len=self.config.scheduler.max_model_len,
         )
         with set_forward_context(ForwardContext(self.attn_by_name, meta)):
-            hidden = self.forward(b.input_ids[:size], b.positions[:size])
-        return self.model.compute_logits(hidden)
+            return self.forward(b.input_ids[:size], b.positions[:size])
 
     def _pad_to(self, num_seqs: int) -> int | None:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
@@ -302,7 +304,8 @@ class ModelRunner:
         sampling = build_sampling_metadata(rows, self.device) if rows else None
         num_rows = inputs.input_ids.shape[0]
         if self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs:
-            logits = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
+            hidden = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
+            logits = self.model.compute_logits(hidden)
             prompt_logprobs: dict[str, list] = {}
         else:
             with set_forward_context(ForwardContext(self.attn_by_name, inputs.attn)):
