@@ -12,7 +12,7 @@ from torch import Tensor
 
 from atom.engine.outputs import SchedulerOutput
 from atom.executor.forward_context import AttentionMetadata
-from atom.executor.sampler import SamplingMetadata
+from atom.executor.sampler import SamplingMetadata, to_device
 from atom.sampling_params import SamplingParams
 
 
@@ -212,7 +212,7 @@ def build_sampling_metadata(
     params = [s.sampling_params for s in rows]
 
     def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=dtype), device)
 
     vocab_off = 1 << 62
     needs_penalty = any(

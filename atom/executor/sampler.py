@@ -57,13 +57,21 @@ def profile_sampling_metadata(rows: int, device: torch.device) -> SamplingMetada
     )
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor to the device without a host sync: a copy from pageable memory would first
+    wait for every kernel already queued (the forward) to finish."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.device) -> Tensor:
     """[B, vocab] int counts of each token id per row."""
     width = max((len(t) for t in token_ids), default=0)
     padded = torch.full((len(token_ids), width + 1), vocab_size, dtype=torch.int64)
     for i, ids in enumerate(token_ids):
         padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    padded = padded.to(device)
+    padded = to_device(padded, device)
     counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded))
     return counts[:, :vocab_size]
@@ -123,8 +131,10 @@ class Sampler(nn.Module):
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
         if meta.blocked_tokens:  # .float() returns float32 input itself: keep the caller's intact
             logits = logits.clone()
-        for row, token_ids in meta.blocked_tokens:
-            logits[row, token_ids] = float("-inf")
+        if meta.blocked_tokens:
+            index = [(row, t) for row, token_ids in meta.blocked_tokens for t in token_ids]
+            rows, cols = to_device(torch.tensor(index, dtype=torch.int64), logits.device).T
+            logits[rows, cols] = float("-inf")
         if meta.repetition_penalty is not None:
             logits = apply_penalties(logits, meta)
         sampled = logits.argmax(dim=-1)
