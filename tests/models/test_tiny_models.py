@@ -86,7 +86,11 @@ def _hf_greedy(model: Any, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+SMALL_KV = 8 << 20  # the CPU default (2 GiB) costs seconds of zero-filling per engine
+
+
 def _atom_greedy(checkpoint: Path, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:
+    kwargs.setdefault("kv_cache_memory_bytes", SMALL_KV)
     llm = LLM(str(checkpoint), skip_tokenizer_init=True, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -106,7 +110,12 @@ def test_prefill_logits_match_hf(checkpoint: Path, hf_model: Any) -> None:
     prompt = _prompts(seed=2)[-1]
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor([prompt])).logits[0]
-    llm = LLM(str(checkpoint), skip_tokenizer_init=True, enable_prefix_caching=False)
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        enable_prefix_caching=False,
+        kv_cache_memory_bytes=SMALL_KV,
+    )
     model = llm.engine.executor.model
     with torch.no_grad():
         hidden = model(torch.tensor(prompt), torch.arange(len(prompt)))
@@ -119,6 +128,7 @@ def test_prefill_logits_match_hf(checkpoint: Path, hf_model: Any) -> None:
         skip_tokenizer_init=True,
         max_num_batched_tokens=24,
         long_prefill_token_threshold=24,
+        kv_cache_memory_bytes=SMALL_KV,
     )
     out = llm2.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
     hf_lp = hf_logits.log_softmax(-1)
@@ -162,7 +172,7 @@ def test_preemption_really_happens(checkpoint: Path) -> None:
 
 
 def test_prefix_cache_is_hit(checkpoint: Path) -> None:
-    llm = LLM(str(checkpoint), skip_tokenizer_init=True)
+    llm = LLM(str(checkpoint), skip_tokenizer_init=True, kv_cache_memory_bytes=SMALL_KV)
     prompt = _prompts(seed=5)[-1]
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     first = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
