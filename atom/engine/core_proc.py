@@ -139,6 +139,7 @@ class _CoreLoop:
         self.encoder = msgspec.msgpack.Encoder()
         self.eos = config_eos(core.config)
         self.running = True
+        self.stale_stats = False  # scheduler state changed since the last stats sent
 
     def run(self) -> None:
         while self.running:
@@ -152,9 +153,14 @@ class _CoreLoop:
             if self.running and self.core.has_work():
                 outputs = self.core.step()
                 self.outbox.send(self.encoder.encode(Outputs(outputs, self.core.stats())))
+                self.stale_stats = False
+            elif self.running and self.stale_stats:  # an abort on an idle core freed blocks
+                self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
+                self.stale_stats = False
 
     def _handle(self, msg: CoreInput) -> None:
         core = self.core
+        self.stale_stats = True
         if isinstance(msg, AddRequest):
             params = msg.params.clone(_eos_token_ids=self.eos)  # private field: not on the wire
             req = Request(msg.request_id, msg.prompt_token_ids, params, msg.arrival_time)

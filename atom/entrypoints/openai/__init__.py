@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP front end: `python -m atom.entrypoints.openai_server`."""

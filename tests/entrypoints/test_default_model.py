@@ -1,0 +1,44 @@
+"""With no --model the server serves the embedded SmolLM2 demo model (a fresh CPU machine runs
+it as is); SIGINT stops it and its engine core. Its own server: start-up is most of the time."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.conftest import ServerProcess, metric
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("default-server")
+    # Eager: on this CPU compiling for each new batch shape would cost more than it saves.
+    proc = ServerProcess(["--enforce-eager", "--level", "0"], tmp / "server.log")
+    proc.wait_ready()
+    yield proc
+    children = proc.stop(signal.SIGINT)
+    assert proc.proc.returncode is not None
+    assert not children, f"processes left after SIGINT: {children}"
+
+
+def test_default_model_chat_stream(default_server: ServerProcess) -> None:
+    url = default_server.url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    model = client.models.list().data[0].id
+    assert model.endswith(".gguf")  # the --model value: the demo model's file
+    messages = [{"role": "user", "content": "What is 1+1?"}]
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=messages, max_tokens=4, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    with httpx.Client(base_url=url) as http:
+        assert metric(http, "atom:num_free_kv_blocks") == metric(http, "atom:num_total_kv_blocks")
