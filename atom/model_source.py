@@ -67,15 +67,39 @@ def load_hf_config(src: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(
-        src.model_dir, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            src.model_dir, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+        )
+    except ValueError:
+        config = _native_config(src, trust_remote_code)
+        if config is None:
+            raise
     if not getattr(config, "architectures", None):  # GGUF configs name no architecture
         arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
         if arch is None:
             raise ValueError(f"unknown model_type {config.model_type!r} and no architectures")
         config.architectures = [arch]
     return config
+
+
+# Remote-code configs whose architecture transformers implements natively (Kimi-K2 ships a
+# model_type of its own with an auto_map, but is DeepSeek-V3 in shape).
+_NATIVE_CONFIGS = {"DeepseekV3ForCausalLM": "DeepseekV3Config"}
+
+
+def _native_config(src: ModelSource, trust_remote_code: bool) -> Any:
+    """The config through transformers' own class, without running the checkpoint's code."""
+    path = Path(src.model_dir) / "config.json"
+    if trust_remote_code or src.gguf_file is not None or not path.is_file():
+        return None
+    archs = json.loads(path.read_text()).get("architectures") or []
+    name = _NATIVE_CONFIGS.get(archs[0]) if archs else None
+    if name is None:
+        return None
+    import transformers
+
+    return getattr(transformers, name).from_pretrained(src.model_dir)
 
 
 def eos_token_ids(src: ModelSource, hf_config: Any) -> tuple[int, ...]:

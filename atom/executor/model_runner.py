@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -113,8 +114,8 @@ class ModelRunner:
     # ---- KV cache ----
     def kv_bytes_per_block(self) -> int:
         itemsize = torch.empty(0, dtype=kv_cache_torch_dtype(self.config)).element_size()
-        per_layer = sum(2 * a.num_kv_heads * a.head_dim for a in self.attn_layers)
-        return self.block_size * per_layer * itemsize
+        per_block = sum(math.prod(a.kv_cache_shape(1, self.block_size)) for a in self.attn_layers)
+        return per_block * itemsize
 
     def determine_num_kv_blocks(self) -> int:
         cache = self.config.cache
@@ -211,7 +212,7 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         dtype = kv_cache_torch_dtype(self.config)
         for layer in self.attn_layers:
-            shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            shape = layer.kv_cache_shape(num_blocks, self.block_size)
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         if self.capture_sizes:
             self._capture_graphs()

@@ -54,6 +54,10 @@ class Attention(nn.Module):
         self.kv_amax: tuple[float, float] | None = None  # set while calibrating: max |k|, |v|
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """This layer's cache tensor; layers with another layout (MLA latents) override it."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
         out = torch.empty_like(q)
