@@ -35,7 +35,7 @@ from atom.args import EngineArgs
 from atom.config import EngineConfig
 from atom.engine import core_proc as cp
 from atom.engine.input_processor import InputProcessor, PromptType
-from atom.engine.output_processor import OutputProcessor, child_request_id
+from atom.engine.output_processor import OutputProcessor
 from atom.engine.scheduler import SchedulerStats
 from atom.model_source import load_tokenizer
 from atom.outputs import RequestOutput
@@ -64,7 +64,9 @@ class AsyncLLM:
         # Hooks the server's metrics module sets: every finished RequestOutput, every stats update.
         self.on_finished: Callable[[RequestOutput], None] | None = None
         self.on_stats: Callable[[SchedulerStats], None] | None = None
-        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # internal id
+        self._internal: dict[str, str] = {}  # caller's request id -> internal id
+        self._seq = itertools.count()
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._error: str | None = None
@@ -118,22 +120,26 @@ class AsyncLLM:
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Validate, queue, then yield outputs until finished; leaving early aborts the request."""
+        """Validate, queue, then yield outputs until finished; leaving early aborts the request.
+
+        Inside, the request runs under an id of its own ("<seq>-<request_id>"): outputs of an
+        aborted request still on their way from the core can then never reach a new request that
+        reuses its id, and child ids ("<i>_<id>") cannot collide with another request's.
+        """
         self._check_alive()
         processed = self.inputs.process(prompt, params)  # ValueError: nothing was queued
-        core_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
-        if request_id in self._queues or any(
-            self.output_processor.has_core_request(c) for c in core_ids
-        ):
+        if request_id in self._internal:
             raise ValueError(f"request id {request_id!r} is already running")
         self._ensure_handler()
+        internal = f"{next(self._seq)}-{request_id}"
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._queues[request_id] = queue
+        self._internal[request_id] = internal
+        self._queues[internal] = queue
         arrival = time.time()
         self.output_processor.add_request(
-            request_id, processed.text, processed.token_ids, processed.params, arrival
+            internal, processed.text, processed.token_ids, processed.params, arrival
         )
-        for req in self.inputs.core_requests(request_id, processed, arrival):
+        for req in self.inputs.core_requests(internal, processed, arrival):
             self._send(
                 cp.AddRequest(req.request_id, req.prompt_token_ids, req.sampling_params, arrival)
             )
@@ -144,21 +150,26 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                item.request_id = request_id
                 yield item
         finally:
-            if self._queues.get(request_id) is queue:  # abort() may have handed the id on
-                del self._queues[request_id]
+            if self._queues.pop(internal, None) is not None:  # not already aborted
+                if self._internal.get(request_id) == internal:
+                    del self._internal[request_id]
                 if not finished:  # cancelled, disconnected or failed: free its blocks now
-                    self._abort(request_id)
+                    self._abort(internal)
 
     async def abort(self, request_id: str) -> None:
-        self._abort(request_id)
-        queue = self._queues.pop(request_id, None)
+        internal = self._internal.pop(request_id, None)
+        if internal is None:
+            return
+        self._abort(internal)
+        queue = self._queues.pop(internal, None)
         if queue is not None:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
-    def _abort(self, request_id: str) -> None:
-        core_ids = self.output_processor.abort(request_id)
+    def _abort(self, internal: str) -> None:
+        core_ids = self.output_processor.abort(internal)
         if core_ids and not self.errored:
             self._send(cp.AbortRequests(core_ids))
 

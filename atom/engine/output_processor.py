@@ -93,9 +93,6 @@ class OutputProcessor:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
-    def has_core_request(self, core_request_id: str) -> bool:
-        return core_request_id in self._child_to_parent
-
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its core request ids."""
         state = self._requests.pop(request_id, None)

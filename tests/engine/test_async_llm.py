@@ -85,8 +85,10 @@ def test_bad_input_and_duplicate_ids(engine: AsyncLLM) -> None:
         two = SamplingParams(n=2, max_tokens=50, ignore_eos=True)
         gen = engine.generate(_prompt(4), two, "x")
         await anext(gen)
-        with pytest.raises(ValueError, match="already running"):  # would collide with a child
-            await anext(engine.generate(_prompt(4), GREEDY, "1_x"))
+        with pytest.raises(ValueError, match="already running"):
+            await anext(engine.generate(_prompt(4), GREEDY, "x"))
+        # A caller id that looks like a child id of "x" ("<i>_<id>") runs on its own.
+        assert len(await _collect(engine, "1_x")) == 6
         await gen.aclose()
         assert await _collect(engine, "after") == await _collect(engine, "again")
 
