@@ -39,6 +39,11 @@ def make_parser() -> FlexibleArgumentParser:
         default=None,
         help="JSON object, overridden by a request's chat_template_kwargs",
     )
+    a(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template (Jinja run on the server)",
+    )
     a("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open")
     a("--disable-uvicorn-access-log", action="store_true")
     a(
@@ -78,6 +83,7 @@ def server_args(ns: argparse.Namespace) -> ServerArgs:
         max_log_len=ns.max_log_len,
         chat_template=load_chat_template(ns.chat_template),
         default_chat_template_kwargs=ns.default_chat_template_kwargs,
+        trust_request_chat_template=ns.trust_request_chat_template,
         timeout_keep_alive=ns.timeout_keep_alive,
         disable_uvicorn_access_log=ns.disable_uvicorn_access_log,
         max_request_body_bytes=ns.max_request_body_size,

@@ -162,6 +162,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     args += ["--chat-template", str(template), "--max-log-len", "40"]
     args += ["--default-chat-template-kwargs", json.dumps({"greeting": "hey"})]
     args += ["--disable-uvicorn-access-log", "--timeout-keep-alive", "3"]
+    # Small steps: long prompts prefill in chunks, as on a busy server.
+    args += ["--trust-request-chat-template", "--max-num-batched-tokens", "64"]
     proc = ServerProcess(args, tmp / "server.log")
     proc.wait_ready()
     yield proc

@@ -114,3 +114,13 @@ def test_tokenize_detokenize(http: httpx.Client) -> None:
     assert msgs["count"] == len("hey[user]hi[assistant]")
     assert_error(http.post("/tokenize", json={}), 400)
     assert_error(http.post("/detokenize", json={"tokens": [10**6]}), 400)
+
+
+def test_nulls_and_reserved_template_kwargs(client: openai.OpenAI, http: httpx.Client) -> None:
+    body = {"model": MODEL_NAME, "messages": USER, "max_tokens": 2}
+    nulls = {"n": None, "stream": None, "logprobs": None, "seed": None, "stop": None}
+    r = http.post("/v1/chat/completions", json=body | nulls)
+    assert r.status_code == 200, r.text
+    kwargs = {"chat_template_kwargs": {"add_generation_prompt": False, "tokenize": True}}
+    r = http.post("/v1/chat/completions", json=body | kwargs)
+    assert r.status_code == 200, r.text

@@ -99,6 +99,18 @@ def test_echo_with_zero_max_tokens_gives_prompt_logprobs(client: openai.OpenAI) 
     assert echoed.choices[0].text.startswith("hello world")
 
 
+def test_streamed_echo_logprobs_of_a_chunked_prompt(client: openai.OpenAI) -> None:
+    """150 prompt tokens prefill in 64-token steps: the stream's echo waits for all of them."""
+    prompt = "abcdefghij" * 15
+    kwargs = dict(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    logprobs = [x for c in chunks if c.choices for x in c.choices[0].logprobs.token_logprobs]
+    assert text == whole.text == prompt
+    assert logprobs == whole.logprobs.token_logprobs and len(logprobs) == 150
+
+
 def test_completion_stream(client: openai.OpenAI) -> None:
     full = client.completions.create(model=MODEL_NAME, prompt="abc", max_tokens=6, temperature=0)
     chunks = list(

@@ -80,3 +80,11 @@ def test_default_model_hundreds_of_streams(default_server: ServerProcess) -> Non
         while metric(http, "atom:num_free_kv_blocks") != metric(http, "atom:num_total_kv_blocks"):
             assert time.monotonic() < deadline, "KV blocks leaked"
             time.sleep(0.2)
+
+
+def test_request_templates_need_the_trust_flag(default_server: ServerProcess) -> None:
+    with httpx.Client(base_url=default_server.url) as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        r = http.post("/v1/chat/completions", json=body | {"chat_template": "{{ 1 }}"})
+        assert r.status_code == 400 and "trust-request-chat-template" in r.text

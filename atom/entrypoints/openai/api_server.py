@@ -48,6 +48,7 @@ class ServerArgs:
     max_log_len: int | None = None
     chat_template: str | None = None  # file path or inline Jinja
     default_chat_template_kwargs: dict[str, Any] | None = None
+    trust_request_chat_template: bool = False
     timeout_keep_alive: int = 5
     disable_uvicorn_access_log: bool = False
     max_request_body_bytes: int = MAX_BODY_BYTES
@@ -137,7 +138,12 @@ def build_app(llm: AsyncLLM, args: ServerArgs) -> FastAPI:
     llm.on_finished = metrics.on_finished
     completion = OpenAIServingCompletion(llm, names[0], args.max_log_len)
     chat = OpenAIServingChat(
-        llm, names[0], args.max_log_len, args.chat_template, args.default_chat_template_kwargs
+        llm,
+        names[0],
+        args.max_log_len,
+        args.chat_template,
+        args.default_chat_template_kwargs,
+        args.trust_request_chat_template,
     )
 
     @asynccontextmanager

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Above this a request would only tie up the engine; SamplingParams itself has no upper bound.
 MAX_N = 128
@@ -54,6 +54,14 @@ def error_body(message: str, status: int, err_type: str, param: str | None = Non
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients (and vLLM's) send explicit nulls for unset fields: treat them as absent."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Request):

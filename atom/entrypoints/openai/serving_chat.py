@@ -43,10 +43,12 @@ class OpenAIServingChat(OpenAIServing):
         max_log_len: int | None,
         chat_template: str | None,
         default_template_kwargs: dict[str, Any] | None,
+        trust_request_chat_template: bool = False,
     ) -> None:
         super().__init__(llm, model_name, max_log_len)
         self.chat_template = chat_template
         self.default_template_kwargs = default_template_kwargs or {}
+        self.trust_request_chat_template = trust_request_chat_template
 
     def render(
         self,
@@ -62,6 +64,10 @@ class OpenAIServingChat(OpenAIServing):
         if template is None and not getattr(tokenizer, "chat_template", None):
             raise OpenAIError("the model has no chat template: pass --chat-template")
         kwargs = {**self.default_template_kwargs, **(template_kwargs or {})}
+        # Arguments of apply_chat_template itself: the request's own values win, as in vLLM.
+        add_generation_prompt = bool(kwargs.pop("add_generation_prompt", add_generation_prompt))
+        for reserved in ("tokenize", "chat_template", "conversation", "return_dict"):
+            kwargs.pop(reserved, None)
         if tools is not None:
             kwargs["tools"] = tools
         try:
@@ -81,7 +87,14 @@ class OpenAIServingChat(OpenAIServing):
         request_id = self.request_id("chatcmpl", raw)
         if request.top_logprobs is not None and not request.logprobs:
             raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
-        text, ids = self.render(
+        if request.chat_template is not None and not self.trust_request_chat_template:
+            raise OpenAIError(
+                "a request may bring its own chat_template only when the server runs with "
+                "--trust-request-chat-template (a template is code run on the server)",
+                param="chat_template",
+            )
+        text, ids = await self.off_loop(
+            self.render,
             request.messages,
             request.add_generation_prompt,
             request.chat_template,

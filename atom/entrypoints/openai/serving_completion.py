@@ -13,8 +13,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,6 +24,8 @@ from atom.engine.async_llm import AsyncLLM
 from atom.entrypoints.openai.protocol import CompletionRequest, OpenAIError, UsageInfo, error_body
 from atom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from atom.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,12 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_log_len = max_log_len
         self.max_model_len: int = llm.config.model.max_model_len
+        # Tokenizing a large body or rendering a template takes long: off the event loop, so
+        # streams and /health go on meanwhile; one thread, as the tokenizer is shared.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="atom-tokenize")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     @staticmethod
     def request_id(prefix: str, raw: Request) -> str:
@@ -177,7 +186,7 @@ class OpenAIServingCompletion(OpenAIServing):
         echo_only = request.max_tokens == 0
         if echo_only and not request.echo:
             raise OpenAIError("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
-        prompts, engine_prompts, params = self._prepare(request)
+        prompts, engine_prompts, params = await self.off_loop(self._prepare, request)
         for i, (prompt, p) in enumerate(zip(engine_prompts, params, strict=True)):
             self.log_request(f"{request_id}-{i}", prompt.get("prompt", prompt), p)
         gens = [
@@ -261,6 +270,8 @@ class _CompletionView:
                 for c in out.outputs:
                     key = (i, c.index)
                     first, start = key not in sent, sent.get(key, 0)
+                    if first and self._prompt_logprobs_pending(i, out):
+                        continue  # a partial prefill: the echo waits for all prompt logprobs
                     new_ids = c.token_ids[start:]
                     if not (first or new_ids or c.delta_text or c.finish_reason):
                         continue
@@ -276,6 +287,11 @@ class _CompletionView:
         except Exception as e:
             yield stream_error(e)
         yield SSE_DONE
+
+    def _prompt_logprobs_pending(self, i: int, out: RequestOutput) -> bool:
+        if not self.req.echo or self.req.logprobs is None:
+            return False
+        return len(out.prompt_logprobs or []) < len(self.prompts[i][1])
 
     def _part(
         self,
