@@ -43,7 +43,12 @@ class SamplingParams:
     def _validate(self) -> None:
         checks = [
             (self.n >= 1, "n must be >= 1", self.n),
-            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)", self.seed),
+            # Any int64, as vLLM (UIs send -1); position_seed maps it into the generator's range.
+            (
+                self.seed is None or -(2**63) <= self.seed < 2**63,
+                "seed must be a 64-bit integer",
+                self.seed,
+            ),
             (self.temperature >= 0.0, "temperature must be >= 0", self.temperature),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", self.top_p),
             (self.top_k >= 0, "top_k must be -1 (off), 0 (off) or >= 1", self.top_k),

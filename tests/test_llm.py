@@ -94,7 +94,7 @@ def test_bad_prompts_raise_and_engine_survives(
         ({"stop": [""]}, "stop"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
         ({"seed": 2**64}, "seed"),
-        ({"seed": -1}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_bad_sampling_params(kwargs: dict[str, Any], message: str) -> None:
@@ -324,3 +324,11 @@ def test_profile_writes_a_chrome_trace(tiny: Path, tmp_path: Path) -> None:
 def test_profile_needs_a_directory(llm: LLM) -> None:
     with pytest.raises(ValueError, match="torch-profiler-dir"):
         llm.start_profile()
+
+
+def test_negative_seed_is_a_seed(llm: LLM) -> None:
+    """Any int64 seeds, as in vLLM (UIs send -1): reproducible, and not the seed 1."""
+    params = [SamplingParams(seed=s, max_tokens=8, ignore_eos=True) for s in (-1, -1, 1)]
+    outs = llm.generate(_ids(5) * 3, params, use_tqdm=False)
+    a, b, c = (o.outputs[0].token_ids for o in outs)
+    assert a == b and a != c

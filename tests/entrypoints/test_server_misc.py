@@ -103,7 +103,7 @@ BAD_REQUESTS = [
     (COMPLETION, {"model": MODEL_NAME, "prompt": "p", "top_p": 0}),
     (COMPLETION, {"model": MODEL_NAME, "prompt": "p", "logprobs": 1000}),
     (COMPLETION, {"model": MODEL_NAME, "prompt": "p", "stop": [""]}),
-    (COMPLETION, {"model": MODEL_NAME, "prompt": "p", "seed": -5}),
+    (COMPLETION, {"model": MODEL_NAME, "prompt": "p", "seed": 2**64}),
     (CHAT, {"model": MODEL_NAME}),  # no messages
     (CHAT, {"model": MODEL_NAME, "messages": []}),
     (CHAT, {"model": MODEL_NAME, "messages": "hi"}),
