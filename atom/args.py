@@ -20,7 +20,13 @@ from atom.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from atom.model_source import default_model, eos_token_ids, load_hf_config, resolve_model
+from atom.model_source import (
+    default_model,
+    eos_token_ids,
+    load_hf_config,
+    resolve_model,
+    sampling_defaults,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int = 0
     max_logprobs: int = 20
+    generation_config: str = "auto"  # "auto": the model's sampling defaults; "vllm": ours
     load_format: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -93,6 +100,12 @@ class EngineArgs:
         a("--dtype", default=d.dtype, choices=DTYPES)
         a("--seed", type=int, default=d.seed)
         a("--max-logprobs", type=int, default=d.max_logprobs)
+        a(
+            "--generation-config",
+            default=d.generation_config,
+            choices=["auto", "vllm"],
+            help="auto: the model's generation_config.json sets sampling defaults",
+        )
         a(
             "--load-format",
             default=d.load_format,
@@ -159,6 +172,9 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             served_model_name=self.served_model_name or "",
             max_logprobs=self.max_logprobs,
+            sampling_defaults=sampling_defaults(src.model_dir)
+            if self.generation_config == "auto"
+            else (),
         )
         sizes = tuple(self.cudagraph_capture_sizes) if self.cudagraph_capture_sizes else None
         return EngineConfig(

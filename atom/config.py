@@ -29,6 +29,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     served_model_name: str = ""
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask for
+    # SamplingParams defaults from the model's generation_config.json (--generation-config auto)
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES[1:]:

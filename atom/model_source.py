@@ -112,11 +112,23 @@ def eos_token_ids(src: ModelSource, hf_config: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _generation_config_eos(model_dir: str) -> int | list[int] | None:
+def _generation_config(model_dir: str) -> dict[str, Any]:
     path = Path(model_dir) / "generation_config.json"
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("eos_token_id")
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _generation_config_eos(model_dir: str) -> int | list[int] | None:
+    return _generation_config(model_dir).get("eos_token_id")
+
+
+# generation_config.json fields that become a request's defaults, as vLLM's
+# `--generation-config auto` does (a Qwen3 request without a temperature samples at 0.6).
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: str) -> tuple[tuple[str, float], ...]:
+    config = _generation_config(model_dir)
+    return tuple((k, config[k]) for k in SAMPLING_DEFAULT_FIELDS if config.get(k) is not None)
 
 
 def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False) -> Any:

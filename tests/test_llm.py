@@ -332,3 +332,16 @@ def test_negative_seed_is_a_seed(llm: LLM) -> None:
     outs = llm.generate(_ids(5) * 3, params, use_tqdm=False)
     a, b, c = (o.outputs[0].token_ids for o in outs)
     assert a == b and a != c
+
+
+def test_generation_config_sets_sampling_defaults(tiny: Path, tmp_path: Path) -> None:
+    """As vLLM's --generation-config auto: the model's temperature etc. are request defaults."""
+    _copy_with(tiny, tmp_path, lambda sd: sd)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5}))
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    assert llm.get_default_sampling_params().top_k == 5
+    default = llm.generate(_ids(7), use_tqdm=False)[0].outputs[0].token_ids
+    greedy = llm.generate(_ids(7), SamplingParams(temperature=0), use_tqdm=False)[0]
+    assert default == greedy.outputs[0].token_ids[: len(default)]
+    plain = EngineArgs(model=str(tmp_path), generation_config="vllm", skip_tokenizer_init=True)
+    assert plain.create_engine_config().model.sampling_defaults == ()

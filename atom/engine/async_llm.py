@@ -169,6 +169,10 @@ class AsyncLLM:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def _abort(self, internal: str) -> None:
+        if self.on_finished is not None:  # metrics count aborted requests too
+            out = self.output_processor.aborted_output(internal)
+            if out is not None:
+                _call_hook(self.on_finished, out)
         core_ids = self.output_processor.abort(internal)
         if core_ids and not self.errored:
             self._send(cp.AbortRequests(core_ids))

@@ -133,12 +133,15 @@ class LLM:
         return {"prompt": text, "prompt_token_ids": list(ids)}
 
     # ---- internals ----
-    @staticmethod
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (as vLLM's)."""
+        return SamplingParams(**dict(self.config.model.sampling_defaults))
+
     def _broadcast_params(
-        params: SamplingParams | Sequence[SamplingParams] | None, n: int
+        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int
     ) -> list[SamplingParams]:
         if params is None:
-            return [SamplingParams() for _ in range(n)]
+            return [self.get_default_sampling_params() for _ in range(n)]
         if isinstance(params, SamplingParams):
             return [params] * n
         if len(params) != n:

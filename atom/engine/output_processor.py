@@ -93,6 +93,17 @@ class OutputProcessor:
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
 
+    def aborted_output(self, request_id: str) -> RequestOutput | None:
+        """The request's last RequestOutput, its unfinished completions ended as "abort"."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        for c in state.completions:
+            if c.finish_reason is None:
+                c.finish_reason = "abort"
+        state.metrics.finished_time = time.time()
+        return self._make_output(state)
+
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its core request ids."""
         state = self._requests.pop(request_id, None)

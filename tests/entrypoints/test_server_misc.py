@@ -163,6 +163,7 @@ def test_disconnect_mid_stream_aborts(server: ServerProcess, http: httpx.Client,
     else:
         body["prompt"] = "a long story"
     generated = metric(http, "atom:generation_tokens_total")
+    aborted = _aborted(http)
     with (
         httpx.Client(base_url=server.url, headers=http.headers, timeout=30) as c,
         c.stream("POST", path, json=body) as resp,
@@ -176,6 +177,13 @@ def test_disconnect_mid_stream_aborts(server: ServerProcess, http: httpx.Client,
     # Only the 1-token probes finished: the stream was aborted, not run to its end.
     assert metric(http, "atom:generation_tokens_total") - generated < 100
     assert metric(http, "atom:num_requests_running") == 0
+    assert _aborted(http) == aborted + 1  # counted, with its finish reason
+
+
+def _aborted(http: httpx.Client) -> float:
+    lines = http.get("/metrics").text.splitlines()
+    rows = [x for x in lines if x.startswith("atom:request_success_total{")]
+    return sum(float(x.rsplit(" ", 1)[1]) for x in rows if 'finished_reason="abort"' in x)
 
 
 def test_disconnect_non_streaming_aborts(server: ServerProcess, http: httpx.Client) -> None:
@@ -186,12 +194,15 @@ def test_disconnect_non_streaming_aborts(server: ServerProcess, http: httpx.Clie
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     generated = metric(http, "atom:generation_tokens_total")
+    aborted = _aborted(http)
     # A raw socket, so that the connection surely closes before the response.
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head.encode() + data)
         time.sleep(0.3)
     wait_for_free_blocks(http)
-    assert metric(http, "atom:generation_tokens_total") - generated < 16 * 240 // 2
+    # Aborted (all 16 completions counted so), not run to the end.
+    assert metric(http, "atom:generation_tokens_total") - generated < 16 * 240
+    assert _aborted(http) == aborted + 16
 
 
 def test_cli_flags() -> None:

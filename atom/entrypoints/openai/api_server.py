@@ -135,6 +135,12 @@ def build_app(llm: AsyncLLM, args: ServerArgs) -> FastAPI:
     mc = llm.config.model
     names = [mc.served_model_name or mc.model]
     metrics = ServerMetrics(names[0], llm.num_kv_blocks)
+    if mc.sampling_defaults:
+        logger.info(
+            "sampling defaults from the model's generation_config.json: %s "
+            "(--generation-config vllm ignores them)",
+            dict(mc.sampling_defaults),
+        )
     llm.on_finished = metrics.on_finished
     completion = OpenAIServingCompletion(llm, names[0], args.max_log_len)
     chat = OpenAIServingChat(

@@ -108,7 +108,7 @@ class OpenAIServingChat(OpenAIServing):
         if max_tokens == 0:
             raise OpenAIError(f"{param} must be >= 1", param=param)
         params = SamplingParams(
-            **request.sampling_kwargs(),
+            **(self.sampling_defaults | request.sampling_kwargs()),
             max_tokens=max_tokens,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
         )

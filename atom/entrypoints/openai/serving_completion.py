@@ -120,6 +120,8 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_log_len = max_log_len
         self.max_model_len: int = llm.config.model.max_model_len
+        # The model's generation_config.json sampling values, under each request's own.
+        self.sampling_defaults = dict(llm.config.model.sampling_defaults)
         # Tokenizing a large body or rendering a template takes long: off the event loop, so
         # streams and /health go on meanwhile; one thread, as the tokenizer is shared.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="atom-tokenize")
@@ -219,7 +221,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 text = self.llm.tokenizer.decode(ids) if request.echo else ""
             max_tokens = self.max_tokens(request.max_tokens, len(ids), "max_tokens")
             p = SamplingParams(
-                **request.sampling_kwargs(),
+                **(self.sampling_defaults | request.sampling_kwargs()),
                 max_tokens=max(max_tokens, 1),  # echo with 0: one token, dropped
                 logprobs=request.logprobs,
                 prompt_logprobs=request.logprobs if request.echo else None,
