@@ -25,6 +25,24 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None = None
+    # block_ids as an int32 array with spare room: a step copies a row of it into the block
+    # table (a memcpy) instead of converting a Python list of every block, every step.
+    table: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+
+    def __post_init__(self) -> None:
+        self.table = np.zeros(max(2 * len(self.block_ids), 16), dtype=np.int32)
+        self.table[: len(self.block_ids)] = self.block_ids
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        n = len(self.block_ids)
+        self.block_ids.extend(block_ids)
+        if len(self.block_ids) > len(self.table):
+            grown = np.zeros(2 * len(self.block_ids), dtype=np.int32)
+            grown[:n] = self.table[:n]
+            self.table = grown
+        self.table[n : len(self.block_ids)] = block_ids
 
     @property
     def num_tokens(self) -> int:
@@ -132,19 +150,19 @@ def build_step_inputs(
         state = states[req_id]
         start, n = state.num_computed_tokens, sched.num_scheduled_tokens[req_id]
         end = start + n
-        table = state.block_ids
+        num_blocks = len(state.block_ids)
         if n == 1:  # decode: plain ints beat numpy's per-call overhead at batch 256
             b.ids_np[t] = state.token_ids(start, end)[0]
             b.pos_np[t] = start
-            b.slots_np[t] = table[start // block_size] * block_size + start % block_size
+            b.slots_np[t] = state.block_ids[start // block_size] * block_size + start % block_size
         else:
             b.ids_np[t : t + n] = state.token_ids(start, end)
             pos = np.arange(start, end, dtype=np.int64)
             b.pos_np[t : t + n] = pos
-            blocks = np.asarray(table, dtype=np.int64)
-            b.slots_np[t : t + n] = blocks[pos // block_size] * block_size + pos % block_size
-        b.tables_np[i, : len(table)] = table
-        max_blocks = max(max_blocks, len(table))
+            blocks = state.table[pos // block_size].astype(np.int64)
+            b.slots_np[t : t + n] = blocks * block_size + pos % block_size
+        b.tables_np[i, :num_blocks] = state.table[:num_blocks]
+        max_blocks = max(max_blocks, num_blocks)
         t += n
         seq_lens.append(end)
         qsl.append(t)

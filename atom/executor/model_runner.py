@@ -358,7 +358,7 @@ class ModelRunner:
             )
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
+            state.add_blocks(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens  # before this step
 
     def _record_samples(
