@@ -78,9 +78,13 @@ def paged_attention(
     sliding_window: int | None,
     softcap: float | None,
     out: Tensor,
+    sinks: Tensor | None = None,
 ) -> None:
-    """Attention of query [T, H, D] over the paged cache (its own K/V already written) into out."""
-    if query.is_cuda:
+    """Attention of query [T, H, D] over the paged cache (its own K/V already written) into out.
+
+    sinks [H] (GPT-OSS) take the torch reference on CUDA too: the Triton kernel lacks them.
+    """
+    if query.is_cuda and sinks is None:
         _attention.unified_attention(
             query,
             kv_cache,
@@ -109,5 +113,6 @@ def paged_attention(
             v_scale,
             sliding_window,
             softcap,
+            sinks,
         )
     )

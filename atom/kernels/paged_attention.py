@@ -42,10 +42,12 @@ def paged_attention_ref(
     v_scale: float = 1.0,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """query [T, num_heads, head_dim] -> [T, num_heads, head_dim], one sequence at a time.
 
     softcap: scores become softcap * tanh(scores / softcap) before masking (Gemma 2).
+    sinks: [num_heads] float32 logits that join each softmax denominator with no value (GPT-OSS).
     """
     block_size = kv_cache.shape[2]
     out = torch.empty_like(query)
@@ -56,9 +58,9 @@ def paged_attention_ref(
         k, v = k[:kv_len], v[:kv_len]
         if end - start == 1:
             window = slice(-sliding_window, None) if sliding_window else slice(None)
-            out[start] = _decode(query[start], k[window], v[window], scale, softcap)
+            out[start] = _decode(query[start], k[window], v[window], scale, softcap, sinks)
         else:
-            out[start:end] = sdpa(query[start:end], k, v, scale, sliding_window, softcap)
+            out[start:end] = sdpa(query[start:end], k, v, scale, sliding_window, softcap, sinks)
     return out
 
 
@@ -73,7 +75,24 @@ def _gather(
     return k, v
 
 
-def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None = None) -> Tensor:
+def _softmax(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """float32 softmax over the last dim; a sink [..., 1] column joins the denominator and is
+    dropped after, so each head may put weight on "nothing" (attention sinks, GPT-OSS)."""
+    if sinks is None:
+        return scores.softmax(dim=-1)
+    sink = sinks.float().view(*sinks.shape, *([1] * (scores.dim() - sinks.dim())))
+    combined = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+    return combined.softmax(dim=-1)[..., :-1]
+
+
+def _decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
     """One query token q [H, D] over k, v [L, H_kv, D]; query heads grouped per KV head.
 
     Plain einsum: on the CPU it beats SDPA's generic path by ~4x for a single query row.
@@ -83,7 +102,8 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float | None
     scores = torch.einsum("hgd,lhd->hgl", qg, k.float()) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    out = torch.einsum("hgl,lhd->hgd", scores.softmax(dim=-1), v.float())
+    group_sinks = None if sinks is None else sinks.view(num_kv_heads, -1)  # [H_kv, groups]
+    out = torch.einsum("hgl,lhd->hgd", _softmax(scores, group_sinks), v.float())
     return out.reshape(q.shape).to(q.dtype)
 
 
@@ -94,18 +114,21 @@ def sdpa(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail)."""
+    """Causal attention of q [q_len, H, D] over k, v [kv_len, H_kv, D] (queries are the tail);
+    sinks [H] float32 logits join each softmax denominator."""
     q_len, kv_len = q.shape[0], k.shape[0]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # equal head counts let SDPA pick a fused kernel instead of the O(n^2) math one
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if softcap is not None:  # SDPA has no score hook: spell it out in float32
+    if softcap is not None or sinks is not None:  # SDPA has no score hook: float32 by hand
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-        scores = softcap * torch.tanh(scores / softcap)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         mask = causal_mask(q_len, kv_len, q.device, sliding_window)
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        probs = _softmax(scores.masked_fill(~mask, float("-inf")), sinks)
         return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
     is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
     mask = None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window)

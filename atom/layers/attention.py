@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import get_forward_context
 from atom.kernels import ops
 from atom.kernels.paged_attention import sdpa
@@ -39,7 +40,10 @@ class Attention(nn.Module):
         num_kv_heads: int,
         sliding_window: int | None = None,
         softcap: float | None = None,
+        sinks: bool = False,
     ) -> None:
+        """num_heads / num_kv_heads: this rank's; sinks: a learned per-head logit [num_heads]
+        joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor."""
         super().__init__()
         self.sliding_window = sliding_window
         self.softcap = softcap
@@ -53,6 +57,20 @@ class Attention(nn.Module):
         self.v_scale = 1.0
         self.kv_amax: tuple[float, float] | None = None  # set while calibrating: max |k|, |v|
         self.kv_cache = torch.empty(0)  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.sinks: nn.Parameter | None = None
+        if sinks:  # float32 whatever the model dtype: they are softmax logits
+            self.sinks = nn.Parameter(
+                torch.empty(num_heads, dtype=torch.float32), requires_grad=False
+            )
+            self.sinks.weight_loader = self._load_sinks
+            # Sinks run the torch reference on CUDA too, which reads lengths on the host.
+            self.syncs_host = True
+
+    def _load_sinks(self, param: Tensor, loaded: Tensor, shard_id: object = None) -> int:
+        if loaded.shape != (self.num_heads * (tp := tp_world_size()),):
+            raise ValueError(f"sinks {tuple(loaded.shape)} for {self.num_heads * tp} heads")
+        param.data.copy_(loaded.narrow(0, tp_rank() * self.num_heads, self.num_heads))
+        return param.numel()
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """This layer's cache tensor; layers with another layout (MLA latents) override it."""
@@ -77,7 +95,7 @@ class Attention(nn.Module):
                     max(self.kv_amax[0], k.abs().max().item()),
                     max(self.kv_amax[1], v.abs().max().item()),
                 )
-            out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, softcap=self.softcap))
+            out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks))
             return
         ops.reshape_and_cache(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         ops.paged_attention(
@@ -90,6 +108,7 @@ class Attention(nn.Module):
             self.sliding_window,
             self.softcap,
             out,
+            self.sinks,
         )
 
     def set_kv_scales_from_amax(self, margin: float = 2.0) -> None:

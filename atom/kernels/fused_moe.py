@@ -1,0 +1,182 @@
+"""Fused MoE experts on CUDA without a host sync: align slots by expert, two grouped GEMMs.
+
+The T*K (token, expert) slots are sorted by expert on the device and each expert's segment is
+padded to a multiple of BLOCK_M, so that every row block of a GEMM belongs to one expert:
+
+    sorted_slot_ids  | e0 e0 e0 pad | e2 e2 e2 e2 | e2 pad pad pad | e5 pad pad pad | pad ... |
+    block_expert_ids |      0       |      2      |       2        |       5        |  -1 ... |
+                     ^ block of BLOCK_M rows        num_tokens_post_padded ^ (device tensor)
+
+Nothing here reads a count on the host: buffers have the worst-case size T*K + E*(BLOCK_M-1)
+and the kernels skip blocks past num_tokens_post_padded, so the whole path can be captured in a
+CUDA graph. The torch reference is atom.layers.moe.fused_experts (its expert loop syncs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from atom.kernels.silu_and_mul import silu_and_mul
+
+
+def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots sorted by expert, each expert's segment padded to a multiple of block_m.
+
+    topk_ids [T, K] -> (sorted_slot_ids [P] int32 with padding = T*K, block_expert_ids
+    [P // block_m] int32 with -1 past the end, num_tokens_post_padded [1] int32), where
+    P = T*K + E*(block_m-1) is the worst case. Torch ops only, none of which syncs: no
+    bincount (its CUDA kernel reads max() on the host), no boolean masks, no .item().
+    """
+    device = topk_ids.device
+    ids = topk_ids.flatten().long()  # [S], slot s = t * K + k
+    num_slots = ids.numel()
+    max_padded = num_slots + num_experts * (block_m - 1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids))
+    padded_end = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)  # [E]
+    padded_start = padded_end - (counts + block_m - 1) // block_m * block_m
+    count_start = torch.cumsum(counts, 0) - counts
+    sorted_ids, order = torch.sort(ids, stable=True)  # order[j]: the j-th slot by expert
+    rank = torch.arange(num_slots, device=device) - count_start[sorted_ids]  # within expert
+    dest = padded_start[sorted_ids] + rank
+    sorted_slot_ids = torch.full((max_padded,), num_slots, dtype=torch.int32, device=device)
+    sorted_slot_ids.scatter_(0, dest, order.to(torch.int32))
+    # Block b starts at row b * block_m; its expert is the first whose padded end lies beyond.
+    # Empty experts have end == start, so right=True steps over them.
+    starts = torch.arange(0, max_padded, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, starts, right=True)
+    block_expert_ids = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_slot_ids, block_expert_ids, padded_end[-1:].to(torch.int32)
+
+
+@triton.jit
+def _fused_moe_kernel(
+    a_ptr,  # [rows, K_DIM]; row of slot s is s // A_ROW_DIV
+    b_ptr,  # [E, N, K_DIM]: each expert's weight, read transposed
+    c_ptr,  # [S, N], row per slot
+    topk_weights_ptr,  # [S] float32
+    sorted_slot_ids_ptr,  # [P] int32, padding = num_slots
+    block_expert_ids_ptr,  # [P // BLOCK_M] int32
+    num_post_padded_ptr,  # [1] int32
+    N,
+    K_DIM,
+    num_slots,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    A_ROW_DIV: tl.constexpr,  # top_k for the first GEMM (rows are tokens), 1 for the second
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # The grid covers the worst case; blocks past the real padded total exit at once.
+    if pid_m * BLOCK_M >= tl.load(num_post_padded_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slot_ids_ptr + offs_m)
+    row_mask = slots < num_slots
+    a_rows = (slots // A_ROW_DIV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
+    b_ptrs = (  # [BK, BN]
+        b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+        + offs_k[:, None] * stride_bk
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        k_mask = offs_k < K_DIM - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if MUL_ROUTED_WEIGHT:
+        w = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)
+        acc = acc * w[:, None]
+    c_ptrs = c_ptr + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _config(num_tokens: int) -> dict[str, int]:
+    """Tile sizes by batch: decode has few rows per expert, so short M tiles waste less."""
+    if num_tokens <= 32:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _grouped_gemm(
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    topk_weights: Tensor,
+    align: tuple[Tensor, Tensor, Tensor],
+    a_row_div: int,
+    mul_routed_weight: bool,
+    cfg: dict[str, int],
+) -> None:
+    """c[s] = a[s // a_row_div] @ b[expert(s)]^T (* topk_weights[s]) for every slot s."""
+    sorted_slot_ids, block_expert_ids, num_post_padded = align
+    n, k_dim = b.shape[1], b.shape[2]
+    grid = (block_expert_ids.numel(), triton.cdiv(n, cfg["BLOCK_N"]))
+    _fused_moe_kernel[grid](
+        a,
+        b,
+        c,
+        topk_weights,
+        sorted_slot_ids,
+        block_expert_ids,
+        num_post_padded,
+        n,
+        k_dim,
+        c.shape[0],
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        c.stride(0),
+        c.stride(1),
+        A_ROW_DIV=a_row_div,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32: exact, not tf32
+        **cfg,
+    )
+
+
+def fused_experts(
+    hidden_states: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
+) -> Tensor:
+    """hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], topk_weights
+    [T, K] float32, topk_ids [T, K] -> [T, H]; same contract as atom.layers.moe.fused_experts."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    if w13.shape[2] != hidden or w2.shape[1] != hidden or w13.shape[1] != 2 * w2.shape[2]:
+        raise ValueError(f"expert shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} mismatch")
+    num_slots = num_tokens * top_k
+    if num_slots == 0:
+        return torch.zeros_like(hidden_states)
+    cfg = _config(num_tokens)
+    align = moe_align(topk_ids, w13.shape[0], cfg["BLOCK_M"])
+    weights = topk_weights.reshape(-1).float().contiguous()  # [S]
+    gate_up = hidden_states.new_empty(num_slots, w13.shape[1])  # [S, 2I]
+    _grouped_gemm(hidden_states, w13, gate_up, weights, align, top_k, False, cfg)
+    act = silu_and_mul(gate_up)  # [S, I]
+    down = hidden_states.new_empty(num_slots, hidden)  # [S, H], already weighted
+    _grouped_gemm(act, w2, down, weights, align, 1, True, cfg)
+    return down.view(num_tokens, top_k, hidden).sum(1, dtype=torch.float32).to(down.dtype)

@@ -1,0 +1,144 @@
+"""GPT-OSS experts: biased expert MLPs with a clamped SwiGLU, routed by top-k then softmax.
+
+Stacked like FusedMoE, the layout a grouped-GEMM kernel wants, plus one bias per projection:
+
+    w13_weight [E, 2 * I/tp, H]   rows [0, I/tp) gate, rows [I/tp, 2 * I/tp) up
+    w13_bias   [E, 2 * I/tp]
+    w2_weight  [E, H, I/tp]       down
+    w2_bias    [E, H]             added on rank 0 only: the all-reduce sums the partial outputs
+
+Checkpoints hold gate_up_proj [E, H, 2I] (transposed, gate and up interleaved column by column),
+gate_up_proj_bias [E, 2I], down_proj [E, I, H] and down_proj_bias [E, H]; the loader de-interleaves.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from atom.distributed import all_reduce, tp_rank, tp_world_size
+from atom.layers.linear import _copy_checked
+
+# checkpoint name under "<prefix>.experts." -> parameter name
+GPT_OSS_EXPERT_PARAMS = {
+    "gate_up_proj": "w13_weight",
+    "gate_up_proj_bias": "w13_bias",
+    "down_proj": "w2_weight",
+    "down_proj_bias": "w2_bias",
+}
+
+
+def topk_softmax(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of the raw logits, then a softmax over just those k (GPT-OSS's router).
+
+    Returns (weights [T, top_k] float32, expert ids [T, top_k] int64).
+    """
+    values, ids = router_logits.topk(top_k, dim=-1)
+    return values.float().softmax(dim=-1), ids
+
+
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def gpt_oss_experts(
+    hidden_states: Tensor,
+    experts: GptOssExperts,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    add_down_bias: bool,
+) -> Tensor:
+    """sum_k topk_weights[t, k] * expert_e(x_t), e = topk_ids[t, k]; the torch reference, looping
+    over the experts that received tokens (one host sync for the counts, as fused_experts)."""
+    inter = experts.w2_weight.shape[2]
+    out = torch.zeros_like(hidden_states)
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)  # (token, k) slots grouped by expert
+    slot_tokens = order // topk_ids.shape[1]
+    slot_weights = topk_weights.flatten()[order]
+    counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        tokens = slot_tokens[start : start + count]
+        x = hidden_states.index_select(0, tokens)
+        gate_up = F.linear(x, experts.w13_weight[e], experts.w13_bias[e])  # [n, 2I]
+        act = clamped_swiglu(gate_up[:, :inter], gate_up[:, inter:], experts.alpha, experts.limit)
+        down_bias = experts.w2_bias[e] if add_down_bias else None
+        y = F.linear(act, experts.w2_weight[e], down_bias)  # [n, H]
+        out.index_add_(0, tokens, (y * slot_weights[start : start + count, None]).to(out.dtype))
+        start += count
+    return out
+
+
+class GptOssExperts(nn.Module):
+    """The routed experts of one GPT-OSS layer: router logits in, weighted expert sum out."""
+
+    # The torch path reads per-expert token counts on the host: no CUDA graphs, no fullgraph
+    # compile until a sync-free fused kernel serves CUDA (the runner checks this).
+    syncs_host: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        top_k: int,
+        alpha: float,
+        limit: float,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} not in [1, {num_experts}]")
+        self.tp_size, self.tp_rank = tp_world_size(), tp_rank()
+        if intermediate_size % self.tp_size:
+            raise ValueError(
+                f"intermediate_size={intermediate_size} is not divisible by "
+                f"tensor_parallel_size={self.tp_size}"
+            )
+        self.num_experts, self.top_k, self.alpha, self.limit = num_experts, top_k, alpha, limit
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.shard_size = size = intermediate_size // self.tp_size
+        shapes = {
+            "w13_weight": (num_experts, 2 * size, hidden_size),
+            "w13_bias": (num_experts, 2 * size),
+            "w2_weight": (num_experts, hidden_size, size),
+            "w2_bias": (num_experts, hidden_size),
+        }
+        for name, shape in shapes.items():
+            param = nn.Parameter(torch.empty(shape), requires_grad=False)
+            param.weight_loader = self.weight_loader
+            self.register_parameter(name, param)
+
+    def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: object = None) -> int:
+        """All experts at once, in the checkpoint's layout (see the module docstring)."""
+        if loaded.shape[0] != self.num_experts:
+            raise ValueError(f"{loaded.shape[0]} experts, expected {self.num_experts}")
+        size, rank = self.shard_size, self.tp_rank
+        if param is self.w2_bias:
+            return _copy_checked(param.data, loaded, "w2_bias")
+        if param is self.w2_weight:  # [E, I, H] -> this rank's [E, H, I/tp]
+            src = loaded.narrow(1, rank * size, size).transpose(1, 2)
+            return _copy_checked(param.data, src, "w2_weight")
+        if loaded.shape[-1] != 2 * self.intermediate_size:
+            raise ValueError(f"{loaded.shape[-1]} gate/up columns, expected 2 * intermediate")
+        # Interleaved [..., 2I] columns: even gate, odd up; keep this rank's slice of each.
+        gate = loaded[..., 0::2].narrow(-1, rank * size, size)
+        up = loaded[..., 1::2].narrow(-1, rank * size, size)
+        src = torch.cat([gate, up], dim=-1)  # [E, (H,) 2I/tp]
+        if param is self.w13_weight:
+            src = src.transpose(1, 2)  # [E, 2I/tp, H]
+        return _copy_checked(param.data, src, "w13")
+
+    def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
+        # hidden_states [T, H], router_logits [T, E]
+        topk_weights, topk_ids = topk_softmax(router_logits, self.top_k)
+        out = gpt_oss_experts(hidden_states, self, topk_weights, topk_ids, self.tp_rank == 0)
+        return all_reduce(out)
