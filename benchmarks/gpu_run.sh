@@ -2,7 +2,7 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
-#   kernels  benchmarks/bench_attention.py (our attention vs SDPA flash; TFLOP/s, GB/s)
+#   kernels  bench_attention.py (vs SDPA flash) and bench_fused_moe.py (Qwen3-30B-A3B shapes)
 #   bench    benchmark_throughput (Qwen3-0.6B shape) and benchmark_latency (Llama-3.1-8B shape),
 #            then a second start of the latency engine to time a warm compile cache
 #   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
@@ -38,6 +38,7 @@ stage_tests() {
 
 stage_kernels() {
     python3 benchmarks/bench_attention.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
+    python3 benchmarks/bench_fused_moe.py "$OUT/fused_moe.json" 2>&1 | tee "$OUT/fused_moe.log"
 }
 
 # One benchmark CLI; its log in $OUT/NAME.log, its JSON line echoed.

@@ -27,13 +27,13 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
 
     topk_ids [T, K] -> (sorted_slot_ids [P] int32 with padding = T*K, block_expert_ids
     [P // block_m] int32 with -1 past the end, num_tokens_post_padded [1] int32), where
-    P = T*K + E*(block_m-1) is the worst case. Torch ops only, none of which syncs: no
-    bincount (its CUDA kernel reads max() on the host), no boolean masks, no .item().
+    P = T*K + E*(block_m-1) rounded up to whole blocks is the worst case. Torch ops only, none of
+    which syncs: no bincount (its CUDA kernel reads max() on the host), no boolean masks.
     """
     device = topk_ids.device
     ids = topk_ids.flatten().long()  # [S], slot s = t * K + k
     num_slots = ids.numel()
-    max_padded = num_slots + num_experts * (block_m - 1)
+    max_padded = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m  # whole blocks
     counts = torch.zeros(num_experts, dtype=torch.long, device=device)
     counts.scatter_add_(0, ids, torch.ones_like(ids))
     padded_end = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)  # [E]
@@ -95,7 +95,9 @@ def _fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BM, BK]
     b_ptrs = (  # [BK, BN]
-        b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
+        b_ptr
+        + expert * stride_be
+        + offs_n[None, :].to(tl.int64) * stride_bn
         + offs_k[:, None] * stride_bk
     )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

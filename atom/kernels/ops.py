@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from atom.kernels import fused_moe as _moe
 from atom.kernels import reshape_and_cache as _cache
 from atom.kernels import rms_norm as _norm
 from atom.kernels import rotary as _rotary
@@ -53,6 +54,20 @@ def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
     fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref
     return fn(x)
+
+
+def fused_experts(
+    hidden_states: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
+) -> Tensor:
+    """Routed experts: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H].
+
+    CUDA: the sync-free grouped-GEMM kernels; elsewhere the torch expert loop in atom.layers.moe.
+    """
+    if hidden_states.is_cuda:
+        return _moe.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+    from atom.layers.moe import fused_experts as fused_experts_ref  # layers import ops: no cycle
+
+    return fused_experts_ref(hidden_states, w13, w2, topk_weights, topk_ids)
 
 
 def reshape_and_cache(

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
+from atom.kernels import ops
 from atom.layers.linear import _copy_checked
 
 # Per-expert checkpoint keys ("...experts.7.gate_proj.weight", Mixtral "...experts.7.w1.weight")
@@ -168,8 +169,8 @@ def _check_routing(routing: MoERouting, num_experts: int) -> None:
 class FusedMoE(nn.Module):
     """The routed experts of one layer: router logits in, the weighted sum of expert MLPs out."""
 
-    # The torch path reads per-expert token counts on the host: no CUDA graphs, no fullgraph
-    # compile until a sync-free fused kernel serves CUDA (the runner checks this).
+    # The Triton path on CUDA has no host sync, but it has not run on a GPU yet: until the GPU
+    # tests pass, MoE models stay eager there (the runner checks this).
     syncs_host: ClassVar[bool] = True
 
     def __init__(
@@ -246,7 +247,10 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = select_experts(
             router_logits, self.routing, e_score_correction_bias
         )
-        out = fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        # CUDA: the sync-free Triton grouped GEMM; elsewhere the expert loop below.
+        out = ops.fused_experts(
+            hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids
+        )
         return all_reduce(out)
 
 
