@@ -97,9 +97,9 @@ def paged_attention(
 ) -> None:
     """Attention of query [T, H, D] over the paged cache (its own K/V already written) into out.
 
-    sinks [H] (GPT-OSS) take the torch reference on CUDA too: the Triton kernel lacks them.
+    sinks [H] float32 (GPT-OSS): raw logits that join each head's softmax denominator.
     """
-    if query.is_cuda and sinks is None:
+    if query.is_cuda:
         _attention.unified_attention(
             query,
             kv_cache,
@@ -114,6 +114,7 @@ def paged_attention(
             sliding_window,
             softcap,
             out,
+            sinks,
         )
         return
     out.copy_(

@@ -153,6 +153,7 @@ def _unified_attention_kernel(
     ws_acc_ptr,  # [T, H, num_splits, HEAD_DIM_P] fp32 (SPLIT only)
     ws_m_ptr,  # [T, H, num_splits] fp32
     ws_l_ptr,  # [T, H, num_splits] fp32
+    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS only)
     qk_scale,  # softmax scale * k_scale
     softcap,
     v_scale,
@@ -178,6 +179,7 @@ def _unified_attention_kernel(
     SPLIT: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -270,6 +272,16 @@ def _unified_attention_kernel(
             ws_acc_ptr + ws_row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None]
         )
     else:
+        if USE_SINKS:
+            # The sink joins the denominator once, after every key: it has no value, so it only
+            # rescales. It is a raw logit (not times the softmax scale), hence just * log2(e).
+            sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+            m_new = tl.maximum(m_i, sink)
+            # A -inf sink on a row with no keys: as in _attend_tiles, avoid inf - inf.
+            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_exp)
+            l_i = l_i * alpha + tl.exp2(sink - m_exp)
+            acc = acc * alpha[:, None]
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row with no keys writes zeros
         tl.store(
             out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -284,6 +296,7 @@ def _reduce_splits_kernel(
     ws_acc_ptr,  # [T, H, num_splits, HEAD_DIM_P]
     ws_m_ptr,  # [T, H, num_splits]
     ws_l_ptr,  # [T, H, num_splits]
+    sinks_ptr,  # [H] fp32 (USE_SINKS only)
     qsl_ptr,
     num_seqs,
     num_splits,
@@ -293,6 +306,7 @@ def _reduce_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
     SPLITS_P: tl.constexpr,
+    USE_SINKS: tl.constexpr,
 ):
     tok = tl.program_id(0)
     head = tl.program_id(1)
@@ -305,8 +319,15 @@ def _reduce_splits_kernel(
     m = tl.load(ws_m_ptr + row, mask=s_ok, other=float("-inf"))
     lsum = tl.load(ws_l_ptr + row, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # [SPLITS_P]
+    if USE_SINKS:
+        # Once per row, after combining the splits (log2 domain, raw logit: not scaled).
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
+    m_exp = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_exp)  # [SPLITS_P]
     denom = tl.sum(w * lsum, axis=0)
+    if USE_SINKS:
+        denom += tl.exp2(sink - m_exp)
     acc = tl.load(
         ws_acc_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], mask=s_ok[:, None], other=0.0
     )
@@ -386,6 +407,7 @@ def unified_attention(
     sliding_window: int | None = None,  # key j visible to query at position p iff p - W < j <= p
     softcap: float | None = None,  # scores = softcap * tanh(scores / softcap) before masking
     out: Tensor | None = None,  # [T, H, D] written in place when given
+    sinks: Tensor | None = None,  # [H] logits joining each softmax denominator, no value (GPT-OSS)
     *,
     num_splits: int | None = None,  # KV splits; None = choose_num_splits (tests force it)
 ) -> Tensor:
@@ -393,8 +415,10 @@ def unified_attention(
 
     Query row r of sequence i sits at position seq_lens[i] - q_len + (r - qsl[i]). Rows of a
     sequence with seq_len 0 are written as zeros; rows after qsl[B] are left untouched.
+    A sink s_h is a raw logit (not multiplied by scale): row weights are softmax([scores, s_h])
+    without the last entry.
     """
-    _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    _check_inputs(query, kv_cache, block_tables, seq_lens, query_start_loc, out, sinks)
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     num_seqs = block_tables.shape[0]
@@ -421,7 +445,7 @@ def unified_attention(
     q_blocks = num_seqs if cfg.one_block_per_seq else num_tokens // cfg.block_q + num_seqs
     _unified_attention_kernel[(q_blocks, num_kv_heads, num_splits)](
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        ws_acc, ws_m, ws_l,
+        ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
         scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
@@ -429,16 +453,17 @@ def unified_attention(
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE=cfg.tile,
         ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
-        KV_FP8=kv_fp8,
+        USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
         _reduce_splits_kernel[(num_tokens, num_heads)](
-            out, ws_acc, ws_m, ws_l, query_start_loc, num_seqs, num_splits,
-            out.stride(0), out.stride(1),
+            out, ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks, query_start_loc,
+            num_seqs, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-            SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
+            SPLITS_P=triton.next_power_of_2(num_splits), USE_SINKS=sinks is not None,
+            num_warps=4,
         )  # fmt: skip
     return out
 
@@ -454,6 +479,7 @@ def _check_inputs(
     seq_lens: Tensor,
     query_start_loc: Tensor,
     out: Tensor | None,
+    sinks: Tensor | None = None,
 ) -> None:
     """Shapes and dtypes only: reading values would cost a host sync."""
     if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
@@ -486,3 +512,5 @@ def _check_inputs(
             f"out must be {tuple(query.shape)} with a contiguous last dimension, "
             f"got {tuple(out.shape)}"
         )
+    if sinks is not None and (sinks.shape != (num_heads,) or sinks.stride(0) != 1):
+        raise ValueError(f"sinks must be contiguous [{num_heads}], got {tuple(sinks.shape)}")

@@ -63,8 +63,6 @@ class Attention(nn.Module):
                 torch.empty(num_heads, dtype=torch.float32), requires_grad=False
             )
             self.sinks.weight_loader = self._load_sinks
-            # Sinks run the torch reference on CUDA too, which reads lengths on the host.
-            self.syncs_host = True
 
     def _load_sinks(self, param: Tensor, loaded: Tensor, shard_id: object = None) -> int:
         if loaded.shape != (self.num_heads * (tp := tp_world_size()),):

@@ -99,6 +99,23 @@ def test_decode_split_kv(dtype: torch.dtype, num_splits: int | None) -> None:
     torch.testing.assert_close(out.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("window", [None, 128])  # GPT-OSS: sinks, every other layer windowed
+@pytest.mark.parametrize(
+    ("seqs", "num_splits"),
+    [(MIXED, None), ([(5000, 1), (1, 1), (0, 0), (3333, 1)], None), (MIXED, 3)],
+    ids=["mixed", "decode-split", "mixed-split"],
+)
+def test_sinks(seqs: list[tuple[int, int]], num_splits: int | None, window: int | None) -> None:
+    inp = _inputs(seqs, 64, 8, 64, seed=3)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    sinks = torch.randn(64, generator=gen, device="cuda") * 2
+    kw = {"scale": 64**-0.5, "sliding_window": window, "sinks": sinks}
+    query, cache = inp["query"].to(torch.bfloat16), inp["cache"].to(torch.bfloat16)
+    out = _kernel(inp, query, cache, num_splits=num_splits, **kw)
+    expected = _reference(inp, query, cache.float(), **kw)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("seqs", [MIXED, [(4000, 1), (17, 1), (900, 1)]], ids=["mixed", "decode"])
 def test_fp8_cache(seqs: list[tuple[int, int]]) -> None:
     inp = _inputs(seqs, 32, 8, 128, seed=2)

@@ -160,13 +160,64 @@ def test_split_kv_mixed_batch() -> None:
     check(make_batch([(17, 1), (40, 7), (33, 17), (0, 0)], 4, 2, 64), torch.float16, num_splits=3)
 
 
-@pytest.mark.parametrize("num_splits", [None, 2])
-def test_fp8_cache(num_splits: int | None) -> None:
+def _on_device(kw: dict) -> dict:
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def _sinks(heads: int) -> torch.Tensor:
+    """Logits around the scores' own size (std ~1), some far above: the sink takes most of the
+    mass in some heads and little in others; -inf weighs nothing."""
+    gen = torch.Generator().manual_seed(heads)
+    sinks = torch.randn(heads, generator=gen) * 2
+    sinks[0] = 6.0
+    sinks[-1] = float("-inf") if heads > 2 else sinks[-1]
+    return sinks
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sinks(
+    seqs: list[tuple[int, int]], window: int | None, num_splits: int, dtype: torch.dtype
+) -> None:
+    batch = make_batch(seqs, 8, 2, 32)
+    sinks = _sinks(8)
+    out = batch.run(dtype, sinks=sinks.to(DEVICE), sliding_window=window, num_splits=num_splits)
+    expected = batch.expected(dtype, sinks=sinks, sliding_window=window)
+    n = batch.rows
+    torch.testing.assert_close(
+        out.float().cpu()[:n], expected[:n], atol=TOL[dtype], rtol=TOL[dtype]
+    )
+    # The sinks only shrink rows: without them the result must differ.
+    assert not torch.allclose(
+        out.float().cpu()[:n], batch.expected(dtype, sliding_window=window)[:n]
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sinks_padding_rows_write_zeros(num_splits: int) -> None:
+    seqs = [(20, 1), (0, 0), (0, 1), (33, 1)]
+    batch = make_batch(seqs, 4, 2, 32)
+    sinks = _sinks(4)
+    out = torch.full_like(batch.query, 7.0).to(DEVICE)
+    batch.run(torch.float32, out=out, sinks=sinks.to(DEVICE), num_splits=num_splits)
+    assert torch.equal(out[1].cpu(), torch.zeros(4, 32))
+    expected = batch.expected(torch.float32, sinks=sinks)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("num_splits", "sinks"), [(None, False), (2, False), (None, True), (2, True)]
+)
+def test_fp8_cache(num_splits: int | None, sinks: bool) -> None:
     batch = make_batch([(17, 1), (40, 7), (0, 0), (16, 16)], 8, 2, 64)
-    scales = {"k_scale": 0.5, "v_scale": 2.0}
+    scales: dict = {"k_scale": 0.5, "v_scale": 2.0}
+    if sinks:  # the sink is not scaled by k_scale: the fp8 path folds that into the query
+        scales["sinks"] = _sinks(8)
     stored = batch.cache / torch.tensor([0.5, 2.0]).view(2, 1, 1, 1, 1)
     cache8 = stored.to(torch.float8_e4m3fn)
-    out = batch.run(torch.float16, cache=cache8, num_splits=num_splits, **scales)
+    out = batch.run(torch.float16, cache=cache8, num_splits=num_splits, **_on_device(scales))
     # The reference reads the same fp8 values back as stored * scale, in float32.
     expected = batch.expected(torch.float16, cache=cache8, **scales)
     n = batch.rows
@@ -211,6 +262,11 @@ def test_rejects_bad_inputs() -> None:
         unified_attention(
             batch.query, batch.cache, batch.tables, torch.ones(5, dtype=torch.int64),
             torch.arange(6, dtype=torch.int32), 1, 1, 1.0,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="sinks must be"):
+        unified_attention(
+            batch.query, batch.cache, batch.tables, torch.ones(5, dtype=torch.int32),
+            torch.arange(6, dtype=torch.int32), 1, 1, 1.0, sinks=torch.zeros(2),
         )  # fmt: skip
     with pytest.raises(ValueError, match="do not fit"):
         unified_attention(
