@@ -65,6 +65,9 @@ def _hf_greedy(model: Any, prompt: list[int]) -> list[int]:
 
 
 def _atom(path: Path, **kwargs: Any) -> list[list[int]]:
+    # CUDA graphs on, Inductor off: each engine here would compile anew (test_fast_path covers
+    # the levels), and device minutes are scarce.
+    kwargs.setdefault("level", 0)
     llm = LLM(str(path), skip_tokenizer_init=True, device="cuda", **kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
     pool = llm.engine.scheduler.kv.pool
