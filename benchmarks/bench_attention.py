@@ -24,12 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from atom.kernels.unified_attention import (
-    _config,
-    _num_sms,
-    choose_num_splits,
-    unified_attention,
-)
+from atom.kernels.attention_config import choose_num_splits, launch_config, num_sms
+from atom.kernels.unified_attention import unified_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 PREFILL = [(4, 2048), (1, 8192)]  # (batch, tokens per sequence)
@@ -129,7 +125,7 @@ def bench_decode(batch: int, context: int, kv_dtype: torch.dtype) -> dict | None
         "batch": batch,
         "context": context,
         "kv_dtype": str(kv_dtype).removeprefix("torch."),
-        "num_splits": choose_num_splits(batch, KV_HEADS, 1, context, _num_sms(query.device)),
+        "num_splits": choose_num_splits(batch, KV_HEADS, 1, context, num_sms(query.device)),
         "ms": ms,
         "kv_gb": kv_bytes / 1e9,
         "gb_per_s": kv_bytes / ms / 1e6,
@@ -142,9 +138,9 @@ def main() -> None:
         sys.exit("bench_attention needs a CUDA GPU")
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    print(f"{device}, {_num_sms(torch.device('cuda'))} SMs; H={HEADS} H_kv={KV_HEADS} D={HEAD_DIM}")
-    print(f"prefill config: {_config(8192, HEADS // KV_HEADS, HEAD_DIM)}")
-    print(f"decode config: {_config(1, HEADS // KV_HEADS, HEAD_DIM)}")
+    print(f"{device}, {num_sms(torch.device('cuda'))} SMs; H={HEADS} H_kv={KV_HEADS} D={HEAD_DIM}")
+    print(f"prefill config: {launch_config(8192, HEADS // KV_HEADS, HEAD_DIM)}")
+    print(f"decode config: {launch_config(1, HEADS // KV_HEADS, HEAD_DIM)}")
 
     prefill = [bench_prefill(b, n) for b, n in PREFILL]
     print("\nprefill (bf16, causal)    ours ms  TFLOP/s | SDPA flash ms  TFLOP/s")

@@ -26,21 +26,15 @@ every row of the q-block sees completely skip the mask arithmetic.
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.attention_config import choose_num_splits, launch_config, num_sms
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
-DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (the interpreter)
-MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
-MAX_SPLITS = 64
 
 
 @triton.jit
@@ -339,60 +333,6 @@ def _reduce_splits_kernel(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Config:
-    block_m: int  # rows of one program: block_q query tokens x group heads (padded)
-    block_q: int
-    tile: int  # KV tokens per loop iteration
-    one_block_per_seq: bool
-    num_warps: int
-    num_stages: int
-
-
-def _config(max_query_len: int, group: int, head_dim_p: int) -> _Config:
-    """Tile sizes from the Python ints only (so a captured CUDA graph sees the same launch).
-
-    Measured on an H200 (bf16, H=32, H_kv=8, D=128): decode reads 3.9-4.4 TB/s of KV at
-    B >= 32 with 128-token tiles (64: 3.3-3.7); prefill reaches 260-305 TFLOP/s with 64 x 64 tiles
-    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276).
-    """
-    rows = max(max_query_len, 1) * group
-    if rows <= 64:
-        # Decode and short speculative steps: one q-block per sequence, as few padded rows as
-        # tl.dot allows (M >= 16). Memory bound: long tiles, K and V double-buffered.
-        block_m = max(16, triton.next_power_of_2(rows))
-        return _Config(block_m, block_m // group, 128 if head_dim_p <= 128 else 64, True, 4, 2)
-    # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
-    tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
-    block_m = max(64, triton.next_power_of_2(group))
-    return _Config(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
-
-
-@functools.lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_num_splits(
-    num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, num_sms: int
-) -> int:
-    """KV splits per (sequence, KV head) for flash-decoding.
-
-    Only decode splits: a prefill has q-blocks enough to fill the GPU. A decode batch of
-    num_seqs * num_kv_heads programs that already covers every SM runs in one pass; otherwise
-    the splits aim at four programs per SM, each over at least MIN_TOKENS_PER_SPLIT keys
-    (H200, B=1 x 32k: 33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0).
-    """
-    programs = num_seqs * num_kv_heads
-    if max_query_len != 1 or programs == 0 or programs >= num_sms:
-        return 1
-    wanted = math.ceil(4 * num_sms / programs)
-    by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
-    return max(1, min(wanted, by_length, MAX_SPLITS))
-
-
 def unified_attention(
     query: Tensor,  # [T, H, D]
     kv_cache: Tensor,  # [2, num_blocks, block_size, H_kv, D]
@@ -428,10 +368,10 @@ def unified_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
-    cfg = _config(max_query_len, group, head_dim_p)
+    cfg = launch_config(max_query_len, group, head_dim_p)
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_seqs, num_kv_heads, max_query_len, max_seq_len, _num_sms(query.device)
+            num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms(query.device)
         )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

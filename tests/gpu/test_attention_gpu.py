@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atom.kernels.attention_config import choose_num_splits
 from atom.kernels.paged_attention import paged_attention_ref
-from atom.kernels.unified_attention import choose_num_splits, unified_attention
+from atom.kernels.unified_attention import unified_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

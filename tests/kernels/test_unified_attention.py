@@ -12,12 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits
 from atom.kernels.paged_attention import paged_attention_ref
-from atom.kernels.unified_attention import (
-    DEFAULT_NUM_SMS,
-    choose_num_splits,
-    unified_attention,
-)
+from atom.kernels.unified_attention import unified_attention
 
 BLOCK = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
