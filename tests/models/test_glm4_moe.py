@@ -10,13 +10,17 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
-from atom import LLM, SamplingParams
+from tests.models.oracle import (
+    atom_greedy,
+    atom_llm,
+    atom_logits,
+    hf_greedy,
+    load_hf,
+    random_prompts,
+)
 
-NEW_TOKENS = 32
 PROMPT_LENS = [1, 16, 17, 40]  # around the block size (16), and long
-KV_BYTES = 8 << 20  # a small KV cache: the CPU default takes seconds to zero-fill
 
 
 def _configs() -> dict[str, Any]:
@@ -73,51 +77,23 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_model(checkpoint: Path) -> Any:
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
 def _prompts(seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    prompts = random_prompts(seed, PROMPT_LENS)
     return [*prompts, prompts[-1][:33] + prompts[0]]  # a shared prefix: cache hits
 
 
 @pytest.fixture(scope="module")
+def hf_model(checkpoint: Path) -> Any:
+    return load_hf(checkpoint)
+
+
+@pytest.fixture(scope="module")
 def expected(hf_model: Any) -> list[list[int]]:
-    outs = []
-    for prompt in _prompts(1):
-        with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                top_k=None,
-                top_p=None,
-                temperature=None,
-            )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
-
-
-def _llm(checkpoint: Path, **kwargs: Any) -> LLM:
-    return LLM(str(checkpoint), skip_tokenizer_init=True, kv_cache_memory_bytes=KV_BYTES, **kwargs)
-
-
-def _atom_greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    pool = llm.engine.scheduler.kv.pool
-    assert pool.num_free_blocks == pool.num_blocks  # every block came back
-    return [o.outputs[0].token_ids for o in outs]
+    return hf_greedy(hf_model, _prompts(1))
 
 
 def test_greedy_matches_hf(checkpoint: Path, expected: list[list[int]]) -> None:
-    assert _atom_greedy(_llm(checkpoint), _prompts(1)) == expected
+    assert atom_greedy(atom_llm(checkpoint), _prompts(1)) == expected
 
 
 # The engine settings change only which tokens share a step and which blocks are reused; one
@@ -134,20 +110,14 @@ def test_greedy_matches_hf(checkpoint: Path, expected: list[list[int]]) -> None:
 def test_engine_settings_change_no_token(
     checkpoint: Path, expected: list[list[int]], engine_kwargs: dict[str, Any]
 ) -> None:
-    assert _atom_greedy(_llm(checkpoint, **engine_kwargs), _prompts(1)) == expected
-
-
-def _atom_logits(checkpoint: Path, prompt: list[int]) -> Tensor:
-    model = _llm(checkpoint, enable_prefix_caching=False).engine.executor.model
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt))))
+    assert atom_greedy(atom_llm(checkpoint, **engine_kwargs), _prompts(1)) == expected
 
 
 def test_prefill_logits_match_hf(checkpoint: Path, hf_model: Any) -> None:
     prompt = _prompts(2)[3]
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_atom_logits(checkpoint, prompt), hf_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(atom_logits(checkpoint, prompt), hf_logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("checkpoint", ["qk-norm"], indirect=True)
@@ -173,4 +143,4 @@ def test_mtp_layer_in_checkpoint_loads(checkpoint: Path, hf_model: Any, tmp_path
     prompt = _prompts(2)[4]
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_atom_logits(tmp_path, prompt), hf_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(atom_logits(tmp_path, prompt), hf_logits, atol=1e-4, rtol=1e-4)

@@ -8,16 +8,23 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from torch import Tensor
 
 from atom import LLM, SamplingParams
 from atom.executor.loader import iter_safetensors, load_weights
 from atom.layers.moe_gpt_oss import clamped_swiglu
 from atom.models.registry import get_model_class
+from tests.models.oracle import (
+    KV_BYTES,
+    NEW_TOKENS,
+    atom_greedy,
+    atom_llm,
+    atom_logits,
+    hf_greedy,
+    load_hf,
+    random_prompts,
+)
 
-NEW_TOKENS = 32
 PROMPT_LENS = [1, 5, 16, 17, 40, 71]
-KV_BYTES = 8 << 20  # a small KV cache: the CPU default takes seconds to zero-fill
 
 
 def _config() -> transformers.GptOssConfig:
@@ -62,46 +69,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def hf_model(checkpoint: Path) -> Any:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    )
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
-
-
 def _prompts(seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 256, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+    prompts = random_prompts(seed, PROMPT_LENS)
     return prompts + [prompts[-1][:33] + p for p in prompts[:3]]  # shared prefixes: cache hits
 
 
 @pytest.fixture(scope="module")
+def hf_model(checkpoint: Path) -> Any:
+    return load_hf(checkpoint, attn_implementation="eager")  # HF's only CPU path with sinks
+
+
+@pytest.fixture(scope="module")
 def expected(hf_model: Any) -> list[list[int]]:
-    outs = []
-    for prompt in _prompts(1):
-        with torch.no_grad():
-            out = hf_model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                top_k=None,
-                top_p=None,
-                temperature=None,
-            )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
-
-
-def _atom_greedy(checkpoint: Path, prompts: list[list[int]], **kwargs: Any) -> list[list[int]]:
-    llm = LLM(str(checkpoint), skip_tokenizer_init=True, kv_cache_memory_bytes=KV_BYTES, **kwargs)
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    pool = llm.engine.scheduler.kv.pool
-    assert pool.num_free_blocks == pool.num_blocks  # every block came back
-    return [o.outputs[0].token_ids for o in outs]
+    return hf_greedy(hf_model, _prompts(1))
 
 
 @pytest.mark.parametrize(
@@ -116,7 +96,7 @@ def _atom_greedy(checkpoint: Path, prompts: list[list[int]], **kwargs: Any) -> l
 def test_greedy_matches_hf(
     checkpoint: Path, expected: list[list[int]], engine_kwargs: dict[str, Any]
 ) -> None:
-    assert _atom_greedy(checkpoint, _prompts(1), **engine_kwargs) == expected
+    assert atom_greedy(atom_llm(checkpoint, **engine_kwargs), _prompts(1)) == expected
 
 
 def test_tensor_parallel_matches_hf(checkpoint: Path, expected: list[list[int]]) -> None:
@@ -137,23 +117,11 @@ def test_tensor_parallel_matches_hf(checkpoint: Path, expected: list[list[int]])
     assert outs[0].outputs[0].token_ids == expected[4]
 
 
-def _atom_logits(checkpoint: Path, prompt: list[int]) -> Tensor:
-    llm = LLM(
-        str(checkpoint),
-        skip_tokenizer_init=True,
-        enable_prefix_caching=False,
-        kv_cache_memory_bytes=KV_BYTES,
-    )
-    model = llm.engine.executor.model
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt))))
-
-
 def test_prefill_logits_match_hf(checkpoint: Path, hf_model: Any) -> None:
     prompt = _prompts(2)[5]
     with torch.no_grad():
         hf_logits = hf_model(torch.tensor([prompt])).logits[0]
-    torch.testing.assert_close(_atom_logits(checkpoint, prompt), hf_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(atom_logits(checkpoint, prompt), hf_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_clamped_swiglu_matches_hf(hf_model: Any) -> None:
