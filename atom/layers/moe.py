@@ -12,7 +12,7 @@ MLP: each rank computes a partial sum over its I/tp slice and the layer all-redu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -124,14 +124,26 @@ def select_experts(
     )
 
 
-def fused_experts(
-    hidden_states: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
-) -> Tensor:
-    """sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, k].
+def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
 
-    hidden_states [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H]. The torch
-    reference: it loops over the experts that received tokens. It is the CPU path and the oracle
-    for a grouped-GEMM kernel, which will take its place on CUDA through atom.kernels.ops.
+
+def fused_experts(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13_bias: Tensor | None = None,
+    w2_bias: Tensor | None = None,
+    activation: Callable[[Tensor, Tensor], Tensor] = silu_and_mul,
+) -> Tensor:
+    """sum_k topk_weights[t, k] * down_e(act(gate_e(x_t), up_e(x_t))) with e = topk_ids[t, k].
+
+    hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_* [T, K],
+    optional biases [E, 2I] / [E, H] (GPT-OSS) -> [T, H]. The torch reference: it loops over the
+    experts that received tokens. It is the CPU path and the oracle for the grouped-GEMM kernel
+    that takes its place on CUDA through atom.kernels.ops.
     """
     num_experts, inter = w13.shape[0], w2.shape[2]
     out = torch.zeros_like(hidden_states)
@@ -142,12 +154,14 @@ def fused_experts(
     slot_weights = topk_weights.flatten()[order]
     counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
     start = 0
-    for expert, count in enumerate(counts):
+    for e, count in enumerate(counts):
         if count == 0:
             continue
         tokens = slot_tokens[start : start + count]
-        gate_up = F.linear(hidden_states.index_select(0, tokens), w13[expert])  # [n, 2I]
-        y = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[expert])  # [n, H]
+        x = hidden_states.index_select(0, tokens)
+        gate_up = F.linear(x, w13[e], None if w13_bias is None else w13_bias[e])  # [n, 2I]
+        act = activation(gate_up[:, :inter], gate_up[:, inter:])
+        y = F.linear(act, w2[e], None if w2_bias is None else w2_bias[e])  # [n, H]
         out.index_add_(0, tokens, (y * slot_weights[start : start + count, None]).to(out.dtype))
         start += count
     return out

@@ -13,14 +13,15 @@ gate_up_proj_bias [E, 2I], down_proj [E, I, H] and down_proj_bias [E, H]; the lo
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.layers.linear import _copy_checked
+from atom.layers.moe import fused_experts
 
 # checkpoint name under "<prefix>.experts." -> parameter name
 GPT_OSS_EXPERT_PARAMS = {
@@ -45,37 +46,6 @@ def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tens
     gate = gate.clamp(max=limit)
     up = up.clamp(min=-limit, max=limit)
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
-def gpt_oss_experts(
-    hidden_states: Tensor,
-    experts: GptOssExperts,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
-    add_down_bias: bool,
-) -> Tensor:
-    """sum_k topk_weights[t, k] * expert_e(x_t), e = topk_ids[t, k]; the torch reference, looping
-    over the experts that received tokens (one host sync for the counts, as fused_experts)."""
-    inter = experts.w2_weight.shape[2]
-    out = torch.zeros_like(hidden_states)
-    flat_ids = topk_ids.flatten()
-    order = flat_ids.argsort(stable=True)  # (token, k) slots grouped by expert
-    slot_tokens = order // topk_ids.shape[1]
-    slot_weights = topk_weights.flatten()[order]
-    counts = torch.bincount(flat_ids, minlength=experts.num_experts).tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        tokens = slot_tokens[start : start + count]
-        x = hidden_states.index_select(0, tokens)
-        gate_up = F.linear(x, experts.w13_weight[e], experts.w13_bias[e])  # [n, 2I]
-        act = clamped_swiglu(gate_up[:, :inter], gate_up[:, inter:], experts.alpha, experts.limit)
-        down_bias = experts.w2_bias[e] if add_down_bias else None
-        y = F.linear(act, experts.w2_weight[e], down_bias)  # [n, H]
-        out.index_add_(0, tokens, (y * slot_weights[start : start + count, None]).to(out.dtype))
-        start += count
-    return out
 
 
 class GptOssExperts(nn.Module):
@@ -140,5 +110,14 @@ class GptOssExperts(nn.Module):
     def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
         # hidden_states [T, H], router_logits [T, E]
         topk_weights, topk_ids = topk_softmax(router_logits, self.top_k)
-        out = gpt_oss_experts(hidden_states, self, topk_weights, topk_ids, self.tp_rank == 0)
+        out = fused_experts(  # the shared expert loop, with GPT-OSS's biases and activation
+            hidden_states,
+            self.w13_weight,
+            self.w2_weight,
+            topk_weights,
+            topk_ids,
+            self.w13_bias,
+            self.w2_bias if self.tp_rank == 0 else None,  # added once, before the all-reduce
+            functools.partial(clamped_swiglu, alpha=self.alpha, limit=self.limit),
+        )
         return all_reduce(out)
