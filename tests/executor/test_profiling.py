@@ -67,7 +67,11 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     path = tmp_path_factory.mktemp("qwen3")
     config.save_pretrained(path)
     args = EngineArgs(
-        model=str(path), load_format="dummy", device="cpu", skip_tokenizer_init=True, mark_trace=True
+        model=str(path),
+        load_format="dummy",
+        device="cpu",
+        skip_tokenizer_init=True,
+        mark_trace=True,
     )
     return ModelRunner(args.create_engine_config())
 
