@@ -143,8 +143,9 @@ class EngineArgs:
         a(
             "--mark-trace",
             action="store_true",
-            help="tag every module forward in profiler traces; with --torch-profiler-dir, "
-            "also write a capture trace per CUDA graph (DIR/capture_traces/)",
+            help="tag every module forward in profiler traces (host time on every eager "
+            "forward); with --torch-profiler-dir, also write a capture trace per CUDA graph "
+            "(DIR/capture_traces/)",
         )
         return parser
 

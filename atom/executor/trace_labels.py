@@ -18,12 +18,13 @@ from collections.abc import Sequence
 MAX_CTX_SHOWN = 5
 
 
-def _ctx(seq_lens: Sequence[int]) -> str:
-    if len(seq_lens) == 1:
+def _ctx(seq_lens: Sequence[int], n: int) -> str:
+    """The first n context lengths, the first 3 and a count when n > MAX_CTX_SHOWN."""
+    if n == 1:
         return str(seq_lens[0])
-    if len(seq_lens) <= MAX_CTX_SHOWN:
-        return str(list(seq_lens))
-    return f"{list(seq_lens[:3])}...+{len(seq_lens) - 3}"
+    if n <= MAX_CTX_SHOWN:
+        return str(list(seq_lens[:n]))
+    return f"{list(seq_lens[:3])}...+{n - 3}"
 
 
 def step_label(
@@ -38,7 +39,7 @@ def step_label(
     tokens = query_start_loc[num_seqs]
     if decode_only and graph_size is not None:
         return f"decode[bs={num_seqs}/{graph_size} tok={tokens}]"
-    ctx = _ctx(seq_lens[:num_seqs])
+    ctx = _ctx(seq_lens, num_seqs)
     if decode_only:
         return f"eager_decode[bs={num_seqs} tok={tokens} ctx={ctx}]"
     decodes = sum(query_start_loc[i + 1] - query_start_loc[i] == 1 for i in range(num_seqs))
