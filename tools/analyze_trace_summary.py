@@ -43,12 +43,14 @@ def step_time(t: StepTiming) -> float:
     return t.period if t.gpu_busy is not None else t.step.cpu.dur
 
 
-def stats_row(name: str, values: Sequence[float], fmt: Callable[[float], str] = fmt_us) -> str:
+def stats_row(
+    name: str, values: Sequence[float], fmt: Callable[[float], str] = fmt_us, total: bool = True
+) -> str:
     if not values:
         return f"| {name} | 0 | - | - | - | - |"
     return (
         f"| {name} | {len(values)} | {fmt(statistics.fmean(values))} | {fmt(min(values))} | "
-        f"{fmt(max(values))} | {fmt(sum(values))} |"
+        f"{fmt(max(values))} | {fmt(sum(values)) if total else '-'} |"
     )
 
 
@@ -81,7 +83,7 @@ def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
     if gpu:
         lines.append(stats_row("GPU span", [t.gpu_span for t in timings if t.gpu_span is not None]))
         idle = [100 * (1 - t.gpu_busy) for t in timings if t.gpu_busy is not None]
-        lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%"))
+        lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%", total=False))
         over = sum(v > IDLE_LIMIT for v in idle)
         lines += [
             "",

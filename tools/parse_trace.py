@@ -16,10 +16,10 @@ Compiled code (level >= 1) keeps only attention's tag: its other kernels show as
 and are counted in the layer of the attention before them (approximate: layer N's row then holds
 the norm and QKV projection of layer N+1). Kernels outside every tag are `(untagged)`.
 
-Rows: phase, steps, layer (a number, `avg` for the average over the layers holding that kernel,
-empty outside layers), module, kernel, calls, total_us, avg_us (per call), per_step_us,
-pct_of_layer, pct_of_step (of all the phase's kernel time). On a CPU trace (no GPU events) the
-kernels are the top-level CPU ops.
+Rows: phase, steps, layer (a number; `avg` for the mean over the phase's layers, a layer without
+that kernel counting 0; empty outside layers), module, kernel, calls, total_us, avg_us (per call),
+per_step_us, pct_of_layer, pct_of_step (of all the phase's kernel time). On a CPU trace (no GPU
+events) the kernels are the top-level CPU ops.
 """
 
 from __future__ import annotations
@@ -163,36 +163,24 @@ def average_rows(
     layer_total: dict[int, float],
     phase_total: float,
 ) -> list[Row]:
-    """Each (module, kernel) of the layers, averaged over the layers that run it."""
+    """Each (module, kernel) of the layers, averaged over all the phase's layers (a layer that
+    does not run it counts 0), so that the average rows add up to the average layer."""
     if not layer_total:
         return []
-    mean_layer = sum(layer_total.values()) / len(layer_total)
+    num_layers = len(layer_total)
+    mean_layer = sum(layer_total.values()) / num_layers
     groups: dict[tuple[str, str], list[float]] = {}
     for (layer, module, kernel), (calls, t) in totals.items():
         if layer is not None:
-            group = groups.setdefault((module, kernel), [0, 0.0, 0.0])
-            group[0] += 1
-            group[1] += calls
-            group[2] += t
+            group = groups.setdefault((module, kernel), [0, 0.0])
+            group[0] += calls
+            group[1] += t
     rows = []
-    for (module, kernel), (layers, calls, t) in groups.items():
-        c, avg = calls / layers, t / layers
+    for (module, kernel), (calls, t) in groups.items():
+        c, avg = calls / num_layers, t / num_layers
         pct_layer = 100 * avg / (mean_layer or 1.0)
-        rows.append(
-            Row(
-                phase,
-                n,
-                "avg",
-                module,
-                kernel,
-                c,
-                avg,
-                avg / c,
-                avg / n,
-                pct_layer,
-                100 * avg / phase_total,
-            )
-        )
+        pct = 100 * avg / phase_total
+        rows.append(Row(phase, n, "avg", module, kernel, c, avg, avg / c, avg / n, pct_layer, pct))
     return rows
 
 
@@ -270,7 +258,7 @@ def print_phase(rows_: list[Row], top: int, layer: int | None) -> None:
             if id(r) in keep:
                 pct_layer = "" if r.pct_of_layer is None else f"{r.pct_of_layer:.1f}"
                 print(
-                    f"{r.module[:28]:<28} {r.kernel[:48]:<48} {r.calls:>7.0f} "
+                    f"{r.module[:28]:<28} {r.kernel[:48]:<48} {r.calls:>7.4g} "
                     f"{r.per_step_us:>10.1f} {pct_layer:>7} {r.pct_of_step:>6.1f}"
                 )
 

@@ -214,7 +214,7 @@ def test_gpu_breakdown_maps_replays_through_the_capture_trace(
         ("prefill", "1", "mlp", "orphan_kernel"): (1, 4),  # no launch: device-side ranges
         ("prefill", "avg", "self_attn.qkv_proj", "gemm_a"): (1, 30),
         ("prefill", "avg", "self_attn.attn", "attn_kernel"): (1, 20),
-        ("prefill", "avg", "mlp", "orphan_kernel"): (1, 4),
+        ("prefill", "avg", "mlp", "orphan_kernel"): (0.5, 2),  # a layer without it counts 0
         # two graph replays: kernels matched in order to the capture's
         ("decode", "0", "self_attn.qkv_proj", "gemm_a"): (2, 20),
         ("decode", "0", "self_attn.attn", "attn_kernel"): (2, 16),
@@ -225,7 +225,7 @@ def test_gpu_breakdown_maps_replays_through_the_capture_trace(
         ("decode", "", "compute_logits", "gemm_logits"): (2, 10),
         ("decode", "avg", "self_attn.qkv_proj", "gemm_a"): (2, 20),
         ("decode", "avg", "self_attn.attn", "attn_kernel"): (2, 16),
-        ("decode", "avg", "(compiled)", "triton_poi_fused_add"): (2, 6),
+        ("decode", "avg", "(compiled)", "triton_poi_fused_add"): (1, 3),
     }
     (decode_gemm,) = [
         r
