@@ -259,7 +259,9 @@ class Trace:
         for g in self.gpu:
             launch = launches.get(g.args.get("correlation"))
             if launch is not None:
-                replay = "graphlaunch" in launch.name.lower()
+                # Every kernel of a replay carries the graph launch's correlation id; newer
+                # Kineto also writes the graph's id.
+                replay = "graphlaunch" in launch.name.lower() or bool(g.args.get("graph id"))
                 by_launch[launch.thread].append((launch.ts, (g, replay)))
             else:
                 by_stream[g.thread].append((g.ts, (g, False)))
