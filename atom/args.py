@@ -83,6 +83,7 @@ class EngineArgs:
     cudagraph_capture_sizes: list[int] | None = None
     device: str | None = None  # None = cuda when available, else cpu
     torch_profiler_dir: str | None = None
+    mark_trace: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -138,6 +139,13 @@ class EngineArgs:
             "--torch-profiler-dir",
             default=None,
             help="where start_profile/stop_profile write traces (one folder per rank)",
+        )
+        a(
+            "--mark-trace",
+            action="store_true",
+            help="tag every module forward in profiler traces (host time on every eager "
+            "forward); with --torch-profiler-dir, also write a capture trace per CUDA graph "
+            "(DIR/capture_traces/)",
         )
         return parser
 
@@ -197,6 +205,7 @@ class EngineArgs:
             parallel=ParallelConfig(self.tensor_parallel_size),
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
             torch_profiler_dir=self.torch_profiler_dir,
+            mark_trace=self.mark_trace,
             device=device,
         )
 

@@ -162,4 +162,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     torch_profiler_dir: str | None = None  # start_profile/stop_profile write traces here
+    # Tag module forwards in profiler traces; with torch_profiler_dir, also write one capture
+    # trace per CUDA graph (DIR/capture_traces/) so replayed kernels map back to modules.
+    mark_trace: bool = False
     device: str = "cpu"  # "cpu" or "cuda"

@@ -47,9 +47,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"engine ready in {time.perf_counter() - start:.1f} s")
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     conversations = [[{"role": "user", "content": p}] for p in prompts]
+    profile = engine_args.torch_profiler_dir is not None  # as the reference: trace the run
+    if profile:
+        llm.start_profile()
     start = time.perf_counter()
     outputs = llm.chat(conversations, params)
     elapsed = time.perf_counter() - start
+    if profile:
+        llm.stop_profile()
     for out in outputs:
         print("\n")
         print(f"Prompt: {out.prompt!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import gc
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -29,14 +30,23 @@ class DecodeGraphs:
         i = bisect.bisect_left(self.sizes, num_seqs)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def capture(self, forward: Callable[[int], Tensor]) -> None:
-        """forward(size) runs one decode batch of `size` rows and returns its output tensor."""
+    def capture(
+        self,
+        forward: Callable[[int], Tensor],
+        trace: Callable[[int], AbstractContextManager[None]] | None = None,
+    ) -> None:
+        """forward(size) runs one decode batch of `size` rows and returns its output tensor.
+        trace(size), when given, profiles a second warm-up forward: the same kernels, in the
+        same order, as the graph then captured (the first may compile and autotune)."""
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
         try:
             for size in reversed(self.sizes):
                 forward(size)  # warm-up: compiles, autotunes and allocates outside the capture
+                if trace is not None:
+                    with trace(size):
+                        forward(size)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._outputs[size] = forward(size)

@@ -6,10 +6,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 from atom.config import EngineConfig
 from atom.distributed import all_reduce_min, broadcast_from_first
@@ -29,7 +29,9 @@ from atom.executor.input_batch import (
     build_step_inputs,
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
+from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import Sampler, SamplerOutput, profile_sampling_metadata
+from atom.executor.trace_labels import step_label
 from atom.layers.attention import Attention
 from atom.models.registry import get_model_class
 
@@ -71,6 +73,10 @@ class ModelRunner:
             layer.layer_name = name
         self.attn_layers = list(self.attn_by_name.values())
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        if config.mark_trace:
+            n = tag_modules(self.model) + tag_modules(self.sampler, "sampler")
+            self.model.compute_logits = tagged(self.model.compute_logits, "compute_logits")
+            logger.info("mark-trace: %d modules tagged", n)
         sched = config.scheduler
         comp = config.compilation
         fast = self.device.type == "cuda" and not comp.enforce_eager
@@ -88,8 +94,9 @@ class ModelRunner:
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.forward = compile_forward(self.model.forward, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
-        self.profile_dir = config.torch_profiler_dir
-        self._profiler: torch.profiler.profile | None = None
+        self.profiler = TorchProfiler(
+            config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
+        )
         self._sampled_host = torch.zeros(
             sched.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda"
         )
@@ -229,7 +236,8 @@ class ModelRunner:
         b.seq_lens[:n].zero_()  # ... and attend to nothing
         b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
         self.graphs = DecodeGraphs(self.capture_sizes)
-        self.graphs.capture(self._decode_forward)
+        trace = self.profiler.capture_trace if self.profiler.records_captures else None
+        self.graphs.capture(self._decode_forward, trace)
         logger.info(
             "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB",
             len(self.capture_sizes),
@@ -261,34 +269,16 @@ class ModelRunner:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
 
     def shutdown(self) -> None:
-        if self._profiler is not None:
+        if self.profiler.running:
             self.stop_profile()
 
     # ---- torch profiler ----
     def start_profile(self) -> None:
-        if self.profile_dir is None:
-            raise ValueError("profiling needs --torch-profiler-dir")
-        if self._profiler is not None:
-            raise ValueError("the profiler is already running")
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
-        self._profiler.start()
+        self.profiler.start()
 
     def stop_profile(self) -> None:
         """Writes DIR/rank_<r>/<model>_ts_<unix ms>.pt.trace.json.gz."""
-        if self._profiler is None:
-            raise ValueError("the profiler is not running")
-        profiler, self._profiler = self._profiler, None
-        profiler.stop()
-        assert self.profile_dir is not None
-        folder = Path(self.profile_dir) / f"rank_{self.rank}"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = Path(self.config.model.model.rstrip("/")).name or "model"
-        path = folder / f"{name}_ts_{int(time.time() * 1000)}.pt.trace.json.gz"
-        profiler.export_chrome_trace(str(path))
-        logger.info("profile written to %s", path)
+        self.profiler.stop()
 
     # ---- one step ----
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -307,30 +297,33 @@ class ModelRunner:
         # Built before the forward is queued: its small host-to-device copies then wait for nothing.
         sampling = build_sampling_metadata(rows, self.device) if rows else None
         num_rows = inputs.input_ids.shape[0]
-        if self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs:
-            hidden = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
-            logits = self.model.compute_logits(hidden)
-            prompt_logprobs: dict[str, list] = {}
-        else:
-            with set_forward_context(ForwardContext(self.attn_by_name, inputs.attn)):
-                hidden = self.forward(inputs.input_ids, inputs.positions)
-            prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if rows else None
-        out = ModelRunnerOutput(
-            req_ids=inputs.req_ids,
-            sampled_token_ids=[[] for _ in inputs.req_ids],
-            logprobs=[None] * len(inputs.req_ids),
-            prompt_logprobs=prompt_logprobs,
+        graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
+        attn = inputs.attn
+        label = step_label(
+            attn.query_start_loc_cpu,
+            attn.seq_lens_cpu,
+            len(inputs.req_ids),
+            inputs.is_decode_only,
+            num_rows if graph else None,
         )
-        if logits is None or sampling is None:
-            return lambda: out
-        result = self.sampler(logits, sampling)
-        broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
-        sampled = self._sampled_host[: len(rows)]
-        sampled.copy_(result.sampled, non_blocking=True)
-        done = torch.cuda.Event() if self.device.type == "cuda" else None
-        if done is not None:
-            done.record()
+        # The step's device work, from the forward to the copy of the sampled ids.
+        with record_function(label):
+            logits, prompt_logprobs = self._forward(inputs, graph, bool(rows))
+            out = ModelRunnerOutput(
+                req_ids=inputs.req_ids,
+                sampled_token_ids=[[] for _ in inputs.req_ids],
+                logprobs=[None] * len(inputs.req_ids),
+                prompt_logprobs=prompt_logprobs,
+            )
+            if logits is None or sampling is None:
+                return lambda: out
+            result = self.sampler(logits, sampling)
+            broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
+            sampled = self._sampled_host[: len(rows)]
+            sampled.copy_(result.sampled, non_blocking=True)
+            done = torch.cuda.Event() if self.device.type == "cuda" else None
+            if done is not None:
+                done.record()
 
         def wait() -> ModelRunnerOutput:
             if done is not None:
@@ -339,6 +332,21 @@ class ModelRunner:
             return out
 
         return wait
+
+    def _forward(
+        self, inputs: StepInputs, graph: bool, sample: bool
+    ) -> tuple[Tensor | None, dict[str, list]]:
+        """The logits of the sampling rows (None when nothing samples) and prompt logprobs."""
+        if graph:
+            num_rows = inputs.input_ids.shape[0]
+            assert self.graphs is not None
+            hidden = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
+            return self.model.compute_logits(hidden), {}
+        with set_forward_context(ForwardContext(self.attn_by_name, inputs.attn)):
+            hidden = self.forward(inputs.input_ids, inputs.positions)
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if sample else None
+        return logits, prompt_logprobs
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:

@@ -7,10 +7,12 @@ and Triton launches inside stay out of Dynamo's sight.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import get_forward_context
@@ -52,6 +54,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.layer_name = ""  # its key in the forward context, set by the runner
+        # --mark-trace: the profiler range of a compiled forward's call into the layer's op (the
+        # module-forward tags of executor/profiling.py are left out of compiled code).
+        self.trace_tag: str | None = None
         # fp8 KV stores k / k_scale; the runner calibrates the scales (1.0 for other dtypes).
         self.k_scale = 1.0
         self.v_scale = 1.0
@@ -82,6 +87,9 @@ class Attention(nn.Module):
         else:  # eager: skip the dispatcher, ~10 us per call
             self.forward_into(q, k, v, out)
         return out
+
+    def trace_scope(self) -> AbstractContextManager[Any]:
+        return record_function(self.trace_tag) if self.trace_tag else nullcontext()
 
     def forward_into(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
         context = get_forward_context()
@@ -122,7 +130,9 @@ class Attention(nn.Module):
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_name: str) -> None:
     context = get_forward_context()
     assert context is not None, "atom.attention runs inside the runner's forward context"
-    context.layers[layer_name].forward_into(q, k, v, out)
+    layer = context.layers[layer_name]
+    with layer.trace_scope():
+        layer.forward_into(q, k, v, out)
 
 
 @_attention_op.register_fake

@@ -138,7 +138,9 @@ def _mla_attention_op(
 ) -> None:
     context = get_forward_context()
     assert context is not None, "atom.mla_attention runs inside the runner's forward context"
-    context.layers[layer_name].forward_into(q, latent, w_kv_b, out)
+    layer = context.layers[layer_name]
+    with layer.trace_scope():
+        layer.forward_into(q, latent, w_kv_b, out)
 
 
 @_mla_attention_op.register_fake

@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from atom.args import EngineArgs
 from atom.entrypoints.openai_server import load_chat_template, make_parser
 from tests.entrypoints.conftest import (
     API_KEY,
@@ -210,6 +211,9 @@ def test_cli_flags() -> None:
     assert ns.server_port == 9 and ns.max_model_len == 64 and ns.api_key == "k"
     ns = make_parser().parse_args(["--server-port", "10", "--default-chat-template-kwargs", "{}"])
     assert ns.server_port == 10 and ns.default_chat_template_kwargs == {}
+    ns = make_parser().parse_args(["--torch-profiler-dir", "p", "--mark_trace"])
+    engine = EngineArgs.from_cli_args(ns)
+    assert engine.torch_profiler_dir == "p" and engine.mark_trace
     assert load_chat_template("{{ messages }}") == "{{ messages }}"
     with pytest.raises(ValueError, match="neither"):
         load_chat_template("/no/such/file")

@@ -57,8 +57,12 @@ def test_example_runs_with_reference_flags(
             "0",
             "--kv-cache-memory",
             "16MiB",
+            "--torch-profiler-dir",
+            str(tmp_path / "profile"),
+            "--mark_trace",
         ]
     )
     out = capsys.readouterr().out
     assert out.count("Prompt: ") == 2 and out.count("Completion: ") == 2
     assert "2 requests" in out
+    assert len(list((tmp_path / "profile" / "rank_0").glob("*.pt.trace.json.gz"))) == 1

@@ -1,0 +1,118 @@
+"""A hand-made Kineto trace of a GPU run: what a CUDA profile holds, written without a GPU.
+
+Host ranges and launches on one CPU thread; kernels, memcpys and device-side ranges on stream 7.
+Each launch and its GPU event share a correlation id, as CUPTI's records do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+CPU = (100, 1)
+GPU = (0, 7)
+
+
+class TraceBuilder:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._ids = itertools.count(1)
+
+    def _add(self, cat: str, name: str, ts: float, dur: float, where: tuple, args: dict) -> None:
+        pid, tid = where
+        event = {"ph": "X", "cat": cat, "name": name, "pid": pid, "tid": tid}
+        self.events.append(event | {"ts": ts, "dur": dur, "args": args})
+
+    def host(self, name: str, ts: float, dur: float) -> int:
+        """A record_function range; returns its External id."""
+        ext = next(self._ids)
+        self._add("user_annotation", name, ts, dur, CPU, {"External id": ext})
+        return ext
+
+    def device_range(self, name: str, ts: float, dur: float, ext: int) -> None:
+        self._add("gpu_user_annotation", name, ts, dur, GPU, {"External id": ext})
+
+    def launch(self, name: str, ts: float, cat: str = "cuda_runtime") -> int:
+        corr = next(self._ids)
+        self._add(cat, name, ts, 1.0, CPU, {"correlation": corr})
+        return corr
+
+    def gpu(self, name: str, ts: float, dur: float, corr: int, cat: str = "kernel") -> None:
+        self._add(cat, name, ts, dur, GPU, {"correlation": corr, "stream": GPU[1]})
+
+    def kernel(
+        self, name: str, launch_ts: float, ts: float, dur: float, cat: str = "kernel"
+    ) -> None:
+        """A kernel (or memcpy/memset) with its own launch."""
+        self.gpu(name, ts, dur, self.launch("cudaLaunchKernel", launch_ts), cat)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"schemaVersion": 1, "traceEvents": self.events}).encode()
+        path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+        return path
+
+
+# A two-layer model. Layer ranges hold one GEMM and one attention kernel each.
+LAYER_KERNELS = [("self_attn.qkv_proj", "gemm_a"), ("self_attn.attn", "attn_kernel")]
+# What a replay of that graph runs (kernel, us), 2 us apart.
+REPLAY = [
+    ("gemm_a", 10),
+    ("attn_kernel", 8),
+    ("triton_poi_fused_add", 3),
+    ("gemm_a", 10),
+    ("attn_kernel", 8),
+]
+
+
+def capture_trace(path: Path) -> Path:
+    """The tagged warm-up forward of the graph of 4 rows, partly compiled: the `## Call
+    CompiledFxGraph` range after layer 0's attention holds an untagged fused kernel."""
+    t = TraceBuilder()
+    t.host("capture_warmup[bs=4]", 0, 200)
+    ts = 10.0
+    for layer in (0, 1):
+        for module, kernel in LAYER_KERNELS:
+            t.host(f"model.layers.{layer}.{module}", ts, 10)
+            t.kernel(kernel, ts + 2, 1000 + ts, 5)
+            ts += 20
+        if layer == 0:
+            t.host("## Call CompiledFxGraph fabc ##", ts, 10)
+            t.kernel("triton_poi_fused_add", ts + 2, 1000 + ts, 3)
+            ts += 20
+    return t.write(path)
+
+
+def run_trace(path: Path) -> Path:
+    """An eager prefill (tags around each launch), then two decode steps replaying the graph of
+    4 rows; the second replay also runs a memset its capture never saw."""
+    t = TraceBuilder()
+    ext = t.host("prefill[bs=1 tok=4 ctx=4]", 0, 100)
+    t.device_range("prefill[bs=1 tok=4 ctx=4]", 200, 140, ext)
+    t.kernel("memcpy_h2d", -5, 190, 5, cat="gpu_memcpy")  # before any step: no step's work
+    t.host("model.layers.0.self_attn.qkv_proj", 10, 10)
+    t.kernel("gemm_a", 12, 200, 30)
+    t.host("model.layers.0.self_attn.attn", 25, 10)
+    t.gpu("attn_kernel", 235, 20, t.launch("cuLaunchKernel", 27, cat="cuda_driver"))
+    t.host("model.layers.1.self_attn.qkv_proj", 40, 10)
+    t.kernel("gemm_a", 42, 260, 30)
+    t.host("model.layers.1.self_attn.attn", 55, 10)
+    t.kernel("attn_kernel", 57, 295, 20)
+    t.host("sampler", 70, 10)
+    t.kernel("Memcpy DtoH", 72, 320, 5, cat="gpu_memcpy")
+    # No launch event recorded: the device-side ranges place it (layer 1's MLP, the prefill).
+    t.device_range("model.layers.1.mlp", 329, 6, 0)
+    t.gpu("orphan_kernel", 330, 4, corr=999)
+    for start, gpu_start, extra in ((400, 500, False), (460, 600, True)):
+        t.host("decode[bs=3/4 tok=3]", start, 40)
+        graph = t.launch("cudaGraphLaunch", start + 5)
+        ts = gpu_start
+        for kernel, dur in REPLAY + ([("memset_x", 2)] if extra else []):
+            t.gpu(kernel, ts, dur, graph, cat="gpu_memset" if kernel == "memset_x" else "kernel")
+            ts += dur + 2
+        t.host("compute_logits", start + 20, 5)
+        t.kernel("gemm_logits", start + 21, ts + 1, 5)
+    return t.write(path)

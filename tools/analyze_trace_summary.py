@@ -1,0 +1,208 @@
+"""Step timing of a torch-profiler trace as Markdown: prefill, decode, draft, iterations.
+
+    python tools/analyze_trace_summary.py TRACE [--output performance_summary.md]
+
+Per step, from the runner's labels (atom/executor/trace_labels.py):
+  host      the labelled host range: queuing the step's work (forward, LM head, sampling)
+  GPU span  its first GPU kernel/memcpy/memset start to its last one's end
+  period    its start to the next step's start, the share of the timeline the step owns
+            (the last step: to its own end); GPU traces start a step at its first GPU work
+  GPU busy  the part of the period with any GPU work running (the union of all kernel,
+            memcpy and memset intervals); idle = 100% - busy
+A CPU trace has no GPU columns ("no GPU events"): its step time is the host range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from trace_events import StepTiming, Trace, step_timings
+
+FIRST_ITERATIONS = 10
+IDLE_LIMIT = 10.0  # percent: decode steps idler than this are counted
+
+
+def fmt_us(us: float | None) -> str:
+    if us is None:
+        return "-"
+    return f"{us / 1000:.3f} ms" if us >= 1000 else f"{us:.1f} us"
+
+
+def fmt_pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def step_time(t: StepTiming) -> float:
+    """A step's duration for the statistics: its period on GPU traces, else its host range."""
+    return t.period if t.gpu_busy is not None else t.step.cpu.dur
+
+
+def stats_row(
+    name: str, values: Sequence[float], fmt: Callable[[float], str] = fmt_us, total: bool = True
+) -> str:
+    if not values:
+        return f"| {name} | 0 | - | - | - | - |"
+    return (
+        f"| {name} | {len(values)} | {fmt(statistics.fmean(values))} | {fmt(min(values))} | "
+        f"{fmt(max(values))} | {fmt(sum(values)) if total else '-'} |"
+    )
+
+
+def prefill_section(timings: list[StepTiming], gpu: bool) -> list[str]:
+    lines = ["## Prefill", ""]
+    if not timings:
+        return [*lines, "No prefill steps.", ""]
+    lines += ["| # | label | host | GPU span | period | GPU busy |", "|---|---|---|---|---|---|"]
+    for i, t in enumerate(timings):
+        lines.append(
+            f"| {i} | `{t.step.name}` | {fmt_us(t.step.cpu.dur)} | {fmt_us(t.gpu_span)} | "
+            f"{fmt_us(t.period)} | {fmt_pct(t.gpu_busy) if gpu else 'no GPU events'} |"
+        )
+    host = sum(t.step.cpu.dur for t in timings)
+    span = sum(t.gpu_span or 0.0 for t in timings) if gpu else None
+    total = f"| | **total** | {fmt_us(host)} | {fmt_us(span)} | "
+    lines.append(total + f"{fmt_us(sum(t.period for t in timings))} | |")
+    return [*lines, ""]
+
+
+def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
+    lines = ["## Decode", ""]
+    if not timings:
+        return [*lines, "No decode steps.", ""]
+    kinds = ", ".join(sorted({t.step.kind for t in timings}))
+    lines += [f"{len(timings)} iterations ({kinds}).", ""]
+    lines += ["| time | steps | mean | min | max | total |", "|---|---|---|---|---|---|"]
+    lines.append(stats_row("host", [t.step.cpu.dur for t in timings]))
+    lines.append(stats_row("period", [t.period for t in timings]))
+    if gpu:
+        lines.append(stats_row("GPU span", [t.gpu_span for t in timings if t.gpu_span is not None]))
+        idle = [100 * (1 - t.gpu_busy) for t in timings if t.gpu_busy is not None]
+        lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%", total=False))
+        over = sum(v > IDLE_LIMIT for v in idle)
+        lines += [
+            "",
+            f"**Mean GPU idle: {statistics.fmean(idle):.1f}%** of the decode period; "
+            f"max {max(idle):.1f}%; {over} of {len(idle)} steps idle more than {IDLE_LIMIT:.0f}%.",
+        ]
+    else:
+        lines += ["", "GPU busy: no GPU events (a CPU trace)."]
+    lines += ["", "Per batch size:", ""]
+    lines += [
+        "| kind | bs | graph | steps | mean time | min | max | mean GPU idle |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, int, int], list[StepTiming]] = defaultdict(list)
+    for t in timings:
+        label = t.step.label
+        groups[(t.step.kind, label.bs or 0, label.graph_bs or 0)].append(t)
+    for (kind, bs, graph), group in sorted(groups.items()):
+        times = [step_time(t) for t in group]
+        busy = [t.gpu_busy for t in group if t.gpu_busy is not None]
+        idle = fmt_pct(1 - statistics.fmean(busy)) if busy else "no GPU events"
+        graph_text = str(graph) if kind == "decode" else "-"
+        lines.append(
+            f"| {kind} | {bs} | {graph_text} | {len(group)} | {fmt_us(statistics.fmean(times))} | "
+            f"{fmt_us(min(times))} | {fmt_us(max(times))} | {idle} |"
+        )
+    return [*lines, ""]
+
+
+def iterations(timings: list[StepTiming]) -> list[tuple[StepTiming, list[StepTiming]]]:
+    """Each decode step with the draft steps that follow it."""
+    result: list[tuple[StepTiming, list[StepTiming]]] = []
+    for t in timings:
+        if t.step.kind in ("decode", "eager_decode"):
+            result.append((t, []))
+        elif t.step.kind == "draft" and result:
+            result[-1][1].append(t)
+    return result
+
+
+def draft_section(drafts: list[StepTiming]) -> list[str]:
+    by_step: dict[str, list[float]] = defaultdict(list)
+    for t in drafts:
+        by_step[t.step.label.fields.get("step", "?")].append(step_time(t))
+
+    def order(key: str) -> tuple[int, str]:
+        numbers = re.findall(r"\d+", key)
+        return (int(numbers[0]) if numbers else 1 << 30, key)
+
+    keys = sorted(by_step, key=order)
+    base = statistics.fmean(by_step[keys[0]])
+    lines = ["## Draft Step Breakdown", ""]
+    lines += ["| step | calls | mean | min | max | Δ vs first |", "|---|---|---|---|---|---|"]
+    for key in keys:
+        v = by_step[key]
+        mean = statistics.fmean(v)
+        lines.append(
+            f"| draft[{key}] | {len(v)} | {fmt_us(mean)} | {fmt_us(min(v))} | {fmt_us(max(v))} | "
+            f"{(mean - base) / base * 100 if base else 0.0:+.1f}% |"
+        )
+    return [*lines, ""]
+
+
+def iteration_section(iters: list[tuple[StepTiming, list[StepTiming]]], gpu: bool) -> list[str]:
+    shown = iters[:FIRST_ITERATIONS]
+    lines = [f"## Iteration Timing (first {len(shown)} of {len(iters)})", ""]
+    if not shown:
+        return [*lines, "No decode iterations.", ""]
+    lines += [
+        "| # | label | decode | draft | total | draft/decode | GPU busy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, (t, drafts) in enumerate(shown):
+        decode, draft = step_time(t), sum(step_time(d) for d in drafts)
+        ratio = f"{draft / decode:.2f}" if drafts and decode else "-"
+        lines.append(
+            f"| {i} | `{t.step.name}` | {fmt_us(decode)} | {fmt_us(draft if drafts else None)} | "
+            f"{fmt_us(decode + draft)} | {ratio} | "
+            f"{fmt_pct(t.gpu_busy) if gpu else 'no GPU events'} |"
+        )
+    mean = statistics.fmean(step_time(t) + sum(step_time(d) for d in ds) for t, ds in shown)
+    return [*lines, "", f"Mean iteration (shown): {fmt_us(mean)}.", ""]
+
+
+def report(trace: Trace, name: str) -> str:
+    timings = step_timings(trace)
+    gpu = trace.has_gpu
+    lines = ["# Trace Performance Summary", "", f"**File:** `{name}`", ""]
+    counts = defaultdict(int)
+    for t in timings:
+        counts[t.step.kind] += 1
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no labelled steps"
+    source = f"{len(trace.gpu)} GPU events" if gpu else "no GPU events (a CPU trace)"
+    step_times = "period (GPU timeline)" if gpu else "host range"
+    lines += [f"Steps: {summary}; {source}. Step time below: {step_times}.", ""]
+    lines += prefill_section([t for t in timings if t.step.kind == "prefill"], gpu)
+    decodes = [t for t in timings if t.step.kind in ("decode", "eager_decode")]
+    lines += decode_section(decodes, gpu)
+    drafts = [t for t in timings if t.step.kind == "draft"]
+    if drafts:
+        lines += draft_section(drafts)
+    lines += iteration_section(iterations(timings), gpu)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("trace", type=Path, help="run trace (.json or .json.gz)")
+    parser.add_argument("--output", type=Path, default=None, help="write the Markdown here")
+    args = parser.parse_args(argv)
+    text = report(Trace.from_file(args.trace), args.trace.name)
+    if args.output is None:
+        print(text)
+    else:
+        args.output.write_text(text + "\n")
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
