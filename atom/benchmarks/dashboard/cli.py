@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         "codes: 0 no regression, 1 regressions (unless --no-fail), 2 no results or bad usage.",
     )
     parser.add_argument("results_dir", type=Path, help="folder searched recursively for *.json")
-    parser.add_argument("-o", "--output", type=Path, default=Path("dashboard.html"))
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("dashboard.html"), help="the page to write"
+    )
     parser.add_argument(
         "--throughput-threshold",
         type=float,

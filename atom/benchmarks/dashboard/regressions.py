@@ -92,7 +92,16 @@ def find_regressions(runs: Iterable[Run], thresholds: Thresholds) -> list[Regres
 
 def format_table(regressions: list[Regression]) -> str:
     """A plain-text table for the terminal or a CI log."""
-    header = ("config", "conc", "metric", "previous", "latest", "change", "previous run", "run")
+    header = (
+        "config",
+        "conc",
+        "metric",
+        "previous",
+        "latest",
+        "change",
+        "previous run",
+        "latest run",
+    )
     rows = [header]
     for reg in regressions:
         rows.append(
