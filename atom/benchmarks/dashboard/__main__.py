@@ -1,0 +1,5 @@
+import sys
+
+from atom.benchmarks.dashboard.cli import main
+
+sys.exit(main())
