@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
-#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench peer smol
+#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench profile serving peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash) and bench_fused_moe.py (Qwen3-30B-A3B shapes)
 #   bench    benchmark_throughput (Qwen3-0.6B shape) and benchmark_latency (Llama-3.1-8B shape),
 #            then a second start of the latency engine to time a warm compile cache
+#   profile  benchmark_throughput with a traced second run (--mark-trace), then both trace tools
+#            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
+#   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
+#            1024/1024, concurrency 1..256): $OUT/serving_<model>.tgz of the result JSONs + logs
 #   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
@@ -54,6 +58,30 @@ stage_bench() {
     bench throughput benchmark_throughput
     bench latency benchmark_latency
     bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
+}
+
+stage_profile() {
+    local dir=/tmp/atom-prof trace
+    rm -rf "$dir"
+    timeout -s ABRT 400 python3 -m atom.benchmarks.benchmark_throughput --tag "$TAG" \
+        --torch-profiler-dir "$dir" --mark-trace --output-json "$OUT/throughput.json" \
+        >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
+    grep -h -e 'ready in' -e 'captured' -e 'Throughput' "$OUT/throughput.log"
+    trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
+    ls -la "$dir"/rank_0 "$dir"/capture_traces | head -n 8
+    python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
+    python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" | head -n 40
+    [ "$(stat -c %s "$trace")" -lt 15000000 ] && cp "$trace" "$OUT/"
+}
+
+stage_serving() {
+    local dir model
+    for model in qwen3-0.6b llama-3.1-8b; do
+        dir=/tmp/atom-serving/$model/$(date +%Y%m%d)-h200-$TAG
+        bash benchmarks/serving_sweep.sh "$model" "$dir" "${CONCURRENCY:-1 4 16 64 256}" \
+            --max-model-len 4096 --max-num-seqs 256
+        tar czf "$OUT/serving_$model.tgz" -C "/tmp/atom-serving/$model" .
+    done
 }
 
 stage_peer() {

@@ -5,7 +5,9 @@ in [0, 10000] and U[100, 1024] tokens, max_tokens U[100, 1024], temperature 0.6,
 from Python's `random` seeded with --seed (0) in the same order; one short warm-up generate
 (3 tokens in, 8 out) before the timed one. Throughput is the planned output tokens over the
 wall time of the timed generate (the peer's tok_per_s); start-up is reported separately.
-Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights.
+Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights. With
+--torch-profiler-dir the workload runs a second time under the profiler (not timed); add
+--mark-trace for module tags and per-graph capture traces (tools/parse_trace.py).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outputs = llm.generate(inputs, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         wall = time.perf_counter() - begin
+        if engine_args.torch_profiler_dir:  # the same workload again, traced (not timed)
+            llm.start_profile()
+            llm.generate(inputs, params, use_tqdm=False)
+            llm.stop_profile()
+            print(f"profiled a second run into {engine_args.torch_profiler_dir}")
         record = engine_record(llm, engine_args, args.model, args.tag)
     finally:
         llm.shutdown()

@@ -3,6 +3,7 @@ peer script's."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -105,3 +106,20 @@ def test_latency_cli(tiny_llama: Path, tmp_path: Path) -> None:
 def test_latency_rejects_bad_lengths(tiny_llama: Path) -> None:
     with pytest.raises(ValueError, match="output-lens"):
         benchmark_latency.main(["--model", str(tiny_llama), "--output-lens", "8,8"])
+
+
+def test_throughput_profiles_a_second_run(tiny_qwen3: Path, tmp_path: Path) -> None:
+    """With --torch-profiler-dir the workload runs again under the profiler: one trace, labelled
+    steps of the same workload."""
+    argv = ["--model", str(tiny_qwen3), *ENGINE_FLAGS, "--num-seqs", "2"]
+    argv += ["--min-input-len", "8", "--max-input-len", "16"]
+    argv += ["--min-output-len", "3", "--max-output-len", "3"]
+    argv += ["--torch-profiler-dir", str(tmp_path / "prof")]
+    record = benchmark_throughput.main(argv)
+    assert record["generated"] == 6
+    (trace,) = (tmp_path / "prof" / "rank_0").glob("*.pt.trace.json.gz")
+    names = {
+        e.get("name", "") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    }
+    assert any(n.startswith("prefill[bs=") for n in names)
+    assert any("decode[bs=2" in n for n in names)
