@@ -71,7 +71,7 @@ stage_profile() {
     ls -la "$dir"/rank_0 "$dir"/capture_traces | head -n 8
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
     python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" | head -n 40
-    [ "$(stat -c %s "$trace")" -lt 15000000 ] && cp "$trace" "$OUT/"
+    if [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$OUT/"; fi
 }
 
 stage_serving() {
@@ -79,7 +79,7 @@ stage_serving() {
     for model in qwen3-0.6b llama-3.1-8b; do
         dir=/tmp/atom-serving/$model/$(date +%Y%m%d)-h200-$TAG
         bash benchmarks/serving_sweep.sh "$model" "$dir" "${CONCURRENCY:-1 4 16 64 256}" \
-            --max-model-len 4096 --max-num-seqs 256
+            --max-model-len 4096 --max-num-seqs 256 || return 1
         tar czf "$OUT/serving_$model.tgz" -C "/tmp/atom-serving/$model" .
     done
 }
@@ -115,5 +115,5 @@ stage_smol() {
 
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
-    "stage_$stage"
+    "stage_$stage" || { echo "stage $stage failed: stopping"; exit 1; }
 done

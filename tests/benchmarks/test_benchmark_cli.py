@@ -114,7 +114,7 @@ def test_throughput_profiles_a_second_run(tiny_qwen3: Path, tmp_path: Path) -> N
     argv = ["--model", str(tiny_qwen3), *ENGINE_FLAGS, "--num-seqs", "2"]
     argv += ["--min-input-len", "8", "--max-input-len", "16"]
     argv += ["--min-output-len", "3", "--max-output-len", "3"]
-    argv += ["--torch-profiler-dir", str(tmp_path / "prof")]
+    argv += ["--torch-profiler-dir", str(tmp_path / "prof"), "--mark-trace"]
     record = benchmark_throughput.main(argv)
     assert record["generated"] == 6
     (trace,) = (tmp_path / "prof" / "rank_0").glob("*.pt.trace.json.gz")
