@@ -14,6 +14,8 @@
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
 # Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT.
+# The device's git metadata can lag the tree sent: start the command with
+# ATOM_TAG=<short commit of this checkout> so the records name the right commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/atom-gpu}
 mkdir -p "$OUT"

@@ -11,17 +11,20 @@ model=$1 dir=$2 concs=$3
 shift 3
 mkdir -p "$dir"
 port=${PORT:-8011} isl=${ISL:-1024} osl=${OSL:-1024}
+name=$(basename "$model")  # the served name and the results' model_id
+path=$model
 if [ ! -e "$model" ]; then  # a benchmark model name: its folder (config + stand-in tokenizer)
-    model=$(python3 -c "import sys; from atom.benchmarks.model_dirs import benchmark_model_dir as d
+    path=$(python3 -c "import sys; from atom.benchmarks.model_dirs import benchmark_model_dir as d
 print(d(sys.argv[1]))" "$model") || exit 1
     set -- --load-format dummy "$@"
 fi
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo "${ATOM_TAG:-unknown}")
+commit=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 gpu=$(python3 -c "import torch
 print(torch.cuda.get_device_name(0).split()[-1] if torch.cuda.is_available() else 'cpu')")
-log="$dir/server-$(basename "$model").log"
+log="$dir/server-$name.log"
 
-python3 -m atom.entrypoints.openai_server --model "$model" --server-port "$port" "$@" >"$log" 2>&1 &
+python3 -m atom.entrypoints.openai_server --model "$path" --served-model-name "$name" \
+    --server-port "$port" "$@" >"$log" 2>&1 &
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 python3 - "$port" "$server" <<'EOF' || { tail -n 30 "$log"; exit 1; }
@@ -40,6 +43,7 @@ grep -h -e "ready in" -e "captured" "$log"
 for c in $concs; do
     n=${PROMPTS:-$((c < 16 ? 4 * c : (c < 64 ? 2 * c : c)))}
     python3 -m atom.benchmarks.benchmark_serving --backend vllm --model "$model" --port "$port" \
+        --served-model-name "$name" \
         --dataset-name random --random-input-len "$isl" --random-output-len "$osl" \
         --random-range-ratio 0.8 --num-prompts "$n" --max-concurrency "$c" --request-rate inf \
         --ignore-eos --num-warmups 1 --seed 0 --percentile-metrics ttft,tpot,itl,e2el \
