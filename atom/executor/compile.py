@@ -6,9 +6,12 @@
   3  piecewise: the FX graph split at every attention op (an opaque custom op), Inductor on each
      piece between them, attention run eagerly between the compiled pieces
 
-The token dimension is dynamic, so one compile serves every batch (batch size 1 gets one more:
-Dynamo specialises sizes 0 and 1). Inductor's FX-graph and AOT caches live under the compile
-cache directory, so a second start with the same model and code skips Inductor.
+The token dimension is unbacked (`mark_unbacked`): Dynamo makes no assumption about its value, not
+even the usual specialisation of sizes 0 and 1, so one compile serves every batch, batch 1
+included (a backed dynamic dimension cost a second whole compile for it). At level 3 the pieces
+between two attentions are the same code for every layer: each distinct piece is compiled once.
+Inductor's FX-graph and AOT caches live under the compile cache directory, so a second start with
+the same model and code skips Inductor.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch._dynamo.decorators import mark_unbacked
 from torch._inductor.compile_fx import compile_fx
 
 import atom.layers.attention  # noqa: F401  registers torch.ops.atom.attention
@@ -49,9 +53,8 @@ def compile_forward(forward: Forward, level: int, cache_dir: Path | None = None)
     compiled = torch.compile(forward, backend=backend, fullgraph=True)
 
     def run(input_ids: Tensor, positions: Tensor) -> Tensor:
-        if input_ids.shape[0] > 1:  # one graph for every token count
-            torch._dynamo.mark_dynamic(input_ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
+        mark_unbacked(input_ids, 0)  # one graph for every token count
+        mark_unbacked(positions, 0)
         return compiled(input_ids, positions)
 
     return run
@@ -111,14 +114,37 @@ class _CompilePieces(torch.fx.Interpreter):
     def __init__(self, module: fx.GraphModule, attention_parts: set[str]) -> None:
         super().__init__(module)
         self.attention_parts = attention_parts
+        self.compiled: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_module(target, args, kwargs)
         if target not in self.attention_parts:
             piece = getattr(self.module, target)
-            compiled = compile_fx(piece, list(args))
-            setattr(self.module, target, _Piece(compiled))
+            # The pieces between two attentions are the same code for every layer (weights are
+            # inputs): Inductor compiles each distinct piece once.
+            key = (_structure(piece), tuple(_describe(a) for a in args))
+            if key not in self.compiled:
+                self.compiled[key] = compile_fx(piece, list(args))
+            setattr(self.module, target, _Piece(self.compiled[key]))
         return out
+
+
+def _structure(gm: fx.GraphModule) -> str:
+    """The graph with its node names replaced by positions: two layers' pieces compare equal."""
+    index: dict[fx.Node, int] = {}
+    lines = []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        target = "" if node.op == "placeholder" else node.target
+        lines.append(f"{node.op} {target} {args} {kwargs}")
+    return "\n".join(lines)
+
+
+def _describe(arg: Any) -> str:
+    if isinstance(arg, Tensor):
+        return f"{arg.dtype} {arg.device} {tuple(arg.shape)} {arg.stride()}"
+    return f"{type(arg).__name__} {arg}"
 
 
 class _Piece(torch.nn.Module):

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from atom.args import EngineArgs
+from atom.executor import compile as compile_module
 from atom.executor.compile import compile_forward, split_at_attention
 from atom.executor.forward_context import ForwardContext, set_forward_context
 from atom.executor.model_runner import ModelRunner
@@ -17,7 +18,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     config = transformers.Qwen3Config(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -40,7 +41,7 @@ def _run(runner: ModelRunner, forward, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_compiled_forward_matches_eager(runner: ModelRunner, level: int, tmp_path) -> None:
     compiled = compile_forward(runner.model.forward, level, cache_dir=tmp_path)
-    for n in (7, 13, 1):  # a dynamic token count, then the size Dynamo specialises
+    for n in (7, 13, 1):  # any token count, 1 included (a size backed dims specialise)
         expected = _run(runner, runner.model.forward, n)
         torch.testing.assert_close(_run(runner, compiled, n), expected, atol=1e-5, rtol=1e-5)
 
@@ -55,7 +56,35 @@ def test_piecewise_split_isolates_each_attention(runner: ModelRunner) -> None:
     torch._dynamo.reset()
     _run(runner, torch.compile(runner.model.forward, backend=capture, fullgraph=True), 5)
     split, attention = split_at_attention(graphs[0])
-    assert len(attention) == 2  # one piece per layer's attention
+    assert len(attention) == 3  # one piece per layer's attention
     for name in attention:
         nodes = [n for n in getattr(split, name).graph.nodes if n.op == "call_function"]
         assert [str(n.target) for n in nodes] in (["atom.attention"], ["atom.attention.default"])
+
+
+def test_one_compile_serves_every_size_and_each_piece_compiles_once(
+    runner: ModelRunner, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Level 3 on 3 layers: one Dynamo graph for token counts 1..13, and 3 Inductor compiles
+    for its 4 pieces: before the first attention, between two (twice, same code), after the
+    last."""
+    graphs, pieces = [], []
+    backend_call = compile_module.PiecewiseBackend.__call__
+    compile_fx = compile_module.compile_fx
+    monkeypatch.setattr(
+        compile_module.PiecewiseBackend,
+        "__call__",
+        lambda self, gm, inputs: graphs.append(gm) or backend_call(self, gm, inputs),
+    )
+    monkeypatch.setattr(
+        compile_module,
+        "compile_fx",
+        lambda gm, inputs: pieces.append(gm) or compile_fx(gm, inputs),
+    )
+    torch._dynamo.reset()
+    compiled = compile_forward(runner.model.forward, 3, cache_dir=tmp_path)
+    for n in (5, 1, 13, 2):
+        expected = _run(runner, runner.model.forward, n)
+        torch.testing.assert_close(_run(runner, compiled, n), expected, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
+    assert len(pieces) == 3
