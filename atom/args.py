@@ -77,6 +77,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 16384
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
+    async_scheduling: bool = True
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     level: int = 3
@@ -129,6 +130,13 @@ class EngineArgs:
         a("--max-num-seqs", type=int, default=d.max_num_seqs)
         a("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
         a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+        a(
+            "--async-scheduling",
+            action=argparse.BooleanOptionalAction,
+            default=d.async_scheduling,
+            help="schedule step N+1 while step N runs (the decode input token is read on the "
+            "device); off: each step is scheduled after the previous one is collected",
+        )
         a("--long-prefill-token-threshold", type=int, default=0)
         a("--tensor-parallel-size", "-tp", type=int, default=1)
         a("--enforce-eager", action="store_true")
@@ -201,6 +209,7 @@ class EngineArgs:
                 max_model_len=max_model_len,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
+                async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(self.tensor_parallel_size),
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),

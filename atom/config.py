@@ -91,6 +91,7 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # >0 caps the prefill chunk of one request per step
+    async_scheduling: bool = True  # schedule a step before the previous one's tokens are back
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -105,6 +105,13 @@ class SamplingParams:
         return self.temperature < _GREEDY_EPS
 
     @property
+    def needs_output_history(self) -> bool:
+        """Penalties read every output token on the host, the last one included."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
     def all_stop_token_ids(self) -> set[int]:
         """Token ids that end generation (EOS unless ignored, plus stop_token_ids)."""
         ids = set(self.stop_token_ids)

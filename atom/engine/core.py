@@ -1,10 +1,15 @@
 """EngineCore.step(): schedule -> execute -> update. Token ids in, token ids out; no text.
 
 With an executor that can submit a step without waiting for it (the model runner), steps are
-pipelined one deep: step() collects the step in flight, queues the next one, and returns what it
-collected, so the caller's output processing (detokenization, stop strings) runs while the GPU
-computes. Nothing is scheduled before the step in flight is collected: blocks freed meanwhile (a
-stop string, an abort) are reused only after the GPU is done writing them.
+pipelined one deep and step() returns what it collected, so the caller's output processing
+(detokenization, stop strings) runs while the GPU computes. With async scheduling (the default)
+step() schedules and queues step N+1 *before* it waits for step N: the GPU finds the next step
+queued when it finishes one, and scheduling, input building and the update of step N all run
+while step N+1 computes. A decode of N+1 reads its input token from N's sampled ids on the device;
+a request that N finishes (EOS, stop token) has one wasted row in N+1, whose output is dropped.
+Blocks freed while a step is in flight are reused only by steps queued after it on the same
+stream. Steps run one at a time (sync) while a running request uses penalties: they need every
+output token on the host.
 """
 
 from __future__ import annotations
@@ -100,15 +105,32 @@ class EngineCore:
         if submit is None:
             sched = self.scheduler.schedule()
             return self._update(sched, lambda: self.executor.execute_model(sched))
+        if self._in_flight is not None and self._schedule_ahead():
+            previous, self._in_flight = self._in_flight, None
+            self._submit(submit)
+            return self._update(*previous)
         outputs = self._collect()
-        if self.scheduler.has_unfinished_requests():
-            sched = self.scheduler.schedule()
-            try:
-                self._in_flight = (sched, submit(sched))
-            except BaseException:
-                self.scheduler.rollback(sched)
-                raise
+        self._submit(submit)
         return outputs
+
+    def _schedule_ahead(self) -> bool:
+        return self.config.scheduler.async_scheduling and not any(
+            r.sampling_params.needs_output_history for r in self.scheduler.running
+        )
+
+    def _submit(self, submit: Callable[[SchedulerOutput], Callable[[], ModelRunnerOutput]]) -> None:
+        if not self.scheduler.has_unfinished_requests():
+            return
+        sched = self.scheduler.schedule()
+        try:
+            wait = submit(sched)
+        except BaseException:
+            self.scheduler.rollback(sched)
+            raise
+        if sched.is_empty:  # nothing to compute: only the finished ids had to reach the runner
+            wait()
+        else:
+            self._in_flight = (sched, wait)
 
     def _collect(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:

@@ -163,7 +163,7 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
         try:
-            while self.engine.has_unfinished_requests():
+            while self.engine.has_work():  # a step in flight is collected too
                 results, to_finish = self.output_processor.process(self.engine.step())
                 if to_finish:
                     self.engine.finish_requests(to_finish)

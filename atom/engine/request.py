@@ -50,6 +50,9 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not scheduled yet
     num_preemptions: int = 0
     num_prompt_logprobs: int = 0  # prompt logprob entries delivered (they survive preemption)
+    # Tokens being sampled by scheduled steps whose output has not come back yet: with async
+    # scheduling a decode step is scheduled before the previous one's token is known.
+    num_pending: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     first_scheduled_time: float | None = None

@@ -5,6 +5,12 @@ running request its next tokens (1 for decode, a chunk for prefill), oldest firs
 waiting requests FCFS while the token budget, `max_num_seqs` and the KV pool allow. When the pool
 runs dry the newest running request is preempted: its blocks are freed and it is recomputed later,
 ahead of the queue.
+
+A step that reaches the end of a request's tokens samples one more: it counts in `num_pending`
+until update_from_output appends it. A step may be scheduled while the previous one still runs
+(async scheduling): a decode then takes the pending token as its input (the runner reads it on
+the device), a request whose pending tokens reach max_tokens or max_model_len waits, and a
+preempted request waits for its pending tokens before it is readmitted.
 """
 
 from __future__ import annotations
@@ -100,7 +106,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._chunk(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and self._pending_reach_limit(req):
+                i += 1  # its last token is being sampled
+                continue
+            num_new = self._chunk(
+                req.num_tokens + req.num_pending - req.num_computed_tokens, budget
+            )
             new_block_ids = self.kv.allocate_slots(req, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
@@ -124,8 +135,17 @@ class Scheduler:
         self._dropped_ids = set()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         for req_id, n in out.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += n
+            req = self.requests[req_id]
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens + req.num_pending:
+                req.num_pending += 1  # this step samples its next token
         return out
+
+    def _pending_reach_limit(self, req: Request) -> bool:
+        max_tokens = req.sampling_params.max_tokens
+        return (
+            max_tokens is not None and req.num_output_tokens + req.num_pending >= max_tokens
+        ) or req.num_tokens + req.num_pending >= self.config.max_model_len
 
     def rollback(self, sched: SchedulerOutput) -> None:
         """Undo a step whose execution failed: its tokens were not computed, so the blocks it
@@ -133,6 +153,8 @@ class Scheduler:
         for req_id, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
             if req is not None:
+                if req.num_computed_tokens >= req.num_tokens + req.num_pending - 1:
+                    req.num_pending = max(req.num_pending - 1, 0)  # it was to sample
                 req.num_computed_tokens -= n
                 self.kv.uncache_from(req, req.num_computed_tokens)
 
@@ -140,6 +162,8 @@ class Scheduler:
         now = time.time()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted while a step sampled for it: recompute with that token
             hits = self.kv.get_computed_blocks(req)
             num_computed = len(hits) * self.block_size
             num_new = req.num_tokens - num_computed
@@ -193,15 +217,22 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         for idx, req_id in enumerate(result.req_ids):
             req = self.requests.get(req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+            if req is None or req.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED):
                 continue  # finished from outside while the step ran
+            # Preempted while the step ran (async scheduling): its token still counts, its prompt
+            # logprobs come again with the recompute.
+            preempted = req.status == RequestStatus.PREEMPTED
             new_tokens: list[int] = []
             for token_id in result.sampled_token_ids[idx]:
+                req.num_pending -= 1
                 req.output_token_ids.append(token_id)
                 new_tokens.append(token_id)
                 if self._check_stop(req, token_id):
                     break
-            prompt_logprobs = self._new_prompt_logprobs(req, sched, result)
+            prompt_logprobs = [] if preempted else self._new_prompt_logprobs(req, sched, result)
+            if preempted and req.status.finished:  # its last token came after the preemption
+                self.waiting.remove(req)
+                self._free(req)
             if not new_tokens and not prompt_logprobs:
                 continue
             logprobs = result.logprobs[idx]

@@ -25,6 +25,7 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None = None
+    num_pending: int = 0  # tokens a submitted step is sampling, not yet in output_token_ids
     # block_ids as an int32 array with spare room: a step copies a row of it into the block
     # table (a memcpy) instead of converting a Python list of every block, every step.
     table: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
@@ -66,6 +67,9 @@ class StepInputs:
     logits_indices: Tensor  # [S] token index of each sampling row's last query token
     sample_rows: list[int]  # batch index of each sampling row
     prompt_logprob_spans: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # (token index, request) of decode inputs still being sampled by the step in flight: their
+    # input_ids entries are placeholders until the runner copies them on the device.
+    pending_inputs: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -145,17 +149,24 @@ def build_step_inputs(
     seq_lens, qsl = [], [0]
     logits_indices, sample_rows = [], []
     spans: dict[int, tuple[int, int]] = {}
+    pending: list[tuple[int, str]] = []
     max_blocks = 0
     for i, req_id in enumerate(req_ids):
         state = states[req_id]
         start, n = state.num_computed_tokens, sched.num_scheduled_tokens[req_id]
         end = start + n
         num_blocks = len(state.block_ids)
+        known = state.num_tokens
         if n == 1:  # decode: plain ints beat numpy's per-call overhead at batch 256
-            b.ids_np[t] = state.token_ids(start, end)[0]
+            if start < known:
+                b.ids_np[t] = state.token_ids(start, end)[0]
+            else:  # sampled by the step in flight
+                b.ids_np[t] = 0
+                pending.append((t, req_id))
             b.pos_np[t] = start
             b.slots_np[t] = state.block_ids[start // block_size] * block_size + start % block_size
         else:
+            assert end <= known, "a pending token is only ever a decode input"
             b.ids_np[t : t + n] = state.token_ids(start, end)
             pos = np.arange(start, end, dtype=np.int64)
             b.pos_np[t : t + n] = pos
@@ -170,7 +181,7 @@ def build_step_inputs(
             last = min(end, len(state.prompt_token_ids) - 1)  # positions scoring prompt tokens
             if last > start:
                 spans[i] = (qsl[-2], qsl[-2] + last - start)
-        if end >= state.num_tokens:  # reached the end: this step yields a token
+        if end >= known + state.num_pending:  # reached the end: this step yields a token
             logits_indices.append(t - 1)
             sample_rows.append(i)
     num_seqs = len(req_ids)
@@ -206,6 +217,7 @@ def build_step_inputs(
         logits_indices=b.logits_indices[: len(logits_indices)],
         sample_rows=sample_rows,
         prompt_logprob_spans=spans,
+        pending_inputs=pending,
     )
 
 
@@ -216,7 +228,9 @@ def _positioned(state: CachedRequestState) -> torch.Generator:
     change no sampled token.
     """
     assert state.generator is not None and state.sampling_params.seed is not None
-    seed = position_seed(state.sampling_params.seed, len(state.output_token_ids))
+    seed = position_seed(
+        state.sampling_params.seed, len(state.output_token_ids) + state.num_pending
+    )
     return state.generator.manual_seed(seed)
 
 
@@ -240,7 +254,7 @@ def build_sampling_metadata(
     blocked = [
         (i, sorted(p.all_stop_token_ids))
         for i, (p, s) in enumerate(zip(params, rows, strict=True))
-        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids
+        if len(s.output_token_ids) + s.num_pending < p.min_tokens and p.all_stop_token_ids
     ]
     return SamplingMetadata(
         temperature=col([0.0 if p.greedy else p.temperature for p in params]),

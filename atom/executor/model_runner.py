@@ -30,7 +30,7 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
-from atom.executor.sampler import Sampler, SamplerOutput, profile_sampling_metadata
+from atom.executor.sampler import Sampler, SamplerOutput, profile_sampling_metadata, to_device
 from atom.executor.trace_labels import step_label
 from atom.layers.attention import Attention
 from atom.models.registry import get_model_class
@@ -97,9 +97,19 @@ class ModelRunner:
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
         )
-        self._sampled_host = torch.zeros(
-            sched.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda"
-        )
+        # Two pinned buffers: with async scheduling step N+1 copies its ids while step N's wait
+        # still reads.
+        self._sampled_host = [
+            torch.zeros(
+                sched.max_num_seqs, dtype=torch.int64, pin_memory=self.device.type == "cuda"
+            )
+            for _ in range(2)
+        ]
+        self._steps = 0
+        # The last sampling step's ids on the device and the row of each request in them: the
+        # input of a decode whose token is still pending (async scheduling).
+        self._last_sampled: Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     def _build_model(self) -> torch.nn.Module:
         mc = self.config.model
@@ -287,12 +297,15 @@ class ModelRunner:
     @torch.inference_mode()
     def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
         """Queues the step on the device and returns the function that waits for its output
-        (the step's one host sync). The next submit must come after that wait: it reads the
-        tokens the wait appends."""
+        (the step's one host sync). One step may be submitted before the previous one's wait
+        (async scheduling): a decode whose input token that step is sampling reads it from the
+        device, and seeds and min_tokens count the pending token."""
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput
         inputs = build_step_inputs(sched, self.states, self.block_size, self.buffers, self._pad_to)
+        if inputs.pending_inputs:
+            self._fill_pending_inputs(inputs.pending_inputs)
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
         # Built before the forward is queued: its small host-to-device copies then wait for nothing.
         sampling = build_sampling_metadata(rows, self.device) if rows else None
@@ -316,11 +329,17 @@ class ModelRunner:
                 prompt_logprobs=prompt_logprobs,
             )
             if logits is None or sampling is None:
+                self._last_sampled = None
                 return lambda: out
             result = self.sampler(logits, sampling)
             broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
-            sampled = self._sampled_host[: len(rows)]
+            self._steps += 1
+            sampled = self._sampled_host[self._steps % 2][: len(rows)]
             sampled.copy_(result.sampled, non_blocking=True)
+            self._last_sampled = result.sampled
+            self._last_rows = {state.req_id: j for j, state in enumerate(rows)}
+            for state in rows:
+                state.num_pending += 1
             done = torch.cuda.Event() if self.device.type == "cuda" else None
             if done is not None:
                 done.record()
@@ -332,6 +351,16 @@ class ModelRunner:
             return out
 
         return wait
+
+    def _fill_pending_inputs(self, pending: list[tuple[int, str]]) -> None:
+        """Decode inputs sampled by the step still in flight, copied on the device."""
+        assert self._last_sampled is not None
+        index = torch.tensor(
+            [[t for t, _ in pending], [self._last_rows[req_id] for _, req_id in pending]]
+        )
+        index = to_device(index, self.device)
+        tokens = self._last_sampled.index_select(0, index[1]).to(self.buffers.input_ids.dtype)
+        self.buffers.input_ids.index_copy_(0, index[0], tokens)
 
     def _forward(
         self, inputs: StepInputs, graph: bool, sample: bool
@@ -382,6 +411,7 @@ class ModelRunner:
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         ranks = result.ranks.tolist() if result.ranks is not None else None
         for j, (i, state) in enumerate(zip(inputs.sample_rows, rows, strict=True)):
+            state.num_pending -= 1
             state.output_token_ids.append(sampled[j])
             out.sampled_token_ids[i] = [sampled[j]]
             k = state.sampling_params.logprobs
