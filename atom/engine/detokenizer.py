@@ -3,19 +3,54 @@
 Text is produced from a sliding window of token ids: decode(prefix..end) minus decode(prefix..read)
 is the new text, held back while it ends in U+FFFD (a multi-byte character split across tokens).
 The window starts on the last prompt tokens so that the first output token gets its leading space.
+
+A fast (Rust `tokenizers`) tokenizer runs the same window in Rust with `DecodeStream`: one Rust
+decode a token instead of two through transformers (SmolLM2's tokenizer on a 2-core CPU: 6.6 ->
+1.5 us a token). Its text is the same: it emits exactly when the window's text extends the previous
+one; where it would not (a decoder that rewrites earlier text) it raises, and this completion goes
+on with the Python window, whose offsets are kept in step. Everything else (slow tokenizers, an old
+`tokenizers`, a prompt that ends inside a character) takes the Python window from the start.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from atom.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 _PROMPT_CONTEXT = 5
 
 
+def fast_backend(tokenizer: Any) -> Any | None:
+    """The Rust `tokenizers.Tokenizer` behind `tokenizer` when its `decode` is exactly the Rust
+    decode, else None. transformers' fast `_decode` ignores spaces_between_special_tokens and we
+    pass clean_up_tokenization_spaces=False, so only skip_special_tokens reaches Rust."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+    ):
+        return None  # a subclass that post-processes decoded text
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        use_decode_stream: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
@@ -23,10 +58,34 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self.output_text = ""
         self._emitted = 0  # characters of output_text already streamed
-        stops = params.stop or []
+        self._stops = params.stop or []
         self._holdback = (
-            0 if params.include_stop_str_in_output else max(map(len, stops), default=1) - 1
+            0 if params.include_stop_str_in_output else max(map(len, self._stops), default=1) - 1
         )
+        self._backend: Any | None = None
+        self._stream: Any | None = None  # a DecodeStream over the same window as self._ids
+        if use_decode_stream:
+            self._open_stream()
+
+    def _open_stream(self) -> None:
+        backend = fast_backend(self.tokenizer)
+        if backend is None:
+            return
+        skip = self.params.skip_special_tokens
+        # A prompt ending inside a character leaves DecodeStream no prefix to trim: use the window.
+        if self._ids and backend.decode(self._ids, skip_special_tokens=skip).endswith("\ufffd"):
+            return
+        try:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(self._ids, skip_special_tokens=skip)
+        except (ImportError, TypeError):  # no DecodeStream, or one that cannot be primed
+            return
+        self._backend = backend
+
+    @property
+    def uses_decode_stream(self) -> bool:
+        return self._stream is not None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -35,6 +94,14 @@ class IncrementalDetokenizer:
             spaces_between_special_tokens=self.params.spaces_between_special_tokens,
             clean_up_tokenization_spaces=False,
         )
+
+    def _window_text(self) -> str | None:
+        """New text of the Python window, which already holds the latest id."""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            return text[len(prefix) :]
+        return None
 
     def update(
         self, new_token_ids: list[int], num_output_tokens: int, stopped_on_token: bool = False
@@ -48,25 +115,33 @@ class IncrementalDetokenizer:
         first_count = num_output_tokens - len(new_token_ids) + 1
         if stopped_on_token and not self.params.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
+        ids, stream, backend = self._ids, self._stream, self._backend
         for count, token_id in enumerate(new_token_ids, start=first_count):
-            self._ids.append(token_id)
-            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-            text = self._decode(self._ids[self._prefix_offset :])
-            if len(text) > len(prefix) and not text.endswith("\ufffd"):
-                delta = text[len(prefix) :]
-                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-                self.output_text += delta
-                if count > self.params.min_tokens:  # as vLLM: only after min_tokens tokens
-                    stop = self._check_stop_strings(len(delta))
-                    if stop is not None:
-                        return stop
+            ids.append(token_id)
+            if stream is not None:
+                try:
+                    delta = stream.step(backend, token_id)
+                except Exception as e:  # the text does not extend its prefix: see module doc
+                    logger.debug("DecodeStream gave up (%s); decoding the window in Python", e)
+                    self._stream = stream = None
+                    delta = self._window_text()
+            else:
+                delta = self._window_text()
+            if delta is None:
+                continue
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+            self.output_text += delta
+            if self._stops and count > self.params.min_tokens:  # as vLLM: after min_tokens
+                stop = self._check_stop_strings(len(delta))
+                if stop is not None:
+                    return stop
         return None
 
     def _check_stop_strings(self, new_chars: int) -> str | None:
         # The match that completes first wins, as if the text had come one character at a time;
         # list order would let a later stop string cut the text after an earlier one.
         best: tuple[int, int, str] | None = None  # (end, start, stop)
-        for stop in self.params.stop or []:
+        for stop in self._stops:
             # Only a match that overlaps the new text can be new.
             start = max(0, len(self.output_text) - new_chars - len(stop) + 1)
             idx = self.output_text.find(stop, start)
