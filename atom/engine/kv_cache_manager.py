@@ -59,6 +59,19 @@ class KVCacheManager:
         Returns the ids of the blocks added to the request, or None (changing nothing) when the
         pool cannot supply them.
         """
+        if not computed_blocks:  # a decode step within its last block: nothing to do
+            held = self.req_blocks.get(req.request_id)
+            num_total = req.num_computed_tokens + num_new_tokens
+            if (
+                held
+                and num_total <= len(held) * self.block_size
+                and (
+                    not self.enable_caching
+                    or min(num_total, req.num_tokens) // self.block_size
+                    <= self._num_cached_blocks.get(req.request_id, 0)
+                )
+            ):
+                return []
         computed_blocks = computed_blocks or []
         blocks = self.req_blocks.setdefault(req.request_id, [])
         num_total = req.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -164,7 +164,9 @@ class LLM:
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
         try:
             while self.engine.has_work():  # a step in flight is collected too
-                results, to_finish = self.output_processor.process(self.engine.step())
+                results, to_finish = self.output_processor.process(
+                    self.engine.step(), final_only=True
+                )
                 if to_finish:
                     self.engine.finish_requests(to_finish)
                 for out in (o for o in results if o.finished):

@@ -114,8 +114,11 @@ class OutputProcessor:
             self._child_to_parent.pop(child, None)
         return ids
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the updated RequestOutputs and the core ids ended by a stop string."""
+    def process(
+        self, outputs: list[EngineCoreOutput], final_only: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the updated RequestOutputs (with final_only, those of finished requests
+        alone: a snapshot copies every token so far) and the core ids ended by a stop string."""
         now = time.time()
         touched: dict[str, _RequestState] = {}
         to_finish: list[str] = []
@@ -135,6 +138,8 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 del self._requests[state.request_id]
+            elif final_only:
+                continue
             results.append(self._make_output(state))
         return results, to_finish
 

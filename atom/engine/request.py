@@ -56,6 +56,10 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     first_scheduled_time: float | None = None
+    stop_token_set: frozenset[int] = field(init=False)  # the params' stop ids, computed once
+
+    def __post_init__(self) -> None:
+        self.stop_token_set = frozenset(self.sampling_params.all_stop_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

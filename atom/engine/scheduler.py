@@ -272,7 +272,7 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token_id: int) -> bool:
         params = req.sampling_params
-        if req.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+        if token_id in req.stop_token_set and req.num_output_tokens >= params.min_tokens:
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
         elif (

@@ -1,0 +1,43 @@
+"""OutputProcessor on hand-made core outputs: snapshots per step, or only final ones."""
+
+from __future__ import annotations
+
+from atom.engine.output_processor import OutputProcessor
+from atom.engine.outputs import EngineCoreOutput
+from atom.sampling_params import SamplingParams
+
+
+def _processor() -> OutputProcessor:
+    processor = OutputProcessor(tokenizer=None)
+    for rid in ("a", "b"):
+        processor.add_request(rid, None, [1, 2, 3], SamplingParams(max_tokens=3), 0.0)
+    return processor
+
+
+def _steps() -> list[list[EngineCoreOutput]]:
+    return [
+        [EngineCoreOutput("a", [7]), EngineCoreOutput("b", [8])],
+        [EngineCoreOutput("a", [9], finish_reason="length"), EngineCoreOutput("b", [10])],
+        [EngineCoreOutput("b", [11], finish_reason="length")],
+    ]
+
+
+def test_snapshots_every_step() -> None:
+    processor = _processor()
+    seen = [
+        [(o.request_id, o.outputs[0].token_ids) for o in processor.process(s)[0]] for s in _steps()
+    ]
+    assert seen == [
+        [("a", [7]), ("b", [8])],
+        [("a", [7, 9]), ("b", [8, 10])],
+        [("b", [8, 10, 11])],
+    ]
+
+
+def test_final_only_returns_finished_requests_alone() -> None:
+    processor = _processor()
+    seen = [
+        [(o.request_id, o.outputs[0].token_ids, o.finished) for o in processor.process(s, True)[0]]
+        for s in _steps()
+    ]
+    assert seen == [[], [("a", [7, 9], True)], [("b", [8, 10, 11], True)]]
