@@ -146,7 +146,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = _coalesce(await queue.get(), queue)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -300,3 +300,18 @@ def _call_hook(hook: Callable[[Any], None], arg: Any) -> None:
         hook(arg)
     except Exception:
         logger.exception("hook %r failed", hook)
+
+
+def _coalesce(
+    item: RequestOutput | BaseException, queue: asyncio.Queue[RequestOutput | BaseException]
+) -> RequestOutput | BaseException:
+    """A consumer that fell behind gets one output for all the steps it missed: outputs are
+    cumulative but for delta_text, which is joined. Under load this makes a stream chunk carry
+    several tokens instead of costing the front end a chunk per token."""
+    while not queue.empty() and isinstance(item, RequestOutput) and not item.finished:
+        newer = queue.get_nowait()
+        if isinstance(newer, RequestOutput):
+            for old, new in zip(item.outputs, newer.outputs, strict=True):
+                new.delta_text = old.delta_text + new.delta_text
+        item = newer
+    return item

@@ -141,3 +141,26 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_a_lagging_consumer_gets_one_coalesced_output() -> None:
+    """Outputs queued while the consumer was busy come as the newest one, with the delta texts
+    joined; a finished output or an error is never merged past."""
+    from atom.engine.async_llm import _coalesce
+    from atom.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+    def out(text: str, delta: str, finished: bool = False) -> RequestOutput:
+        completion = CompletionOutput(0, text, list(range(len(text))), None, None, delta_text=delta)
+        return RequestOutput("r", None, [1], None, [completion], finished, RequestMetrics(0.0))
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in (out("ab", "b"), out("abc", "c"), out("abcd", "d", finished=True), out("x", "x")):
+        queue.put_nowait(item)
+    merged = _coalesce(out("a", "a"), queue)
+    assert isinstance(merged, RequestOutput) and merged.finished
+    assert merged.outputs[0].delta_text == "abcd" and merged.outputs[0].text == "abcd"
+    assert queue.qsize() == 1  # what came after the final output stays queued
+    error = RuntimeError("aborted")
+    queue = asyncio.Queue()
+    queue.put_nowait(error)
+    assert _coalesce(out("a", "a"), queue) is error

@@ -60,6 +60,13 @@ async def merge(
     gens: list[AsyncIterator[RequestOutput]],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several engine requests as they come; leaving early closes (aborts) them all."""
+    if len(gens) == 1:  # the common case: no pump task and queue between engine and stream
+        try:
+            async for out in gens[0]:
+                yield 0, out
+        finally:
+            await gens[0].aclose()  # type: ignore[attr-defined]
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
