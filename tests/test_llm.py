@@ -345,3 +345,18 @@ def test_generation_config_sets_sampling_defaults(tiny: Path, tmp_path: Path) ->
     assert default == greedy.outputs[0].token_ids[: len(default)]
     plain = EngineArgs(model=str(tmp_path), generation_config="vllm", skip_tokenizer_init=True)
     assert plain.create_engine_config().model.sampling_defaults == ()
+
+
+def test_warm_up_leaves_a_clean_engine(tiny: Path) -> None:
+    """The CUDA start-up warm-up (run here on the CPU): its requests finish, every block and the
+    prefix-cache counters come back, and generation afterwards is unchanged."""
+    llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    before = llm.generate(_ids(5, 21), GREEDY, use_tqdm=False)
+    llm.engine.warm_up()
+    _assert_clean(llm)
+    stats = llm.engine.stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)
+    assert not llm.engine.scheduler.requests
+    after = llm.generate(_ids(5, 21), GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
+    llm.shutdown()

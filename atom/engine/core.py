@@ -23,6 +23,7 @@ from atom.config import EngineConfig
 from atom.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from atom.engine.request import Request, RequestStatus
 from atom.engine.scheduler import Scheduler, SchedulerStats
+from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class EngineCore:
             raise
         self.num_kv_blocks = num_blocks
         self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
+        if getattr(self.executor, "needs_warmup", False):
+            self.warm_up()
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s",
             num_blocks,
@@ -76,6 +79,22 @@ class EngineCore:
             num_blocks * self.executor.kv_bytes_per_block() / 2**30,
             time.perf_counter() - start,
         )
+
+    def warm_up(self) -> None:
+        """One throwaway request through prefill, a mixed step and decode, so that the first real
+        request pays no kernel compilation (its TTFT was seconds on a cold start); then the
+        prefix cache and its counters are reset."""
+        bs, max_len = self.config.cache.block_size, self.config.scheduler.max_model_len
+        n = max(min(2 * bs + 3, max_len - 4), 1)
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        for i, length in enumerate((n, max(n // 2, 1))):  # the second joins the first's decode
+            prompt = [1 + (7 * j + i) % 100 for j in range(length)]
+            self.add_request(Request(f"__warmup_{i}", prompt, params))
+            self.step()
+        while self.has_work():
+            self.step()
+        self.reset_prefix_cache()
+        self.scheduler.kv.prefix_query_tokens = self.scheduler.kv.prefix_hit_tokens = 0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -226,6 +226,12 @@ class ModelRunner:
             max(a.v_scale for a in self.attn_layers),
         )
 
+    @property
+    def needs_warmup(self) -> bool:
+        """Triton compiles a kernel variant on its first launch: on CUDA the engine runs one
+        request through prefill and decode before it reports ready (tests/gpu)."""
+        return self.device.type == "cuda"
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         dtype = kv_cache_torch_dtype(self.config)
         for layer in self.attn_layers:
