@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from atom.kernels import fused_moe as _moe
+from atom.kernels import latent_cache as _latent
+from atom.kernels import mla_attention as _mla
+from atom.kernels import mla_reference as _mla_ref
 from atom.kernels import reshape_and_cache as _cache
 from atom.kernels import rms_norm as _norm
 from atom.kernels import rotary as _rotary
@@ -130,5 +133,64 @@ def paged_attention(
             sliding_window,
             softcap,
             sinks,
+        )
+    )
+
+
+def write_latent_cache(
+    latent: Tensor, kv_cache: Tensor, slot_mapping: Tensor, kv_scale: float = 1.0
+) -> None:
+    """MLA: latent [T, kv_lora_rank + rope] into kv_cache [1, blocks, block_size, 1, row] at
+    slot_mapping [T], in place; slots < 0 skipped."""
+    fn = _latent.write_latent_cache if latent.is_cuda else _latent.write_latent_cache_ref
+    fn(latent, kv_cache, slot_mapping, kv_scale)
+
+
+def mla_attention(
+    q: Tensor,
+    kv_cache: Tensor,
+    meta: AttentionMetadata,
+    w_kv_b: Tensor,
+    nope_dim: int,
+    v_dim: int,
+    scale: float,
+    kv_scale: float,
+    out: Tensor,
+) -> None:
+    """MLA of q [T, H, nope + rope] over the paged latent cache (this step's rows already
+    written) into out [T, H, v]; w_kv_b is kv_b_proj's weight [H * (nope + v), kv_lora_rank].
+
+    CUDA: the absorbed Triton kernel for every row, no host sync (CUDA-graph safe). Elsewhere the
+    torch loop over sequences: absorbed for a decode row, expanded for a prefill.
+    """
+    if q.is_cuda:
+        _mla.mla_paged_attention(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            meta.max_query_len,
+            meta.max_seq_len,
+            w_kv_b,
+            nope_dim,
+            v_dim,
+            scale,
+            kv_scale,
+            out,
+        )
+        return
+    out.copy_(
+        _mla_ref.mla_paged_attention_ref(
+            q,
+            kv_cache,
+            meta.block_tables,
+            meta.seq_lens_cpu,
+            meta.query_start_loc_cpu,
+            w_kv_b,
+            nope_dim,
+            v_dim,
+            scale,
+            kv_scale,
         )
     )

@@ -6,9 +6,10 @@ Per token the cache holds one latent row, shared by every head:
     row = c_kv (kv_a_layernorm output, kv_lora_rank) | k_pe (roped, rope_dim)
 
 kv_b_proj [H * (nope + v), kv_lora_rank] turns c_kv into per-head keys (W_UK) and values (W_UV).
-Prefill up-projects the sequence's latents and runs causal attention; decode absorbs W_UK into the
-query and W_UV into the output, so it reads only the latents (the point of MLA: a short cache row
-and no per-token up-projection). Both are torch references: the CPU path and a kernel's oracle.
+On CUDA every row runs absorbed (W_UK into the query, W_UV after), so attention reads only the
+latents (the point of MLA: a short cache row and no per-token up-projection), in a Triton kernel
+(atom/kernels/mla_attention.py). On the CPU the torch references run: decode absorbed, prefill
+with the context up-projected (atom/kernels/mla_reference.py).
 """
 
 from __future__ import annotations
@@ -19,50 +20,18 @@ import torch
 from torch import Tensor
 
 from atom.executor.forward_context import get_forward_context
-from atom.kernels.paged_attention import FP8_DTYPES, sdpa
+from atom.kernels import ops
+from atom.kernels.mla_reference import mla_expanded_ref
 from atom.layers.attention import Attention
-
-
-def mla_expanded_ref(
-    q: Tensor, latents: Tensor, w_kv_b: Tensor, nope_dim: int, v_dim: int, scale: float
-) -> Tensor:
-    """Causal attention with up-projected K/V; the queries are the tail of the context.
-
-    q [T, H, nope + rope], latents [L, rank + rope] (L >= T), w_kv_b [H * (nope + v), rank]
-    -> [T, H, v].
-    """
-    rank = w_kv_b.shape[1]
-    c_kv, k_pe = latents.split([rank, latents.shape[1] - rank], dim=-1)
-    kv = (c_kv @ w_kv_b.t()).view(latents.shape[0], -1, nope_dim + v_dim)  # [L, H, nope + v]
-    k_nope, v = kv.split([nope_dim, v_dim], dim=-1)
-    k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, k_nope.shape[1], -1)], dim=-1)
-    return sdpa(q, k, v.contiguous(), scale)
-
-
-def mla_absorbed_ref(
-    q: Tensor, latents: Tensor, w_kv_b: Tensor, nope_dim: int, v_dim: int, scale: float
-) -> Tensor:
-    """One query token over all of latents [L, rank + rope], in the latent space.
-
-    q [H, nope + rope] -> [H, v]; equal to mla_expanded_ref up to rounding:
-    q_nope . (W_UK c) = (q_nope W_UK) . c, and sum_l p_l W_UV c_l = W_UV (sum_l p_l c_l).
-    """
-    rank = w_kv_b.shape[1]
-    w = w_kv_b.float().view(-1, nope_dim + v_dim, rank)  # [H, nope + v, rank]
-    w_uk, w_uv = w.split([nope_dim, v_dim], dim=1)
-    c_kv, k_pe = latents.float().split([rank, latents.shape[1] - rank], dim=-1)
-    q_nope, q_pe = q.float().split([nope_dim, q.shape[-1] - nope_dim], dim=-1)
-    q_lat = torch.einsum("hn,hnr->hr", q_nope, w_uk)  # [H, rank]
-    scores = (q_lat @ c_kv.t() + q_pe @ k_pe.t()) * scale  # [H, L]
-    out_lat = scores.softmax(dim=-1) @ c_kv  # [H, rank]
-    return torch.einsum("hr,hvr->hv", out_lat, w_uv).to(q.dtype)
 
 
 class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
 
-    # The reference loops over sequences with host-side lengths: no CUDA graphs until a kernel.
-    syncs_host: ClassVar[bool] = True
+    # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
+    # it (tests/gpu/test_mla_gpu.py replays one). DeepSeek still runs eager on CUDA because of
+    # FusedMoE.syncs_host (atom/layers/moe.py) until the MoE's GPU tests pass.
+    syncs_host: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -94,42 +63,16 @@ class MLAAttention(Attention):
     def forward_into(self, q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor) -> None:  # type: ignore[override]
         context = get_forward_context()
         meta = None if context is None else context.attn
-        args = (w_kv_b, self.nope_dim, self.v_dim, self.scale)
         if meta is None or self.kv_cache.numel() == 0:
             if self.kv_amax is not None:  # fp8 calibration: one scale for the whole row
                 amax = max(self.kv_amax[0], latent.abs().max().item())
                 self.kv_amax = (amax, amax)
-            out.copy_(mla_expanded_ref(q, latent, *args))
+            out.copy_(mla_expanded_ref(q, latent, w_kv_b, self.nope_dim, self.v_dim, self.scale))
             return
-        self._write(latent, meta.slot_mapping)
-        block_size = self.kv_cache.shape[2]
-        rows = self.kv_cache[0, :, :, 0]  # [num_blocks, block_size, rank + rope]
-        for i, kv_len in enumerate(meta.seq_lens_cpu):
-            start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
-            blocks = meta.block_tables[i, : -(-kv_len // block_size)].long()
-            ctx = self._read(rows, blocks, q.dtype)[:kv_len]
-            if end - start == 1:
-                out[start] = mla_absorbed_ref(q[start], ctx, *args)
-            else:
-                out[start:end] = mla_expanded_ref(q[start:end], ctx, *args)
-
-    def _write(self, latent: Tensor, slot_mapping: Tensor) -> None:
-        keep = slot_mapping >= 0  # negative slots: CUDA-graph padding rows
-        latent, slots = latent[keep], slot_mapping[keep]
-        cache = self.kv_cache[0].view(-1, self.head_dim)  # [num_blocks * block_size, row]
-        if cache.dtype in FP8_DTYPES:
-            fp8_max = torch.finfo(cache.dtype).max
-            latent = (latent.float() / self.k_scale).clamp(-fp8_max, fp8_max).to(cache.dtype)
-            cache.view(torch.uint8).index_copy_(0, slots, latent.view(torch.uint8))
-        else:
-            cache.index_copy_(0, slots, latent.to(cache.dtype))
-
-    def _read(self, rows: Tensor, blocks: Tensor, dtype: torch.dtype) -> Tensor:
-        """The latents of the given blocks ([n]) as [n * block_size, rank + rope]."""
-        if rows.dtype in FP8_DTYPES:  # CPU indexing is not built for float8
-            ctx = rows.view(torch.uint8)[blocks].view(rows.dtype).flatten(0, 1)
-            return ctx.to(dtype) * self.k_scale
-        return rows[blocks].flatten(0, 1).to(dtype)
+        ops.write_latent_cache(latent, self.kv_cache, meta.slot_mapping, self.k_scale)
+        ops.mla_attention(
+            q, self.kv_cache, meta, w_kv_b, self.nope_dim, self.v_dim, self.scale, self.k_scale, out
+        )
 
 
 @torch.library.custom_op("atom::mla_attention", mutates_args=("out",))

@@ -12,7 +12,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from atom.layers.mla import MLAAttention, mla_absorbed_ref, mla_expanded_ref
+from atom.kernels.mla_reference import mla_absorbed_ref, mla_expanded_ref
+from atom.layers.mla import MLAAttention
 from atom.model_source import load_hf_config, resolve_model
 from atom.models.registry import get_model_class
 from tests.models.oracle import (
