@@ -2,7 +2,8 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench profile serving peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
-#   kernels  bench_attention.py (vs SDPA flash) and bench_fused_moe.py (Qwen3-30B-A3B shapes)
+#   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes) and
+#            bench_mla.py (DeepSeek latent attention)
 #   bench    benchmark_throughput (Qwen3-0.6B shape) and benchmark_latency (Llama-3.1-8B shape),
 #            then a second start of the latency engine to time a warm compile cache
 #   profile  benchmark_throughput with a traced second run (--mark-trace), then both trace tools
@@ -45,6 +46,7 @@ stage_tests() {
 stage_kernels() {
     python3 benchmarks/bench_attention.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
     python3 benchmarks/bench_fused_moe.py "$OUT/fused_moe.json" 2>&1 | tee "$OUT/fused_moe.log"
+    python3 benchmarks/bench_mla.py "$OUT/mla.json" 2>&1 | tee "$OUT/mla.log"
 }
 
 # One benchmark CLI; its log in $OUT/NAME.log, its JSON line echoed.
