@@ -39,7 +39,9 @@ stage_stash() {
 }
 
 stage_tests() {
-    timeout "${ATOM_TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -q -rs --durations=15 \
+    # faulthandler_timeout: a test slower than 180 s prints every thread's stack (a hang shows).
+    timeout "${ATOM_TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -v -rs --durations=15 \
+        -o faulthandler_timeout=180 \
         2>&1 | tee "$OUT/gpu_tests.log"
 }
 
