@@ -134,7 +134,7 @@ class EngineCore:
 
     def _schedule_ahead(self) -> bool:
         return self.config.scheduler.async_scheduling and not any(
-            r.sampling_params.needs_output_history for r in self.scheduler.running
+            r.needs_output_history for r in self.scheduler.running
         )
 
     def _submit(self, submit: Callable[[SchedulerOutput], Callable[[], ModelRunnerOutput]]) -> None:

@@ -57,9 +57,11 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     first_scheduled_time: float | None = None
     stop_token_set: frozenset[int] = field(init=False)  # the params' stop ids, computed once
+    needs_output_history: bool = field(init=False)  # penalties: every output token on the host
 
     def __post_init__(self) -> None:
         self.stop_token_set = frozenset(self.sampling_params.all_stop_token_ids)
+        self.needs_output_history = self.sampling_params.needs_output_history
 
     @property
     def num_prompt_tokens(self) -> int:
