@@ -86,7 +86,7 @@ class EngineCore:
         prefix cache and its counters are reset."""
         bs, max_len = self.config.cache.block_size, self.config.scheduler.max_model_len
         n = max(min(2 * bs + 3, max_len - 4), 1)
-        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # no RNG draws
         for i, length in enumerate((n, max(n // 2, 1))):  # the second joins the first's decode
             prompt = [1 + (7 * j + i) % 100 for j in range(length)]
             self.add_request(Request(f"__warmup_{i}", prompt, params))
@@ -126,7 +126,11 @@ class EngineCore:
             return self._update(sched, lambda: self.executor.execute_model(sched))
         if self._in_flight is not None and self._schedule_ahead():
             previous, self._in_flight = self._in_flight, None
-            self._submit(submit)
+            try:
+                self._submit(submit)
+            except BaseException:
+                self._in_flight = previous  # step N still runs: the next step() collects it
+                raise
             return self._update(*previous)
         outputs = self._collect()
         self._submit(submit)

@@ -265,7 +265,13 @@ class Scheduler:
         entries = result.prompt_logprobs.get(req.request_id)
         if not entries:
             return []
-        first = req.num_computed_tokens - sched.num_scheduled_tokens[req.request_id] + 1
+        # The step's start as scheduled: a step scheduled after it (async) has moved the request.
+        start = next(
+            r.num_computed_tokens
+            for r in (*sched.new_reqs, *sched.cached_reqs)
+            if r.req_id == req.request_id
+        )
+        first = start + 1
         entries = entries[max(0, req.num_prompt_logprobs + 1 - first) :]
         req.num_prompt_logprobs += len(entries)
         return entries

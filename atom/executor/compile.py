@@ -6,10 +6,11 @@
   3  piecewise: the FX graph split at every attention op (an opaque custom op), Inductor on each
      piece between them, attention run eagerly between the compiled pieces
 
-The token dimension is unbacked (`mark_unbacked`): Dynamo makes no assumption about its value, not
-even the usual specialisation of sizes 0 and 1, so one compile serves every batch, batch 1
-included (a backed dynamic dimension cost a second whole compile for it). At level 3 the pieces
-between two attentions are the same code for every layer: each distinct piece is compiled once.
+The token dimension is dynamic, so one compile serves every batch (batch size 1 gets one more:
+Dynamo specialises sizes 0 and 1). At level 3 the pieces between two attentions are the same code
+for every layer: each distinct piece is compiled once (3 Inductor compiles instead of one per
+layer), which also makes the batch-1 compile cheap. (An unbacked token dimension would avoid it,
+but the Triton launchers' size checks are data-dependent guards under unbacked sizes.)
 Inductor's FX-graph and AOT caches live under the compile cache directory, so a second start with
 the same model and code skips Inductor.
 """
@@ -24,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
-from torch._dynamo.decorators import mark_unbacked
 from torch._inductor.compile_fx import compile_fx
 
 import atom.layers.attention  # noqa: F401  registers torch.ops.atom.attention
@@ -53,8 +53,9 @@ def compile_forward(forward: Forward, level: int, cache_dir: Path | None = None)
     compiled = torch.compile(forward, backend=backend, fullgraph=True)
 
     def run(input_ids: Tensor, positions: Tensor) -> Tensor:
-        mark_unbacked(input_ids, 0)  # one graph for every token count
-        mark_unbacked(positions, 0)
+        if input_ids.shape[0] > 1:  # one graph for every token count
+            torch._dynamo.mark_dynamic(input_ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
         return compiled(input_ids, positions)
 
     return run

@@ -115,6 +115,10 @@ class MultiprocExecutor:
         self.channel.send(AllocateKVCache(num_blocks))
         self.runner.allocate_kv_cache(num_blocks)
 
+    @property
+    def needs_warmup(self) -> bool:
+        return self.runner.needs_warmup
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.channel.send(ExecuteModel(sched))
         return self.runner.execute_model(sched)

@@ -143,3 +143,57 @@ def test_penalties_run_steps_one_at_a_time(tiny: Path) -> None:
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
     llm.shutdown()
     sync.shutdown()
+
+
+@pytest.mark.parametrize("budget", [None, 8])
+def test_prompt_logprobs_after_preemption(tiny: Path, budget: int | None) -> None:
+    """A request recomputed after a preemption delivers each prompt position once, also when
+    its update comes after the next step was scheduled (async)."""
+    engine: dict[str, Any] = {"num_gpu_blocks_override": 5, "max_model_len": 64}
+    if budget is not None:
+        engine["max_num_batched_tokens"] = budget
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=1),
+    ]
+    results = []
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny), skip_tokenizer_init=True, async_scheduling=async_scheduling, **engine)
+        out = llm.generate(_prompts(20, 20), params, use_tqdm=False)[1]
+        assert llm.engine.stats().num_preemptions > 0
+        results.append(([list(p) if p else None for p in out.prompt_logprobs or []], out))
+        llm.shutdown()
+    (sync_lp, sync_out), (async_lp, async_out) = results
+    assert len(async_lp) == len(sync_lp) == 20
+    assert async_lp == sync_lp
+    assert async_out.outputs[0].token_ids == sync_out.outputs[0].token_ids
+
+
+def test_a_failed_submit_keeps_the_step_in_flight(tiny: Path) -> None:
+    """If queueing step N+1 raises, step N is still collected: no token is lost and the
+    request is not left waiting for a pending token forever."""
+    from atom.engine.request import Request
+
+    llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    core, runner = llm.engine, llm.engine.executor
+    submit, calls = runner.submit_model, [0]
+
+    def flaky(sched: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 4:
+            runner._update_states(sched)  # as a failure inside the forward would
+            raise RuntimeError("transient")
+        return submit(sched)
+
+    runner.submit_model = flaky
+    core.add_request(Request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=8)))
+    tokens, failures = [], 0
+    for _ in range(40):
+        if not core.has_work():
+            break
+        try:
+            tokens += [t for o in core.step() for t in o.new_token_ids]
+        except RuntimeError:
+            failures += 1
+    assert failures == 1 and len(tokens) == 8 and not core.has_work()
+    llm.shutdown()
