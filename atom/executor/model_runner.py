@@ -346,6 +346,12 @@ class ModelRunner:
             self._last_rows = {state.req_id: j for j, state in enumerate(rows)}
             for state in rows:
                 state.num_pending += 1
+            if result.logprobs is not None:  # to pinned memory too: a .tolist() of a device
+                result = SamplerOutput(  # tensor would wait for the step queued after this one
+                    result.sampled,
+                    *(_to_host(t) for t in (result.logprob_token_ids, result.logprobs)),
+                    _to_host(result.ranks),
+                )
             done = torch.cuda.Event() if self.device.type == "cuda" else None
             if done is not None:
                 done.record()
@@ -412,7 +418,6 @@ class ModelRunner:
         result: SamplerOutput,
         out: ModelRunnerOutput,
     ) -> None:
-        # Logprobs, when asked for, cost syncs of their own.
         lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         ranks = result.ranks.tolist() if result.ranks is not None else None
@@ -448,3 +453,12 @@ class ModelRunner:
         ids = torch.cat([target, top_ids], dim=1).tolist()
         lps = torch.cat([chosen, top_lp], dim=1).tolist()
         return [TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks, strict=True)]
+
+
+def _to_host(t: Tensor | None) -> Tensor | None:
+    """A device tensor's copy in pinned host memory, queued (read it after the step's event)."""
+    if t is None or t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
