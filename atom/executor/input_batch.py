@@ -272,4 +272,5 @@ def build_sampling_metadata(
         prompt_token_ids=[s.prompt_token_ids for s in rows] if needs_penalty else [],
         blocked_tokens=blocked,
         max_num_logprobs=max(wanted) if wanted else None,
+        max_top_k=max(p.top_k for p in params) if all(p.top_k > 0 for p in params) else None,
     )

@@ -27,6 +27,9 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]]
     blocked_tokens: list[tuple[int, list[int]]]  # (row, stop ids) while below min_tokens
     max_num_logprobs: int | None  # top-k logprobs wanted by some row
+    # The largest top_k when every row has one: only that many candidates can survive, so a
+    # partial top-k replaces the sort of the whole vocabulary.
+    max_top_k: int | None = None
 
 
 @dataclass(slots=True)
@@ -92,20 +95,36 @@ def apply_penalties(logits: Tensor, meta: SamplingMetadata) -> Tensor:
     return logits - meta.presence_penalty.unsqueeze(1) * (out_counts > 0)
 
 
+MAX_PARTIAL_TOP_K = 1024  # above this a full sort is as cheap as torch.topk
+
+
 def apply_top_k_top_p_min_p(
-    logits: Tensor, top_k: Tensor | None, top_p: Tensor | None, min_p: Tensor | None
+    logits: Tensor,
+    top_k: Tensor | None,
+    top_p: Tensor | None,
+    min_p: Tensor | None,
+    max_top_k: int | None = None,
 ) -> Tensor:
-    """Set logits outside each row's allowed set to -inf (the top token always stays)."""
+    """Set logits outside each row's allowed set to -inf (the top token always stays).
+
+    max_top_k (every row has a top_k, none above it) sorts only the max_top_k best candidates.
+    """
     if min_p is not None:
         probs = logits.softmax(dim=-1)
         threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     if top_k is None and top_p is None:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    if top_k is not None and max_top_k is not None and max_top_k <= MAX_PARTIAL_TOP_K < vocab:
+        sorted_logits, order = logits.topk(max_top_k, dim=-1)  # sorted, best first
+        masked = torch.full_like(logits, float("-inf"))
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        masked = logits
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if top_k is not None:
-        ranks = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
+        ranks = torch.arange(sorted_logits.shape[-1], device=logits.device).unsqueeze(0)
         drop |= ranks >= top_k.unsqueeze(1)
     if top_p is not None:
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
@@ -113,7 +132,7 @@ def apply_top_k_top_p_min_p(
         # The float32 cumsum can reach 1.0 before the tail: rows with top_p = 1 (off) keep all.
         drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
     drop[:, 0] = False
-    return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return masked.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 def exponential_noise(
@@ -148,7 +167,7 @@ class Sampler(nn.Module):
     def _random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
         temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
         logits = apply_top_k_top_p_min_p(
-            logits / temperature.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p
+            logits / temperature.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p, meta.max_top_k
         )
         probs = logits.softmax(dim=-1)
         noise = exponential_noise(tuple(probs.shape), meta.generators, probs.device)

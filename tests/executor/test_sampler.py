@@ -425,3 +425,35 @@ def test_logprobs_are_raw_and_ranked(k: int) -> None:
 def test_no_logprobs_when_not_asked() -> None:
     out = Sampler()(torch.randn(2, 37), make_meta(2, 1.0))
     assert out.logprob_token_ids is None and out.logprobs is None and out.ranks is None
+
+
+@pytest.mark.parametrize("top_p", [None, 0.3, 0.9])
+def test_partial_top_k_equals_the_full_sort(top_p: float | None) -> None:
+    """Every row with a top_k (as Qwen3's generation config sets: 20): sorting only the
+    max(top_k) best candidates masks exactly what the full-vocabulary sort masks."""
+    gen = torch.Generator().manual_seed(11)
+    vocab, rows = 5000, 6
+    logits = torch.randn(rows, vocab, generator=gen) * torch.linspace(0.5, 4.0, rows)[:, None]
+    top_k = torch.tensor([20, 1, 7, 20, 13, 2])
+    top_p_t = None if top_p is None else torch.full((rows,), top_p)
+    min_p = torch.full((rows,), 0.01)
+    full = apply_top_k_top_p_min_p(logits, top_k, top_p_t, min_p)
+    partial = apply_top_k_top_p_min_p(logits, top_k, top_p_t, min_p, max_top_k=20)
+    assert torch.equal(full, partial)
+    assert ((~partial.isinf()).sum(dim=-1) <= top_k).all()
+
+
+def test_metadata_max_top_k_only_when_every_row_has_one() -> None:
+    from atom.executor.input_batch import CachedRequestState, build_sampling_metadata
+    from atom.sampling_params import SamplingParams
+
+    def rows(*ks: int) -> list[CachedRequestState]:
+        return [
+            CachedRequestState(str(i), [1], [], SamplingParams(temperature=1.0, top_k=k), [0], 0)
+            for i, k in enumerate(ks)
+        ]
+
+    cpu = torch.device("cpu")
+    assert build_sampling_metadata(rows(20, 5), cpu).max_top_k == 20
+    assert build_sampling_metadata(rows(20, 0), cpu).max_top_k is None
+    assert build_sampling_metadata(rows(-1), cpu).max_top_k is None
