@@ -79,7 +79,7 @@ def test_float32_greedy_and_logits_match_hf(checkpoint: Path) -> None:
     hf = _hf(checkpoint, torch.float32)
     assert _atom(checkpoint, dtype="float32") == [_hf_greedy(hf, p) for p in _prompts()]
     prompt = _prompts()[-1]
-    llm = LLM(str(checkpoint), skip_tokenizer_init=True, device="cuda", dtype="float32")
+    llm = LLM(str(checkpoint), skip_tokenizer_init=True, device="cuda", dtype="float32", level=0)
     model = llm.engine.executor.model
     ids = torch.tensor(prompt, device="cuda")
     with torch.no_grad():
