@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -317,16 +318,21 @@ class ModelRunner:
         sampling = build_sampling_metadata(rows, self.device) if rows else None
         num_rows = inputs.input_ids.shape[0]
         graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
-        attn = inputs.attn
-        label = step_label(
-            attn.query_start_loc_cpu,
-            attn.seq_lens_cpu,
-            len(inputs.req_ids),
-            inputs.is_decode_only,
-            num_rows if graph else None,
-        )
-        # The step's device work, from the forward to the copy of the sampled ids.
-        with record_function(label):
+        # The step's device work, from the forward to the copy of the sampled ids, labelled
+        # while the profiler runs (the label is not built otherwise).
+        label = nullcontext()
+        if self.profiler.running:
+            attn = inputs.attn
+            label = record_function(
+                step_label(
+                    attn.query_start_loc_cpu,
+                    attn.seq_lens_cpu,
+                    len(inputs.req_ids),
+                    inputs.is_decode_only,
+                    num_rows if graph else None,
+                )
+            )
+        with label:
             logits, prompt_logprobs = self._forward(inputs, graph, bool(rows))
             out = ModelRunnerOutput(
                 req_ids=inputs.req_ids,
@@ -346,10 +352,13 @@ class ModelRunner:
             self._last_rows = {state.req_id: j for j, state in enumerate(rows)}
             for state in rows:
                 state.num_pending += 1
-            if result.logprobs is not None:  # to pinned memory too: a .tolist() of a device
-                result = SamplerOutput(  # tensor would wait for the step queued after this one
+            if result.logprobs is not None:
+                # To pinned memory too: a .tolist() of a device tensor would also wait for the
+                # step queued after this one.
+                result = SamplerOutput(
                     result.sampled,
-                    *(_to_host(t) for t in (result.logprob_token_ids, result.logprobs)),
+                    _to_host(result.logprob_token_ids),
+                    _to_host(result.logprobs),
                     _to_host(result.ranks),
                 )
             done = torch.cuda.Event() if self.device.type == "cuda" else None
