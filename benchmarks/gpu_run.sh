@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
-#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench profile serving peer smol
+#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench latency profile serving peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes) and
 #            bench_mla.py (DeepSeek latent attention)
-#   bench    benchmark_throughput (Qwen3-0.6B shape) and benchmark_latency (Llama-3.1-8B shape),
-#            then a second start of the latency engine to time a warm compile cache
+#   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
+#   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
+#            time a warm compile cache
 #   profile  benchmark_throughput with a traced second run (--mark-trace), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
@@ -62,6 +63,10 @@ bench() {
 
 stage_bench() {
     bench throughput benchmark_throughput
+    stage_latency
+}
+
+stage_latency() {
     bench latency benchmark_latency
     bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
 }
