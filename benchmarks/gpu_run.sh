@@ -41,7 +41,9 @@ stage_stash() {
 
 stage_tests() {
     # faulthandler_timeout: a test slower than 180 s prints every thread's stack (a hang shows).
-    timeout "${ATOM_TEST_TIMEOUT:-300}" python3 -m pytest tests/gpu -v -rs --durations=15 \
+    # ATOM_TESTS picks files or node ids (default: all of tests/gpu).
+    # shellcheck disable=SC2086
+    timeout "${ATOM_TEST_TIMEOUT:-300}" python3 -m pytest ${ATOM_TESTS:-tests/gpu} -v -rs --durations=15 \
         -o faulthandler_timeout=180 \
         2>&1 | tee "$OUT/gpu_tests.log"
 }

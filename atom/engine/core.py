@@ -60,10 +60,13 @@ class EngineCore:
         start = time.perf_counter()
         self.config = config
         self.executor = executor if executor is not None else create_executor(config)
+        phases = {"model": time.perf_counter() - start}
         try:
             num_blocks = self.executor.determine_num_kv_blocks()
+            phases["memory profile + compile"] = time.perf_counter() - start - sum(phases.values())
             self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
             self.executor.allocate_kv_cache(num_blocks)
+            phases["KV cache + graphs"] = time.perf_counter() - start - sum(phases.values())
         except BaseException:
             self.executor.shutdown()  # no orphan worker processes
             raise
@@ -71,13 +74,15 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
         if getattr(self.executor, "needs_warmup", False):
             self.warm_up()
+            phases["warm-up"] = time.perf_counter() - start - sum(phases.values())
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s (%s)",
             num_blocks,
             config.cache.block_size,
             num_blocks * config.cache.block_size,
             num_blocks * self.executor.kv_bytes_per_block() / 2**30,
             time.perf_counter() - start,
+            ", ".join(f"{name} {t:.1f} s" for name, t in phases.items()),
         )
 
     def warm_up(self) -> None:

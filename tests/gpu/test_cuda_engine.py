@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,7 +68,7 @@ def _hf_greedy(model: Any, prompt: list[int]) -> list[int]:
 def _atom(path: Path, **kwargs: Any) -> list[list[int]]:
     # CUDA graphs on, Inductor off: each engine here would compile anew (test_fast_path covers
     # the levels), and device minutes are scarce.
-    kwargs.setdefault("level", 0)
+    kwargs = {"level": 0, **SMALL_ENGINE, **kwargs}
     llm = LLM(str(path), skip_tokenizer_init=True, device="cuda", **kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
     pool = llm.engine.scheduler.kv.pool
@@ -79,7 +80,14 @@ def test_float32_greedy_and_logits_match_hf(checkpoint: Path) -> None:
     hf = _hf(checkpoint, torch.float32)
     assert _atom(checkpoint, dtype="float32") == [_hf_greedy(hf, p) for p in _prompts()]
     prompt = _prompts()[-1]
-    llm = LLM(str(checkpoint), skip_tokenizer_init=True, device="cuda", dtype="float32", level=0)
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        device="cuda",
+        dtype="float32",
+        level=0,
+        **SMALL_ENGINE,
+    )
     model = llm.engine.executor.model
     ids = torch.tensor(prompt, device="cuda")
     with torch.no_grad():
@@ -121,6 +129,8 @@ def test_fp8_kv_cache_on_cuda(checkpoint: Path) -> None:
             device="cuda",
             kv_cache_dtype=kv,
             max_num_batched_tokens=64,
+            level=0,
+            **SMALL_ENGINE,
         )  # chunks: later tokens read earlier ones from cache
         out = llm.generate(prompt, params, use_tqdm=False)[0].prompt_logprobs
         assert out is not None
@@ -240,6 +250,8 @@ def test_tp2_nccl_matches_tp1(checkpoint: Path) -> None:
         device="cuda",
         dtype="float32",
         tensor_parallel_size=2,
+        level=0,
+        **SMALL_ENGINE,
     )
     outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], GREEDY, use_tqdm=False)
     llm.shutdown()

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -45,7 +46,7 @@ def _prompts(n: int = 11) -> list[dict[str, list[int]]]:
 
 
 def _tokens(path: Path, **kwargs: Any) -> list[list[int]]:
-    llm = LLM(str(path), skip_tokenizer_init=True, device="cuda", **kwargs)
+    llm = LLM(str(path), skip_tokenizer_init=True, device="cuda", **{**SMALL_ENGINE, **kwargs})
     outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
     pool = llm.engine.scheduler.kv.pool
     assert pool.num_free_blocks == pool.num_blocks

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,7 +43,9 @@ def test_moe_float32_greedy_matches_hf(name: str, tmp_path: Path) -> None:
     hf = hf.cuda().eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 17, 90)]
-    llm = LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="float32")
+    llm = LLM(
+        str(tmp_path), skip_tokenizer_init=True, device="cuda", dtype="float32", **SMALL_ENGINE
+    )
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs, strict=True):
