@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
-#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench latency profile serving peer smol
+#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench latency latency_warm profile serving peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes) and
 #            bench_mla.py (DeepSeek latent attention)
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
-#            time a warm compile cache
+#            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   profile  benchmark_throughput with a traced second run (--mark-trace), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
-#            1024/1024, concurrency 1..256): $OUT/serving_<model>.tgz of the result JSONs + logs
+#            1024/1024, concurrency 1..256; MODELS= and CONCURRENCY= pick): $OUT/serving_<model>.tgz
+#            of the result JSONs + logs
 #   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
@@ -73,6 +74,10 @@ stage_latency() {
     bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
 }
 
+stage_latency_warm() {  # after a stage that compiled the 8B model (serving): one warm start
+    bench latency_warm benchmark_latency --batch-sizes 1,128
+}
+
 stage_profile() {
     local dir=/tmp/atom-prof trace
     rm -rf "$dir"
@@ -89,7 +94,7 @@ stage_profile() {
 
 stage_serving() {
     local dir model
-    for model in qwen3-0.6b llama-3.1-8b; do
+    for model in ${MODELS:-qwen3-0.6b llama-3.1-8b}; do
         dir=/tmp/atom-serving/$model/$(date +%Y%m%d)-h200-$TAG
         bash benchmarks/serving_sweep.sh "$model" "$dir" "${CONCURRENCY:-1 4 16 64 256}" \
             --max-model-len 4096 --max-num-seqs 256 || return 1
