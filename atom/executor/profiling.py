@@ -119,7 +119,9 @@ class TorchProfiler:
         assert self.trace_dir is not None and self._profiler is None
         folder = self.trace_dir / CAPTURE_TRACES
         folder.mkdir(parents=True, exist_ok=True)
-        profiler = torch.profiler.profile(activities=self.activities)
+        # Same settings as a run trace: without record_shapes Inductor's `## Call CompiledFxGraph`
+        # ranges come out as cpu_op, not user_annotation, and the tools would not see them.
+        profiler = torch.profiler.profile(activities=self.activities, record_shapes=True)
         profiler.start()
         try:
             with record_function(capture_warmup_label(size)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from atom.args import EngineArgs, FlexibleArgumentParser
 from atom.executor.compile import compile_forward
 from atom.executor.forward_context import ForwardContext, set_forward_context
 from atom.executor.model_runner import ModelRunner
-from atom.executor.profiling import tag_modules
+from atom.executor.profiling import CAPTURE_TRACES, TorchProfiler, tag_modules
 from atom.executor.trace_labels import draft_label, step_label
 
 
@@ -105,6 +107,25 @@ def test_compiled_forward_keeps_only_attention_tags(runner: ModelRunner, tmp_pat
         names |= _profiled(runner, compiled, 13)
     assert {"model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"} <= names
     assert "model.layers.0.mlp" not in names
+
+
+def test_capture_trace_shows_compiled_ranges_as_tags(runner: ModelRunner, tmp_path: Path) -> None:
+    """A capture trace of a level-3 forward: Inductor's `## Call CompiledFxGraph` ranges are
+    user annotations there as in run traces (a GPU sitting found them as cpu_op, so replayed
+    compiled kernels came out untagged)."""
+    torch._dynamo.reset()
+    compiled = compile_forward(runner.model.forward, 3, cache_dir=tmp_path / "cache")
+    profiler = TorchProfiler(str(tmp_path), 0, "m", torch.device("cpu"), mark_trace=True)
+    ids = torch.arange(5)
+    with set_forward_context(ForwardContext(runner.attn_by_name, None)), torch.inference_mode():
+        compiled(ids, ids)  # compiles outside the trace, as graph capture's first warm-up does
+        with profiler.capture_trace(5):
+            compiled(ids, ids)
+    trace = tmp_path / CAPTURE_TRACES / "bs_5_rank0.json.gz"
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    annotations = {e["name"] for e in events if e.get("cat") == "user_annotation"}
+    assert any(name.startswith("## Call CompiledFxGraph") for name in annotations), annotations
+    assert "model.layers.1.self_attn.attn" in annotations
 
 
 def test_tag_modules_counts_and_skips_containers() -> None:
