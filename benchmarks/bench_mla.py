@@ -89,9 +89,14 @@ def bench_prefill(heads: int, batch: int, length: int) -> dict:
                                      inp["seq_lens"], qsl, length, length, SCALE)
     )  # fmt: skip
     q, k = (torch.randn(batch, heads, length, NOPE + ROPE, device="cuda").bfloat16() for _ in "qk")
-    v = torch.randn(batch, heads, length, V_DIM, device="cuda").bfloat16()
+    # Flash attention wants V's head dim equal to Q/K's (192 here, V has 128): V padded with
+    # zeros, as vLLM does for MLA prefill through FlashAttention; the output is sliced back.
+    v = torch.randn(batch, heads, length, NOPE + ROPE, device="cuda").bfloat16()
+    v[..., V_DIM:] = 0
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        expanded = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        expanded = bench(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)[..., :V_DIM]
+        )
     pairs = batch * heads * length * (length + 1) / 2
     return {
         "heads": heads,
