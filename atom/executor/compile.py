@@ -6,11 +6,13 @@
   3  piecewise: the FX graph split at every attention op (an opaque custom op), Inductor on each
      piece between them, attention run eagerly between the compiled pieces
 
-The token dimension is dynamic, so one compile serves every batch (batch size 1 gets one more:
-Dynamo specialises sizes 0 and 1). At level 3 the pieces between two attentions are the same code
-for every layer: each distinct piece is compiled once (3 Inductor compiles instead of one per
-layer), which also makes the batch-1 compile cheap. (An unbacked token dimension would avoid it,
-but the Triton launchers' size checks are data-dependent guards under unbacked sizes.)
+The token dimension is dynamic, so one compile serves every batch of 2 tokens or more. Dynamo
+specialises sizes 0 and 1; rather than a second compile (15-25 s of an 8B model's start-up), the
+runner runs one token through the eager model. (Neither a size-oblivious dimension, still
+specialised by the fake-tensor stride checks, nor an unbacked one, whose sizes make the Triton
+launchers' checks data-dependent guards, avoided it.) At level 3 the pieces between two
+attentions are the same code for every layer: each distinct piece is compiled once (3 Inductor
+compiles instead of one per layer).
 Inductor's FX-graph and AOT caches live under the compile cache directory, so a second start with
 the same model and code skips Inductor.
 """

@@ -88,3 +88,25 @@ def test_each_distinct_piece_compiles_once(
         torch.testing.assert_close(_run(runner, compiled, n), expected, atol=1e-5, rtol=1e-5)
     assert len(graphs) == 2
     assert len(pieces) == 6
+
+
+def test_runner_runs_one_token_eagerly(
+    runner: ModelRunner, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-token forward (decode batch 1, a one-token chunk) takes the eager model, so no
+    second Dynamo graph is compiled for Dynamo's size-1 specialisation."""
+    graphs = []
+    backend_call = compile_module.PiecewiseBackend.__call__
+    monkeypatch.setattr(
+        compile_module.PiecewiseBackend,
+        "__call__",
+        lambda self, gm, inputs: graphs.append(gm) or backend_call(self, gm, inputs),
+    )
+    torch._dynamo.reset()
+    monkeypatch.setattr(
+        runner, "compiled_forward", compile_forward(runner.model.forward, 3, cache_dir=tmp_path)
+    )
+    for n in (5, 1, 9, 1):
+        expected = _run(runner, runner.model.forward, n)
+        torch.testing.assert_close(_run(runner, runner.forward, n), expected, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1
