@@ -2,8 +2,8 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench latency latency_warm profile serving peer smol
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
-#   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes) and
-#            bench_mla.py (DeepSeek latent attention)
+#   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes),
+#            bench_mla.py (DeepSeek latent attention) and bench_sampler.py (fused vs torch draw)
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
@@ -53,6 +53,7 @@ stage_kernels() {
     python3 benchmarks/bench_attention.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
     python3 benchmarks/bench_fused_moe.py "$OUT/fused_moe.json" 2>&1 | tee "$OUT/fused_moe.log"
     python3 benchmarks/bench_mla.py "$OUT/mla.json" 2>&1 | tee "$OUT/mla.log"
+    python3 benchmarks/bench_sampler.py "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log"
 }
 
 # One benchmark CLI; its log in $OUT/NAME.log, its JSON line echoed.

@@ -234,6 +234,20 @@ def _positioned(state: CachedRequestState) -> torch.Generator:
     return state.generator.manual_seed(seed)
 
 
+def _philox_seeds(rows: list[CachedRequestState], device: torch.device) -> Tensor:
+    """The CUDA sampler's per-row seeds: a seeded request's from (seed, position), as its CPU
+    generator is seeded; the others' from one draw of the global generator (on the host: no
+    device sync), so a run under torch.manual_seed repeats."""
+    base = int(torch.randint(0, 2**62, (1,)))
+    seeds = [
+        position_seed(s.sampling_params.seed, len(s.output_token_ids) + s.num_pending)
+        if s.sampling_params.seed is not None
+        else position_seed(base, i)
+        for i, s in enumerate(rows)
+    ]
+    return to_device(torch.tensor(seeds, dtype=torch.int64), device)
+
+
 def position_seed(seed: int, position: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + position) % (1 << 63)
 
@@ -242,6 +256,8 @@ def build_sampling_metadata(
     rows: list[CachedRequestState], device: torch.device
 ) -> SamplingMetadata:
     params = [s.sampling_params for s in rows]
+    cuda = device.type == "cuda"
+    all_greedy = all(p.greedy for p in params)
 
     def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
         return to_device(torch.tensor(values, dtype=dtype), device)
@@ -258,13 +274,14 @@ def build_sampling_metadata(
     ]
     return SamplingMetadata(
         temperature=col([0.0 if p.greedy else p.temperature for p in params]),
-        all_greedy=all(p.greedy for p in params),
+        all_greedy=all_greedy,
         top_k=col([p.top_k or vocab_off for p in params], torch.int64)
         if any(p.top_k for p in params)
         else None,
         top_p=col([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
         min_p=col([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
         generators={i: _positioned(s) for i, s in enumerate(rows) if s.generator is not None},
+        seeds=_philox_seeds(rows, device) if cuda and not all_greedy else None,
         presence_penalty=col([p.presence_penalty for p in params]) if needs_penalty else None,
         frequency_penalty=col([p.frequency_penalty for p in params]) if needs_penalty else None,
         repetition_penalty=col([p.repetition_penalty for p in params]) if needs_penalty else None,

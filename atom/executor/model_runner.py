@@ -411,8 +411,10 @@ class ModelRunner:
             self.states.pop(req_id, None)
         for new in sched.new_reqs:
             params = new.sampling_params
-            # Seeded per drawn position when sampling (input_batch.position_seed).
-            gen = torch.Generator(self.device) if params.seed is not None else None
+            # Seeded per drawn position when sampling (input_batch.position_seed); CUDA draws
+            # from Philox seeds instead (atom.kernels.sampling).
+            seeded = params.seed is not None and self.device.type != "cuda"
+            gen = torch.Generator(self.device) if seeded else None
             self.states[new.req_id] = CachedRequestState(
                 new.req_id,
                 new.prompt_token_ids,

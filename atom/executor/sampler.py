@@ -1,7 +1,10 @@
 """Token sampling on the device: penalties, temperature, top-k/top-p/min-p, seeded noise, logprobs.
 
 Random sampling is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
-probability p_i, and lets each seeded request draw E from its own generator.
+probability p_i. On CUDA it runs in log space as one Triton pass (atom.kernels.sampling: Gumbel
+noise from Philox keyed by each row's seed), on the filtered logits when a filter or penalty is
+on, else straight on the model's logits; on the CPU each seeded request draws E from its own
+torch generator.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from atom.kernels.sampling import gumbel_argmax
+
 
 @dataclass(slots=True)
 class SamplingMetadata:
@@ -19,7 +24,7 @@ class SamplingMetadata:
     top_k: Tensor | None  # [B] int64, vocab size = off
     top_p: Tensor | None  # [B] float32
     min_p: Tensor | None  # [B] float32
-    generators: dict[int, torch.Generator]  # row -> the request's own generator
+    generators: dict[int, torch.Generator]  # row -> the request's own generator (CPU)
     presence_penalty: Tensor | None  # [B]; the three penalties are all set or all None
     frequency_penalty: Tensor | None
     repetition_penalty: Tensor | None
@@ -30,6 +35,15 @@ class SamplingMetadata:
     # The largest top_k when every row has one: only that many candidates can survive, so a
     # partial top-k replaces the sort of the whole vocabulary.
     max_top_k: int | None = None
+    # CUDA: [B] int64 Philox seeds, a seeded request's from (seed, position); None: random.
+    seeds: Tensor | None = None
+
+    @property
+    def filters(self) -> bool:
+        """Anything but temperature changes the logits before the draw."""
+        return bool(self.blocked_tokens) or any(
+            t is not None for t in (self.repetition_penalty, self.top_k, self.top_p, self.min_p)
+        )
 
 
 @dataclass(slots=True)
@@ -145,12 +159,27 @@ def exponential_noise(
 
 
 class Sampler(nn.Module):
+    def __init__(self, fused: bool | None = None) -> None:
+        """fused: draw with the Triton kernel (None: on CUDA; True on the CPU runs it in the
+        Triton interpreter, for tests)."""
+        super().__init__()
+        self.fused = fused
+
     def forward(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None
+        raw_logprobs = None
+        if meta.max_num_logprobs is not None:
+            raw_logprobs = logits.float().log_softmax(dim=-1)
+        if self._fused(logits) and not meta.filters:  # one read of the logits, greedy included
+            sampled = gumbel_argmax(logits, meta.temperature, self._seeds(logits, meta))
+        else:
+            sampled = self._filtered(logits.float(), meta)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None, None, None)
+        return self._logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+
+    def _filtered(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         if meta.blocked_tokens:  # .float() returns float32 input itself: keep the caller's intact
             logits = logits.clone()
-        if meta.blocked_tokens:
             index = [(row, t) for row, token_ids in meta.blocked_tokens for t in token_ids]
             rows, cols = to_device(torch.tensor(index, dtype=torch.int64), logits.device).T
             logits[rows, cols] = float("-inf")
@@ -159,19 +188,28 @@ class Sampler(nn.Module):
         sampled = logits.argmax(dim=-1)
         if not meta.all_greedy:
             sampled = torch.where(meta.temperature == 0, sampled, self._random(logits, meta))
-        if raw_logprobs is None:
-            return SamplerOutput(sampled, None, None, None)
-        return self._logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+        return sampled
 
-    @staticmethod
-    def _random(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+    def _fused(self, logits: Tensor) -> bool:
+        return logits.is_cuda if self.fused is None else self.fused
+
+    def _random(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
         logits = apply_top_k_top_p_min_p(
             logits / temperature.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p, meta.max_top_k
         )
+        if self._fused(logits):  # temperature already applied: 1 for every row
+            ones = torch.ones_like(temperature)
+            return gumbel_argmax(logits, ones, self._seeds(logits, meta))
         probs = logits.softmax(dim=-1)
         noise = exponential_noise(tuple(probs.shape), meta.generators, probs.device)
         return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _seeds(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        if meta.seeds is not None:
+            return meta.seeds
+        return torch.randint(0, 2**62, (logits.shape[0],), device=logits.device)
 
     @staticmethod
     def _logprobs(raw: Tensor, sampled: Tensor, k: int) -> SamplerOutput:
