@@ -257,7 +257,6 @@ def build_sampling_metadata(
 ) -> SamplingMetadata:
     params = [s.sampling_params for s in rows]
     cuda = device.type == "cuda"
-    all_greedy = all(p.greedy for p in params)
 
     def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
         return to_device(torch.tensor(values, dtype=dtype), device)
@@ -274,14 +273,14 @@ def build_sampling_metadata(
     ]
     return SamplingMetadata(
         temperature=col([0.0 if p.greedy else p.temperature for p in params]),
-        all_greedy=all_greedy,
+        all_greedy=all(p.greedy for p in params),
         top_k=col([p.top_k or vocab_off for p in params], torch.int64)
         if any(p.top_k for p in params)
         else None,
         top_p=col([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
         min_p=col([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
         generators={i: _positioned(s) for i, s in enumerate(rows) if s.generator is not None},
-        seeds=_philox_seeds(rows, device) if cuda and not all_greedy else None,
+        seeds=_philox_seeds(rows, device) if cuda else None,
         presence_penalty=col([p.presence_penalty for p in params]) if needs_penalty else None,
         frequency_penalty=col([p.frequency_penalty for p in params]) if needs_penalty else None,
         repetition_penalty=col([p.repetition_penalty for p in params]) if needs_penalty else None,

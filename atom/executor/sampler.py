@@ -161,7 +161,8 @@ def exponential_noise(
 class Sampler(nn.Module):
     def __init__(self, fused: bool | None = None) -> None:
         """fused: draw with the Triton kernel (None: on CUDA; True on the CPU runs it in the
-        Triton interpreter, for tests)."""
+        Triton interpreter, for tests). False on CUDA draws unseeded: the runner builds no CUDA
+        generators (the fused kernel keys its noise by SamplingMetadata.seeds)."""
         super().__init__()
         self.fused = fused
 

@@ -6,9 +6,11 @@ rows take the plain argmax. U comes from Philox keyed by the row's seed and the 
 (`tl.rand(seed, index)`), so a row's draw depends on its seed alone, not on the batch around it.
 
 The torch sampler reads the logits about ten times per step (float copy, division, softmax, noise,
-ratio, two argmaxes); this reads them once: at batch 256 x 151,936 that is ~0.7 ms -> well under
-0.1 ms on an H200 (benchmarks/bench_sampler.py). The vocabulary is split across programs so that
-small batches still fill the GPU; a tiny torch argmax merges the splits.
+ratio, two argmaxes: ~0.7 ms of kernels at batch 256 x 151,936 on an H200); this reads them once,
+and a Philox draw, two logs and a division per logit make it compute-bound: ~0.1-0.15 ms expected,
+not yet measured (benchmarks/bench_sampler.py). The vocabulary is split across programs so that
+small batches still fill the GPU; a tiny torch argmax merges the splits. NaN counts as the largest
+value, as in torch.argmax.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def _gumbel_argmax_kernel(
         if t > 0:
             u = tl.rand(seed, cols)
             x = tl.math.div_rn(x, t) - tl.log(-tl.log(u))  # rounded as torch divides
+        x = tl.where(x != x, float("inf"), x)  # NaN wins, as torch.argmax has it
         x = tl.where(mask, x, float("-inf"))
         take = x > best  # strict: the first index of a tie stays
         best = tl.where(take, x, best)

@@ -4,11 +4,16 @@ paths drawing the same noise."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import transformers
 
+from atom import LLM, SamplingParams
 from atom.executor.sampler import Sampler, SamplingMetadata
 from atom.kernels.sampling import gumbel_argmax, gumbel_argmax_ref, philox_uniform
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,3 +87,44 @@ def test_sampler_paths_share_the_noise() -> None:
     filtered = Sampler()(logits, _meta(temperature, seeds, top_k)).sampled
     assert torch.equal(filtered[1:], plain[1:])
     assert filtered[0] in logits[0].float().topk(5).indices
+
+
+def test_seeded_request_ignores_its_neighbours(tmp_path: Path) -> None:
+    """Through the engine on CUDA (float32, level 0, one batch size): a seeded request draws the
+    same tokens beside plain neighbours as beside filtered, greedy and penalised ones."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+        initializer_range=0.05,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    llm = LLM(
+        str(tmp_path),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        level=0,
+        enable_prefix_caching=False,  # the second run must compute what the first did
+        **SMALL_ENGINE,
+    )
+    prompts = [{"prompt_token_ids": list(range(5 + i, 40 + i))} for i in range(4)]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+
+    def run(neighbours: list[SamplingParams]) -> list[int]:
+        outs = llm.generate(prompts, [seeded, *neighbours], use_tqdm=False)
+        return outs[0].outputs[0].token_ids
+
+    plain = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    mixed = [
+        SamplingParams(temperature=0.7, top_p=0.5, top_k=20, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=1.0, repetition_penalty=1.3, max_tokens=24, ignore_eos=True),
+    ]
+    first = run([plain] * 3)
+    assert run(mixed) == first
+    assert len(set(first)) > 1

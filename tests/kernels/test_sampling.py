@@ -42,6 +42,15 @@ def test_greedy_rows_take_the_first_maximum() -> None:
     assert out.tolist() == [5, 2099, 0]
 
 
+def test_nan_wins_as_in_torch_argmax() -> None:
+    logits = torch.zeros(2, 1500, device=DEVICE)
+    logits[:, 3] = 5.0
+    logits[:, 1200] = float("nan")
+    temperature = torch.tensor([0.0, 1.0], device=DEVICE)
+    out = gumbel_argmax(logits, temperature, _seeds(2, seed=1))
+    assert out.tolist() == [1200, 1200] == logits.argmax(-1).tolist()
+
+
 def test_a_row_depends_on_its_seed_alone() -> None:
     """The same seed draws the same token whatever the batch around it; another seed differs."""
     logits = _logits(1, 1000, torch.float32, seed=1).expand(6, -1)
