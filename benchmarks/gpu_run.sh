@@ -7,7 +7,8 @@
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
-#   profile  benchmark_throughput with a traced second run (--mark-trace), then both trace tools
+#   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
+#            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
 #            1024/1024, concurrency 1..256; MODELS= and CONCURRENCY= pick): $OUT/serving_<model>.tgz
@@ -82,12 +83,14 @@ stage_latency_warm() {  # after a stage that compiled the 8B model (serving): on
 stage_profile() {
     local dir=/tmp/atom-prof trace
     rm -rf "$dir"
+    # PROFILE_FLAGS="" traces without module tags or shapes: less host overhead, truer GPU idle.
+    # shellcheck disable=SC2086
     timeout -s ABRT 400 python3 -m atom.benchmarks.benchmark_throughput --tag "$TAG" \
-        --torch-profiler-dir "$dir" --mark-trace --output-json "$OUT/throughput.json" \
+        --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} --output-json "$OUT/throughput.json" \
         >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
     grep -h -e 'ready in' -e 'captured' -e 'Throughput' "$OUT/throughput.log"
     trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
-    ls -la "$dir"/rank_0 "$dir"/capture_traces | head -n 8
+    ls -la "$dir"/rank_0 "$dir"/capture_traces 2>/dev/null | head -n 8
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
     python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" | head -n 40
     if [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$OUT/"; fi

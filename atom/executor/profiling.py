@@ -95,7 +95,12 @@ class TorchProfiler:
             raise ValueError("profiling needs --torch-profiler-dir")
         if self._profiler is not None:
             raise ValueError("the profiler is already running")
-        self._profiler = torch.profiler.profile(activities=self.activities, record_shapes=True)
+        # Shapes (and with them Inductor's ranges as user annotations, which the trace tools
+        # read as tags) only with --mark-trace: a plain trace costs the host less per op, so its
+        # GPU-idle figures are closer to an untraced run's.
+        self._profiler = torch.profiler.profile(
+            activities=self.activities, record_shapes=self.mark_trace
+        )
         self._profiler.start()
 
     def stop(self) -> Path:
@@ -119,7 +124,7 @@ class TorchProfiler:
         assert self.trace_dir is not None and self._profiler is None
         folder = self.trace_dir / CAPTURE_TRACES
         folder.mkdir(parents=True, exist_ok=True)
-        # Same settings as a run trace: without record_shapes Inductor's `## Call CompiledFxGraph`
+        # As a --mark-trace run trace: without record_shapes Inductor's `## Call CompiledFxGraph`
         # ranges come out as cpu_op, not user_annotation, and the tools would not see them.
         profiler = torch.profiler.profile(activities=self.activities, record_shapes=True)
         profiler.start()
