@@ -26,9 +26,9 @@ from atom.benchmarks.common import (
     start_engine,
 )
 from atom.benchmarks.roofline import (
+    engine_itemsizes,
     kv_bytes_per_step,
-    measure_copy_bandwidth,
-    measure_matmul_flops,
+    measure_device,
     weight_bytes_streamed,
 )
 from atom.sampling_params import SamplingParams
@@ -88,14 +88,6 @@ def time_decode_step(
     return (t_long - t_short) / (long - short)
 
 
-def measure_device(device: str) -> tuple[float, float]:
-    """Copy bandwidth (bytes/s) and matmul FLOP/s, before the engine takes the memory."""
-    bandwidth = measure_copy_bandwidth(device)
-    flops = measure_matmul_flops(device)
-    print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, matmul {flops / 1e12:,.1f} TFLOP/s")
-    return bandwidth, flops
-
-
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     short, long = _check_lengths(args)
     engine_args = engine_args_from(args)
@@ -105,8 +97,8 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     print(f"engine ready in {startup:.1f} s")
     try:
         config = llm.config.model.hf_config
-        weight_bytes = weight_bytes_streamed(config, _itemsize(llm.config.model.dtype))
-        kv_itemsize = _kv_itemsize(llm.config)
+        itemsize, kv_itemsize = engine_itemsizes(llm.config)
+        weight_bytes = weight_bytes_streamed(config, itemsize)
         context = args.input_len + (short + long) / 2  # the average context of the timed steps
         # Tensor parallelism splits the bytes over tp devices of the measured bandwidth each.
         roofline_bandwidth = bandwidth * llm.config.parallel.tensor_parallel_size
@@ -165,16 +157,6 @@ def _check_lengths(args: argparse.Namespace) -> tuple[int, int]:
     if args.num_iters < 1:
         raise ValueError(f"--num-iters must be >= 1, got {args.num_iters}")
     return args.output_lens[0], args.output_lens[1]
-
-
-def _itemsize(dtype_name: str) -> int:
-    return getattr(torch, dtype_name).itemsize
-
-
-def _kv_itemsize(engine_config: Any) -> int:
-    from atom.executor.model_runner import kv_cache_torch_dtype
-
-    return kv_cache_torch_dtype(engine_config).itemsize
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ The workload is the one `peer_bench.py` gives vLLM and SGLang: 256 token-id prom
 in [0, 10000] and U[100, 1024] tokens, max_tokens U[100, 1024], temperature 0.6, ignore_eos, drawn
 from Python's `random` seeded with --seed (0) in the same order; one short warm-up generate
 (3 tokens in, 8 out) before the timed one. Throughput is the planned output tokens over the
-wall time of the timed generate (the peer's tok_per_s); start-up is reported separately.
+wall time of the timed generate (the peer's tok_per_s); start-up is reported separately. The
+roofline of the workload (roofline.workload_seconds: prefill FLOPs at the matmul rate, each decode
+step's weight + KV bytes at the copy bandwidth, both measured before the engine starts) gives the
+share of it reached, for the dense families the roofline module counts.
 Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights. With
 --torch-profiler-dir the workload runs a second time under the profiler (not timed); add
 --mark-trace for module tags and per-graph capture traces (tools/parse_trace.py).
@@ -18,6 +21,8 @@ import random
 import time
 from typing import Any
 
+import torch
+
 from atom.benchmarks.common import (
     build_parser,
     emit,
@@ -25,6 +30,12 @@ from atom.benchmarks.common import (
     engine_record,
     environment_info,
     start_engine,
+)
+from atom.benchmarks.roofline import (
+    DENSE_MODEL_TYPES,
+    engine_itemsizes,
+    measure_device,
+    workload_seconds,
 )
 from atom.sampling_params import SamplingParams
 
@@ -73,6 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.seed,
     )
     engine_args = engine_args_from(args)
+    device = engine_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth, flops = measure_device(device)
     begin = time.perf_counter()
     llm, startup = start_engine(engine_args)
     print(f"engine ready in {startup:.1f} s")
@@ -95,12 +108,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             llm.stop_profile()
             print(f"profiled a second run into {engine_args.torch_profiler_dir}")
         record = engine_record(llm, engine_args, args.model, args.tag)
+        roofline = _roofline(llm, prompts, max_tokens, bandwidth, flops)
     finally:
         llm.shutdown()
     prompt_tokens = sum(map(len, prompts))
     planned = sum(max_tokens)
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     print(f"Total: {planned}tok, Time: {elapsed:.2f}s, Throughput: {planned / elapsed:.2f}tok/s")
+    if roofline:
+        pct = 100 * roofline["roofline_s"] / elapsed
+        print(f"roofline {roofline['roofline_s']:.2f} s: {pct:.1f}% of it reached")
+        roofline["roofline_pct"] = round(pct, 1)
     return {
         "benchmark": "throughput",
         **record,
@@ -115,7 +133,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "startup_s": round(startup, 1),
         "warmup_s": round(warmup, 2),
         "total_wall_incl_startup": round(wall, 1),
+        "copy_GBps": round(bandwidth / 1e9, 1),
+        "matmul_TFLOPs": round(flops / 1e12, 3),
+        **roofline,
         **environment_info(record["device"]),
+    }
+
+
+def _roofline(
+    llm: Any, prompts: list[list[int]], max_tokens: list[int], bandwidth: float, flops: float
+) -> dict[str, Any]:
+    config = llm.config.model.hf_config
+    if getattr(config, "model_type", "") not in DENSE_MODEL_TYPES:
+        return {}
+    itemsize, kv_itemsize = engine_itemsizes(llm.config)
+    tp = llm.config.parallel.tensor_parallel_size  # tp devices of the measured rates each
+    lens = list(map(len, prompts))
+    prefill, decode = workload_seconds(
+        config, lens, max_tokens, bandwidth * tp, flops * tp, itemsize, kv_itemsize
+    )
+    return {
+        "roofline_prefill_s": round(prefill, 6),
+        "roofline_decode_s": round(decode, 6),
+        "roofline_s": round(prefill + decode, 6),
+        "roofline_tok_per_s": round(sum(max_tokens) / (prefill + decode), 1),
     }
 
 

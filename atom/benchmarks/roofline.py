@@ -48,6 +48,23 @@ def measure_matmul_flops(
     return 2 * n**3 / seconds
 
 
+def engine_itemsizes(engine_config: Any) -> tuple[int, int]:
+    """Bytes per weight and per KV-cache element of an engine's configuration."""
+    from atom.executor.model_runner import kv_cache_torch_dtype  # the engine, only when asked
+
+    return getattr(torch, engine_config.model.dtype).itemsize, kv_cache_torch_dtype(
+        engine_config
+    ).itemsize
+
+
+def measure_device(device: str) -> tuple[float, float]:
+    """Copy bandwidth (bytes/s) and matmul FLOP/s, before the engine takes the memory."""
+    bandwidth = measure_copy_bandwidth(device)
+    flops = measure_matmul_flops(device)
+    print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, matmul {flops / 1e12:,.1f} TFLOP/s")
+    return bandwidth, flops
+
+
 def parameter_count(config: Any) -> int:
     """Parameters of a dense Llama/Mistral/Qwen3 config, counting tied embeddings once."""
     model_type = getattr(config, "model_type", "")
@@ -91,6 +108,40 @@ def kv_bytes_per_step(config: Any, batch: int, context_len: float, kv_dtype_byte
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
     return round(batch * context_len * per_token * kv_dtype_bytes)
+
+
+def workload_seconds(
+    config: Any,
+    prompt_lens: list[int],
+    output_lens: list[int],
+    bandwidth: float,
+    flops: float,
+    dtype_bytes: int = 2,
+    kv_dtype_bytes: int = 2,
+) -> tuple[float, float]:
+    """(prefill, decode) seconds under which no engine can run an offline workload: every prompt
+    prefilled at the matmul rate (linear layers + causal attention FLOPs), then every sequence
+    decoding together, each step the slower of its bytes (weights + the live sequences' KV) over
+    the copy bandwidth and its FLOPs over the matmul rate. Every sequence runs at once (the
+    throughput bench's 256 fit the default max_num_seqs); the first output token comes from
+    the prefill."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers, q_dim = config.num_hidden_layers, config.num_attention_heads * head_dim
+    embedding = config.vocab_size * config.hidden_size
+    linear_params = parameter_count(config) - (0 if _tied(config) else embedding)
+    attention_per_pair = 4 * q_dim * layers  # QK^T and PV: 2 FLOPs each per head dim, per layer
+    prefill_flops = sum(
+        2 * linear_params * n + attention_per_pair * n * (n + 1) / 2 for n in prompt_lens
+    )
+    weights = weight_bytes_streamed(config, dtype_bytes)
+    per_token_kv = kv_bytes_per_step(config, 1, 1, kv_dtype_bytes)
+    decode = 0.0
+    for step in range(1, max(output_lens, default=1)):  # decode step `step` makes token step + 1
+        live = [(p, o) for p, o in zip(prompt_lens, output_lens, strict=True) if o > step]
+        context = sum(p + step for p, _ in live)
+        step_flops = 2 * linear_params * len(live) + attention_per_pair * context
+        decode += max((weights + per_token_kv * context) / bandwidth, step_flops / flops)
+    return prefill_flops / flops, decode
 
 
 def _module_weight_bytes(model: nn.Module) -> int:

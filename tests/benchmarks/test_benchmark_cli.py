@@ -83,6 +83,10 @@ def test_throughput_cli(
     assert record["engine"] == "atom" and record["device"] == "cpu" and record["tag"] == "abc123"
     assert record["max_model_len"] == 4096
     assert all(field in record for field in (*ENV_FIELDS, "warmup_s", "total_wall_incl_startup"))
+    assert record["copy_GBps"] > 0 and record["matmul_TFLOPs"] > 0
+    roofline = record["roofline_prefill_s"] + record["roofline_decode_s"]
+    assert record["roofline_s"] == pytest.approx(roofline, rel=1e-3) and roofline > 0
+    assert 0 <= record["roofline_pct"] < 100  # a tiny model on a CPU: mostly Python
 
 
 def test_latency_cli(tiny_llama: Path, tmp_path: Path) -> None:
