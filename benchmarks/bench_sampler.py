@@ -24,23 +24,8 @@ BATCHES = [1, 8, 64, 256]
 
 
 def _meta(temperature: torch.Tensor) -> SamplingMetadata:
-    rows = temperature.shape[0]
-    return SamplingMetadata(
-        temperature=temperature,
-        all_greedy=bool((temperature == 0).all()),
-        top_k=None,
-        top_p=None,
-        min_p=None,
-        generators={},
-        presence_penalty=None,
-        frequency_penalty=None,
-        repetition_penalty=None,
-        output_token_ids=[],
-        prompt_token_ids=[],
-        blocked_tokens=[],
-        max_num_logprobs=None,
-        seeds=torch.arange(rows, device="cuda"),
-    )
+    seeds = torch.arange(temperature.shape[0], device="cuda")
+    return SamplingMetadata(temperature, bool((temperature == 0).all()), seeds=seeds)
 
 
 def main() -> None:

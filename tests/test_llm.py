@@ -9,38 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from atom import LLM, SamplingParams
 from atom.args import EngineArgs, FlexibleArgumentParser
+from tests.conftest import tiny_llama_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-
-
-def _tiny_config(**overrides: Any) -> transformers.LlamaConfig:
-    values: dict[str, Any] = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=1,
-        bos_token_id=0,
-    )
-    values.update(overrides)
-    return transformers.LlamaConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(_tiny_config()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +144,7 @@ def test_generation_config_eos_ends_generation(tiny: Path, tmp_path: Path) -> No
 
 
 def test_dummy_weights_from_config_alone(tmp_path: Path) -> None:
-    _tiny_config(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    tiny_llama_config(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
     llm = LLM(
         str(tmp_path), skip_tokenizer_init=True, load_format="dummy", kv_cache_memory_bytes=4 << 20
     )
@@ -209,7 +184,7 @@ def test_unexpected_tensor_raises(tiny: Path, tmp_path: Path) -> None:
 
 
 def test_unknown_architecture_raises(tmp_path: Path) -> None:
-    _tiny_config(architectures=["FooForCausalLM"]).save_pretrained(tmp_path)
+    tiny_llama_config(architectures=["FooForCausalLM"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="FooForCausalLM"):
         LLM(str(tmp_path), skip_tokenizer_init=True, load_format="dummy")
 

@@ -58,15 +58,20 @@ def create_executor(config: EngineConfig) -> Executor:
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         start = time.perf_counter()
+        phases: dict[str, float] = {}  # start-up phase -> seconds, for the ready line
+
+        def lap(name: str) -> None:
+            phases[name] = time.perf_counter() - start - sum(phases.values())
+
         self.config = config
         self.executor = executor if executor is not None else create_executor(config)
-        phases = {"model": time.perf_counter() - start}
+        lap("model")
         try:
             num_blocks = self.executor.determine_num_kv_blocks()
-            phases["memory profile + compile"] = time.perf_counter() - start - sum(phases.values())
+            lap("memory profile + compile")
             self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
             self.executor.allocate_kv_cache(num_blocks)
-            phases["KV cache + graphs"] = time.perf_counter() - start - sum(phases.values())
+            lap("KV cache + graphs")
         except BaseException:
             self.executor.shutdown()  # no orphan worker processes
             raise
@@ -74,7 +79,7 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, Callable[[], ModelRunnerOutput]] | None = None
         if getattr(self.executor, "needs_warmup", False):
             self.warm_up()
-            phases["warm-up"] = time.perf_counter() - start - sum(phases.values())
+            lap("warm-up")
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); ready in %.1f s (%s)",
             num_blocks,

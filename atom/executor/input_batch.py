@@ -221,17 +221,21 @@ def build_step_inputs(
     )
 
 
-def _positioned(state: CachedRequestState) -> torch.Generator:
-    """The request's generator, seeded for the position of the token it is about to draw.
+def _draw_seed(state: CachedRequestState) -> int:
+    """A seeded request's seed for the token it is about to draw (pending ones counted).
 
     A draw depends only on (seed, position), so preemption, recompute and batch composition
     change no sampled token.
     """
-    assert state.generator is not None and state.sampling_params.seed is not None
-    seed = position_seed(
-        state.sampling_params.seed, len(state.output_token_ids) + state.num_pending
-    )
-    return state.generator.manual_seed(seed)
+    assert state.sampling_params.seed is not None
+    position = len(state.output_token_ids) + state.num_pending
+    return position_seed(state.sampling_params.seed, position)
+
+
+def _positioned(state: CachedRequestState) -> torch.Generator:
+    """The request's (CPU) generator, seeded for the token it is about to draw."""
+    assert state.generator is not None
+    return state.generator.manual_seed(_draw_seed(state))
 
 
 def _philox_seeds(rows: list[CachedRequestState], device: torch.device) -> Tensor:
@@ -240,9 +244,7 @@ def _philox_seeds(rows: list[CachedRequestState], device: torch.device) -> Tenso
     device sync), so a run under torch.manual_seed repeats."""
     base = int(torch.randint(0, 2**62, (1,)))
     seeds = [
-        position_seed(s.sampling_params.seed, len(s.output_token_ids) + s.num_pending)
-        if s.sampling_params.seed is not None
-        else position_seed(base, i)
+        _draw_seed(s) if s.sampling_params.seed is not None else position_seed(base, i)
         for i, s in enumerate(rows)
     ]
     return to_device(torch.tensor(seeds, dtype=torch.int64), device)

@@ -9,7 +9,7 @@ torch generator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -19,19 +19,24 @@ from atom.kernels.sampling import gumbel_argmax
 
 @dataclass(slots=True)
 class SamplingMetadata:
+    """One step's sampling parameters, a row per sampled sequence; every feature is off by
+    default (temperature alone)."""
+
     temperature: Tensor  # [B] float32; rows with 0 are greedy
     all_greedy: bool
-    top_k: Tensor | None  # [B] int64, vocab size = off
-    top_p: Tensor | None  # [B] float32
-    min_p: Tensor | None  # [B] float32
-    generators: dict[int, torch.Generator]  # row -> the request's own generator (CPU)
-    presence_penalty: Tensor | None  # [B]; the three penalties are all set or all None
-    frequency_penalty: Tensor | None
-    repetition_penalty: Tensor | None
-    output_token_ids: list[list[int]]
-    prompt_token_ids: list[list[int]]
-    blocked_tokens: list[tuple[int, list[int]]]  # (row, stop ids) while below min_tokens
-    max_num_logprobs: int | None  # top-k logprobs wanted by some row
+    top_k: Tensor | None = None  # [B] int64, vocab size = off
+    top_p: Tensor | None = None  # [B] float32
+    min_p: Tensor | None = None  # [B] float32
+    # row -> the request's own generator (CPU)
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    presence_penalty: Tensor | None = None  # [B]; the three penalties are all set or all None
+    frequency_penalty: Tensor | None = None
+    repetition_penalty: Tensor | None = None
+    output_token_ids: list[list[int]] = field(default_factory=list)
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    # (row, stop ids) while below min_tokens
+    blocked_tokens: list[tuple[int, list[int]]] = field(default_factory=list)
+    max_num_logprobs: int | None = None  # top-k logprobs wanted by some row
     # The largest top_k when every row has one: only that many candidates can survive, so a
     # partial top-k replaces the sort of the whole vocabulary.
     max_top_k: int | None = None
@@ -63,13 +68,6 @@ def profile_sampling_metadata(rows: int, device: torch.device) -> SamplingMetada
         top_k=torch.full((rows,), 50, dtype=torch.int64, device=device),
         top_p=ones * 0.9,
         min_p=ones * 0.05,
-        generators={},
-        presence_penalty=None,
-        frequency_penalty=None,
-        repetition_penalty=None,
-        output_token_ids=[],
-        prompt_token_ids=[],
-        blocked_tokens=[],
         max_num_logprobs=20,
     )
 

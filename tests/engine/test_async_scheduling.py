@@ -13,31 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        eos_token_id=1,
-        bos_token_id=0,
-    )
-    path = tmp_path_factory.mktemp("tiny")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def _prompts(*lens: int) -> list[dict[str, list[int]]]:

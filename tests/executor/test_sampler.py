@@ -45,11 +45,6 @@ def make_meta(
         top_p=None if top_p is None else torch.tensor(top_p, dtype=torch.float32),
         min_p=None if min_p is None else torch.tensor(min_p, dtype=torch.float32),
         generators=generators or {},
-        presence_penalty=None,
-        frequency_penalty=None,
-        repetition_penalty=None,
-        output_token_ids=[],
-        prompt_token_ids=[],
         blocked_tokens=blocked_tokens or [],
         max_num_logprobs=max_num_logprobs,
     )

@@ -23,22 +23,7 @@ VOCAB = 151_936
 def _meta(
     temperature: torch.Tensor, seeds: torch.Tensor, top_k: torch.Tensor | None
 ) -> SamplingMetadata:
-    return SamplingMetadata(
-        temperature=temperature,
-        all_greedy=bool((temperature == 0).all()),
-        top_k=top_k,
-        top_p=None,
-        min_p=None,
-        generators={},
-        presence_penalty=None,
-        frequency_penalty=None,
-        repetition_penalty=None,
-        output_token_ids=[],
-        prompt_token_ids=[],
-        blocked_tokens=[],
-        max_num_logprobs=None,
-        seeds=seeds,
-    )
+    return SamplingMetadata(temperature, bool((temperature == 0).all()), top_k, seeds=seeds)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

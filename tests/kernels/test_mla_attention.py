@@ -24,6 +24,7 @@ from atom.kernels.mla_reference import (
     mla_latent_attention_ref,
     mla_paged_attention_ref,
 )
+from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -89,17 +90,8 @@ def make_batch(
     """Random latents, shuffled non-contiguous block ids; NaN in every slot past a sequence's
     end and in unused blocks, so that a key read outside the context poisons the output."""
     gen = torch.Generator().manual_seed(hash((tuple(seqs), heads, rank, rope, block_size)) % 2**31)
-    blocks_per_seq = [-(-s // block_size) for s, _ in seqs]
-    num_blocks = sum(blocks_per_seq) + 5
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    tables = torch.zeros(len(seqs), max(blocks_per_seq) + 2, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks_per_seq):
-        tables[i, :n] = perm[used : used + n]
-        used += n
-    qsl = [0]
-    for _, q_len in seqs:
-        qsl.append(qsl[-1] + q_len)
+    tables, num_blocks = shuffled_block_tables([s for s, _ in seqs], block_size, gen)
+    qsl = query_start_loc([q for _, q in seqs])
     tokens = qsl[-1] + extra_tokens
     cache = torch.full((1, num_blocks, block_size, 1, rank + rope), float("nan"))
     for i, (seq_len, _) in enumerate(seqs):

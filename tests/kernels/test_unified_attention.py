@@ -15,6 +15,7 @@ import torch
 from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import unified_attention
+from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
 
 BLOCK = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,17 +83,8 @@ def make_batch(
 ) -> Batch:
     """Random K/V in every block (unused ones too), shuffled non-contiguous block ids."""
     gen = torch.Generator().manual_seed(hash((tuple(seqs), heads, kv_heads, head_dim)) % 2**31)
-    blocks_per_seq = [-(-s // BLOCK) for s, _ in seqs]
-    num_blocks = sum(blocks_per_seq) + 5
-    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    tables = torch.zeros(len(seqs), max(blocks_per_seq) + 2, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks_per_seq):
-        tables[i, :n] = perm[used : used + n]
-        used += n
-    qsl = [0]
-    for _, q_len in seqs:
-        qsl.append(qsl[-1] + q_len)
+    tables, num_blocks = shuffled_block_tables([s for s, _ in seqs], BLOCK, gen)
+    qsl = query_start_loc([q for _, q in seqs])
     return Batch(
         query=torch.randn(qsl[-1] + extra_tokens, heads, head_dim, generator=gen),
         cache=torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim, generator=gen),
