@@ -85,7 +85,7 @@ def test_throughput_cli(
     assert all(field in record for field in (*ENV_FIELDS, "warmup_s", "total_wall_incl_startup"))
     assert record["copy_GBps"] > 0 and record["matmul_TFLOPs"] > 0
     roofline = record["roofline_prefill_s"] + record["roofline_decode_s"]
-    assert record["roofline_s"] == pytest.approx(roofline, rel=1e-3) and roofline > 0
+    assert record["roofline_s"] == pytest.approx(roofline, abs=2e-6) and roofline > 0  # 3 roundings
     assert 0 <= record["roofline_pct"] < 100  # a tiny model on a CPU: mostly Python
 
 
