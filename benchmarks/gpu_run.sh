@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
-#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels bench latency latency_warm profile serving peer smol
+#   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
+#                                           profile moe serving peer smol stash
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes),
 #            bench_mla.py (DeepSeek latent attention) and bench_sampler.py (fused vs torch draw)
@@ -10,6 +11,10 @@
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
+#   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
+#            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
+#   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
+#            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
 #            1024/1024, concurrency 1..256; MODELS= and CONCURRENCY= pick): $OUT/serving_<model>.tgz
 #            of the result JSONs + logs
@@ -57,6 +62,12 @@ stage_kernels() {
     python3 benchmarks/bench_sampler.py "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log"
 }
 
+stage_tune() {
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_fused_moe.py --tune "$OUT/fused_moe_configs.json" \
+        ${TUNE_SHAPES:+--shapes $TUNE_SHAPES} 2>&1 | tee "$OUT/tune.log"
+}
+
 # One benchmark CLI; its log in $OUT/NAME.log, its JSON line echoed.
 bench() {
     local name=$1
@@ -94,6 +105,14 @@ stage_profile() {
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
     python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" | head -n 40
     if [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$OUT/"; fi
+}
+
+stage_moe() {
+    local model
+    for model in ${MOE_MODELS:-qwen3-30b-a3b deepseek-v2-lite gpt-oss-20b}; do
+        bench "latency_$model" benchmark_latency --model "$model"
+        bench "throughput_$model" benchmark_throughput --model "$model"
+    done
 }
 
 stage_serving() {

@@ -3,7 +3,8 @@
   0  eager
   1  Dynamo as is: torch.compile(backend="eager", fullgraph=True), a check that the model traces
   2  Dynamo once: the whole graph through Inductor
-  3  piecewise: the FX graph split at every attention op (an opaque custom op), Inductor on each
+  3  piecewise: the FX graph split at every attention op (an opaque custom op: torch.ops.atom.
+     attention, or mla_attention for latent attention), Inductor on each
      piece between them, attention run eagerly between the compiled pieces
 
 The token dimension is dynamic, so one compile serves every batch of 2 tokens or more. Dynamo
@@ -30,10 +31,16 @@ from torch import Tensor, fx
 from torch._inductor.compile_fx import compile_fx
 
 import atom.layers.attention  # noqa: F401  registers torch.ops.atom.attention
+import atom.layers.mla  # noqa: F401  registers torch.ops.atom.mla_attention
 
 logger = logging.getLogger(__name__)
 
-SPLITTING_OPS = (torch.ops.atom.attention, torch.ops.atom.attention.default)
+SPLITTING_OPS = (
+    torch.ops.atom.attention,
+    torch.ops.atom.attention.default,
+    torch.ops.atom.mla_attention,  # MLA's latent attention (DeepSeek)
+    torch.ops.atom.mla_attention.default,
+)
 Forward = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -81,9 +81,6 @@ class ModelRunner:
         sched = config.scheduler
         comp = config.compilation
         fast = self.device.type == "cuda" and not comp.enforce_eager
-        if fast and any(getattr(m, "syncs_host", False) for m in self.model.modules()):
-            logger.warning("this model's layers sync with the host: no CUDA graphs, no compile")
-            fast = False
         self.capture_sizes = comp.capture_sizes(sched.max_num_seqs) if fast else []
         max_blocks = -(-sched.max_model_len // self.block_size)
         self.buffers = StepBuffers(

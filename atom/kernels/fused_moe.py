@@ -1,5 +1,8 @@
 """Fused MoE experts on CUDA without a host sync: align slots by expert, two grouped GEMMs.
 
+Biases (GPT-OSS: one per expert and projection) are added in the GEMMs' epilogues; the activation
+between the GEMMs is SiLU-and-mul or a caller's function of the [slots, 2I] gate/up rows.
+
 The T*K (token, expert) slots are sorted by expert on the device and each expert's segment is
 padded to a multiple of BLOCK_M, so that every row block of a GEMM belongs to one expert:
 
@@ -13,6 +16,12 @@ CUDA graph. The torch reference is atom.layers.moe.fused_experts (its expert loo
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import triton
@@ -56,6 +65,7 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
 def _fused_moe_kernel(
     a_ptr,  # [rows, K_DIM]; row of slot s is s // A_ROW_DIV
     b_ptr,  # [E, N, K_DIM]: each expert's weight, read transposed
+    bias_ptr,  # [E, N] when HAS_BIAS
     c_ptr,  # [S, N], row per slot
     topk_weights_ptr,  # [S] float32
     sorted_slot_ids_ptr,  # [P] int32, padding = num_slots
@@ -69,9 +79,11 @@ def _fused_moe_kernel(
     stride_be,
     stride_bn,
     stride_bk,
+    stride_bias_e,
     stride_cm,
     stride_cn,
     A_ROW_DIV: tl.constexpr,  # top_k for the first GEMM (rows are tokens), 1 for the second
+    HAS_BIAS: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -108,23 +120,56 @@ def _fused_moe_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    if MUL_ROUTED_WEIGHT:
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + expert * stride_bias_e + offs_n, mask=col_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if MUL_ROUTED_WEIGHT:  # after the bias: w * (x @ W^T + b), as the reference
         w = tl.load(topk_weights_ptr + slots, mask=row_mask, other=0.0)
         acc = acc * w[:, None]
     c_ptrs = c_ptr + slots[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _config(num_tokens: int) -> dict[str, int]:
-    """Tile sizes by batch: decode has few rows per expert, so short M tiles waste less."""
+# Tile sizes per expert shape and token count, from `benchmarks/bench_fused_moe.py --tune` on an
+# H200 in bfloat16 (see that file); other shapes and dtypes take the heuristic below.
+TUNED_CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
+
+
+@functools.cache
+def _tuned_table() -> dict[str, dict[int, dict[str, int]]]:
+    if not TUNED_CONFIGS.is_file():
+        return {}
+    shapes = json.loads(TUNED_CONFIGS.read_text())["shapes"]
+    return {key: {int(t): cfg for t, cfg in by_t.items()} for key, by_t in shapes.items()}
+
+
+def shape_key(num_experts: int, inter: int, hidden: int, top_k: int) -> str:
+    return f"E={num_experts},I={inter},H={hidden},K={top_k}"
+
+
+def heuristic_config(num_tokens: int) -> dict[str, int]:
+    """Decode has few rows per expert, so short M tiles waste less."""
     if num_tokens <= 32:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
+def select_config(
+    num_tokens: int, num_experts: int, inter: int, hidden: int, top_k: int, dtype: torch.dtype
+) -> dict[str, int]:
+    """The tuned tiles of the nearest token count (in log scale) for this shape, else the
+    heuristic. Tuned for 16-bit inputs: float32 tiles would not fit in shared memory."""
+    table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
+    if not table or dtype.itemsize != 2:
+        return heuristic_config(num_tokens)
+    nearest = min(table, key=lambda t: (abs(math.log2(t) - math.log2(max(num_tokens, 1))), t))
+    return dict(table[nearest])
+
+
 def _grouped_gemm(
     a: Tensor,
     b: Tensor,
+    bias: Tensor | None,
     c: Tensor,
     topk_weights: Tensor,
     align: tuple[Tensor, Tensor, Tensor],
@@ -132,13 +177,14 @@ def _grouped_gemm(
     mul_routed_weight: bool,
     cfg: dict[str, int],
 ) -> None:
-    """c[s] = a[s // a_row_div] @ b[expert(s)]^T (* topk_weights[s]) for every slot s."""
+    """c[s] = (a[s // a_row_div] @ b[e]^T + bias[e]) (* topk_weights[s]), e = expert(s)."""
     sorted_slot_ids, block_expert_ids, num_post_padded = align
     n, k_dim = b.shape[1], b.shape[2]
     grid = (block_expert_ids.numel(), triton.cdiv(n, cfg["BLOCK_N"]))
     _fused_moe_kernel[grid](
         a,
         b,
+        b if bias is None else bias,  # not read without a bias
         c,
         topk_weights,
         sorted_slot_ids,
@@ -152,9 +198,11 @@ def _grouped_gemm(
         b.stride(0),
         b.stride(1),
         b.stride(2),
+        0 if bias is None else bias.stride(0),
         c.stride(0),
         c.stride(1),
         A_ROW_DIV=a_row_div,
+        HAS_BIAS=bias is not None,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",  # fp32: exact, not tf32
         **cfg,
@@ -162,23 +210,35 @@ def _grouped_gemm(
 
 
 def fused_experts(
-    hidden_states: Tensor, w13: Tensor, w2: Tensor, topk_weights: Tensor, topk_ids: Tensor
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13_bias: Tensor | None = None,
+    w2_bias: Tensor | None = None,
+    activation: Callable[[Tensor], Tensor] = silu_and_mul,
+    config: dict[str, int] | None = None,
 ) -> Tensor:
     """hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up), w2 [E, H, I], topk_weights
-    [T, K] float32, topk_ids [T, K] -> [T, H]; same contract as atom.layers.moe.fused_experts."""
+    [T, K] float32, topk_ids [T, K], biases [E, 2I] / [E, H] -> [T, H]; `activation` maps the
+    [S, 2I] gate/up rows to [S, I]. The contract of atom.layers.moe.fused_experts; `config`
+    overrides the tile sizes (the tuner)."""
     num_tokens, hidden = hidden_states.shape
-    top_k = topk_ids.shape[1]
-    if w13.shape[2] != hidden or w2.shape[1] != hidden or w13.shape[1] != 2 * w2.shape[2]:
+    num_experts, top_k, inter = w13.shape[0], topk_ids.shape[1], w2.shape[2]
+    if w13.shape[2] != hidden or w2.shape[1] != hidden or w13.shape[1] != 2 * inter:
         raise ValueError(f"expert shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} mismatch")
     num_slots = num_tokens * top_k
     if num_slots == 0:
         return torch.zeros_like(hidden_states)
-    cfg = _config(num_tokens)
-    align = moe_align(topk_ids, w13.shape[0], cfg["BLOCK_M"])
+    cfg = config or select_config(
+        num_tokens, num_experts, inter, hidden, top_k, hidden_states.dtype
+    )
+    align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
     weights = topk_weights.reshape(-1).float().contiguous()  # [S]
-    gate_up = hidden_states.new_empty(num_slots, w13.shape[1])  # [S, 2I]
-    _grouped_gemm(hidden_states, w13, gate_up, weights, align, top_k, False, cfg)
-    act = silu_and_mul(gate_up)  # [S, I]
+    gate_up = hidden_states.new_empty(num_slots, 2 * inter)  # [S, 2I]
+    _grouped_gemm(hidden_states, w13, w13_bias, gate_up, weights, align, top_k, False, cfg)
+    act = activation(gate_up)  # [S, I]
     down = hidden_states.new_empty(num_slots, hidden)  # [S, H], already weighted
-    _grouped_gemm(act, w2, down, weights, align, 1, True, cfg)
+    _grouped_gemm(act, w2, w2_bias, down, weights, align, 1, True, cfg)
     return down.view(num_tokens, top_k, hidden).sum(1, dtype=torch.float32).to(down.dtype)

@@ -49,3 +49,12 @@ def silu_and_mul(x: Tensor) -> Tensor:
     grid = (rows.shape[0], triton.cdiv(d, block))
     _silu_and_mul_kernel[grid](rows, out, d, rows.stride(0), BLOCK=block, num_warps=4)
     return out
+
+
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """GPT-OSS's gate: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), with
+    g = clamp(gate, max=limit). Torch ops, no host sync: the CPU path and the fused MoE's CUDA
+    path alike."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))

@@ -14,8 +14,6 @@ with the context up-projected (atom/kernels/mla_reference.py).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
@@ -29,9 +27,7 @@ class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
 
     # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
-    # it (tests/gpu/test_mla_gpu.py replays one). DeepSeek still runs eager on CUDA because of
-    # FusedMoE.syncs_host (atom/layers/moe.py) until the MoE's GPU tests pass.
-    syncs_host: ClassVar[bool] = False
+    # it (tests/gpu/test_mla_gpu.py replays one).
 
     def __init__(
         self,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +166,56 @@ def fused_experts(
     return out
 
 
+EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")
+
+
+@torch.library.custom_op("atom::fused_experts", mutates_args=())
+def fused_experts_op(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13_bias: Tensor | None = None,
+    w2_bias: Tensor | None = None,
+    activation: str = "silu",
+    alpha: float = 1.0,
+    limit: float = 0.0,
+) -> Tensor:
+    """The routed experts as one opaque op (torch.ops.atom.fused_experts): Dynamo and Inductor
+    see a [T, H] output, not the kernels, their launch configs or the CPU loop's counts.
+    activation: "silu" (SiLU-and-mul) or "clamped_swiglu" (GPT-OSS, with alpha and limit).
+    CUDA: the sync-free grouped-GEMM kernels; elsewhere the expert loop above."""
+    if activation not in EXPERT_ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}")
+    return ops.fused_experts(
+        hidden_states,
+        w13,
+        w2,
+        topk_weights,
+        topk_ids,
+        w13_bias,
+        w2_bias,
+        None if activation == "silu" else (alpha, limit),
+    )
+
+
+@fused_experts_op.register_fake
+def _(
+    hidden_states: Tensor,
+    w13: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    w13_bias: Tensor | None = None,
+    w2_bias: Tensor | None = None,
+    activation: str = "silu",
+    alpha: float = 1.0,
+    limit: float = 0.0,
+) -> Tensor:
+    return torch.empty_like(hidden_states)
+
+
 def _check_routing(routing: MoERouting, num_experts: int) -> None:
     if routing.top_k > num_experts:
         raise ValueError(f"num_experts_per_tok={routing.top_k} > num_experts={num_experts}")
@@ -182,10 +231,6 @@ def _check_routing(routing: MoERouting, num_experts: int) -> None:
 
 class FusedMoE(nn.Module):
     """The routed experts of one layer: router logits in, the weighted sum of expert MLPs out."""
-
-    # The Triton path on CUDA has no host sync, but it has not run on a GPU yet: until the GPU
-    # tests pass, MoE models stay eager there (the runner checks this).
-    syncs_host: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -261,8 +306,7 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = select_experts(
             router_logits, self.routing, e_score_correction_bias
         )
-        # CUDA: the sync-free Triton grouped GEMM; elsewhere the expert loop below.
-        out = ops.fused_experts(
+        out = torch.ops.atom.fused_experts(
             hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids
         )
         return all_reduce(out)

@@ -13,15 +13,12 @@ gate_up_proj_bias [E, 2I], down_proj [E, I, H] and down_proj_bias [E, H]; the lo
 
 from __future__ import annotations
 
-import functools
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 
+import atom.layers.moe  # noqa: F401  registers torch.ops.atom.fused_experts
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.layers.linear import _copy_checked
-from atom.layers.moe import fused_experts
 
 # checkpoint name under "<prefix>.experts." -> parameter name
 GPT_OSS_EXPERT_PARAMS = {
@@ -41,19 +38,8 @@ def topk_softmax(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     return values.float().softmax(dim=-1), ids
 
 
-def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
-    """(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = clamp(gate, max=limit)."""
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
-
-
 class GptOssExperts(nn.Module):
     """The routed experts of one GPT-OSS layer: router logits in, weighted expert sum out."""
-
-    # The torch path reads per-expert token counts on the host: no CUDA graphs, no fullgraph
-    # compile until a sync-free fused kernel serves CUDA (the runner checks this).
-    syncs_host: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -110,7 +96,7 @@ class GptOssExperts(nn.Module):
     def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
         # hidden_states [T, H], router_logits [T, E]
         topk_weights, topk_ids = topk_softmax(router_logits, self.top_k)
-        out = fused_experts(  # the shared expert loop, with GPT-OSS's biases and activation
+        out = torch.ops.atom.fused_experts(  # FusedMoE's op, with biases and GPT-OSS's gate
             hidden_states,
             self.w13_weight,
             self.w2_weight,
@@ -118,6 +104,8 @@ class GptOssExperts(nn.Module):
             topk_ids,
             self.w13_bias,
             self.w2_bias if self.tp_rank == 0 else None,  # added once, before the all-reduce
-            functools.partial(clamped_swiglu, alpha=self.alpha, limit=self.limit),
+            "clamped_swiglu",
+            self.alpha,
+            self.limit,
         )
         return all_reduce(out)

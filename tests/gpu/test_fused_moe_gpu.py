@@ -3,11 +3,14 @@ down; CUDA-graph capture and replay, which fails if anything syncs with the host
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from atom.kernels import ops
-from atom.kernels.fused_moe import fused_experts, moe_align
+from atom.kernels.fused_moe import _tuned_table, fused_experts, moe_align
+from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.layers.moe import fused_experts as fused_experts_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -75,3 +78,43 @@ def test_cuda_graph_replay_matches_eager(num_tokens: int) -> None:
         torch.testing.assert_close(
             replayed, fused_experts(x, w13, w2, weights, ids), atol=0, rtol=0
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [1, 13, 200])
+def test_gpt_oss_experts_match_reference(num_tokens: int, dtype: torch.dtype) -> None:
+    """Biases in the GEMM epilogues and the clamped SwiGLU, through the op the layers call."""
+    x, w13, w2, weights, ids = _inputs(num_tokens, dtype, seed=3 * num_tokens)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    b13 = torch.randn(EXPERTS, 2 * INTER, generator=gen, device="cuda").to(dtype)
+    b2 = torch.randn(EXPERTS, HIDDEN, generator=gen, device="cuda").to(dtype)
+    out = torch.ops.atom.fused_experts(
+        x, w13, w2, weights, ids, b13, b2, "clamped_swiglu", 1.702, 7.0
+    )
+    gate = functools.partial(clamped_swiglu, alpha=1.702, limit=7.0)
+    expected = fused_experts_ref(
+        x.float(), w13.float(), w2.float(), weights, ids, b13.float(), b2.float(), gate
+    )
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_tokens", [1, 8, 300])
+def test_tuned_configs_match_reference(num_tokens: int) -> None:
+    """Every tuned shape's tiles at its own sizes (bf16), against the float32 loop."""
+    table = _tuned_table()
+    if not table:
+        pytest.skip("no tuned table")
+    for key in table:
+        shape = dict(item.split("=") for item in key.split(","))
+        hidden, inter, experts, top_k = (int(shape[n]) for n in "HIEK")
+        gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+        x = torch.randn(num_tokens, hidden, generator=gen, device="cuda").bfloat16()
+        w13 = torch.randn(experts, 2 * inter, hidden, generator=gen, device="cuda") / hidden**0.5
+        w2 = torch.randn(experts, hidden, inter, generator=gen, device="cuda") / inter**0.5
+        logits = torch.randn(num_tokens, experts, generator=gen, device="cuda")
+        weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
+        out = fused_experts(x, w13.bfloat16(), w2.bfloat16(), weights, ids)
+        expected = fused_experts_ref(
+            x.float(), w13.bfloat16().float(), w2.bfloat16().float(), weights, ids
+        )
+        torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import re
@@ -12,6 +13,7 @@ import torch
 
 from atom.kernels import fused_moe, ops
 from atom.kernels.fused_moe import fused_experts, moe_align
+from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.layers.moe import fused_experts as fused_experts_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +56,54 @@ def test_large_batch_tiles_and_strided_hidden() -> None:
     out = fused_experts(wide, w13, w2, weights, ids)
     torch.testing.assert_close(out, fused_experts_ref(x, w13, w2, weights, ids), **TOL[x.dtype])
     assert fused_experts(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_biases_and_clamped_swiglu(dtype: torch.dtype) -> None:
+    """GPT-OSS experts: biases in both GEMMs' epilogues, the clamped SwiGLU between them."""
+    x, w13, w2, weights, ids = _inputs(9, 8, 3, 32, 48, dtype)
+    gen = torch.Generator().manual_seed(7)
+    b13 = torch.randn(8, 96, generator=gen).to(x)
+    b2 = torch.randn(8, 32, generator=gen).to(x)
+    out = ops.fused_experts(x, w13, w2, weights, ids, b13, b2, (1.702, 0.5))
+    gate = functools.partial(clamped_swiglu, alpha=1.702, limit=0.5)
+    expected = fused_experts_ref(
+        x.float(), w13.float(), w2.float(), weights, ids, b13.float(), b2.float(), gate
+    )
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+def test_custom_op_matches_reference() -> None:
+    """torch.ops.atom.fused_experts: the op the layers call, either gate."""
+    x, w13, w2, weights, ids = _inputs(5, 4, 2, 32, 32, torch.float32)
+    b13, b2 = torch.randn(4, 64).to(x), torch.randn(4, 32).to(x)
+    torch.testing.assert_close(
+        torch.ops.atom.fused_experts(x, w13, w2, weights, ids),
+        fused_experts_ref(x, w13, w2, weights, ids),
+        **TOL[x.dtype],
+    )
+    gate = functools.partial(clamped_swiglu, alpha=2.0, limit=1.0)
+    torch.testing.assert_close(
+        torch.ops.atom.fused_experts(x, w13, w2, weights, ids, b13, b2, "clamped_swiglu", 2.0, 1.0),
+        fused_experts_ref(x, w13, w2, weights, ids, b13, b2, gate),
+        **TOL[x.dtype],
+    )
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.atom.fused_experts(x, w13, w2, weights, ids, None, None, "gelu", 1.0, 1.0)
+
+
+def test_select_config_uses_the_tuned_table() -> None:
+    """Tuned tiles for a known shape in 16-bit (nearest token count); the heuristic otherwise."""
+    table = fused_moe._tuned_table()
+    if not table:
+        pytest.skip("no tuned table")
+    key, by_tokens = next(iter(table.items()))
+    shape = dict(item.split("=") for item in key.split(","))
+    e, i, h, k = (int(shape[n]) for n in "EIHK")
+    t = max(by_tokens)
+    assert fused_moe.select_config(t, e, i, h, k, torch.bfloat16) == by_tokens[t]
+    assert fused_moe.select_config(t, e, i, h, k, torch.float32) == fused_moe.heuristic_config(t)
+    assert fused_moe.select_config(3, 7, 5, 3, 1, torch.bfloat16) == fused_moe.heuristic_config(3)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])

@@ -11,7 +11,7 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.loader import iter_safetensors, load_weights
-from atom.layers.moe_gpt_oss import clamped_swiglu
+from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.models.registry import get_model_class
 from tests.models.oracle import (
     KV_BYTES,
