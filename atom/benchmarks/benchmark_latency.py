@@ -5,7 +5,9 @@ The method of `peer_latency.py` (the vLLM side): per batch size, prompts of 128 
 2 generates of 16 tokens and the best of 2 of 272; one decode step = the difference / 256, so
 prefill and fixed costs cancel. Achieved bandwidth = (streamed weight bytes + KV bytes of the
 average context) / step time; the roofline percentage is against the copy bandwidth measured in
-this process before the engine starts. Default: the Llama-3.1-8B shape with random weights.
+this process before the engine starts. A MoE's weight bytes depend on the batch (the experts its
+tokens route to, taken as uniform: model_cost.py), so each batch size records its own.
+Default: the Llama-3.1-8B shape with random weights.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from atom.benchmarks.common import (
 )
 from atom.benchmarks.roofline import (
     engine_itemsizes,
+    engine_model_cost,
     kv_bytes_per_step,
     measure_device,
-    weight_bytes_streamed,
 )
 from atom.sampling_params import SamplingParams
 
@@ -93,12 +95,12 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     engine_args = engine_args_from(args)
     device = engine_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth, flops = measure_device(device)
+    engine_config = engine_args.create_engine_config()
+    cost = engine_model_cost(engine_config)  # unsharded: before the engine starts TP here
+    _, kv_itemsize = engine_itemsizes(engine_config)
     llm, startup = start_engine(engine_args)
     print(f"engine ready in {startup:.1f} s")
     try:
-        config = llm.config.model.hf_config
-        itemsize, kv_itemsize = engine_itemsizes(llm.config)
-        weight_bytes = weight_bytes_streamed(config, itemsize)
         context = args.input_len + (short + long) / 2  # the average context of the timed steps
         # Tensor parallelism splits the bytes over tp devices of the measured bandwidth each.
         roofline_bandwidth = bandwidth * llm.config.parallel.tensor_parallel_size
@@ -110,14 +112,18 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             "startup_s": round(startup, 1),
             "input_len": args.input_len,
             "output_lens": [short, long],
-            "weight_bytes": weight_bytes,
+            "params_total": cost.total_params,
+            "params_active": cost.active_params,
+            "weight_bytes": cost.max_weight_bytes,  # every expert: a dense model's at any batch
             "kv_dtype_bytes": kv_itemsize,
             "avg_context_len": context,
         }
         for bs in args.batch_sizes:
             step = time_decode_step(llm, bs, args.input_len, short, long, args.num_iters, device)
-            kv_bytes = kv_bytes_per_step(config, bs, context, kv_itemsize)
+            weight_bytes = cost.weight_bytes(bs)
+            kv_bytes = kv_bytes_per_step(cost, bs, context, kv_itemsize)
             record |= _batch_record(bs, step, weight_bytes + kv_bytes, roofline_bandwidth)
+            record[f"bs{bs}_weight_bytes"] = weight_bytes
             record[f"bs{bs}_kv_bytes"] = kv_bytes
     finally:
         llm.shutdown()

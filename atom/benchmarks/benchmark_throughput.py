@@ -7,7 +7,7 @@ from Python's `random` seeded with --seed (0) in the same order; one short warm-
 wall time of the timed generate (the peer's tok_per_s); start-up is reported separately. The
 roofline of the workload (roofline.workload_seconds: prefill FLOPs at the matmul rate, each decode
 step's weight + KV bytes at the copy bandwidth, both measured before the engine starts) gives the
-share of it reached, for the dense families the roofline module counts.
+share of it reached; a MoE step reads the experts its live batch routes to (taken as uniform).
 Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights. With
 --torch-profiler-dir the workload runs a second time under the profiler (not timed); add
 --mark-trace for module tags and per-graph capture traces (tools/parse_trace.py).
@@ -31,9 +31,10 @@ from atom.benchmarks.common import (
     environment_info,
     start_engine,
 )
+from atom.benchmarks.model_cost import ModelCost
 from atom.benchmarks.roofline import (
-    DENSE_MODEL_TYPES,
     engine_itemsizes,
+    engine_model_cost,
     measure_device,
     workload_seconds,
 )
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine_args = engine_args_from(args)
     device = engine_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bandwidth, flops = measure_device(device)
+    engine_config = engine_args.create_engine_config()
+    cost = engine_model_cost(engine_config)  # unsharded: before the engine starts TP here
+    _, kv_itemsize = engine_itemsizes(engine_config)
+    tp = engine_config.parallel.tensor_parallel_size  # tp devices of the measured rates each
     begin = time.perf_counter()
     llm, startup = start_engine(engine_args)
     print(f"engine ready in {startup:.1f} s")
@@ -108,17 +113,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             llm.stop_profile()
             print(f"profiled a second run into {engine_args.torch_profiler_dir}")
         record = engine_record(llm, engine_args, args.model, args.tag)
-        roofline = _roofline(llm, prompts, max_tokens, bandwidth, flops)
     finally:
         llm.shutdown()
+    roofline = _roofline(cost, kv_itemsize, prompts, max_tokens, bandwidth * tp, flops * tp)
     prompt_tokens = sum(map(len, prompts))
     planned = sum(max_tokens)
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     print(f"Total: {planned}tok, Time: {elapsed:.2f}s, Throughput: {planned / elapsed:.2f}tok/s")
-    if roofline:
-        pct = 100 * roofline["roofline_s"] / elapsed
-        print(f"roofline {roofline['roofline_s']:.2f} s: {pct:.1f}% of it reached")
-        roofline["roofline_pct"] = round(pct, 1)
+    pct = 100 * roofline["roofline_s"] / elapsed
+    print(f"roofline {roofline['roofline_s']:.2f} s: {pct:.1f}% of it reached")
+    roofline["roofline_pct"] = round(pct, 1)
     return {
         "benchmark": "throughput",
         **record,
@@ -141,16 +145,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _roofline(
-    llm: Any, prompts: list[list[int]], max_tokens: list[int], bandwidth: float, flops: float
+    cost: ModelCost,
+    kv_itemsize: int,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    bandwidth: float,
+    flops: float,
 ) -> dict[str, Any]:
-    config = llm.config.model.hf_config
-    if getattr(config, "model_type", "") not in DENSE_MODEL_TYPES:
-        return {}
-    itemsize, kv_itemsize = engine_itemsizes(llm.config)
-    tp = llm.config.parallel.tensor_parallel_size  # tp devices of the measured rates each
     lens = list(map(len, prompts))
     prefill, decode = workload_seconds(
-        config, lens, max_tokens, bandwidth * tp, flops * tp, itemsize, kv_itemsize
+        cost, lens, max_tokens, bandwidth, flops, kv_dtype_bytes=kv_itemsize
     )
     return {
         "roofline_prefill_s": round(prefill, 6),

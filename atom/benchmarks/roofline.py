@@ -1,9 +1,11 @@
 """The decode roofline: what a step must read from memory, and how fast this device reads.
 
-A decode step of a dense model streams every weight once (the input embedding excepted: its rows
-are gathered, one per token) plus the KV cache of every sequence; at small batch that is the whole
-cost, so step time >= (weight bytes + KV bytes) / copy bandwidth. The formulas follow
-`peer_latency.py` (the vLLM side of the comparison) so that both report the same percentage.
+A decode step streams the weights once (the input embedding excepted: its rows are gathered, one
+per token) plus the KV cache of every sequence; at small batch that is the whole cost, so step
+time >= (weight bytes + KV bytes) / copy bandwidth. A dense model reads all its weights at every
+batch; a MoE reads the experts its batch routes to, more as the batch grows (model_cost.py counts
+both from ATOM's own model class). For dense models the formulas are those of `peer_latency.py`
+(the vLLM side of the comparison), so that both report the same percentage.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Dense families whose parameter count parameter_count() knows (one formula, checked against
-# transformers in the tests).
+from atom.benchmarks.model_cost import ModelCost, model_cost, module_cost
+
+# Dense families of the closed-form count (peer_latency.py's), the check of model_cost.
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen3")
 
 
@@ -57,6 +60,12 @@ def engine_itemsizes(engine_config: Any) -> tuple[int, int]:
     ).itemsize
 
 
+def engine_model_cost(engine_config: Any) -> ModelCost:
+    """The cost of an engine's model at its dtype, unsharded: call it before the engine starts
+    (tensor parallelism shards the model built in this process afterwards)."""
+    return model_cost(engine_config.model.hf_config, getattr(torch, engine_config.model.dtype))
+
+
 def measure_device(device: str) -> tuple[float, float]:
     """Copy bandwidth (bytes/s) and matmul FLOP/s, before the engine takes the memory."""
     bandwidth = measure_copy_bandwidth(device)
@@ -66,13 +75,16 @@ def measure_device(device: str) -> tuple[float, float]:
 
 
 def parameter_count(config: Any) -> int:
-    """Parameters of a dense Llama/Mistral/Qwen3 config, counting tied embeddings once."""
+    """Parameters of ATOM's model for an HF config (any family it runs), tied embeddings once."""
+    return model_cost(config).total_params
+
+
+def dense_parameter_count(config: Any) -> int:
+    """The closed form for a dense Llama/Mistral/Qwen3 config (peer_latency.py's count), tied
+    embeddings once: the check of model_cost on the dense families."""
     model_type = getattr(config, "model_type", "")
     if model_type not in DENSE_MODEL_TYPES:
-        raise ValueError(
-            f"parameter_count knows {', '.join(DENSE_MODEL_TYPES)}, not {model_type!r}: "
-            "pass the model itself to weight_bytes_streamed"
-        )
+        raise ValueError(f"dense_parameter_count knows {', '.join(DENSE_MODEL_TYPES)}")
     h, v, inter = config.hidden_size, config.vocab_size, config.intermediate_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
@@ -88,30 +100,32 @@ def parameter_count(config: Any) -> int:
     return config.num_hidden_layers * (attn + mlp + norms) + embeddings + h  # + final norm
 
 
-def weight_bytes_streamed(model_or_config: nn.Module | Any, dtype_bytes: int = 2) -> int:
-    """Weight bytes one decode step reads: every parameter except the input embedding (its rows
-    are gathered, not streamed); tied embeddings are streamed once, as the LM head.
+def weight_bytes_streamed(
+    model_or_config: nn.Module | Any, dtype_bytes: int = 2, batch: int = 1
+) -> int:
+    """Weight bytes a decode step of `batch` sequences reads: every dense parameter except the
+    input embedding (its rows are gathered, not streamed; tied embeddings are streamed once, as
+    the LM head), and in each MoE layer the experts its tokens route to (model_cost's uniform
+    routing: k experts at batch 1, nearly all at large batch). A dense model reads the same
+    bytes at every batch.
 
     A module counts its own parameters at their own dtypes (a tensor-parallel rank's shards);
-    a config counts a dense model at `dtype_bytes` per parameter.
+    a config counts ATOM's model for it at `dtype_bytes` (2 or 4) per unpinned parameter.
     """
-    if isinstance(model_or_config, nn.Module):
-        return _module_weight_bytes(model_or_config)
-    config = model_or_config
-    embedding = 0 if _tied(config) else config.vocab_size * config.hidden_size
-    return (parameter_count(config) - embedding) * dtype_bytes
+    return _cost(model_or_config, dtype_bytes).weight_bytes(batch)
 
 
-def kv_bytes_per_step(config: Any, batch: int, context_len: float, kv_dtype_bytes: int = 2) -> int:
-    """KV cache bytes one decode step reads: K and V of `context_len` tokens (the average over the
-    timed steps) for each of `batch` sequences in every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim
-    return round(batch * context_len * per_token * kv_dtype_bytes)
+def kv_bytes_per_step(
+    config: Any | ModelCost, batch: int, context_len: float, kv_dtype_bytes: int = 2
+) -> int:
+    """KV cache bytes one decode step reads: `context_len` tokens (the average over the timed
+    steps) for each of `batch` sequences in every layer, at most its window in a sliding layer;
+    K and V per token and head, or MLA's one latent row per token."""
+    return round(batch * _cost(config).kv_bytes([context_len], kv_dtype_bytes))
 
 
 def workload_seconds(
-    config: Any,
+    config: Any | ModelCost,
     prompt_lens: list[int],
     output_lens: list[int],
     bandwidth: float,
@@ -120,40 +134,30 @@ def workload_seconds(
     kv_dtype_bytes: int = 2,
 ) -> tuple[float, float]:
     """(prefill, decode) seconds under which no engine can run an offline workload: every prompt
-    prefilled at the matmul rate (linear layers + causal attention FLOPs), then every sequence
-    decoding together, each step the slower of its bytes (weights + the live sequences' KV) over
-    the copy bandwidth and its FLOPs over the matmul rate. Every sequence runs at once (the
-    throughput bench's 256 fit the default max_num_seqs); the first output token comes from
-    the prefill."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    layers, q_dim = config.num_hidden_layers, config.num_attention_heads * head_dim
-    embedding = config.vocab_size * config.hidden_size
-    linear_params = parameter_count(config) - (0 if _tied(config) else embedding)
-    attention_per_pair = 4 * q_dim * layers  # QK^T and PV: 2 FLOPs each per head dim, per layer
-    prefill_flops = sum(
-        2 * linear_params * n + attention_per_pair * n * (n + 1) / 2 for n in prompt_lens
-    )
-    weights = weight_bytes_streamed(config, dtype_bytes)
-    per_token_kv = kv_bytes_per_step(config, 1, 1, kv_dtype_bytes)
+    prefilled at the matmul rate (2 FLOPs per active parameter per token + causal attention),
+    then every sequence decoding together, each step the slower of its bytes (the weights its
+    live batch reads + the live sequences' KV) over the copy bandwidth and its FLOPs over the
+    matmul rate. Every sequence runs at once (the throughput bench's 256 fit the default
+    max_num_seqs); the first output token comes from the prefill. A ModelCost carries its own
+    weight dtype; a config is counted at `dtype_bytes`."""
+    cost = _cost(config, dtype_bytes)
+    prefill_flops = sum(cost.prefill_flops(n) for n in prompt_lens)
+    linear_per_token = 2 * cost.active_params
     decode = 0.0
     for step in range(1, max(output_lens, default=1)):  # decode step `step` makes token step + 1
-        live = [(p, o) for p, o in zip(prompt_lens, output_lens, strict=True) if o > step]
-        context = sum(p + step for p, _ in live)
-        step_flops = 2 * linear_params * len(live) + attention_per_pair * context
-        decode += max((weights + per_token_kv * context) / bandwidth, step_flops / flops)
+        contexts = [p + step for p, o in zip(prompt_lens, output_lens, strict=True) if o > step]
+        step_bytes = cost.weight_bytes(len(contexts)) + cost.kv_bytes(contexts, kv_dtype_bytes)
+        step_flops = linear_per_token * len(contexts) + cost.attention_flops(contexts)
+        decode += max(step_bytes / bandwidth, step_flops / flops)
     return prefill_flops / flops, decode
 
 
-def _module_weight_bytes(model: nn.Module) -> int:
-    # named_parameters() yields a tied weight once, under its first name (the embedding's).
-    config = getattr(model, "config", None)
-    tied = config is not None and _tied(config)
-    total = 0
-    for name, param in model.named_parameters():
-        if name.endswith("embed_tokens.weight") and not tied:
-            continue
-        total += param.numel() * param.element_size()
-    return total
+def _cost(model_or_config: nn.Module | ModelCost | Any, dtype_bytes: int = 2) -> ModelCost:
+    if isinstance(model_or_config, ModelCost):
+        return model_or_config
+    if isinstance(model_or_config, nn.Module):
+        return module_cost(model_or_config)
+    return model_cost(model_or_config, dtype_bytes)
 
 
 def _tied(config: Any) -> bool:

@@ -57,3 +57,48 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     config = transformers.LlamaConfig(**_common(), rope_parameters=rope)
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), config)
+
+
+def _moe_common() -> dict[str, object]:
+    # 8 experts of intermediate 32, top 2; the dense MLPs keep intermediate_size
+    return dict(_common(), moe_intermediate_size=32, num_experts_per_tok=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = transformers.Qwen3MoeConfig(**_moe_common(), num_experts=8)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-moe"), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_deepseek_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MLA (latent cache) and routed + shared experts after one dense layer."""
+    common = {k: v for k, v in _moe_common().items() if k != "head_dim"}
+    config = transformers.DeepseekV2Config(
+        **common,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+    )
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-deepseek-v2"), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Biased experts, attention sinks, a sliding layer (window 8) and a full one."""
+    common = {k: v for k, v in _moe_common().items() if k != "moe_intermediate_size"}
+    config = transformers.GptOssConfig(
+        **dict(common, intermediate_size=32),
+        num_local_experts=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-gpt-oss"), config)

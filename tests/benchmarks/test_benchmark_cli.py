@@ -9,15 +9,19 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from atom.benchmarks import benchmark_latency, benchmark_throughput
 from atom.benchmarks.benchmark_throughput import workload
+from atom.benchmarks.model_cost import model_cost
 from atom.benchmarks.model_dirs import benchmark_model_names
 
 # Small engines: eager, a 16 MiB KV cache, on the CPU even where a GPU is present.
 ENGINE_FLAGS = ["--load-format", "dummy", "--enforce-eager", "--device", "cpu"]
 ENGINE_FLAGS += ["--kv-cache-memory", "16MiB"]
 ENV_FIELDS = ("device_name", "torch", "triton", "git_commit", "startup_s", "engine_args")
+MOE_MODELS = ("tiny_qwen3_moe", "tiny_deepseek_v2", "tiny_gpt_oss")
 
 
 def _peer_workload(n: int, max_in: int, max_out: int) -> tuple[list[list[int]], list[int]]:
@@ -105,6 +109,34 @@ def test_latency_cli(tiny_llama: Path, tmp_path: Path) -> None:
         for key in ("tok_s", "achieved_GBps", "roofline_pct"):
             assert f"bs{bs}_{key}" in record
     assert all(field in record for field in ENV_FIELDS)
+
+
+@pytest.mark.parametrize("fixture", MOE_MODELS)
+def test_latency_cli_on_moe(fixture: str, request: pytest.FixtureRequest) -> None:
+    """A MoE reads more experts at a larger batch: each batch size records its own weight bytes."""
+    model_dir: Path = request.getfixturevalue(fixture)
+    argv = ["--model", str(model_dir), *ENGINE_FLAGS, "--batch-sizes", "1,4"]
+    record = benchmark_latency.main([*argv, "--input-len", "12", "--output-lens", "2,4"])
+    cost = model_cost(transformers.AutoConfig.from_pretrained(model_dir), torch.float32)
+    assert record["params_total"] == cost.total_params
+    assert record["params_active"] == cost.active_params < cost.total_params
+    assert record["weight_bytes"] == cost.max_weight_bytes
+    assert record["bs1_weight_bytes"] == cost.weight_bytes(1) < record["bs4_weight_bytes"]
+    assert record["bs4_weight_bytes"] == cost.weight_bytes(4) < record["weight_bytes"]
+    assert record["bs4_kv_bytes"] == round(4 * cost.kv_bytes([15], 4)) > 0
+    assert all(f"bs{bs}_roofline_pct" in record for bs in (1, 4))
+
+
+@pytest.mark.parametrize("fixture", MOE_MODELS)
+def test_throughput_cli_on_moe(fixture: str, request: pytest.FixtureRequest) -> None:
+    model_dir: Path = request.getfixturevalue(fixture)
+    argv = ["--model", str(model_dir), *ENGINE_FLAGS, "--num-seqs", "3"]
+    argv += ["--min-input-len", "8", "--max-input-len", "24"]
+    argv += ["--min-output-len", "2", "--max-output-len", "6"]
+    record = benchmark_throughput.main(argv)
+    assert record["planned_out"] == record["generated"]
+    assert record["roofline_decode_s"] > 0 and record["roofline_prefill_s"] > 0
+    assert 0 <= record["roofline_pct"] < 100
 
 
 def test_latency_rejects_bad_lengths(tiny_llama: Path) -> None:

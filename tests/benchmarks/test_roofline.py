@@ -1,5 +1,6 @@
-"""Roofline byte formulas, checked on the Llama-3.1-8B numbers of peer_latency.py and against the
-parameters transformers builds for each benchmark config."""
+"""Roofline byte formulas, checked on the Llama-3.1-8B numbers of peer_latency.py, against the
+parameters transformers builds for each benchmark config, and, for the dense families, against the
+closed forms the roofline used before it counted ATOM's own modules (the peer's formulas)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 import transformers
 
+from atom.benchmarks.model_cost import model_cost
 from atom.benchmarks.model_dirs import CONFIGS_DIR, benchmark_model_names
 from atom.benchmarks.roofline import (
+    dense_parameter_count,
     kv_bytes_per_step,
     measure_copy_bandwidth,
     measure_matmul_flops,
@@ -18,6 +21,7 @@ from atom.benchmarks.roofline import (
 )
 
 LLAMA31_8B_PARAMS = 8_030_261_248  # peer_latency.py's n_params
+DENSE_MODELS = ("llama-3.1-8b", "qwen3-0.6b", "qwen3-8b")
 
 
 def _config(name: str) -> transformers.PretrainedConfig:
@@ -50,7 +54,56 @@ def test_formula_matches_transformers_and_module_count(name: str) -> None:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == parameter_count(config)
-    assert weight_bytes_streamed(model) == weight_bytes_streamed(config, dtype_bytes=2)
+    if name in DENSE_MODELS:  # transformers' experts are not ATOM's: all dense to module_cost
+        assert parameter_count(config) == dense_parameter_count(config)
+        assert weight_bytes_streamed(model) == weight_bytes_streamed(config, dtype_bytes=2)
+
+
+def _closed_form_workload(
+    config: transformers.PretrainedConfig,
+    prompt_lens: list[int],
+    output_lens: list[int],
+    bandwidth: float,
+    flops: float,
+) -> tuple[float, float]:
+    """workload_seconds as it was for dense configs (bf16 weights and KV), before model_cost."""
+    head_dim = config.head_dim
+    layers, q_dim = config.num_hidden_layers, config.num_attention_heads * head_dim
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    linear_params = dense_parameter_count(config) - embedding
+    attention_per_pair = 4 * q_dim * layers
+    prefill_flops = sum(
+        2 * linear_params * n + attention_per_pair * n * (n + 1) / 2 for n in prompt_lens
+    )
+    weights = linear_params * 2
+    per_token_kv = layers * 2 * config.num_key_value_heads * head_dim * 2
+    decode = 0.0
+    for step in range(1, max(output_lens)):
+        live = [(p, o) for p, o in zip(prompt_lens, output_lens, strict=True) if o > step]
+        context = sum(p + step for p, _ in live)
+        step_flops = 2 * linear_params * len(live) + attention_per_pair * context
+        decode += max((weights + per_token_kv * context) / bandwidth, step_flops / flops)
+    return prefill_flops / flops, decode
+
+
+@pytest.mark.parametrize("name", DENSE_MODELS)
+def test_dense_models_keep_the_closed_forms(name: str) -> None:
+    """One code path for every family: on a dense config it gives exactly the peer's numbers, the
+    same weight bytes at every batch."""
+    config = _config(name)
+    cost = model_cost(config)
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    linear = dense_parameter_count(config) - embedding
+    assert (cost.total_params, cost.active_params, cost.experts) == (linear + embedding, linear, ())
+    for bs in (1, 8, 256):
+        assert weight_bytes_streamed(config, batch=bs) == cost.weight_bytes(bs) == 2 * linear
+        per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+        assert kv_bytes_per_step(config, bs, 200.5, 2) == round(bs * 200.5 * per_token * 2)
+    prompts, outputs = [5, 300, 17, 1024], [9, 1, 40, 33]
+    for bandwidth, flops in ((4.11e12, 760e12), (1e12, 1e12), (1e15, 1e9)):
+        expected = _closed_form_workload(config, prompts, outputs, bandwidth, flops)
+        assert workload_seconds(config, prompts, outputs, bandwidth, flops) == expected
+        assert workload_seconds(cost, prompts, outputs, bandwidth, flops) == expected
 
 
 def test_unknown_family_is_refused() -> None:
