@@ -46,6 +46,7 @@ EXPECTED: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
     ),
     "llama-3.1-8b": dict(
+        head_dim=128,  # hidden_size / num_attention_heads: transformers fills it in
         hidden_size=4096,
         intermediate_size=14336,
         num_hidden_layers=32,
@@ -56,6 +57,66 @@ EXPECTED: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         hidden_act="silu",
+    ),
+    "qwen3-30b-a3b": dict(
+        QWEN3_COMMON,
+        num_key_value_heads=4,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+    ),
+    "deepseek-v2-lite": dict(
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        vocab_size=102400,
+        max_position_embeddings=163840,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        first_k_dense_replace=1,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    ),
+    "gpt-oss-20b": dict(
+        hidden_size=2880,
+        intermediate_size=2880,
+        num_hidden_layers=24,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=64,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12,
+        vocab_size=201088,
+        max_position_embeddings=131072,
+        swiglu_limit=7.0,
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=199999,
     ),
 }
 ROPE = {
@@ -69,9 +130,42 @@ ROPE = {
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     },
+    "qwen3-30b-a3b": {"rope_type": "default", "rope_theta": 1000000},
+    "deepseek-v2-lite": {
+        "rope_type": "yarn",
+        "rope_theta": 10000,
+        "factor": 40,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+    },
+    "gpt-oss-20b": {
+        "rope_type": "yarn",
+        "rope_theta": 150000,
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "original_max_position_embeddings": 4096,
+    },
 }
-ARCH = {"qwen3-0.6b": "Qwen3ForCausalLM", "qwen3-8b": "Qwen3ForCausalLM"}
-EOS = {"qwen3-0.6b": (151645, 151643), "qwen3-8b": (151645, 151643), "llama-3.1-8b": (128001,)}
+ARCH = {
+    "qwen3-0.6b": "Qwen3ForCausalLM",
+    "qwen3-8b": "Qwen3ForCausalLM",
+    "llama-3.1-8b": "LlamaForCausalLM",
+    "qwen3-30b-a3b": "Qwen3MoeForCausalLM",
+    "deepseek-v2-lite": "DeepseekV2ForCausalLM",
+    "gpt-oss-20b": "GptOssForCausalLM",
+}
+EOS = {
+    "qwen3-0.6b": (151645, 151643),
+    "qwen3-8b": (151645, 151643),
+    "llama-3.1-8b": (128001,),
+    "qwen3-30b-a3b": (151645, 151643),
+    "deepseek-v2-lite": (100001,),
+    "gpt-oss-20b": (200002, 199999, 200012),
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +188,9 @@ def test_config_values_reach_the_engine(name: str, cache_dir: Path) -> None:
     hf = config.model.hf_config
     for key, value in EXPECTED[name].items():
         assert getattr(hf, key) == value, key
-    assert getattr(hf, "head_dim", 128) == 128
     assert {k: v for k, v in hf.rope_parameters.items() if k in ROPE[name]} == ROPE[name]
-    assert config.model.architecture == ARCH.get(name, "LlamaForCausalLM")
+    assert config.model.architecture == ARCH[name]
+    assert getattr(hf, "quantization_config", None) is None  # bf16 experts: MXFP4 not yet
     assert config.model.eos_token_ids == EOS[name]
     assert config.model.load_format == "dummy"
     assert str(hf.dtype).removeprefix("torch.") == "bfloat16"  # the GPU dtype under --dtype auto

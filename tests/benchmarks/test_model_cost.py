@@ -1,4 +1,5 @@
-"""model_cost on tiny MoE and MLA configs, counted by hand."""
+"""model_cost on tiny MoE and MLA configs, counted by hand, and on the benchmark MoE configs against
+the published parameter counts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch
 import transformers
 
 from atom.benchmarks.model_cost import AttentionGroup, ExpertLayer, model_cost
+from atom.benchmarks.model_dirs import CONFIGS_DIR
 from atom.benchmarks.roofline import (
     kv_bytes_per_step,
+    parameter_count,
     weight_bytes_streamed,
     workload_seconds,
 )
@@ -164,3 +167,25 @@ def test_experts_read() -> None:
     assert layer.experts_read(1024) == pytest.approx(128)
     with pytest.raises(ValueError, match="batch"):
         model_cost(_qwen3_moe()).weight_bytes(0)
+
+
+# Published totals and actives (model cards). Qwen counts the input embedding among the active
+# parameters (3.3B); OpenAI does not (3.61B), nor, within rounding, DeepSeek (2.4B).
+PUBLISHED = {
+    "qwen3-30b-a3b": (30.5e9, 3.3e9, True),
+    "deepseek-v2-lite": (15.7e9, 2.4e9, False),
+    "gpt-oss-20b": (20.91e9, 3.61e9, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_benchmark_moe_configs_build_on_meta(name: str) -> None:
+    config = transformers.AutoConfig.from_pretrained(CONFIGS_DIR / name)
+    cost = model_cost(config)
+    total, active, with_embedding = PUBLISHED[name]
+    assert cost.total_params == parameter_count(config)
+    assert cost.total_params == pytest.approx(total, rel=0.01)
+    embedding = config.vocab_size * config.hidden_size
+    assert cost.active_params + with_embedding * embedding == pytest.approx(active, rel=0.03)
+    assert cost.weight_bytes(1) < cost.weight_bytes(8) < cost.weight_bytes(128)
+    assert cost.weight_bytes(128) <= cost.max_weight_bytes
