@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, fx
 from torch._inductor.compile_fx import compile_fx
 
-import atom.layers.attention  # noqa: F401  registers torch.ops.atom.attention
+import atom.layers.attention  # registers torch.ops.atom.attention
 import atom.layers.mla  # noqa: F401  registers torch.ops.atom.mla_attention
 
 logger = logging.getLogger(__name__)
