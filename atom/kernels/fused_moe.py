@@ -31,34 +31,89 @@ from torch import Tensor
 from atom.kernels.silu_and_mul import silu_and_mul
 
 
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,  # [S] expert of each slot
+    sorted_slot_ids_ptr,  # [P] int32 out
+    block_expert_ids_ptr,  # [P // BLOCK_M] int32 out
+    num_post_padded_ptr,  # [1] int32 out
+    cursor_ptr,  # [E] int32 scratch: the next free row of each expert
+    num_slots,
+    num_experts,
+    max_padded,
+    BLOCK_M: tl.constexpr,
+    BINS: tl.constexpr,  # a power of two > num_experts: bin num_experts.. counts masked lanes
+    CHUNK: tl.constexpr,
+    BLOCK_CHUNK: tl.constexpr,
+):
+    # One program does it all: the counts, their padded prefix sums, the block owners, then
+    # every slot's row by an atomic bump of its expert's cursor (the order within an expert is
+    # free: every row of a GEMM tile is computed independently).
+    experts = tl.arange(0, BINS)
+    real = experts < num_experts
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for s0 in range(0, num_slots, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=num_experts).to(tl.int32)
+        counts += tl.histogram(ids, BINS)
+    padded = tl.where(real, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    padded_end = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + experts, padded_end - padded, mask=real)
+    tl.store(num_post_padded_ptr, tl.sum(padded, 0))
+    # Block b starts at row b * BLOCK_M; its expert is the first whose padded end lies beyond
+    # (empty experts end where they start: <= steps over them); past the total: -1.
+    for b0 in range(0, max_padded // BLOCK_M, BLOCK_CHUNK):
+        blocks = b0 + tl.arange(0, BLOCK_CHUNK)
+        before = (padded_end[None, :] <= (blocks * BLOCK_M)[:, None]) & real[None, :]
+        owner = tl.sum(before.to(tl.int32), 1)
+        owner = tl.where(owner < num_experts, owner, -1)
+        tl.store(block_expert_ids_ptr + blocks, owner, mask=blocks < max_padded // BLOCK_M)
+    for p0 in range(0, max_padded, CHUNK):
+        offs = p0 + tl.arange(0, CHUNK)
+        tl.store(sorted_slot_ids_ptr + offs, num_slots + tl.zeros([CHUNK], tl.int32),
+                 mask=offs < max_padded)  # fmt: skip
+    tl.debug_barrier()  # the padding and the cursors are written before the slots land
+    for s0 in range(0, num_slots, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        valid = offs < num_slots
+        ids = tl.load(ids_ptr + offs, mask=valid, other=0).to(tl.int32)
+        row = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
+        tl.store(sorted_slot_ids_ptr + row, offs, mask=valid)
+
+
 def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Slots sorted by expert, each expert's segment padded to a multiple of block_m.
+    """Slots grouped by expert, each expert's segment padded to a multiple of block_m.
 
     topk_ids [T, K] -> (sorted_slot_ids [P] int32 with padding = T*K, block_expert_ids
     [P // block_m] int32 with -1 past the end, num_tokens_post_padded [1] int32), where
-    P = T*K + E*(block_m-1) rounded up to whole blocks is the worst case. Torch ops only, none of
-    which syncs: no bincount (its CUDA kernel reads max() on the host), no boolean masks.
+    P = T*K + E*(block_m-1) rounded up to whole blocks is the worst case. One kernel launch
+    (25 small torch ops before: ~60 us a layer in a decode graph), no host sync.
     """
     device = topk_ids.device
-    ids = topk_ids.flatten().long()  # [S], slot s = t * K + k
+    ids = topk_ids.reshape(-1)
     num_slots = ids.numel()
     max_padded = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m  # whole blocks
-    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
-    counts.scatter_add_(0, ids, torch.ones_like(ids))
-    padded_end = torch.cumsum((counts + block_m - 1) // block_m * block_m, 0)  # [E]
-    padded_start = padded_end - (counts + block_m - 1) // block_m * block_m
-    count_start = torch.cumsum(counts, 0) - counts
-    sorted_ids, order = torch.sort(ids, stable=True)  # order[j]: the j-th slot by expert
-    rank = torch.arange(num_slots, device=device) - count_start[sorted_ids]  # within expert
-    dest = padded_start[sorted_ids] + rank
-    sorted_slot_ids = torch.full((max_padded,), num_slots, dtype=torch.int32, device=device)
-    sorted_slot_ids.scatter_(0, dest, order.to(torch.int32))
-    # Block b starts at row b * block_m; its expert is the first whose padded end lies beyond.
-    # Empty experts have end == start, so right=True steps over them.
-    starts = torch.arange(0, max_padded, block_m, device=device)
-    block_expert = torch.searchsorted(padded_end, starts, right=True)
-    block_expert_ids = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return sorted_slot_ids, block_expert_ids, padded_end[-1:].to(torch.int32)
+    sorted_slot_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    num_post_padded = torch.empty(1, dtype=torch.int32, device=device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
+    bins = triton.next_power_of_2(num_experts + 1)
+    _moe_align_kernel[(1,)](
+        ids,
+        sorted_slot_ids,
+        block_expert_ids,
+        num_post_padded,
+        cursor,
+        num_slots,
+        num_experts,
+        max_padded,
+        BLOCK_M=block_m,
+        BINS=bins,
+        CHUNK=1024,
+        BLOCK_CHUNK=max(1, 8192 // bins),
+        num_warps=4,
+    )
+    return sorted_slot_ids, block_expert_ids, num_post_padded
 
 
 @triton.jit
@@ -180,7 +235,9 @@ def _grouped_gemm(
     """c[s] = (a[s // a_row_div] @ b[e]^T + bias[e]) (* topk_weights[s]), e = expert(s)."""
     sorted_slot_ids, block_expert_ids, num_post_padded = align
     n, k_dim = b.shape[1], b.shape[2]
-    grid = (block_expert_ids.numel(), triton.cdiv(n, cfg["BLOCK_N"]))
+    # Every block holds a slot, so at most min(blocks, slots) blocks are not padding: decode
+    # launches T*K row blocks, not E * (BLOCK_M - 1) / BLOCK_M mostly idle ones.
+    grid = (min(block_expert_ids.numel(), topk_weights.numel()), triton.cdiv(n, cfg["BLOCK_N"]))
     _fused_moe_kernel[grid](
         a,
         b,
@@ -241,4 +298,4 @@ def fused_experts(
     act = activation(gate_up)  # [S, I]
     down = hidden_states.new_empty(num_slots, hidden)  # [S, H], already weighted
     _grouped_gemm(act, w2, w2_bias, down, weights, align, 1, True, cfg)
-    return down.view(num_tokens, top_k, hidden).sum(1, dtype=torch.float32).to(down.dtype)
+    return down.view(num_tokens, top_k, hidden).sum(1)  # accumulates in float32, one rounding

@@ -18,6 +18,9 @@ def _bytes(t: Tensor) -> Tensor:
     return t.view(torch.uint8) if t.dtype in FP8_DTYPES else t
 
 
+SCORE_ELEMENTS = 1 << 26  # float32 scores per query chunk of sdpa's by-hand path: 256 MiB
+
+
 def causal_mask(
     q_len: int, kv_len: int, device: torch.device, sliding_window: int | None = None
 ) -> Tensor:
@@ -124,12 +127,21 @@ def sdpa(
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     if softcap is not None or sinks is not None:  # SDPA has no score hook: float32 by hand
-        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        mask = causal_mask(q_len, kv_len, q.device, sliding_window)
-        probs = _softmax(scores.masked_fill(~mask, float("-inf")), sinks)
-        return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+        # In query chunks of bounded scores: the memory profile runs a whole token budget
+        # (16k tokens x 64 heads would be 64 GiB of scores at once).
+        rows = max(1, SCORE_ELEMENTS // (q.shape[1] * kv_len))
+        out = q.new_empty(q_len, q.shape[1], v.shape[-1])
+        for start in range(0, q_len, rows):
+            end = min(start + rows, q_len)
+            seen = kv_len - q_len + end  # these queries are the tail of keys [0, seen)
+            scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k[:seen].float())
+            scores = scores * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            mask = causal_mask(end - start, seen, q.device, sliding_window)
+            probs = _softmax(scores.masked_fill(~mask, float("-inf")), sinks)
+            out[start:end] = torch.einsum("hqk,khd->qhd", probs, v[:seen].float())
+        return out
     is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
     mask = None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window)
     o = F.scaled_dot_product_attention(  # 4-D [1, H, L, D]: the fused CUDA kernels want a batch

@@ -106,10 +106,7 @@ def test_select_config_uses_the_tuned_table() -> None:
     assert fused_moe.select_config(3, 7, 5, 3, 1, torch.bfloat16) == fused_moe.heuristic_config(3)
 
 
-@pytest.mark.parametrize("block_m", [1, 4, 16])
-def test_moe_align(block_m: int) -> None:
-    num_experts = 6
-    ids = torch.tensor([[3, 0], [3, 5], [0, 3], [5, 1], [3, 0]], device=DEVICE)  # 2, 4: none
+def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     num_slots = ids.numel()
     slots, block_experts, total = moe_align(ids, num_experts, block_m)
     max_padded = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m
@@ -122,8 +119,9 @@ def test_moe_align(block_m: int) -> None:
     slots, block_experts = slots.cpu().tolist(), block_experts.cpu().tolist()
     start = 0
     for expert, (count, size) in enumerate(zip(counts, padded, strict=True)):
-        # each expert: its slots in order (stable), then padding, whole blocks of that expert
-        assert slots[start : start + count] == [s for s in range(num_slots) if flat[s] == expert]
+        # each expert: its slots (in any order: atomics), then padding, whole blocks of it
+        segment = slots[start : start + count]
+        assert sorted(segment) == [s for s in range(num_slots) if flat[s] == expert]
         assert slots[start + count : start + size] == [num_slots] * (size - count)
         assert block_experts[start // block_m : (start + size) // block_m] == [expert] * (
             size // block_m
@@ -131,6 +129,23 @@ def test_moe_align(block_m: int) -> None:
         start += size
     assert slots[start:] == [num_slots] * (max_padded - start)
     assert block_experts[start // block_m :] == [-1] * (len(block_experts) - start // block_m)
+
+
+@pytest.mark.parametrize("block_m", [1, 4, 16])
+def test_moe_align(block_m: int) -> None:
+    ids = torch.tensor([[3, 0], [3, 5], [0, 3], [5, 1], [3, 0]], device=DEVICE)  # 2, 4: none
+    _check_align(ids, 6, block_m)
+
+
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k", "block_m"), [
+    (1, 128, 8, 16),  # decode: 8 slots, 121 blocks
+    (700, 7, 2, 16),  # 1,400 slots: more than one chunk of 1,024
+    (300, 64, 6, 64),  # E + 1 = 65: 128 bins
+])  # fmt: skip
+def test_moe_align_sizes(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
+    gen = torch.Generator().manual_seed(num_tokens)
+    ids = torch.rand(num_tokens, num_experts, generator=gen).topk(top_k, dim=-1).indices
+    _check_align(ids.to(DEVICE), num_experts, block_m)
 
 
 def test_cuda_path_has_no_host_sync() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atom.kernels import paged_attention
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.reshape_and_cache import reshape_and_cache_ref
 
@@ -123,3 +124,16 @@ def test_paged_attention_sinks_match_dense(
     # The sinks only shrink each output row: without them the result is different.
     plain = paged_attention_ref(*args, sliding_window=window)
     assert not torch.allclose(plain.float(), out.float(), atol=10 * tol)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_sdpa_by_hand_in_query_chunks(window: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sinks and softcap take the float32 path in bounded query chunks: any chunking, same rows
+    (prefix queries included: 9 queries over 20 keys)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, h, 16, generator=gen) for n, h in ((9, 4), (20, 2), (20, 2)))
+    sinks = torch.randn(4, generator=gen)
+    whole = paged_attention.sdpa(q, k, v, 0.25, window, 30.0, sinks)
+    monkeypatch.setattr(paged_attention, "SCORE_ELEMENTS", 4 * 20 * 2)  # 2 rows per chunk
+    chunked = paged_attention.sdpa(q, k, v, 0.25, window, 30.0, sinks)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
