@@ -3,8 +3,9 @@
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           profile moe serving peer smol stash
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
-#   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (Qwen3-30B-A3B shapes),
-#            bench_mla.py (DeepSeek latent attention) and bench_sampler.py (fused vs torch draw)
+#   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
+#            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
+#            attention) and bench_sampler.py (fused vs torch draw); KERNEL_BENCHES= picks
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
@@ -55,11 +56,11 @@ stage_tests() {
         2>&1 | tee "$OUT/gpu_tests.log"
 }
 
-stage_kernels() {
-    python3 benchmarks/bench_attention.py "$OUT/attention.json" 2>&1 | tee "$OUT/attention.log"
-    python3 benchmarks/bench_fused_moe.py "$OUT/fused_moe.json" 2>&1 | tee "$OUT/fused_moe.log"
-    python3 benchmarks/bench_mla.py "$OUT/mla.json" 2>&1 | tee "$OUT/mla.log"
-    python3 benchmarks/bench_sampler.py "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log"
+stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sampler)
+    local name
+    for name in ${KERNEL_BENCHES:-attention fused_moe mla sampler}; do
+        python3 "benchmarks/bench_$name.py" "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+    done
 }
 
 stage_tune() {
