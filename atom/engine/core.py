@@ -104,7 +104,6 @@ class EngineCore:
         while self.has_work():
             self.step()
         self.reset_prefix_cache()
-        self.scheduler.kv.prefix_query_tokens = self.scheduler.kv.prefix_hit_tokens = 0
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

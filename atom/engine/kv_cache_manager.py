@@ -107,7 +107,12 @@ class KVCacheManager:
             self._num_cached_blocks[req.request_id] = keep
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        """Forget every cached block, and the hit-rate counters with them (as vLLM does); False,
+        and nothing reset, while a request still holds blocks."""
+        if not self.pool.reset_prefix_cache():
+            return False
+        self.prefix_query_tokens = self.prefix_hit_tokens = 0
+        return True
 
     def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_tokens: int) -> None:
         if not self.enable_caching:

@@ -279,7 +279,12 @@ def test_reset_prefix_cache() -> None:
     kv = KVCacheManager(8, BS)
     a = make_request("a", list(range(10)))
     admit(kv, a)
-    assert kv.reset_prefix_cache() is False
     kv.free(a)
+    admit(kv, c := make_request("c", list(range(10))))  # a prefix hit: counters move
+    assert kv.prefix_hit_tokens > 0
+    assert kv.reset_prefix_cache() is False  # c holds blocks: nothing reset
+    assert kv.prefix_hit_tokens > 0
+    kv.free(c)
     assert kv.reset_prefix_cache() is True
+    assert (kv.prefix_query_tokens, kv.prefix_hit_tokens) == (0, 0)
     assert kv.get_computed_blocks(make_request("b", list(range(10)))) == []

@@ -24,6 +24,7 @@ from atom.kernels.mla_reference import (
     mla_paged_attention_ref,
 )
 from atom.layers.mla import MLAAttention
+from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,22 +45,16 @@ def _inputs(seqs: list[tuple[int, int]], heads: int, block_size: int = 16, seed:
     """Random queries and latents (c_kv ~ a layernorm output), shuffled block ids, NaN in every
     slot no sequence owns."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    blocks_per_seq = [-(-s // block_size) for s, _ in seqs]
-    num_blocks = sum(blocks_per_seq) + 9
-    perm = torch.randperm(num_blocks, generator=gen, device=DEVICE).to(torch.int32)
-    tables = torch.zeros(len(seqs), max(blocks_per_seq) + 3, dtype=torch.int32, device=DEVICE)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    tables, num_blocks = shuffled_block_tables([s for s, _ in seqs], block_size, cpu_gen)
+    tables = tables.to(DEVICE)
     cache = torch.full((1, num_blocks, block_size, 1, RANK + ROPE), float("nan"), device=DEVICE)
-    used = 0
     for i, (seq_len, _) in enumerate(seqs):
-        tables[i, : blocks_per_seq[i]] = perm[used : used + blocks_per_seq[i]]
-        used += blocks_per_seq[i]
         j = torch.arange(seq_len, device=DEVICE)
         slots = tables[i, j // block_size].long() * block_size + j % block_size
         rows = torch.randn(seq_len, RANK + ROPE, generator=gen, device=DEVICE)
         cache.view(-1, RANK + ROPE)[slots] = rows
-    qsl = [0]
-    for _, q_len in seqs:
-        qsl.append(qsl[-1] + q_len)
+    qsl = query_start_loc([q for _, q in seqs])
     return {
         "q_lat": torch.randn(qsl[-1], heads, RANK, generator=gen, device=DEVICE) * 0.5,
         "q_pe": torch.randn(qsl[-1], heads, ROPE, generator=gen, device=DEVICE),
