@@ -103,6 +103,8 @@ def tune_shape(name: str) -> dict[str, dict[str, int]]:
                 timed.append((graph_ms(lambda c=cfg: run(c)), cfg))
             except triton.runtime.errors.OutOfResources:
                 continue  # too much shared memory for this tile and stage count
+        if not timed:
+            raise RuntimeError(f"{name} T={num_tokens}: no candidate fits this card")
         ms, best = min(timed, key=lambda t: t[0])
         current = graph_ms(run)
         print(

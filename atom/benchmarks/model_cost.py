@@ -195,11 +195,14 @@ def _attention_groups(model: nn.Module) -> tuple[AttentionGroup, ...]:
         if not isinstance(layer, Attention):
             continue
         elems = math.prod(layer.kv_cache_shape(1, block)) // block
-        # q.k over the cached row, p.v over the values: MLA runs absorbed (what its CUDA kernel
-        # does), so both happen in the latent space (kv_lora_rank + rope dims, then kv_lora_rank);
-        # the absorbed up-projections are per token, counted as kv_b_proj's parameters.
-        v_dim = layer.kv_lora_rank if isinstance(layer, MLAAttention) else layer.head_dim
-        pair = 2 * layer.num_heads * (layer.head_dim + v_dim)
+        # q.k over the cached row, p.v over the values. MLA: absorbed (ATOM's CUDA kernel), both
+        # in the latent space (kv_lora_rank + rope dims, then kv_lora_rank), or expanded (K and V
+        # up-projected per token: nope + rope, then v dims); a bound takes the cheaper one.
+        pair = 2 * layer.num_heads * 2 * layer.head_dim
+        if isinstance(layer, MLAAttention):
+            absorbed = layer.head_dim + layer.kv_lora_rank
+            expanded = layer.nope_dim + layer.rope_dim + layer.v_dim
+            pair = 2 * layer.num_heads * min(absorbed, expanded)
         group = groups.setdefault(layer.sliding_window, [0, 0, 0])
         group[0] += 1
         group[1] += elems

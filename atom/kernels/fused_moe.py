@@ -90,7 +90,7 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     (25 small torch ops before: ~60 us a layer in a decode graph), no host sync.
     """
     device = topk_ids.device
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()  # a column slice's view would be read strided
     num_slots = ids.numel()
     max_padded = -(-(num_slots + num_experts * (block_m - 1)) // block_m) * block_m  # whole blocks
     sorted_slot_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
@@ -188,6 +188,7 @@ def _fused_moe_kernel(
 # Tile sizes per expert shape and token count, from `benchmarks/bench_fused_moe.py --tune` on an
 # H200 in bfloat16 (see that file); other shapes and dtypes take the heuristic below.
 TUNED_CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
+TUNED_CAPABILITY = (9, 0)  # the compute capability the table was tuned on
 
 
 @functools.cache
@@ -210,12 +211,19 @@ def heuristic_config(num_tokens: int) -> dict[str, int]:
 
 
 def select_config(
-    num_tokens: int, num_experts: int, inter: int, hidden: int, top_k: int, dtype: torch.dtype
+    num_tokens: int,
+    num_experts: int,
+    inter: int,
+    hidden: int,
+    top_k: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] = TUNED_CAPABILITY,
 ) -> dict[str, int]:
     """The tuned tiles of the nearest token count (in log scale) for this shape, else the
-    heuristic. Tuned for 16-bit inputs: float32 tiles would not fit in shared memory."""
+    heuristic. Tuned for 16-bit inputs on Hopper (H100/H200: 228 KB of shared memory per SM);
+    float32 or a smaller card's shared memory would not hold every tuned tile."""
     table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
-    if not table or dtype.itemsize != 2:
+    if not table or dtype.itemsize != 2 or capability != TUNED_CAPABILITY:
         return heuristic_config(num_tokens)
     nearest = min(table, key=lambda t: (abs(math.log2(t) - math.log2(max(num_tokens, 1))), t))
     return dict(table[nearest])
@@ -241,7 +249,7 @@ def _grouped_gemm(
     _fused_moe_kernel[grid](
         a,
         b,
-        b if bias is None else bias,  # not read without a bias
+        b if bias is None else bias.contiguous(),  # not read without a bias
         c,
         topk_weights,
         sorted_slot_ids,
@@ -255,7 +263,7 @@ def _grouped_gemm(
         b.stride(0),
         b.stride(1),
         b.stride(2),
-        0 if bias is None else bias.stride(0),
+        0 if bias is None else bias.shape[-1],  # rows of the contiguous bias
         c.stride(0),
         c.stride(1),
         A_ROW_DIV=a_row_div,
@@ -288,8 +296,13 @@ def fused_experts(
     num_slots = num_tokens * top_k
     if num_slots == 0:
         return torch.zeros_like(hidden_states)
+    capability = (
+        torch.cuda.get_device_capability(hidden_states.device)  # cached: no sync
+        if hidden_states.is_cuda
+        else TUNED_CAPABILITY  # the interpreter stands in for the tuned card
+    )
     cfg = config or select_config(
-        num_tokens, num_experts, inter, hidden, top_k, hidden_states.dtype
+        num_tokens, num_experts, inter, hidden, top_k, hidden_states.dtype, capability
     )
     align = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
     weights = topk_weights.reshape(-1).float().contiguous()  # [S]

@@ -131,16 +131,17 @@ def sdpa(
         # (16k tokens x 64 heads would be 64 GiB of scores at once).
         rows = max(1, SCORE_ELEMENTS // (q.shape[1] * kv_len))
         out = q.new_empty(q_len, q.shape[1], v.shape[-1])
+        k, v = k.float(), v.float()
         for start in range(0, q_len, rows):
             end = min(start + rows, q_len)
             seen = kv_len - q_len + end  # these queries are the tail of keys [0, seen)
-            scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k[:seen].float())
+            scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k[:seen])
             scores = scores * scale
             if softcap is not None:
                 scores = softcap * torch.tanh(scores / softcap)
             mask = causal_mask(end - start, seen, q.device, sliding_window)
             probs = _softmax(scores.masked_fill(~mask, float("-inf")), sinks)
-            out[start:end] = torch.einsum("hqk,khd->qhd", probs, v[:seen].float())
+            out[start:end] = torch.einsum("hqk,khd->qhd", probs, v[:seen])
         return out
     is_causal = q_len == kv_len and (sliding_window is None or sliding_window >= kv_len)
     mask = None if is_causal else causal_mask(q_len, kv_len, q.device, sliding_window)

@@ -169,8 +169,7 @@ def fused_experts(
 EXPERT_ACTIVATIONS = ("silu", "clamped_swiglu")
 
 
-@torch.library.custom_op("atom::fused_experts", mutates_args=())
-def fused_experts_op(
+def routed_experts(
     hidden_states: Tensor,
     w13: Tensor,
     w2: Tensor,
@@ -182,10 +181,18 @@ def fused_experts_op(
     alpha: float = 1.0,
     limit: float = 0.0,
 ) -> Tensor:
-    """The routed experts as one opaque op (torch.ops.atom.fused_experts): Dynamo and Inductor
-    see a [T, H] output, not the kernels, their launch configs or the CPU loop's counts.
-    activation: "silu" (SiLU-and-mul) or "clamped_swiglu" (GPT-OSS, with alpha and limit).
-    CUDA: the sync-free grouped-GEMM kernels; elsewhere the expert loop above."""
+    """The routed experts of a layer: hidden [T, H] -> [T, H]. activation: "silu"
+    (SiLU-and-mul) or "clamped_swiglu" (GPT-OSS, with alpha and limit). CUDA: the sync-free
+    grouped-GEMM kernels; elsewhere the expert loop above.
+
+    Under torch.compile this is one opaque op (torch.ops.atom.fused_experts): Dynamo and
+    Inductor see a [T, H] output, not the kernels, their launch configs or the CPU loop's counts.
+    Eagerly it runs without the dispatcher (~10 us a call, as attention)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.atom.fused_experts(
+            hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation,
+            alpha, limit,
+        )  # fmt: skip
     if activation not in EXPERT_ACTIVATIONS:
         raise ValueError(f"unknown expert activation {activation!r}")
     return ops.fused_experts(
@@ -198,6 +205,9 @@ def fused_experts_op(
         w2_bias,
         None if activation == "silu" else (alpha, limit),
     )
+
+
+fused_experts_op = torch.library.custom_op("atom::fused_experts", routed_experts, mutates_args=())
 
 
 @fused_experts_op.register_fake
@@ -306,9 +316,7 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = select_experts(
             router_logits, self.routing, e_score_correction_bias
         )
-        out = torch.ops.atom.fused_experts(
-            hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids
-        )
+        out = routed_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
         return all_reduce(out)
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import atom.layers.moe  # noqa: F401  registers torch.ops.atom.fused_experts
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.layers.linear import _copy_checked
+from atom.layers.moe import routed_experts
 
 # checkpoint name under "<prefix>.experts." -> parameter name
 GPT_OSS_EXPERT_PARAMS = {
@@ -96,7 +96,7 @@ class GptOssExperts(nn.Module):
     def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
         # hidden_states [T, H], router_logits [T, E]
         topk_weights, topk_ids = topk_softmax(router_logits, self.top_k)
-        out = torch.ops.atom.fused_experts(  # FusedMoE's op, with biases and GPT-OSS's gate
+        out = routed_experts(  # FusedMoE's, with biases and GPT-OSS's gate
             hidden_states,
             self.w13_weight,
             self.w2_weight,

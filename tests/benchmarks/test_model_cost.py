@@ -102,8 +102,9 @@ def test_qwen3_moe_by_hand() -> None:
 
 
 def test_deepseek_v2_mla_by_hand() -> None:
-    """MLA caches one latent row (kv_lora_rank + rope dims) per token and layer, and its pairs
-    run absorbed: q.k over the row, p.v over the latent. The router is float32."""
+    """MLA caches one latent row (kv_lora_rank + rope dims) per token and layer; a pair costs the
+    cheaper of absorbed (q.k over the row, p.v over the latent: 40 + 32) and expanded (nope + rope,
+    then v: 16 + 8 + 16). The router is float32."""
     config = _deepseek_v2()
     cost = model_cost(config)
     # q_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj
@@ -114,7 +115,7 @@ def test_deepseek_v2_mla_by_hand() -> None:
     assert cost.dense_params == layers + 8192 + 64
     assert cost.dense_bytes == 2 * cost.dense_params + 2 * router  # float32 router weights
     assert cost.experts == (ExpertLayer(8, 2, 6144, 2 * 6144),)
-    assert cost.attention == (AttentionGroup(None, 2, 2 * 40, 2 * (2 * 4 * (40 + 32))),)
+    assert cost.attention == (AttentionGroup(None, 2, 2 * 40, 2 * (2 * 4 * (16 + 8 + 16))),)
     assert kv_bytes_per_step(config, 2, 10, 1) == 2 * 10 * 80  # fp8 latents
     # float32 weights: the bf16 parameters double, the pinned router does not
     assert weight_bytes_streamed(config, dtype_bytes=4, batch=1) == (

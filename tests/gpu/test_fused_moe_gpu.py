@@ -98,7 +98,7 @@ def test_gpt_oss_experts_match_reference(num_tokens: int, dtype: torch.dtype) ->
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("num_tokens", [1, 8, 300])
+@pytest.mark.parametrize("num_tokens", [1, 8, 300, 1024, 4096])  # every BLOCK_M of the table
 def test_tuned_configs_match_reference(num_tokens: int) -> None:
     """Every tuned shape's tiles at its own sizes (bf16), against the float32 loop."""
     table = _tuned_table()

@@ -73,6 +73,14 @@ def test_biases_and_clamped_swiglu(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
 
+def test_strided_routing_inputs() -> None:
+    """Column slices of wider routing tensors (strided views) read as their values."""
+    x, w13, w2, weights, ids = _inputs(6, 4, 2, 32, 32, torch.float32)
+    out = fused_experts(x, w13, w2, weights[:, :1], ids[:, :1])
+    expected = fused_experts_ref(x, w13, w2, weights[:, :1].contiguous(), ids[:, :1].contiguous())
+    torch.testing.assert_close(out, expected, **TOL[x.dtype])
+
+
 def test_custom_op_matches_reference() -> None:
     """torch.ops.atom.fused_experts: the op the layers call, either gate."""
     x, w13, w2, weights, ids = _inputs(5, 4, 2, 32, 32, torch.float32)

@@ -264,3 +264,16 @@ def test_remap_expert_weights_names() -> None:
     assert [(n, s) for n, _, s in mixtral] == [
         ("model.layers.0.block_sparse_moe.experts.w13_weight", (7, "w3"))
     ]
+
+
+def test_layer_compiles_whole_around_the_experts_op() -> None:
+    """Dynamo traces a FusedMoE layer in one graph (fullgraph, dynamic token count): the experts
+    are one opaque op, so the CPU loop's host counts stay out of the trace."""
+    torch.manual_seed(0)
+    layer = FusedMoE(8, 16, 12, MoERouting(top_k=2))
+    torch.nn.init.normal_(layer.w13_weight, std=0.3)
+    torch.nn.init.normal_(layer.w2_weight, std=0.3)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=True)
+    for num_tokens in (3, 7):
+        x, logits = torch.randn(num_tokens, 16), torch.randn(num_tokens, 8)
+        torch.testing.assert_close(compiled(x, logits), layer(x, logits))
