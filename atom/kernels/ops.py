@@ -17,6 +17,7 @@ from atom.kernels import fused_moe as _moe
 from atom.kernels import latent_cache as _latent
 from atom.kernels import mla_attention as _mla
 from atom.kernels import mla_reference as _mla_ref
+from atom.kernels import moe_routing as _routing
 from atom.kernels import reshape_and_cache as _cache
 from atom.kernels import rms_norm as _norm
 from atom.kernels import rotary as _rotary
@@ -58,6 +59,13 @@ def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
     fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref
     return fn(x)
+
+
+def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """Router logits [T, E] -> (weights [T, top_k] float32, expert ids [T, top_k] int64): softmax,
+    top_k, optionally renormalised (Qwen3-MoE's norm_topk_prob)."""
+    fn = _routing.softmax_topk if router_logits.is_cuda else _routing.softmax_topk_ref
+    return fn(router_logits, top_k, renormalize)
 
 
 def fused_experts(

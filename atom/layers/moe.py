@@ -56,18 +56,6 @@ class MoERouting:
             raise ValueError(f"topk_group={self.topk_group} not in [1, n_group]")
 
 
-def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """Softmax over all experts, keep the top_k (Qwen3-MoE, Mixtral).
-
-    Returns (weights [T, top_k] float32, expert ids [T, top_k] int64).
-    """
-    probs = router_logits.softmax(dim=-1, dtype=torch.float32)
-    weights, ids = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
 def grouped_topk(
     router_logits: Tensor,
     top_k: int,
@@ -109,7 +97,7 @@ def select_experts(
     if routing.num_expert_group is None:
         if e_score_correction_bias is not None:
             raise ValueError("e_score_correction_bias needs grouped routing")
-        return softmax_topk(router_logits, routing.top_k, routing.renormalize)
+        return ops.softmax_topk(router_logits, routing.top_k, routing.renormalize)
     assert routing.topk_group is not None
     return grouped_topk(
         router_logits,

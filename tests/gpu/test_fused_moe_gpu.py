@@ -10,6 +10,7 @@ import torch
 
 from atom.kernels import ops
 from atom.kernels.fused_moe import _tuned_table, fused_experts, moe_align
+from atom.kernels.moe_routing import softmax_topk, softmax_topk_ref
 from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.layers.moe import fused_experts as fused_experts_ref
 
@@ -118,3 +119,17 @@ def test_tuned_configs_match_reference(num_tokens: int) -> None:
             x.float(), w13.bfloat16().float(), w2.bfloat16().float(), weights, ids
         )
         torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), [(1, 128, 8), (300, 8, 2)])
+def test_softmax_topk_routing_matches_reference(
+    num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    logits = (torch.randn(num_tokens, num_experts, generator=gen, device="cuda") * 3).to(dtype)
+    weights, ids = softmax_topk(logits, top_k, True)
+    ref_weights, ref_ids = softmax_topk_ref(logits, top_k, True)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)  # ties (bf16) may pick another equal
+    torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids))

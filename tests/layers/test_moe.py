@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from atom.kernels.moe_routing import softmax_topk_ref as softmax_topk
 from atom.layers import moe
 from atom.layers.moe import (
     FusedMoE,
@@ -14,7 +15,6 @@ from atom.layers.moe import (
     fused_experts,
     grouped_topk,
     remap_expert_weights,
-    softmax_topk,
 )
 
 _QWEN = ("gate_proj", "up_proj", "down_proj")
