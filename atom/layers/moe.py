@@ -94,11 +94,20 @@ def grouped_topk(
 def select_experts(
     router_logits: Tensor, routing: MoERouting, e_score_correction_bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    if routing.num_expert_group is None:
-        if e_score_correction_bias is not None:
-            raise ValueError("e_score_correction_bias needs grouped routing")
-        return ops.softmax_topk(router_logits, routing.top_k, routing.renormalize)
-    assert routing.topk_group is not None
+    if routing.num_expert_group is None and e_score_correction_bias is not None:
+        raise ValueError("e_score_correction_bias needs grouped routing")
+    if (
+        routing.scoring_func == "softmax"
+        and e_score_correction_bias is None
+        and routing.topk_group == routing.num_expert_group  # None, or every group kept
+    ):
+        # Plain softmax top-k (DeepSeek-V2's "greedy" is grouped routing with one group): the
+        # one-pass kernel on CUDA instead of grouped_topk's dozen ops.
+        weights, ids = ops.softmax_topk(router_logits, routing.top_k, routing.renormalize)
+        if routing.routed_scaling_factor != 1.0:
+            weights = weights * routing.routed_scaling_factor
+        return weights, ids
+    assert routing.num_expert_group is not None and routing.topk_group is not None
     return grouped_topk(
         router_logits,
         routing.top_k,

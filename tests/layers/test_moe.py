@@ -277,3 +277,23 @@ def test_layer_compiles_whole_around_the_experts_op() -> None:
     for num_tokens in (3, 7):
         x, logits = torch.randn(num_tokens, 16), torch.randn(num_tokens, 8)
         torch.testing.assert_close(compiled(x, logits), layer(x, logits))
+
+
+@pytest.mark.parametrize(("n_group", "renorm", "scale"), [(1, False, 1.0), (4, True, 2.5)])
+def test_select_experts_softmax_with_every_group_kept_is_plain_topk(
+    n_group: int, renorm: bool, scale: float
+) -> None:
+    """DeepSeek-V2's "greedy" (one group) or topk_group == n_group keeps every expert in play:
+    select_experts takes the one-pass softmax top-k, equal to grouped_topk's answer."""
+    logits = torch.randn(21, 16, generator=torch.Generator().manual_seed(3)) * 2
+    routing = MoERouting(
+        top_k=3,
+        renormalize=renorm,
+        num_expert_group=n_group,
+        topk_group=n_group,
+        routed_scaling_factor=scale,
+    )
+    weights, ids = moe.select_experts(logits, routing)
+    ref_weights, ref_ids = grouped_topk(logits, 3, n_group, n_group, renorm, scale, None, "softmax")
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights)
