@@ -1,5 +1,6 @@
-"""Softmax top-k routing (Qwen3-MoE, Mixtral) in one pass: a program per token reads its router
-logits once, takes the softmax in float32, picks the top_k experts and renormalises their weights.
+"""Top-k routing in one pass: a program per token reads its router logits once and writes its
+top_k experts and their weights. Softmax then top-k, optionally renormalised (Qwen3-MoE, Mixtral,
+DeepSeek-V2's greedy), or top-k of the raw logits then a softmax over those k (GPT-OSS).
 
 In torch this is three launches or more (softmax, topk, sum and divide); in a decode step of a
 48-layer MoE model each launch costs more than the work.
@@ -23,8 +24,15 @@ def softmax_topk_ref(router_logits: Tensor, top_k: int, renormalize: bool) -> tu
     return weights, ids
 
 
+def topk_softmax_ref(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of the raw logits, then a softmax over just those k (GPT-OSS's router).
+    Returns (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
+    values, ids = router_logits.topk(top_k, dim=-1)
+    return values.float().softmax(dim=-1), ids
+
+
 @triton.jit
-def _softmax_topk_kernel(
+def _routing_kernel(
     logits_ptr,  # [T, E], last dim contiguous
     weights_ptr,  # [T, TOP_K] float32 out
     ids_ptr,  # [T, TOP_K] int64 out
@@ -32,6 +40,7 @@ def _softmax_topk_kernel(
     stride_row,
     TOP_K: tl.constexpr,
     K_POW2: tl.constexpr,
+    SOFTMAX_FIRST: tl.constexpr,  # softmax over all, then top-k; else top-k, then softmax
     RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -40,9 +49,14 @@ def _softmax_topk_kernel(
     valid = cols < num_experts
     x = tl.load(logits_ptr + row * stride_row + cols, mask=valid, other=-float("inf"))
     x = x.to(tl.float32)
-    p = tl.exp(x - tl.max(x, 0))
-    p = p / tl.sum(p, 0)
-    p = tl.where(valid, p, -1.0)  # below every probability: never picked
+    if SOFTMAX_FIRST:
+        p = tl.exp(x - tl.max(x, 0))
+        p = p / tl.sum(p, 0)
+        p = tl.where(valid, p, -1.0)  # below every probability: never picked
+        taken = -1.0
+    else:
+        p = x  # padding lanes hold -inf
+        taken = -float("inf")
     slots = tl.arange(0, K_POW2)
     weights = tl.zeros([K_POW2], dtype=tl.float32)
     ids = tl.zeros([K_POW2], dtype=tl.int64)
@@ -51,7 +65,11 @@ def _softmax_topk_kernel(
         pick = tl.min(tl.where(p == best, cols, BLOCK_E), 0)
         weights = tl.where(slots == k, best, weights)
         ids = tl.where(slots == k, pick.to(tl.int64), ids)
-        p = tl.where(cols == pick, -1.0, p)
+        p = tl.where(cols == pick, taken, p)
+    if not SOFTMAX_FIRST:  # the softmax over the k logits picked
+        weights = tl.where(slots < TOP_K, weights, -float("inf"))
+        weights = tl.exp(weights - tl.max(weights, 0))
+        weights = weights / tl.sum(weights, 0)
     if RENORMALIZE:
         weights = weights / tl.sum(weights, 0)  # the padding slots hold 0
     out = row * TOP_K + slots
@@ -61,6 +79,17 @@ def _softmax_topk_kernel(
 
 def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """The contract of softmax_topk_ref (ties may pick another of the equal experts)."""
+    return _route(router_logits, top_k, softmax_first=True, renormalize=renormalize)
+
+
+def topk_softmax(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """The contract of topk_softmax_ref (ties may pick another of the equal experts)."""
+    return _route(router_logits, top_k, softmax_first=False, renormalize=False)
+
+
+def _route(
+    router_logits: Tensor, top_k: int, softmax_first: bool, renormalize: bool
+) -> tuple[Tensor, Tensor]:
     num_tokens, num_experts = router_logits.shape
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} not in [1, {num_experts}]")
@@ -70,7 +99,7 @@ def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[
     if num_tokens == 0:
         return weights, ids
     block_e = triton.next_power_of_2(num_experts)
-    _softmax_topk_kernel[(num_tokens,)](
+    _routing_kernel[(num_tokens,)](
         logits,
         weights,
         ids,
@@ -78,6 +107,7 @@ def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[
         logits.stride(0),
         TOP_K=top_k,
         K_POW2=triton.next_power_of_2(top_k),
+        SOFTMAX_FIRST=softmax_first,
         RENORMALIZE=renormalize,
         BLOCK_E=block_e,
         num_warps=4 if block_e <= 512 else 8,

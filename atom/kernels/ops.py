@@ -68,6 +68,13 @@ def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[
     return fn(router_logits, top_k, renormalize)
 
 
+def topk_softmax(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """GPT-OSS's router: top_k of the raw logits [T, E], then a softmax over those k ->
+    (weights [T, top_k] float32, expert ids [T, top_k] int64)."""
+    fn = _routing.topk_softmax if router_logits.is_cuda else _routing.topk_softmax_ref
+    return fn(router_logits, top_k)
+
+
 def fused_experts(
     hidden_states: Tensor,
     w13: Tensor,

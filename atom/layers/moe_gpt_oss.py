@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
+from atom.kernels import ops
 from atom.layers.linear import _copy_checked
 from atom.layers.moe import routed_experts
 
@@ -27,15 +28,6 @@ GPT_OSS_EXPERT_PARAMS = {
     "down_proj": "w2_weight",
     "down_proj_bias": "w2_bias",
 }
-
-
-def topk_softmax(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of the raw logits, then a softmax over just those k (GPT-OSS's router).
-
-    Returns (weights [T, top_k] float32, expert ids [T, top_k] int64).
-    """
-    values, ids = router_logits.topk(top_k, dim=-1)
-    return values.float().softmax(dim=-1), ids
 
 
 class GptOssExperts(nn.Module):
@@ -95,7 +87,7 @@ class GptOssExperts(nn.Module):
 
     def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
         # hidden_states [T, H], router_logits [T, E]
-        topk_weights, topk_ids = topk_softmax(router_logits, self.top_k)
+        topk_weights, topk_ids = ops.topk_softmax(router_logits, self.top_k)
         out = routed_experts(  # FusedMoE's, with biases and GPT-OSS's gate
             hidden_states,
             self.w13_weight,

@@ -10,7 +10,12 @@ import torch
 
 from atom.kernels import ops
 from atom.kernels.fused_moe import _tuned_table, fused_experts, moe_align
-from atom.kernels.moe_routing import softmax_topk, softmax_topk_ref
+from atom.kernels.moe_routing import (
+    softmax_topk,
+    softmax_topk_ref,
+    topk_softmax,
+    topk_softmax_ref,
+)
 from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.layers.moe import fused_experts as fused_experts_ref
 
@@ -133,3 +138,7 @@ def test_softmax_topk_routing_matches_reference(
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
     probs = logits.softmax(dim=-1, dtype=torch.float32)  # ties (bf16) may pick another equal
     torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids))
+    weights, ids = topk_softmax(logits, top_k)  # GPT-OSS's order: top-k, then softmax
+    ref_weights, ref_ids = topk_softmax_ref(logits, top_k)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids))

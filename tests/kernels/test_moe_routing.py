@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from atom.kernels import ops
-from atom.kernels.moe_routing import softmax_topk, softmax_topk_ref
+from atom.kernels.moe_routing import (
+    softmax_topk,
+    softmax_topk_ref,
+    topk_softmax,
+    topk_softmax_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,6 +40,25 @@ def test_matches_reference(
         assert torch.equal(ids, ref_ids)
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "top_k"), [(1, 4, 1), (33, 32, 4), (5, 60, 3)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_topk_then_softmax_matches_reference(
+    num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype
+) -> None:
+    """GPT-OSS: the top_k raw logits, then a softmax over them."""
+    gen = torch.Generator().manual_seed(num_tokens + top_k)
+    logits = (torch.randn(num_tokens, num_experts, generator=gen) * 3).to(DEVICE, dtype)
+    weights, ids = topk_softmax(logits, top_k)
+    ref_weights, ref_ids = topk_softmax_ref(logits, top_k)
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    assert torch.equal(logits.gather(1, ids), logits.gather(1, ref_ids))  # ties: any equal one
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+    if dtype == torch.float32:
+        assert torch.equal(ids, ref_ids)
+
+
 def test_ties_pick_distinct_experts_and_strided_rows() -> None:
     """Equal logits: distinct experts, lowest ids first; a row-strided view is read in place."""
     wide = torch.zeros(3, 16, device=DEVICE)
@@ -54,4 +78,6 @@ def test_ops_dispatch_cpu_is_reference() -> None:
         pytest.skip("CPU dispatch only")
     logits = torch.randn(4, 8)
     got, want = ops.softmax_topk(logits, 2, True), softmax_topk_ref(logits, 2, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got, want = ops.topk_softmax(logits, 2), topk_softmax_ref(logits, 2)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
