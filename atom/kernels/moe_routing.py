@@ -52,20 +52,21 @@ def _routing_kernel(
     if SOFTMAX_FIRST:
         p = tl.exp(x - tl.max(x, 0))
         p = p / tl.sum(p, 0)
-        p = tl.where(valid, p, -1.0)  # below every probability: never picked
-        taken = -1.0
     else:
-        p = x  # padding lanes hold -inf
-        taken = -float("inf")
+        p = x
     slots = tl.arange(0, K_POW2)
     weights = tl.zeros([K_POW2], dtype=tl.float32)
     ids = tl.zeros([K_POW2], dtype=tl.int64)
+    free = valid  # real experts not picked yet: NaN and -inf scores never pick a padding lane
     for k in tl.static_range(TOP_K):  # the best left, lowest expert id among equals
-        best = tl.max(p, 0)
-        pick = tl.min(tl.where(p == best, cols, BLOCK_E), 0)
-        weights = tl.where(slots == k, best, weights)
+        best = tl.max(tl.where(free, p, -float("inf")), 0)
+        first_best = tl.min(tl.where(free & (p == best), cols, BLOCK_E), 0)
+        first_free = tl.min(tl.where(free, cols, BLOCK_E), 0)  # a NaN row: no score compares
+        pick = tl.where(first_best < BLOCK_E, first_best, first_free)
+        score = tl.sum(tl.where(cols == pick, p, 0.0), 0)
+        weights = tl.where(slots == k, score, weights)
         ids = tl.where(slots == k, pick.to(tl.int64), ids)
-        p = tl.where(cols == pick, taken, p)
+        free = free & (cols != pick)
     if not SOFTMAX_FIRST:  # the softmax over the k logits picked
         weights = tl.where(slots < TOP_K, weights, -float("inf"))
         weights = tl.exp(weights - tl.max(weights, 0))

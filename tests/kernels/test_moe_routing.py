@@ -73,6 +73,22 @@ def test_ties_pick_distinct_experts_and_strided_rows() -> None:
         softmax_topk(logits, 9, True)
 
 
+def test_nan_and_infinite_logits_pick_real_distinct_experts() -> None:
+    """A NaN row, or -inf logits, still name k distinct real experts (the alignment kernel
+    indexes by them); the weights follow the reference (NaN where it is NaN)."""
+    logits = torch.tensor(
+        [[float("nan"), 1.0, 2.0, 0.5], [0.0, float("-inf"), float("-inf"), 1.0]], device=DEVICE
+    )
+    for _, ids in (softmax_topk(logits, 3, False), topk_softmax(logits, 3)):
+        assert all(sorted(set(row)) == sorted(row) for row in ids.tolist())
+        assert ids.min() >= 0 and ids.max() < 4
+    weights, ids = topk_softmax(logits, 3)
+    assert ids[1].tolist() == [3, 0, 1]  # the two finite logits, then the lowest -inf expert
+    ref_weights, _ = topk_softmax_ref(logits, 3)
+    torch.testing.assert_close(weights[1], ref_weights[1])
+    assert torch.isnan(softmax_topk(logits, 3, False)[0][0]).all()  # as the reference's
+
+
 def test_ops_dispatch_cpu_is_reference() -> None:
     if DEVICE == "cuda":
         pytest.skip("CPU dispatch only")

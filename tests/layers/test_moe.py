@@ -293,7 +293,31 @@ def test_select_experts_softmax_with_every_group_kept_is_plain_topk(
         topk_group=n_group,
         routed_scaling_factor=scale,
     )
-    weights, ids = moe.select_experts(logits, routing)
     ref_weights, ref_ids = grouped_topk(logits, 3, n_group, n_group, renorm, scale, None, "softmax")
+    with pytest.MonkeyPatch.context() as mp:  # the shortcut, not grouped_topk, answers
+        mp.setattr(moe, "grouped_topk", None)
+        weights, ids = moe.select_experts(logits, routing)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        MoERouting(top_k=2, num_expert_group=4, topk_group=2),  # groups dropped
+        MoERouting(top_k=2, num_expert_group=4, topk_group=4, scoring_func="sigmoid"),
+    ],
+)
+def test_select_experts_grouped_cases_keep_grouped_topk(routing: MoERouting) -> None:
+    calls = []
+
+    def spy(*args: object) -> tuple[Tensor, Tensor]:
+        calls.append(args)
+        return grouped_topk(*args)
+
+    logits = torch.randn(5, 16, generator=torch.Generator().manual_seed(4))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moe, "grouped_topk", spy)
+        moe.select_experts(logits, routing)
+        moe.select_experts(logits, routing, torch.zeros(16))
+    assert len(calls) == 2  # and with a correction bias too
