@@ -239,12 +239,32 @@ class ModelRunner:
         return self.device.type == "cuda"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        if self.device.type == "cuda":
+            self._compile_expert_kernels()  # before the cache takes the memory they borrow
         dtype = kv_cache_torch_dtype(self.config)
         for layer in self.attn_layers:
             shape = layer.kv_cache_shape(num_blocks, self.block_size)
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         if self.capture_sizes:
             self._capture_graphs()
+
+    @torch.inference_mode()
+    def _compile_expert_kernels(self) -> None:
+        """Every tile configuration the MoE layers can pick, compiled now (once per distinct
+        layer shape) rather than on the first request of each prompt-length class."""
+        start, done = time.perf_counter(), set()
+        for module in self.model.modules():
+            compile_kernels = getattr(module, "compile_kernels", None)
+            if compile_kernels is None:
+                continue
+            key = (type(module), *(tuple(p.shape) for p in module.parameters()))
+            if key not in done:
+                done.add(key)
+                compile_kernels(self.config.scheduler.max_num_batched_tokens)
+        if done:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the KV cache is sized to the memory these runs borrowed
+            logger.info("expert kernels compiled in %.1f s", time.perf_counter() - start)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

@@ -229,6 +229,28 @@ def select_config(
     return dict(table[nearest])
 
 
+def tile_token_counts(
+    num_experts: int,
+    inter: int,
+    hidden: int,
+    top_k: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] = TUNED_CAPABILITY,
+) -> list[int]:
+    """A token count for each distinct tile configuration select_config can give this shape:
+    running the experts once at each compiles every kernel variant a request could need."""
+    table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
+    if not table or dtype.itemsize != 2 or capability != TUNED_CAPABILITY:
+        table = {1: heuristic_config(1), 64: heuristic_config(64)}
+    counts: list[int] = []
+    configs: list[dict[str, int]] = []
+    for num_tokens in sorted(table):
+        if table[num_tokens] not in configs:
+            configs.append(table[num_tokens])
+            counts.append(num_tokens)
+    return counts
+
+
 def _grouped_gemm(
     a: Tensor,
     b: Tensor,

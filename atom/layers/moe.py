@@ -223,6 +223,35 @@ def _(
     return torch.empty_like(hidden_states)
 
 
+def compile_expert_kernels(
+    w13: Tensor,
+    w2: Tensor,
+    top_k: int,
+    max_tokens: int,
+    w13_bias: Tensor | None = None,
+    w2_bias: Tensor | None = None,
+    activation: str = "silu",
+    alpha: float = 1.0,
+    limit: float = 0.0,
+) -> None:
+    """Runs these experts on zeros once per tile configuration of their shape (CUDA only): Triton
+    compiles a configuration on its first launch (about a second), which a request arriving with
+    a new prompt length would otherwise wait for mid-serving."""
+    if not w13.is_cuda:
+        return
+    from atom.kernels.fused_moe import tile_token_counts  # Triton: CUDA only
+
+    num_experts, hidden = w13.shape[0], w13.shape[2]
+    capability = torch.cuda.get_device_capability(w13.device)
+    for count in tile_token_counts(num_experts, w2.shape[2], hidden, top_k, w13.dtype, capability):
+        num_tokens = min(count, max_tokens)
+        ids = torch.arange(num_tokens * top_k, device=w13.device).remainder(num_experts)
+        weights = torch.full((num_tokens, top_k), 1 / top_k, device=w13.device)
+        x = w13.new_zeros(num_tokens, hidden)
+        args = (w13_bias, w2_bias, activation, alpha, limit)
+        routed_experts(x, w13, w2, weights, ids.view(num_tokens, top_k), *args)
+
+
 def _check_routing(routing: MoERouting, num_experts: int) -> None:
     if routing.top_k > num_experts:
         raise ValueError(f"num_experts_per_tok={routing.top_k} > num_experts={num_experts}")
@@ -302,6 +331,9 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{src.shape[-1]} expert columns, expected {self.intermediate_size}")
         src = src.narrow(-1, self.tp_rank * self.shard_size, self.shard_size)
         return _copy_checked(dst, src, "w2")
+
+    def compile_kernels(self, max_tokens: int) -> None:
+        compile_expert_kernels(self.w13_weight, self.w2_weight, self.routing.top_k, max_tokens)
 
     def forward(
         self,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.kernels import ops
 from atom.layers.linear import _copy_checked
-from atom.layers.moe import routed_experts
+from atom.layers.moe import compile_expert_kernels, routed_experts
 
 # checkpoint name under "<prefix>.experts." -> parameter name
 GPT_OSS_EXPERT_PARAMS = {
@@ -84,6 +84,19 @@ class GptOssExperts(nn.Module):
         if param is self.w13_weight:
             src = src.transpose(1, 2)  # [E, 2I/tp, H]
         return _copy_checked(param.data, src, "w13")
+
+    def compile_kernels(self, max_tokens: int) -> None:
+        compile_expert_kernels(
+            self.w13_weight,
+            self.w2_weight,
+            self.top_k,
+            max_tokens,
+            self.w13_bias,
+            self.w2_bias,
+            "clamped_swiglu",
+            self.alpha,
+            self.limit,
+        )
 
     def forward(self, hidden_states: Tensor, router_logits: Tensor) -> Tensor:
         # hidden_states [T, H], router_logits [T, E]

@@ -17,6 +17,7 @@ from atom.kernels.moe_routing import (
     topk_softmax_ref,
 )
 from atom.kernels.silu_and_mul import clamped_swiglu
+from atom.layers.moe import compile_expert_kernels
 from atom.layers.moe import fused_experts as fused_experts_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,6 +125,18 @@ def test_tuned_configs_match_reference(num_tokens: int) -> None:
             x.float(), w13.bfloat16().float(), w2.bfloat16().float(), weights, ids
         )
         torch.testing.assert_close(out.float(), expected, **TOL[torch.bfloat16])
+
+
+def test_compile_expert_kernels_runs_every_tile_config() -> None:
+    """The start-up pass over the tile table (tuned Qwen3-30B-A3B shape, bf16) and the
+    heuristic's two classes (GPT-OSS-style biased experts, float32) runs through."""
+    w13 = torch.randn(128, 2 * 768, 2048, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(128, 2048, 768, device="cuda", dtype=torch.bfloat16) * 0.02
+    compile_expert_kernels(w13, w2, 8, 16384)
+    w13, w2 = torch.randn(4, 64, 32, device="cuda"), torch.randn(4, 32, 32, device="cuda")
+    b13, b2 = torch.randn(4, 64, device="cuda"), torch.randn(4, 32, device="cuda")
+    compile_expert_kernels(w13, w2, 2, 100, b13, b2, "clamped_swiglu", 1.702, 7.0)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -139,6 +139,19 @@ def _check_align(ids: torch.Tensor, num_experts: int, block_m: int) -> None:
     assert block_experts[start // block_m :] == [-1] * (len(block_experts) - start // block_m)
 
 
+def test_tile_token_counts_name_each_config_once() -> None:
+    """One token count per distinct tile configuration: what the runner compiles at start-up."""
+    assert fused_moe.tile_token_counts(7, 5, 3, 1, torch.bfloat16) == [1, 64]  # the heuristic
+    for key, by_tokens in fused_moe._tuned_table().items():
+        shape = dict(item.split("=") for item in key.split(","))
+        e, i, h, k = (int(shape[n]) for n in "EIHK")
+        counts = fused_moe.tile_token_counts(e, i, h, k, torch.bfloat16)
+        configs = [fused_moe.select_config(t, e, i, h, k, torch.bfloat16) for t in counts]
+        assert all(c not in configs[:j] for j, c in enumerate(configs))  # distinct
+        assert all(cfg in configs for cfg in by_tokens.values())  # every one of the table's
+        assert fused_moe.tile_token_counts(e, i, h, k, torch.float32) == [1, 64]
+
+
 @pytest.mark.parametrize("block_m", [1, 4, 16])
 def test_moe_align(block_m: int) -> None:
     ids = torch.tensor([[3, 0], [3, 5], [0, 3], [5, 1], [3, 0]], device=DEVICE)  # 2, 4: none
