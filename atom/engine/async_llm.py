@@ -34,6 +34,7 @@ import zmq.asyncio
 from atom.args import EngineArgs
 from atom.config import EngineConfig
 from atom.engine import core_proc as cp
+from atom.engine.core import freeze_long_lived_objects
 from atom.engine.input_processor import InputProcessor, PromptType
 from atom.engine.output_processor import OutputProcessor
 from atom.engine.scheduler import SchedulerStats
@@ -94,6 +95,9 @@ class AsyncLLM:
         except BaseException:
             self.shutdown()
             raise
+        # The server's process too: a full collection over the tokenizer, the app and the imports
+        # would hold every stream's next token.
+        freeze_long_lived_objects()
 
     def _wait_ready(self) -> tuple[int, SchedulerStats]:
         while not self._from_core.poll(int(STARTUP_POLL_S * 1000)):
