@@ -15,7 +15,7 @@ which is what benchmarks with random dummy weights see (the router's logits are 
 is missed by all B tokens with probability (1 - k/E)^B, so E * (1 - (1 - k/E)^B) experts are read,
 k at B = 1 and nearly all E at large B. Trained routers are skewed and hit fewer distinct experts.
 
-A dense model gives the closed forms of `roofline.dense_parameter_count` (the vLLM peer script's):
+A dense model gives the closed forms of the vLLM peer script (tests/benchmarks/test_roofline.py):
 every step streams the same bytes whatever B, and the cache holds K and V of every layer.
 """
 

@@ -19,9 +19,6 @@ from torch import nn
 
 from atom.benchmarks.model_cost import ModelCost, model_cost, module_cost
 
-# Dense families of the closed-form count (peer_latency.py's), the check of model_cost.
-DENSE_MODEL_TYPES = ("llama", "mistral", "qwen3")
-
 
 def measure_copy_bandwidth(
     device: torch.device | str, num_bytes: int | None = None, iters: int = 20
@@ -77,27 +74,6 @@ def measure_device(device: str) -> tuple[float, float]:
 def parameter_count(config: Any) -> int:
     """Parameters of ATOM's model for an HF config (any family it runs), tied embeddings once."""
     return model_cost(config).total_params
-
-
-def dense_parameter_count(config: Any) -> int:
-    """The closed form for a dense Llama/Mistral/Qwen3 config (peer_latency.py's count), tied
-    embeddings once: the check of model_cost on the dense families."""
-    model_type = getattr(config, "model_type", "")
-    if model_type not in DENSE_MODEL_TYPES:
-        raise ValueError(f"dense_parameter_count knows {', '.join(DENSE_MODEL_TYPES)}")
-    h, v, inter = config.hidden_size, config.vocab_size, config.intermediate_size
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    q, kv = heads * head_dim, kv_heads * head_dim
-    attn = h * (q + 2 * kv) + q * h  # qkv_proj + o_proj
-    if getattr(config, "attention_bias", False):
-        attn += q + 2 * kv + h
-    mlp = 3 * h * inter  # gate, up, down
-    if getattr(config, "mlp_bias", False):
-        mlp += 2 * inter + h
-    norms = 2 * h + (2 * head_dim if model_type == "qwen3" else 0)  # Qwen3 adds q_norm, k_norm
-    embeddings = v * h * (1 if _tied(config) else 2)
-    return config.num_hidden_layers * (attn + mlp + norms) + embeddings + h  # + final norm
 
 
 def weight_bytes_streamed(
@@ -158,10 +134,6 @@ def _cost(model_or_config: nn.Module | ModelCost | Any, dtype_bytes: int = 2) ->
     if isinstance(model_or_config, nn.Module):
         return module_cost(model_or_config)
     return model_cost(model_or_config, dtype_bytes)
-
-
-def _tied(config: Any) -> bool:
-    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _time_copy(num_bytes: int, device: torch.device, iters: int) -> float:

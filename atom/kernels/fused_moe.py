@@ -210,6 +210,23 @@ def heuristic_config(num_tokens: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
+def _tuned_for(
+    num_experts: int,
+    inter: int,
+    hidden: int,
+    top_k: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int],
+) -> dict[int, dict[str, int]] | None:
+    """This shape's tuned tiles by token count, if they apply: tuned for 16-bit inputs on Hopper
+    (H100/H200: 228 KB of shared memory per SM); float32 or a smaller card's shared memory would
+    not hold every tuned tile."""
+    table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
+    if not table or dtype.itemsize != 2 or capability != TUNED_CAPABILITY:
+        return None
+    return table
+
+
 def select_config(
     num_tokens: int,
     num_experts: int,
@@ -220,10 +237,9 @@ def select_config(
     capability: tuple[int, int] = TUNED_CAPABILITY,
 ) -> dict[str, int]:
     """The tuned tiles of the nearest token count (in log scale) for this shape, else the
-    heuristic. Tuned for 16-bit inputs on Hopper (H100/H200: 228 KB of shared memory per SM);
-    float32 or a smaller card's shared memory would not hold every tuned tile."""
-    table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
-    if not table or dtype.itemsize != 2 or capability != TUNED_CAPABILITY:
+    heuristic."""
+    table = _tuned_for(num_experts, inter, hidden, top_k, dtype, capability)
+    if table is None:
         return heuristic_config(num_tokens)
     nearest = min(table, key=lambda t: (abs(math.log2(t) - math.log2(max(num_tokens, 1))), t))
     return dict(table[nearest])
@@ -239,8 +255,8 @@ def tile_token_counts(
 ) -> list[int]:
     """A token count for each distinct tile configuration select_config can give this shape:
     running the experts once at each compiles every kernel variant a request could need."""
-    table = _tuned_table().get(shape_key(num_experts, inter, hidden, top_k))
-    if not table or dtype.itemsize != 2 or capability != TUNED_CAPABILITY:
+    table = _tuned_for(num_experts, inter, hidden, top_k, dtype, capability)
+    if table is None:
         table = {1: heuristic_config(1), 64: heuristic_config(64)}
     counts: list[int] = []
     configs: list[dict[str, int]] = []

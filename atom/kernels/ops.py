@@ -8,7 +8,7 @@ signature; here, one function that picks between them on the main input's `is_cu
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -83,22 +83,20 @@ def fused_experts(
     topk_ids: Tensor,
     w13_bias: Tensor | None = None,
     w2_bias: Tensor | None = None,
-    clamped_swiglu: tuple[float, float] | None = None,
+    activation: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Routed experts: hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K], optional
-    biases [E, 2I] / [E, H] -> [T, H]. Gate: SiLU-and-mul, or with clamped_swiglu = (alpha,
-    limit) GPT-OSS's clamped SwiGLU.
+    biases [E, 2I] / [E, H] -> [T, H]. activation(gate, up) -> [S, I], default SiLU-and-mul.
 
     CUDA: the sync-free grouped-GEMM kernels; elsewhere the torch expert loop in atom.layers.moe.
     """
     if hidden_states.is_cuda:
         act = _silu.silu_and_mul
-        if clamped_swiglu is not None:
-            alpha, limit = clamped_swiglu
+        if activation is not None:
             inter = w2.shape[2]
 
             def act(gate_up: Tensor) -> Tensor:
-                return _silu.clamped_swiglu(gate_up[:, :inter], gate_up[:, inter:], alpha, limit)
+                return activation(gate_up[:, :inter], gate_up[:, inter:])
 
         return _moe.fused_experts(
             hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, act
@@ -106,12 +104,7 @@ def fused_experts(
     from atom.layers.moe import fused_experts as fused_experts_ref  # layers import ops: no cycle
 
     args = (hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias)
-    if clamped_swiglu is None:
-        return fused_experts_ref(*args)  # SiLU-and-mul
-    alpha, limit = clamped_swiglu
-    return fused_experts_ref(
-        *args, functools.partial(_silu.clamped_swiglu, alpha=alpha, limit=limit)
-    )
+    return fused_experts_ref(*args) if activation is None else fused_experts_ref(*args, activation)
 
 
 def reshape_and_cache(

@@ -11,6 +11,7 @@ MLP: each rank computes a partial sum over its I/tp slice and the layer all-redu
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.kernels import ops
+from atom.kernels.silu_and_mul import clamped_swiglu
 from atom.layers.linear import _copy_checked
 
 # Per-expert checkpoint keys ("...experts.7.gate_proj.weight", Mixtral "...experts.7.w1.weight")
@@ -192,34 +194,18 @@ def routed_experts(
         )  # fmt: skip
     if activation not in EXPERT_ACTIVATIONS:
         raise ValueError(f"unknown expert activation {activation!r}")
-    return ops.fused_experts(
-        hidden_states,
-        w13,
-        w2,
-        topk_weights,
-        topk_ids,
-        w13_bias,
-        w2_bias,
-        None if activation == "silu" else (alpha, limit),
-    )
+    gate = None  # SiLU-and-mul
+    if activation == "clamped_swiglu":
+        gate = functools.partial(clamped_swiglu, alpha=alpha, limit=limit)
+    args = (hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias)
+    return ops.fused_experts(*args, gate)
 
 
 fused_experts_op = torch.library.custom_op("atom::fused_experts", routed_experts, mutates_args=())
 
 
 @fused_experts_op.register_fake
-def _(
-    hidden_states: Tensor,
-    w13: Tensor,
-    w2: Tensor,
-    topk_weights: Tensor,
-    topk_ids: Tensor,
-    w13_bias: Tensor | None = None,
-    w2_bias: Tensor | None = None,
-    activation: str = "silu",
-    alpha: float = 1.0,
-    limit: float = 0.0,
-) -> Tensor:
+def _(hidden_states: Tensor, *args: object, **kwargs: object) -> Tensor:  # as routed_experts
     return torch.empty_like(hidden_states)
 
 

@@ -4,6 +4,8 @@ closed forms the roofline used before it counted ATOM's own modules (the peer's 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import transformers
@@ -11,7 +13,6 @@ import transformers
 from atom.benchmarks.model_cost import model_cost
 from atom.benchmarks.model_dirs import CONFIGS_DIR, benchmark_model_names
 from atom.benchmarks.roofline import (
-    dense_parameter_count,
     kv_bytes_per_step,
     measure_copy_bandwidth,
     measure_matmul_flops,
@@ -22,6 +23,28 @@ from atom.benchmarks.roofline import (
 
 LLAMA31_8B_PARAMS = 8_030_261_248  # peer_latency.py's n_params
 DENSE_MODELS = ("llama-3.1-8b", "qwen3-0.6b", "qwen3-8b")
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen3")  # the closed form's families
+
+
+def dense_parameter_count(config: Any) -> int:
+    """The closed form for a dense Llama/Mistral/Qwen3 config (peer_latency.py's count), tied
+    embeddings once: the check of model_cost on the dense families."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in DENSE_MODEL_TYPES:
+        raise ValueError(f"dense_parameter_count knows {', '.join(DENSE_MODEL_TYPES)}")
+    h, v, inter = config.hidden_size, config.vocab_size, config.intermediate_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = h * (q + 2 * kv) + q * h  # qkv_proj + o_proj
+    if getattr(config, "attention_bias", False):
+        attn += q + 2 * kv + h
+    mlp = 3 * h * inter  # gate, up, down
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * inter + h
+    norms = 2 * h + (2 * head_dim if model_type == "qwen3" else 0)  # Qwen3 adds q_norm, k_norm
+    embeddings = v * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return config.num_hidden_layers * (attn + mlp + norms) + embeddings + h  # + final norm
 
 
 def _config(name: str) -> transformers.PretrainedConfig:
