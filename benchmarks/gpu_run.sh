@@ -104,7 +104,8 @@ stage_profile() {
     trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
     ls -la "$dir"/rank_0 "$dir"/capture_traces 2>/dev/null | head -n 8
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
-    python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" | head -n 40
+    python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" >"$OUT/parse_trace.log" 2>&1
+    head -n 40 "$OUT/parse_trace.log"
     if [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$OUT/"; fi
 }
 

@@ -33,6 +33,7 @@ from atom.benchmarks.roofline import (
     kv_bytes_per_step,
     measure_device,
 )
+from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 WARMUP_TOKENS = 8
@@ -99,7 +100,8 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     cost = engine_model_cost(engine_config)  # unsharded: before the engine starts TP here
     _, kv_itemsize = engine_itemsizes(engine_config)
     llm, startup = start_engine(engine_args)
-    print(f"engine ready in {startup:.1f} s")
+    since_start = seconds_since_process_start()
+    print(f"engine ready in {startup:.1f} s ({since_start or 0:.1f} s since process start)")
     try:
         context = args.input_len + (short + long) / 2  # the average context of the timed steps
         # Tensor parallelism splits the bytes over tp devices of the measured bandwidth each.
@@ -110,6 +112,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             "copy_GBps": round(bandwidth / 1e9, 1),
             "matmul_TFLOPs": round(flops / 1e12, 3),
             "startup_s": round(startup, 1),
+            "process_start_to_ready_s": since_start and round(since_start, 1),
             "input_len": args.input_len,
             "output_lens": [short, long],
             "params_total": cost.total_params,

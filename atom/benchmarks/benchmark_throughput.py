@@ -38,6 +38,7 @@ from atom.benchmarks.roofline import (
     measure_device,
     workload_seconds,
 )
+from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 MAX_PROMPT_TOKEN_ID = 10000  # nano-vllm's randint(0, 10000)
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tp = engine_config.parallel.tensor_parallel_size  # tp devices of the measured rates each
     begin = time.perf_counter()
     llm, startup = start_engine(engine_args)
-    print(f"engine ready in {startup:.1f} s")
+    since_start = seconds_since_process_start()
+    print(f"engine ready in {startup:.1f} s ({since_start or 0:.1f} s since process start)")
     try:
         start = time.perf_counter()
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8), use_tqdm=False)
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "output_tok_per_s": round(generated / elapsed, 1),
         "total_tok_per_s": round((prompt_tokens + generated) / elapsed, 1),
         "startup_s": round(startup, 1),
+        "process_start_to_ready_s": since_start and round(since_start, 1),
         "warmup_s": round(warmup, 2),
         "total_wall_incl_startup": round(wall, 1),
         "copy_GBps": round(bandwidth / 1e9, 1),

@@ -40,6 +40,7 @@ from atom.engine.output_processor import OutputProcessor
 from atom.engine.scheduler import SchedulerStats
 from atom.model_source import load_tokenizer
 from atom.outputs import RequestOutput
+from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class AsyncLLM:
         # The server's process too: a full collection over the tokenizer, the app and the imports
         # would hold every stream's next token.
         freeze_long_lived_objects()
+        since_start = seconds_since_process_start()
+        if since_start is not None:
+            logger.info("engine ready %.1f s after the process started", since_start)
 
     def _wait_ready(self) -> tuple[int, SchedulerStats]:
         while not self._from_core.poll(int(STARTUP_POLL_S * 1000)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -21,6 +22,8 @@ class DecodeGraphs:
         self.sizes = sorted(sizes)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, Tensor] = {}
+        self.warmup_seconds = 0.0  # of the last capture(): warm-up forwards, then captures
+        self.capture_seconds = 0.0
 
     def __contains__(self, size: int) -> bool:
         return size in self._graphs
@@ -41,17 +44,23 @@ class DecodeGraphs:
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
+        self.warmup_seconds = self.capture_seconds = 0.0
         try:
             for size in reversed(self.sizes):
+                start = time.perf_counter()
                 forward(size)  # warm-up: compiles, autotunes and allocates outside the capture
                 if trace is not None:
                     with trace(size):
                         forward(size)
+                torch.cuda.synchronize()
+                self.warmup_seconds += time.perf_counter() - start
+                start = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self._outputs[size] = forward(size)
                 pool = graph.pool() if pool is None else pool
                 self._graphs[size] = graph
+                self.capture_seconds += time.perf_counter() - start
         finally:
             gc.unfreeze()
         torch.cuda.synchronize()

@@ -281,11 +281,14 @@ class ModelRunner:
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
         self.graphs.capture(self._decode_forward, trace)
         logger.info(
-            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB",
+            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s (warm-up forwards %.1f s, "
+            "captures %.1f s), %.2f GiB",
             len(self.capture_sizes),
             self.capture_sizes[0],
             n,
             time.perf_counter() - start,
+            self.graphs.warmup_seconds,
+            self.graphs.capture_seconds,
             (torch.cuda.memory_reserved(self.device) - before) / 2**30,
         )
 
