@@ -29,6 +29,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch._higher_order_ops.triton_kernel_wrap import (
+    kernel_side_table,
+    triton_kernel_wrapper_functional,
+    triton_kernel_wrapper_mutation,
+)
 from torch._inductor.compile_fx import compile_fx
 
 import atom.layers.attention  # registers torch.ops.atom.attention
@@ -42,6 +47,7 @@ SPLITTING_OPS = (
     torch.ops.atom.mla_attention,  # MLA's latent attention (DeepSeek)
     torch.ops.atom.mla_attention.default,
 )
+TRITON_KERNEL_CALLS = (triton_kernel_wrapper_mutation, triton_kernel_wrapper_functional)
 Forward = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -148,12 +154,18 @@ class _CompilePieces(torch.fx.Interpreter):
 
 
 def _structure(gm: fx.GraphModule) -> str:
-    """The graph with its node names replaced by positions: two layers' pieces compare equal."""
+    """The graph with its node names replaced by positions: two layers' pieces compare equal.
+    A Triton kernel call's constant arguments sit in a side table under an index that grows
+    with every call Dynamo traces: they are compared by content."""
     index: dict[fx.Node, int] = {}
     lines = []
     for i, node in enumerate(gm.graph.nodes):
         index[node] = i
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        if node.target in TRITON_KERNEL_CALLS and "constant_args_idx" in kwargs:
+            kwargs = dict(kwargs)
+            constants = kernel_side_table.get_constant_args(kwargs.pop("constant_args_idx"))
+            kwargs["constant_args"] = sorted(constants.items())
         target = "" if node.op == "placeholder" else node.target
         lines.append(f"{node.op} {target} {args} {kwargs}")
     return "\n".join(lines)

@@ -84,3 +84,20 @@ def test_fp8_kv_agreement_with_bf16(checkpoint: Path) -> None:
     ]
     print(f"fp8 KV vs bf16 KV: identical greedy prefix {sum(prefix)}/{sum(map(len, bf16))} tokens")
     assert sum(p > 0 for p in prefix) >= len(prefix) - 2
+
+
+def test_level3_compiles_each_distinct_piece_once_on_cuda(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the pieces call our Triton kernels (traced with a side-table index per call):
+    3 layers still make 3 Inductor compiles (before, between, after the attentions), not 4."""
+    from atom.executor import compile as compile_module
+
+    pieces: list[torch.fx.GraphModule] = []
+    compile_fx = compile_module.compile_fx
+    monkeypatch.setattr(
+        compile_module, "compile_fx", lambda gm, inputs: pieces.append(gm) or compile_fx(gm, inputs)
+    )
+    torch._dynamo.reset()
+    _tokens(checkpoint, dtype="bfloat16", level=3)
+    assert len(pieces) == 3
