@@ -10,6 +10,13 @@ decode a token instead of two through transformers (SmolLM2's tokenizer on a 2-c
 one; where it would not (a decoder that rewrites earlier text) it raises, and this completion goes
 on with the Python window, whose offsets are kept in step. Everything else (slow tokenizers, an old
 `tokenizers`, a prompt that ends inside a character) takes the Python window from the start.
+
+A completion nobody reads before it ends (LLM.generate) and without stop strings is deferred: its
+ids are collected and decoded in one window when the text is first read. On a GPU a step's host
+work overlaps the next step's kernels, and a decode per token per step (0.3-0.5 ms a step at
+batch 256) was a part of that host work large enough to leave the GPU waiting. The text is the
+same for valid text, a final unfinished character included; on invalid byte sequences that a
+byte-fallback decoder rewrites, one decode gives that decoder's own text for the whole window.
 """
 
 from __future__ import annotations
@@ -50,15 +57,20 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         params: SamplingParams,
         use_decode_stream: bool = True,
+        deferred: bool = False,
     ) -> None:
+        """deferred: nobody reads the text before the end (LLM.generate) and no stop string
+        needs it: ids are only collected, and the text is decoded once, when first read."""
         self.tokenizer = tokenizer
         self.params = params
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self.output_text = ""
+        self._text = ""
         self._emitted = 0  # characters of output_text already streamed
         self._stops = params.stop or []
+        self._deferred = deferred and not self._stops
+        self._pending: list[int] = []  # ids a deferred detokenizer has not decoded yet
         self._holdback = (
             0 if params.include_stop_str_in_output else max(map(len, self._stops), default=1) - 1
         )
@@ -86,6 +98,33 @@ class IncrementalDetokenizer:
     @property
     def uses_decode_stream(self) -> bool:
         return self._stream is not None
+
+    @property
+    def output_text(self) -> str:
+        if self._pending:
+            self._decode_pending()
+        return self._text
+
+    def _decode_pending(self) -> None:
+        """The deferred ids' text in one decode of the window (what the token-by-token updates
+        add up to); when it ends inside a character, token by token after all, which keeps back
+        the unfinished character exactly as they do."""
+        pending, self._pending = self._pending, []
+        start = len(self._ids)
+        self._ids.extend(pending)
+        self._stream = None  # it has not seen these ids: the Python window goes on from here
+        delta = self._window_text()
+        if delta is not None:
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._text += delta
+            return
+        # Token by token from the window as it was: a stream primed with it where one can be.
+        self._ids = self._ids[self._prefix_offset : start]
+        self._read_offset -= self._prefix_offset
+        self._prefix_offset = 0
+        self._deferred = False
+        self._open_stream()
+        self.update(pending, len(pending))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -115,6 +154,9 @@ class IncrementalDetokenizer:
         first_count = num_output_tokens - len(new_token_ids) + 1
         if stopped_on_token and not self.params.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
+        if self._deferred:
+            self._pending += new_token_ids
+            return None
         ids, stream, backend = self._ids, self._stream, self._backend
         for count, token_id in enumerate(new_token_ids, start=first_count):
             ids.append(token_id)
@@ -130,7 +172,7 @@ class IncrementalDetokenizer:
             if delta is None:
                 continue
             self._prefix_offset, self._read_offset = self._read_offset, len(ids)
-            self.output_text += delta
+            self._text += delta
             if self._stops and count > self.params.min_tokens:  # as vLLM: after min_tokens
                 stop = self._check_stop_strings(len(delta))
                 if stop is not None:
@@ -143,15 +185,15 @@ class IncrementalDetokenizer:
         best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop in self._stops:
             # Only a match that overlaps the new text can be new.
-            start = max(0, len(self.output_text) - new_chars - len(stop) + 1)
-            idx = self.output_text.find(stop, start)
+            start = max(0, len(self._text) - new_chars - len(stop) + 1)
+            idx = self._text.find(stop, start)
             if idx != -1 and (best is None or idx + len(stop) < best[0]):
                 best = (idx + len(stop), idx, stop)
         if best is None:
             return None
         end, idx, stop = best
         keep = end if self.params.include_stop_str_in_output else idx
-        self.output_text = self.output_text[:keep]
+        self._text = self._text[:keep]
         return stop
 
     def new_text(self, finished: bool) -> str:

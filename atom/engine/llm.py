@@ -152,7 +152,7 @@ class LLM:
         request_id = str(next(self._ids))
         arrival = time.time()
         self.output_processor.add_request(
-            request_id, prompt.text, prompt.token_ids, prompt.params, arrival
+            request_id, prompt.text, prompt.token_ids, prompt.params, arrival, streamed=False
         )
         for request in self.inputs.core_requests(request_id, prompt, arrival):
             self.engine.add_request(request)

@@ -67,13 +67,18 @@ class OutputProcessor:
         prompt_token_ids: list[int],
         params: SamplingParams,
         arrival_time: float,
+        streamed: bool = True,
     ) -> None:
-        """Register a request whose n completions run as core requests child_request_id(...)."""
+        """Register a request whose n completions run as core requests child_request_id(...).
+        streamed=False: only its final output is read (text decoded once, at the end, unless a
+        stop string needs it token by token)."""
         completions = []
         for i in range(params.n):
             detok = None
             if self.tokenizer is not None:
-                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params, deferred=not streamed
+                )
             completions.append(
                 _Completion(
                     i,

@@ -303,3 +303,51 @@ def test_smollm2_random_ids_match_python_window(smollm2: Any) -> None:
         output = [rng.randrange(len(smollm2)) for _ in range(rng.randint(1, 30))]
         params = SamplingParams(skip_special_tokens=rng.random() < 0.5)
         both_paths(smollm2, prompt, output, params, random_chunks(rng, len(output)))
+
+
+def deferred_text(tokenizer: Any, prompt: list[int], output: list[int], params: Any) -> str:
+    detok = IncrementalDetokenizer(tokenizer, prompt, params, deferred=True)
+    fed = 0
+    for size in random_chunks(random.Random(len(output)), len(output)):
+        fed += size
+        assert detok.update(output[fed - size : fed], fed) is None
+    return detok.output_text
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_deferred_text_equals_token_by_token(tokenizer: PreTrainedTokenizerFast, seed: int) -> None:
+    """Decoded once at the end: the text token-by-token updates give, for valid text with
+    special tokens, and for output cut inside a character (its unfinished bytes held back)."""
+    rng = random.Random(seed)
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
+    output: list[int] = []
+    for _ in range(rng.randint(1, 6)):
+        output += tokenizer.encode(random_text(rng, rng.randint(1, 6)), add_special_tokens=False)
+        output.append(rng.choice(specials))
+    output += tokenizer.encode("😀", add_special_tokens=False)[:1]  # ends inside a character
+    prompt = tokenizer.encode(random_text(rng, rng.randint(0, 8)), add_special_tokens=False)
+    params = SamplingParams(skip_special_tokens=bool(seed % 2))
+    _, trace = run(tokenizer, prompt, output, params, [1] * len(output), True)
+    assert deferred_text(tokenizer, prompt, output, params) == trace[-1][1]
+
+
+def test_deferred_random_ids_match_token_by_token(llama3: PreTrainedTokenizerFast) -> None:
+    """Any ids of a byte-level BPE. (A byte-fallback decoder on random byte tokens rewrites
+    earlier text; there one decode of the whole window and the token-by-token window, which
+    froze what it had emitted, can differ in the replacement characters of invalid bytes.)"""
+    tokenizer, rng = llama3, random.Random(5)
+    same = 0
+    for _ in range(100):
+        prompt = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(0, 8))]
+        output = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
+        params = SamplingParams(skip_special_tokens=rng.random() < 0.5)
+        _, trace = run(tokenizer, prompt, output, params, [1] * len(output), False)
+        same += deferred_text(tokenizer, prompt, output, params) == trace[-1][1]
+    assert same == 100
+
+
+def test_stop_strings_are_never_deferred(llama3: PreTrainedTokenizerFast) -> None:
+    ids = llama3.encode("hello world, hello there", add_special_tokens=False)
+    detok = IncrementalDetokenizer(llama3, [], SamplingParams(stop=["there"]), deferred=True)
+    stops = [detok.update([t], i + 1) for i, t in enumerate(ids)]
+    assert stops[-1] == "there" and detok.output_text == "hello world, hello "
