@@ -106,6 +106,9 @@ class PiecewiseBackend:
             pieces.seconds,
             len(attention_parts),
         )
+        difference = pieces.first_difference()
+        if difference is not None:
+            logger.info("layers' pieces compiled apart; first difference: %s", difference[:600])
         return split_gm
 
 
@@ -136,7 +139,18 @@ class _CompilePieces(torch.fx.Interpreter):
         super().__init__(module)
         self.attention_parts = attention_parts
         self.compiled: dict[tuple[str, tuple[str, ...]], Callable[..., Any]] = {}
+        self.keys: list[tuple[str, tuple[str, ...]]] = []  # each piece's, in order
         self.seconds = 0.0  # in Inductor (a cache hit included)
+
+    def first_difference(self) -> str | None:
+        """Where the pieces of the first two layers' in-between differ (they should not): the
+        first unequal line of their graphs or argument descriptions."""
+        if len(self.keys) < 3 or self.keys[1] == self.keys[2]:
+            return None
+        (graph_a, args_a), (graph_b, args_b) = self.keys[1], self.keys[2]
+        lines_a, lines_b = graph_a.splitlines() + list(args_a), graph_b.splitlines() + list(args_b)
+        pairs = zip(lines_a, lines_b, strict=False)  # unequal lengths: "lengths differ"
+        return next((f"{a!r} vs {b!r}" for a, b in pairs if a != b), "lengths differ")
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_module(target, args, kwargs)
@@ -145,6 +159,7 @@ class _CompilePieces(torch.fx.Interpreter):
             # The pieces between two attentions are the same code for every layer (weights are
             # inputs): Inductor compiles each distinct piece once.
             key = (_structure(piece), tuple(_describe(a) for a in args))
+            self.keys.append(key)
             if key not in self.compiled:
                 start = time.perf_counter()
                 self.compiled[key] = compile_fx(piece, list(args))

@@ -145,3 +145,16 @@ def test_triton_kernel_pieces_compare_by_constant_args_content() -> None:
     c = _triton_call_graph({"eps": 1e-5, "BLOCK": 1024})
     assert structure(a) == structure(b)
     assert structure(a) != structure(c)
+
+
+def test_pieces_that_differ_name_their_first_difference(runner: ModelRunner) -> None:
+    pieces = compile_module._CompilePieces(
+        torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), set()
+    )
+    a = compile_module._structure(_triton_call_graph({"eps": 1e-6}))
+    b = compile_module._structure(_triton_call_graph({"eps": 1e-5}))
+    pieces.keys = [("first", ()), (a, ("f32",)), (b, ("f32",))]
+    difference = pieces.first_difference()
+    assert difference is not None and "1e-06" in difference and "1e-05" in difference
+    pieces.keys = [("first", ()), (a, ("f32",)), (a, ("f32",))]
+    assert pieces.first_difference() is None
