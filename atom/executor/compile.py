@@ -170,8 +170,9 @@ class _CompilePieces(torch.fx.Interpreter):
 
 def _structure(gm: fx.GraphModule) -> str:
     """The graph with its node names replaced by positions: two layers' pieces compare equal.
-    A Triton kernel call's constant arguments sit in a side table under an index that grows
-    with every call Dynamo traces: they are compared by content."""
+    A Triton kernel call names its kernel and constant arguments by indices into a side table
+    that grow with every call Dynamo traces (a launch with num_warps= even becomes a new
+    one-config Autotuner each time): they are compared by content."""
     index: dict[fx.Node, int] = {}
     lines = []
     for i, node in enumerate(gm.graph.nodes):
@@ -181,9 +182,19 @@ def _structure(gm: fx.GraphModule) -> str:
             kwargs = dict(kwargs)
             constants = kernel_side_table.get_constant_args(kwargs.pop("constant_args_idx"))
             kwargs["constant_args"] = sorted(constants.items())
+            kwargs["kernel"] = _kernel_identity(kwargs.pop("kernel_idx"))
         target = "" if node.op == "placeholder" else node.target
         lines.append(f"{node.op} {target} {args} {kwargs}")
     return "\n".join(lines)
+
+
+def _kernel_identity(kernel_idx: int) -> str:
+    """The traced kernel: its JIT function (one object per kernel source) and launch configs."""
+    kernel = kernel_side_table.get_kernel(kernel_idx)
+    configs = getattr(kernel, "configs", None)
+    if configs is None:
+        return f"jit {id(kernel)}"
+    return f"autotuned {id(kernel.fn)} {[str(c) for c in configs]}"
 
 
 def _describe(arg: Any) -> str:

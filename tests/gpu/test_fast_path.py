@@ -86,11 +86,6 @@ def test_fp8_kv_agreement_with_bf16(checkpoint: Path) -> None:
     assert sum(p > 0 for p in prefix) >= len(prefix) - 2
 
 
-@pytest.mark.xfail(
-    reason="4 compiles on an H200 at 51788fe (the Triton side-table index was one difference, "
-    "not the only one): the engine log's 'first difference' line names the next",
-    strict=False,
-)
 def test_level3_compiles_each_distinct_piece_once_on_cuda(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
