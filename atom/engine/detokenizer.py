@@ -113,10 +113,12 @@ class IncrementalDetokenizer:
         start = len(self._ids)
         self._ids.extend(pending)
         self._stream = None  # it has not seen these ids: the Python window goes on from here
-        delta = self._window_text()
-        if delta is not None:
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            self._text += delta
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        text = self._decode(self._ids[self._prefix_offset :])
+        if text.startswith(prefix) and not text.endswith("\ufffd"):
+            if len(text) > len(prefix):  # else (special tokens skipped, say) nothing to add
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                self._text += text[len(prefix) :]
             return
         # Token by token from the window as it was: a stream primed with it where one can be.
         self._ids = self._ids[self._prefix_offset : start]
@@ -127,6 +129,8 @@ class IncrementalDetokenizer:
         self.update(pending, len(pending))
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:  # the same text without transformers' per-id checks
+            return self._backend.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.params.skip_special_tokens,
