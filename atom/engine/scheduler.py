@@ -30,9 +30,11 @@ from atom.engine.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
-from atom.engine.request import Request, RequestStatus
+from atom.engine.request import FINISH_REASONS, FINISHED_STATUSES, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+_LIVE = frozenset({RequestStatus.RUNNING, RequestStatus.PREEMPTED})  # a step's result counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,14 +216,17 @@ class Scheduler:
     def update_from_output(
         self, sched: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
+        # Runs for every request every step: local names, one status read per request.
         outputs: list[EngineCoreOutput] = []
+        requests, prompt_logprobs_of = self.requests, result.prompt_logprobs
+        running_finished = False
         for idx, req_id in enumerate(result.req_ids):
-            req = self.requests.get(req_id)
-            if req is None or req.status not in (RequestStatus.RUNNING, RequestStatus.PREEMPTED):
+            req = requests.get(req_id)
+            if req is None or req.status not in _LIVE:
                 continue  # finished from outside while the step ran
             # Preempted while the step ran (async scheduling): its token still counts, its prompt
             # logprobs come again with the recompute.
-            preempted = req.status == RequestStatus.PREEMPTED
+            preempted = req.status is RequestStatus.PREEMPTED
             new_tokens: list[int] = []
             for token_id in result.sampled_token_ids[idx]:
                 req.num_pending -= 1
@@ -229,10 +234,18 @@ class Scheduler:
                 new_tokens.append(token_id)
                 if self._check_stop(req, token_id):
                     break
-            prompt_logprobs = [] if preempted else self._new_prompt_logprobs(req, sched, result)
-            if preempted and req.status.finished:  # its last token came after the preemption
-                self.waiting.remove(req)
-                self._free(req)
+            prompt_logprobs = (
+                self._new_prompt_logprobs(req, sched, result)
+                if prompt_logprobs_of and not preempted
+                else []
+            )
+            finish_reason = FINISH_REASONS.get(req.status)
+            if finish_reason is not None:
+                if preempted:  # its last token came after the preemption
+                    self.waiting.remove(req)
+                    self._free(req)
+                else:
+                    running_finished = True
             if not new_tokens and not prompt_logprobs:
                 continue
             logprobs = result.logprobs[idx]
@@ -242,16 +255,16 @@ class Scheduler:
                     new_token_ids=new_tokens,
                     new_logprobs=[logprobs] if logprobs is not None and new_tokens else [],
                     new_prompt_logprobs=prompt_logprobs,
-                    finish_reason=req.status.finish_reason,
+                    finish_reason=finish_reason,
                     stop_reason=req.stop_reason,
                     num_cached_tokens=max(req.num_cached_tokens, 0),
                     scheduled_time=req.first_scheduled_time,
                 )
             )
-        if any(r.status.finished for r in self.running):
-            for req in [r for r in self.running if r.status.finished]:
+        if running_finished:
+            for req in [r for r in self.running if r.status in FINISHED_STATUSES]:
                 self._free(req)
-            self.running = [r for r in self.running if not r.status.finished]
+            self.running = [r for r in self.running if r.status not in FINISHED_STATUSES]
         return outputs
 
     def _new_prompt_logprobs(
