@@ -16,7 +16,8 @@ ids are collected and decoded in one window when the text is first read. On a GP
 work overlaps the next step's kernels, and a decode per token per step (0.3-0.5 ms a step at
 batch 256) was a part of that host work large enough to leave the GPU waiting. The text is the
 same for valid text, a final unfinished character included; on invalid byte sequences that a
-byte-fallback decoder rewrites, one decode gives that decoder's own text for the whole window.
+byte-fallback decoder rewrites, one decode gives that decoder's own text for the whole window, so
+there LLM.generate's replacement characters can differ from a streamed completion's.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class IncrementalDetokenizer:
         )
         self._backend: Any | None = None
         self._stream: Any | None = None  # a DecodeStream over the same window as self._ids
+        self._use_decode_stream = use_decode_stream
         if use_decode_stream:
             self._open_stream()
 
@@ -125,7 +127,8 @@ class IncrementalDetokenizer:
         self._read_offset -= self._prefix_offset
         self._prefix_offset = 0
         self._deferred = False
-        self._open_stream()
+        if self._use_decode_stream:
+            self._open_stream()
         self.update(pending, len(pending))
 
     def _decode(self, ids: list[int]) -> str:

@@ -108,7 +108,11 @@ class PiecewiseBackend:
         )
         difference = pieces.first_difference()
         if difference is not None:
-            logger.info("layers' pieces compiled apart; first difference: %s", difference[:600])
+            logger.info(
+                "the first two pieces between attentions differ, so compile apart (expected only "
+                "where the layers differ); first difference: %s",
+                difference[:600],
+            )
         return split_gm
 
 
@@ -143,9 +147,10 @@ class _CompilePieces(torch.fx.Interpreter):
         self.seconds = 0.0  # in Inductor (a cache hit included)
 
     def first_difference(self) -> str | None:
-        """Where the pieces of the first two layers' in-between differ (they should not): the
-        first unequal line of their graphs or argument descriptions."""
-        if len(self.keys) < 3 or self.keys[1] == self.keys[2]:
+        """Where the first two pieces between attentions differ (alike layers should not; a dense
+        layer before MoE ones does): the first unequal line of their graphs or arguments. With
+        fewer than three layers there are not two such pieces."""
+        if len(self.keys) < 4 or self.keys[1] == self.keys[2]:
             return None
         (graph_a, args_a), (graph_b, args_b) = self.keys[1], self.keys[2]
         lines_a, lines_b = graph_a.splitlines() + list(args_a), graph_b.splitlines() + list(args_b)
@@ -189,12 +194,17 @@ def _structure(gm: fx.GraphModule) -> str:
 
 
 def _kernel_identity(kernel_idx: int) -> str:
-    """The traced kernel: its JIT function (one object per kernel source) and launch configs."""
+    """The traced kernel: its JIT function (one object per kernel source), and for an Autotuner
+    what Inductor reads from it: the configs (their pre-hooks too) and the arguments reset or
+    restored between benchmark runs."""
     kernel = kernel_side_table.get_kernel(kernel_idx)
     configs = getattr(kernel, "configs", None)
     if configs is None:
         return f"jit {id(kernel)}"
-    return f"autotuned {id(kernel.fn)} {[str(c) for c in configs]}"
+    described = [(str(c), id(getattr(c, "pre_hook", None))) for c in configs]
+    resets = tuple(getattr(kernel, "reset_to_zero", None) or ())
+    restores = tuple(getattr(kernel, "restore_value", None) or ())
+    return f"autotuned {id(kernel.fn)} {described} {resets} {restores}"
 
 
 def _describe(arg: Any) -> str:
