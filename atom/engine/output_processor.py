@@ -125,7 +125,7 @@ class OutputProcessor:
         """Returns the updated RequestOutputs (with final_only, those of finished requests
         alone: a snapshot copies every token so far) and the core ids ended by a stop string."""
         now = time.time()
-        touched: dict[str, _RequestState] = {}
+        touched: dict[str, _RequestState] = {}  # with final_only: those a completion of ended
         to_finish: list[str] = []
         for out in outputs:
             parent = self._child_to_parent.get(out.request_id)
@@ -137,6 +137,8 @@ class OutputProcessor:
                 to_finish.append(out.request_id)
             if comp.finish_reason is not None:
                 del self._child_to_parent[out.request_id]
+            elif final_only:
+                continue  # this request cannot have finished in this call
             touched[state.request_id] = state
         results = []
         for state in touched.values():

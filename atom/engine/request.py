@@ -10,32 +10,20 @@ from atom.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = enum.auto()
-    RUNNING = enum.auto()
-    PREEMPTED = enum.auto()
-    FINISHED_STOPPED = enum.auto()  # EOS or a stop token / stop string
-    FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len
-    FINISHED_ABORTED = enum.auto()
+    """Each member carries finish_reason ("stop", "length", "abort"; None while unfinished) and
+    finished as plain attributes: the scheduler reads them for every request every step, and an
+    Enum member's hash (for a set or dict lookup) is a Python-level call."""
 
-    @property
-    def finished(self) -> bool:
-        return self in FINISHED_STATUSES
+    WAITING = (1, None)
+    RUNNING = (2, None)
+    PREEMPTED = (3, None)
+    FINISHED_STOPPED = (4, "stop")  # EOS or a stop token / stop string
+    FINISHED_LENGTH = (5, "length")  # max_tokens or max_model_len
+    FINISHED_ABORTED = (6, "abort")
 
-    @property
-    def finish_reason(self) -> str | None:
-        return FINISH_REASONS.get(self)
-
-
-FINISHED_STATUSES = {
-    RequestStatus.FINISHED_STOPPED,
-    RequestStatus.FINISHED_LENGTH,
-    RequestStatus.FINISHED_ABORTED,
-}
-FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
-}
+    def __init__(self, number: int, finish_reason: str | None) -> None:
+        self.finish_reason = finish_reason
+        self.finished = finish_reason is not None
 
 
 @dataclass(eq=False)

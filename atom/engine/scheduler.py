@@ -30,11 +30,9 @@ from atom.engine.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
-from atom.engine.request import FINISH_REASONS, FINISHED_STATUSES, Request, RequestStatus
+from atom.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
-
-_LIVE = frozenset({RequestStatus.RUNNING, RequestStatus.PREEMPTED})  # a step's result counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,11 +220,14 @@ class Scheduler:
         running_finished = False
         for idx, req_id in enumerate(result.req_ids):
             req = requests.get(req_id)
-            if req is None or req.status not in _LIVE:
+            if req is None:
+                continue
+            status = req.status
+            preempted = status is RequestStatus.PREEMPTED
+            if status is not RequestStatus.RUNNING and not preempted:
                 continue  # finished from outside while the step ran
             # Preempted while the step ran (async scheduling): its token still counts, its prompt
             # logprobs come again with the recompute.
-            preempted = req.status is RequestStatus.PREEMPTED
             new_tokens: list[int] = []
             for token_id in result.sampled_token_ids[idx]:
                 req.num_pending -= 1
@@ -239,7 +240,7 @@ class Scheduler:
                 if prompt_logprobs_of and not preempted
                 else []
             )
-            finish_reason = FINISH_REASONS.get(req.status)
+            finish_reason = req.status.finish_reason
             if finish_reason is not None:
                 if preempted:  # its last token came after the preemption
                     self.waiting.remove(req)
@@ -262,9 +263,9 @@ class Scheduler:
                 )
             )
         if running_finished:
-            for req in [r for r in self.running if r.status in FINISHED_STATUSES]:
+            for req in [r for r in self.running if r.status.finished]:
                 self._free(req)
-            self.running = [r for r in self.running if r.status not in FINISHED_STATUSES]
+            self.running = [r for r in self.running if not r.status.finished]
         return outputs
 
     def _new_prompt_logprobs(
