@@ -24,6 +24,7 @@ class DecodeGraphs:
         self._outputs: dict[int, Tensor] = {}
         self.warmup_seconds = 0.0  # of the last capture(): warm-up forwards, then captures
         self.capture_seconds = 0.0
+        self.warmup_by_size: dict[int, float] = {}
 
     def __contains__(self, size: int) -> bool:
         return size in self._graphs
@@ -53,7 +54,8 @@ class DecodeGraphs:
                     with trace(size):
                         forward(size)
                 torch.cuda.synchronize()
-                self.warmup_seconds += time.perf_counter() - start
+                self.warmup_by_size[size] = time.perf_counter() - start
+                self.warmup_seconds += self.warmup_by_size[size]
                 start = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

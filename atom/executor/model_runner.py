@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -290,6 +291,13 @@ class ModelRunner:
             self.graphs.warmup_seconds,
             self.graphs.capture_seconds,
             (torch.cuda.memory_reserved(self.device) - before) / 2**30,
+        )
+        times = self.graphs.warmup_by_size
+        slowest = sorted(times.items(), key=lambda kv: -kv[1])[:4]
+        logger.info(  # a first forward at a new size has cost 150-230 ms, cause unknown
+            "warm-up forwards: median %.0f ms; slowest %s",
+            1e3 * statistics.median(times.values()),
+            ", ".join(f"batch {size} {seconds * 1e3:.0f} ms" for size, seconds in slowest),
         )
 
     def _decode_forward(self, size: int) -> Tensor:
