@@ -22,9 +22,9 @@ class DecodeGraphs:
         self.sizes = sorted(sizes)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, Tensor] = {}
-        self.warmup_seconds = 0.0  # of the last capture(): warm-up forwards, then captures
+        # The last capture()'s seconds: each size's warm-up forward, then the captures together.
+        self.warmup_seconds: dict[int, float] = {}
         self.capture_seconds = 0.0
-        self.warmup_by_size: dict[int, float] = {}
 
     def __contains__(self, size: int) -> bool:
         return size in self._graphs
@@ -45,7 +45,7 @@ class DecodeGraphs:
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
-        self.warmup_seconds = self.capture_seconds = 0.0
+        self.warmup_seconds, self.capture_seconds = {}, 0.0
         try:
             for size in reversed(self.sizes):
                 start = time.perf_counter()
@@ -54,8 +54,7 @@ class DecodeGraphs:
                     with trace(size):
                         forward(size)
                 torch.cuda.synchronize()
-                self.warmup_by_size[size] = time.perf_counter() - start
-                self.warmup_seconds += self.warmup_by_size[size]
+                self.warmup_seconds[size] = time.perf_counter() - start
                 start = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):

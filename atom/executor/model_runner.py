@@ -32,9 +32,16 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
-from atom.executor.sampler import Sampler, SamplerOutput, profile_sampling_metadata, to_device
+from atom.executor.sampler import (
+    Sampler,
+    SamplerOutput,
+    profile_sampling_metadata,
+    score_tokens,
+    to_device,
+)
 from atom.executor.trace_labels import step_label
 from atom.layers.attention import Attention
+from atom.layers.moe import compile_model_expert_kernels
 from atom.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -251,18 +258,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_expert_kernels(self) -> None:
-        """Every tile configuration the MoE layers can pick, compiled now (once per distinct
-        layer shape) rather than on the first request of each prompt-length class."""
-        start, done = time.perf_counter(), set()
-        for module in self.model.modules():
-            compile_kernels = getattr(module, "compile_kernels", None)
-            if compile_kernels is None:
-                continue
-            key = (type(module), *(tuple(p.shape) for p in module.parameters()))
-            if key not in done:
-                done.add(key)
-                compile_kernels(self.config.scheduler.max_num_batched_tokens)
-        if done:
+        """Every tile configuration the MoE layers can pick, compiled now rather than on the
+        first request of each prompt-length class."""
+        start = time.perf_counter()
+        if compile_model_expert_kernels(self.model, self.config.scheduler.max_num_batched_tokens):
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # the KV cache is sized to the memory these runs borrowed
             logger.info("expert kernels compiled in %.1f s", time.perf_counter() - start)
@@ -281,23 +280,20 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.capture_sizes)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
         self.graphs.capture(self._decode_forward, trace)
+        warmups = self.graphs.warmup_seconds  # a first forward at a new size: 150-230 ms, why?
+        slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
-            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s (warm-up forwards %.1f s, "
-            "captures %.1f s), %.2f GiB",
+            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB; warm-up forwards "
+            "%.1f s (median %.0f ms, slowest %s), captures %.1f s",
             len(self.capture_sizes),
             self.capture_sizes[0],
             n,
             time.perf_counter() - start,
-            self.graphs.warmup_seconds,
-            self.graphs.capture_seconds,
             (torch.cuda.memory_reserved(self.device) - before) / 2**30,
-        )
-        times = self.graphs.warmup_by_size
-        slowest = sorted(times.items(), key=lambda kv: -kv[1])[:4]
-        logger.info(  # a first forward at a new size has cost 150-230 ms, cause unknown
-            "warm-up forwards: median %.0f ms; slowest %s",
-            1e3 * statistics.median(times.values()),
+            sum(warmups.values()),
+            1e3 * statistics.median(warmups.values()),
             ", ".join(f"batch {size} {seconds * 1e3:.0f} ms" for size, seconds in slowest),
+            self.graphs.capture_seconds,
         )
 
     def _decode_forward(self, size: int) -> Tensor:
@@ -487,19 +483,10 @@ class ModelRunner:
             for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
                 b = min(a + PROMPT_LOGPROBS_ROWS, hi)
                 targets = state.prompt_token_ids[first + a - lo : first + b - lo]
-                entries += self._score(hidden[a:b], targets, state.sampling_params.prompt_logprobs)
+                logits = self.model.compute_logits(hidden[a:b])
+                entries += score_tokens(logits, targets, state.sampling_params.prompt_logprobs)
             result[state.req_id] = entries
         return result
-
-    def _score(self, hidden: Tensor, targets: list[int], k: int | None) -> list[TokenLogprobs]:
-        target = torch.tensor(targets, device=self.device).unsqueeze(1)
-        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)
-        chosen = logprobs.gather(1, target)
-        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-        top_lp, top_ids = logprobs.topk(k or 0, dim=-1)
-        ids = torch.cat([target, top_ids], dim=1).tolist()
-        lps = torch.cat([chosen, top_lp], dim=1).tolist()
-        return [TokenLogprobs(a, b, r) for a, b, r in zip(ids, lps, ranks, strict=True)]
 
 
 def _to_host(t: Tensor | None) -> Tensor | None:

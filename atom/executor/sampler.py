@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from atom.engine.outputs import TokenLogprobs
 from atom.kernels.sampling import gumbel_argmax
 
 
@@ -174,7 +175,7 @@ class Sampler(nn.Module):
             sampled = self._filtered(logits.float(), meta)
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None)
-        return self._logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
+        return token_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
 
     def _filtered(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         if meta.blocked_tokens:  # .float() returns float32 input itself: keep the caller's intact
@@ -210,10 +211,23 @@ class Sampler(nn.Module):
             return meta.seeds
         return torch.randint(0, 2**62, (logits.shape[0],), device=logits.device)
 
-    @staticmethod
-    def _logprobs(raw: Tensor, sampled: Tensor, k: int) -> SamplerOutput:
-        chosen = raw.gather(1, sampled.unsqueeze(1))
-        ranks = (raw > chosen).sum(dim=-1) + 1
-        top_lp, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], sampled[:, None][:, :0])
-        ids = torch.cat([sampled.unsqueeze(1), top_ids], dim=1)
-        return SamplerOutput(sampled, ids, torch.cat([chosen, top_lp], dim=1), ranks)
+
+def token_logprobs(raw: Tensor, tokens: Tensor, k: int) -> SamplerOutput:
+    """Each row's logprob and 1-based rank of `tokens` [B], then its top-k, from log-softmaxed
+    float32 logits `raw` [B, vocab]."""
+    chosen = raw.gather(1, tokens.unsqueeze(1))
+    ranks = (raw > chosen).sum(dim=-1) + 1
+    top_lp, top_ids = raw.topk(k, dim=-1) if k > 0 else (raw[:, :0], tokens[:, None][:, :0])
+    ids = torch.cat([tokens.unsqueeze(1), top_ids], dim=1)
+    return SamplerOutput(tokens, ids, torch.cat([chosen, top_lp], dim=1), ranks)
+
+
+def score_tokens(logits: Tensor, targets: list[int], k: int | None) -> list[TokenLogprobs]:
+    """Prompt logprobs: each row's logprob and rank of its target token, and its top-k."""
+    target = torch.tensor(targets, device=logits.device)
+    out = token_logprobs(logits.float().log_softmax(dim=-1), target, k or 0)
+    assert out.logprob_token_ids is not None and out.logprobs is not None and out.ranks is not None
+    rows = zip(
+        out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist(), strict=True
+    )
+    return [TokenLogprobs(ids, lps, rank) for ids, lps, rank in rows]

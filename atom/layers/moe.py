@@ -209,6 +209,21 @@ def _(hidden_states: Tensor, *args: object, **kwargs: object) -> Tensor:  # as r
     return torch.empty_like(hidden_states)
 
 
+def compile_model_expert_kernels(model: nn.Module, max_tokens: int) -> int:
+    """Every MoE layer's kernels compiled once per distinct layer (type and weight shapes) by its
+    compile_kernels; returns how many distinct layers were compiled."""
+    done = set()
+    for module in model.modules():
+        compile_kernels = getattr(module, "compile_kernels", None)
+        if compile_kernels is None:
+            continue
+        key = (type(module), *(tuple(p.shape) for p in module.parameters()))
+        if key not in done:
+            done.add(key)
+            compile_kernels(max_tokens)
+    return len(done)
+
+
 def compile_expert_kernels(
     w13: Tensor,
     w2: Tensor,

@@ -321,3 +321,21 @@ def test_select_experts_grouped_cases_keep_grouped_topk(routing: MoERouting) -> 
         moe.select_experts(logits, routing)
         moe.select_experts(logits, routing, torch.zeros(16))
     assert len(calls) == 2  # and with a correction bias too
+
+
+def test_model_expert_kernels_compile_once_per_distinct_layer() -> None:
+    from atom.layers.moe import compile_model_expert_kernels
+
+    calls: list[tuple[int, int]] = []
+
+    class Experts(torch.nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(n, 2))
+
+        def compile_kernels(self, max_tokens: int) -> None:
+            calls.append((self.w.shape[0], max_tokens))
+
+    model = torch.nn.Sequential(Experts(4), torch.nn.Linear(2, 2), Experts(4), Experts(8))
+    assert compile_model_expert_kernels(model, 64) == 2
+    assert calls == [(4, 64), (8, 64)]
