@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           profile moe serving peer smol stash
+#                                           profile startup moe serving peer smol stash
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
@@ -9,6 +9,7 @@
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
+#   startup  benchmarks/profile_startup.py twice (cold, warm compile cache): cProfile of LLM()
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
@@ -86,6 +87,15 @@ stage_bench() {
 stage_latency() {
     bench latency benchmark_latency
     bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
+}
+
+stage_startup() {  # cProfile of two engine starts (cold, then warm compile cache): $OUT/startup_*
+    local n
+    for n in 1 2; do
+        python3 benchmarks/profile_startup.py "$OUT" ${STARTUP_FLAGS:-} >"$OUT/startup_$n.log" 2>&1 \
+            || tail -n 30 "$OUT/startup_$n.log"
+        grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' "$OUT/startup_$n.log"
+    done
 }
 
 stage_latency_warm() {  # after a stage that compiled the 8B model (serving): one warm start
