@@ -17,6 +17,7 @@ from atom.engine.input_processor import InputProcessor, ProcessedPrompt, PromptT
 from atom.engine.output_processor import OutputProcessor
 from atom.model_source import load_tokenizer
 from atom.outputs import RequestOutput
+from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,25 @@ class LLM:
             enforce_eager=enforce_eager,
             **kwargs,
         )
+        start = time.perf_counter()
         self.config = args.create_engine_config()
         mc = self.config.model
+        configured = time.perf_counter()
         self.tokenizer: Any = None
         if not skip_tokenizer_init:
             gguf = mc.gguf_file if mc.tokenizer == mc.model_dir else None
             self.tokenizer = load_tokenizer(mc.tokenizer, gguf, trust_remote_code)
+        tokenized = time.perf_counter()
         self.engine = EngineCore(self.config)
+        since_start = seconds_since_process_start()
+        logger.info(
+            "LLM ready in %.1f s (config %.1f s, tokenizer %.1f s, engine %.1f s)%s",
+            time.perf_counter() - start,
+            configured - start,
+            tokenized - configured,
+            time.perf_counter() - tokenized,
+            "" if since_start is None else f"; {since_start:.1f} s since the process started",
+        )
         self.inputs = InputProcessor(self.config.model, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

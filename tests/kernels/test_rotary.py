@@ -110,3 +110,23 @@ def test_layer_matches_transformers(rope: str) -> None:
     ):
         torch.testing.assert_close(q_out, hf_q, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(k_out, hf_k, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_equal_frequencies_share_one_cache() -> None:
+    """One cos/sin tensor per distinct rope (an 8B Llama's per-layer copies were 2 GiB)."""
+    config = transformers.LlamaConfig(
+        hidden_size=256, num_attention_heads=4, head_dim=64, max_position_embeddings=MAX_POSITION
+    )
+    other = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        head_dim=64,
+        max_position_embeddings=MAX_POSITION,
+        rope_parameters=ROPE_PARAMETERS["yarn"],
+    )
+    a, b = (RotaryEmbedding(config, 64, MAX_POSITION) for _ in range(2))
+    assert a.cos_sin_cache is b.cos_sin_cache
+    assert RotaryEmbedding(config, 64, 2 * MAX_POSITION).cos_sin_cache is not a.cos_sin_cache
+    assert RotaryEmbedding(other, 64, MAX_POSITION).cos_sin_cache is not a.cos_sin_cache
+    with torch.device("meta"):
+        assert RotaryEmbedding(config, 64, MAX_POSITION).cos_sin_cache.device.type == "meta"
