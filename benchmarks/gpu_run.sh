@@ -36,9 +36,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# The device's Python environment ships without bytecode (and may not be writable): every process
-# compiled ~1,600 modules' source (~4 s of each start). A prefix keeps the bytecode across calls
-# of a lease, as an installed environment would.
+# The device sets PYTHONDONTWRITEBYTECODE and its environment has no bytecode: every process
+# compiled ~1,600 modules' source (seconds of each start). Bytecode under a prefix: the second
+# process of a lease starts as one of an installed environment would.
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$HOME/.cache/atom/pycache}
 TAG=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1

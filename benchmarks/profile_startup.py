@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import cProfile
 import io
+import json
 import os
 import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from atom.process_age import seconds_since_process_start
 
@@ -39,6 +41,8 @@ def main(argv: list[str]) -> None:
     imports = time.perf_counter() - start
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_latency_parser().parse_args(argv[1:])
+    n = 1 + len(list(out_dir.glob("startup_*.txt")))
+    _log_triton_compiles(out_dir / f"triton_compiles_{n}.jsonl")
     engine_args = engine_args_from(args)
     profiler = cProfile.Profile() if os.environ.get("CPROFILE") == "1" else None
     start_wall = time.time()
@@ -52,7 +56,6 @@ def main(argv: list[str]) -> None:
     ready = seconds_since_process_start() or 0.0
     llm.shutdown()
 
-    n = 1 + len(list(out_dir.glob("startup_*.txt")))
     text = io.StringIO()
     text.write(
         f"process start to ready {ready:.1f} s: {begin:.1f} s before main, imports {imports:.1f} "
@@ -67,6 +70,46 @@ def main(argv: list[str]) -> None:
     text.write(torch._dynamo.utils.compile_times(repr="str"))
     (out_dir / f"startup_{n}.txt").write_text(text.getvalue())
     print(text.getvalue()[:3000])
+
+
+def _log_triton_compiles(path: Path) -> None:
+    """Every triton.compile call of this process, one JSON line each: what its cache key is
+    made of and how long it took (a disk-cache hit takes milliseconds)."""
+    try:
+        import triton
+        import triton.compiler
+        import triton.compiler.compiler as compiler
+    except ImportError:
+        return
+    original = compiler.compile
+
+    def compile_logged(src: Any, target: Any = None, options: Any = None, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = original(src, target, options, **kwargs)
+        record = {
+            "seconds": round(time.perf_counter() - start, 4),
+            "name": getattr(src, "name", ""),
+        }
+        fn = getattr(src, "fn", None)
+        if fn is not None:
+            record |= {
+                "fn_key": fn.cache_key,
+                "attrs": str(src.attrs),
+                "signature": str(src.signature),
+                "constants": repr(sorted(src.constants.items(), key=str)),
+                "options": repr(options),
+                "src_hash": src.hash(),
+            }
+        try:
+            record["env"] = repr(compiler.get_cache_invalidating_env_vars())
+        except Exception as e:  # a helper of some Triton versions only
+            record["env"] = repr(e)
+        record["result_hash"] = getattr(result, "hash", None)
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return result
+
+    compiler.compile = triton.compiler.compile = triton.compile = compile_logged
 
 
 def _new_triton_kernels(since: float) -> str:
