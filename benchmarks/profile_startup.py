@@ -12,6 +12,7 @@ random weights, as benchmark_latency.
 from __future__ import annotations
 
 import cProfile
+import hashlib
 import io
 import json
 import os
@@ -73,43 +74,47 @@ def main(argv: list[str]) -> None:
 
 
 def _log_triton_compiles(path: Path) -> None:
-    """Every triton.compile call of this process, one JSON line each: what its cache key is
-    made of and how long it took (a disk-cache hit takes milliseconds)."""
+    """Every Triton compile of this process, one JSON line each: the parts of its cache key
+    (a key that differs between two starts of the same code misses the disk cache) and how
+    long the compile call took (a disk-cache hit takes milliseconds)."""
     try:
         import triton
         import triton.compiler
         import triton.compiler.compiler as compiler
+        import triton.runtime.cache as cache
     except ImportError:
         return
-    original = compiler.compile
+    original_key, original_compile = compiler.get_cache_key, compiler.compile
+    parts: dict[str, Any] = {}
+
+    def key_logged(src: Any, backend: Any, options: Any, env_vars: Any) -> str:
+        parts.clear()
+        parts.update(
+            name=getattr(src, "name", ""),
+            triton=_digest(cache.triton_key()),
+            src=src.hash(),
+            backend=_digest(backend.hash()),
+            options=options.hash(),
+            options_repr=repr(options),
+            env=str(sorted(env_vars.items())),
+            hook=repr(triton.knobs.runtime.add_stages_inspection_hook),
+        )
+        return original_key(src, backend, options, env_vars)
 
     def compile_logged(src: Any, target: Any = None, options: Any = None, **kwargs: Any) -> Any:
         start = time.perf_counter()
-        result = original(src, target, options, **kwargs)
-        record = {
-            "seconds": round(time.perf_counter() - start, 4),
-            "name": getattr(src, "name", ""),
-        }
-        fn = getattr(src, "fn", None)
-        if fn is not None:
-            record |= {
-                "fn_key": fn.cache_key,
-                "attrs": str(src.attrs),
-                "signature": str(src.signature),
-                "constants": repr(sorted(src.constants.items(), key=str)),
-                "options": repr(options),
-                "src_hash": src.hash(),
-            }
-        try:
-            record["env"] = repr(compiler.get_cache_invalidating_env_vars())
-        except Exception as e:  # a helper of some Triton versions only
-            record["env"] = repr(e)
-        record["result_hash"] = getattr(result, "hash", None)
+        result = original_compile(src, target, options, **kwargs)
+        record = {"seconds": round(time.perf_counter() - start, 4), **parts}
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return result
 
+    compiler.get_cache_key = key_logged
     compiler.compile = triton.compiler.compile = triton.compile = compile_logged
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _new_triton_kernels(since: float) -> str:
