@@ -229,3 +229,15 @@ def cuda_path_compiles() -> int:
         except Exception:  # expected: the pieces were compiled, then the run could not launch
             traceback.print_exc()  # shown by the test if the count is wrong
     return len(pieces)
+
+
+def test_compile_points_triton_at_inductors_ptxas(monkeypatch, tmp_path) -> None:
+    """Triton's cache key holds the ptxas version, and Inductor switches Triton to torch's ptxas
+    when it first compiles: a start that loads its pieces from the cache must use the same one
+    before any eager kernel compiles, or every start recompiles them (tests/gpu: the H200)."""
+    from torch._inductor.runtime import compile_tasks
+
+    calls: list[bool] = []
+    monkeypatch.setattr(compile_tasks, "_set_triton_ptxas_path", lambda: calls.append(True))
+    compile_forward(lambda ids, positions: ids, level=1, cache_dir=tmp_path)
+    assert calls == [True]
