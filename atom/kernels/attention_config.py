@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import triton
+
+from atom.kernels.grid import next_power_of_2
 
 DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (the interpreter)
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
@@ -38,11 +39,11 @@ def launch_config(max_query_len: int, group: int, head_dim_p: int) -> LaunchConf
     if rows <= 64:
         # Decode and short speculative steps: one q-block per sequence, as few padded rows as
         # tl.dot allows (M >= 16). Memory bound: long tiles, K and V double-buffered.
-        block_m = max(16, triton.next_power_of_2(rows))
+        block_m = max(16, next_power_of_2(rows))
         return LaunchConfig(block_m, block_m // group, 128 if head_dim_p <= 128 else 64, True, 4, 2)
     # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
     tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
-    block_m = max(64, triton.next_power_of_2(group))
+    block_m = max(64, next_power_of_2(group))
     return LaunchConfig(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
 
 

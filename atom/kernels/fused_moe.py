@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.silu_and_mul import silu_and_mul
 
 
@@ -97,7 +98,7 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
     block_expert_ids = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     num_post_padded = torch.empty(1, dtype=torch.int32, device=device)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=device)
-    bins = triton.next_power_of_2(num_experts + 1)
+    bins = next_power_of_2(num_experts + 1)
     _moe_align_kernel[(1,)](
         ids,
         sorted_slot_ids,
@@ -283,7 +284,7 @@ def _grouped_gemm(
     n, k_dim = b.shape[1], b.shape[2]
     # Every block holds a slot, so at most min(blocks, slots) blocks are not padding: decode
     # launches T*K row blocks, not E * (BLOCK_M - 1) / BLOCK_M mostly idle ones.
-    grid = (min(block_expert_ids.numel(), topk_weights.numel()), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (min(block_expert_ids.numel(), topk_weights.numel()), cdiv(n, cfg["BLOCK_N"]))
     _fused_moe_kernel[grid](
         a,
         b,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
 from atom.kernels.reshape_and_cache import _store_scaled
 
@@ -65,8 +66,8 @@ def write_latent_cache(
         return
     latent = latent if latent.stride(1) == 1 else latent.contiguous()
     is_fp8 = kv_cache.dtype in FP8_DTYPES
-    block = min(1024, triton.next_power_of_2(row_size))
-    _write_latent_kernel[(num_tokens, triton.cdiv(row_size, block))](
+    block = min(1024, next_power_of_2(row_size))
+    _write_latent_kernel[(num_tokens, cdiv(row_size, block))](
         latent, kv_cache, slot_mapping, latent.stride(0), row_size, kv_scale,
         torch.finfo(kv_cache.dtype).max if is_fp8 else 0.0, IS_FP8=is_fp8, BLOCK=block,
         num_warps=4,

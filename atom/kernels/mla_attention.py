@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.attention_config import choose_num_splits, num_sms
+from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
 from atom.kernels.unified_attention import _find_seq
 
@@ -52,8 +53,8 @@ class MLALaunchConfig:
 def mla_launch_config(max_query_len: int, num_heads: int) -> MLALaunchConfig:
     """From Python ints only. Decode rows take one token x up to 16 heads (V2-Lite, V3 at TP 8:
     all of them); more heads split into balanced groups that each read the latents."""
-    groups = triton.cdiv(num_heads, MAX_HEAD_GROUP)
-    head_group = triton.cdiv(num_heads, groups)
+    groups = cdiv(num_heads, MAX_HEAD_GROUP)
+    head_group = cdiv(num_heads, groups)
     if max(max_query_len, 1) * head_group <= DECODE_ROWS:
         return MLALaunchConfig(head_group, groups, DECODE_ROWS, DECODE_ROWS // head_group, True, 4)
     block_q = PREFILL_ROWS // head_group
@@ -334,7 +335,7 @@ def mla_latent_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split = num_splits > 1
-    rank_p, rope_p = (max(16, triton.next_power_of_2(d)) for d in (rank, rope))
+    rank_p, rope_p = (max(16, next_power_of_2(d)) for d in (rank, rope))
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     f32 = {"dtype": torch.float32, "device": q_lat.device}
     ws_shape = (num_tokens, num_heads, num_splits) if split else (1,)
@@ -359,7 +360,7 @@ def mla_latent_attention(
             out, ws_acc, ws_m, ws_l, query_start_loc, num_seqs, num_splits,
             out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, RANK=rank, RANK_P=rank_p,
-            SPLITS_P=triton.next_power_of_2(num_splits), num_warps=4,
+            SPLITS_P=next_power_of_2(num_splits), num_warps=4,
         )  # fmt: skip
     return out
 

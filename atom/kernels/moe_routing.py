@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import next_power_of_2
+
 
 def softmax_topk_ref(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax over all experts, keep the top_k; renormalize divides them by their sum
@@ -99,7 +101,7 @@ def _route(
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     _routing_kernel[(num_tokens,)](
         logits,
         weights,
@@ -107,7 +109,7 @@ def _route(
         num_experts,
         logits.stride(0),
         TOP_K=top_k,
-        K_POW2=triton.next_power_of_2(top_k),
+        K_POW2=next_power_of_2(top_k),
         SOFTMAX_FIRST=softmax_first,
         RENORMALIZE=renormalize,
         BLOCK_E=block_e,

@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = 1024  # elements of one token's [num_kv_heads, head_dim] per program
 
@@ -112,8 +114,8 @@ def reshape_and_cache(
     value = value if value.stride(-1) == 1 else value.contiguous()
     is_fp8 = kv_cache.dtype in FP8_DTYPES
     row_size = num_kv_heads * head_dim
-    block = min(_BLOCK, triton.next_power_of_2(row_size))
-    grid = (num_tokens, triton.cdiv(row_size, block))
+    block = min(_BLOCK, next_power_of_2(row_size))
+    grid = (num_tokens, cdiv(row_size, block))
     _reshape_and_cache_kernel[grid](
         key,
         value,

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
+
 # Elements per program: small rows (head_dim 64..256) are packed several to a program so that a
 # launch over T * heads rows is not dominated by tiny programs.
 _TILE_ELEMENTS = 4096
@@ -105,11 +107,11 @@ def _launch(
         if r_inner != inner:  # differing layouts: give both the flat [rows, n] layout
             xv, rv = xv.reshape(-1, n).contiguous(), rv.reshape(-1, n).contiguous()
             inner, xs0, xs1, rs0, rs1 = 1, n, 0, n, 0
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     # From the row size only: no guard on the token count under torch.compile's dynamic shapes.
     block_m = max(1, _TILE_ELEMENTS // block_n)
     num_warps = min(max(block_m * block_n // 512, 1), 8)
-    _rms_norm_kernel[(triton.cdiv(num_rows, block_m),)](
+    _rms_norm_kernel[(cdiv(num_rows, block_m),)](
         xv,
         rv,
         weight,

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
+
 _TILE_ELEMENTS = 2048  # heads x head_dim elements per program
 
 
@@ -187,9 +189,9 @@ def rotary_embedding(
     num_tokens, num_q_heads, num_kv_heads = q.shape[0], q.shape[1], k.shape[1]
     if num_tokens == 0:
         return q_out, k_out
-    block_d = triton.next_power_of_2(head_dim)
-    block_h = min(max(_TILE_ELEMENTS // block_d, 1), triton.next_power_of_2(max(num_q_heads, 1)))
-    grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    block_d = next_power_of_2(head_dim)
+    block_h = min(max(_TILE_ELEMENTS // block_d, 1), next_power_of_2(max(num_q_heads, 1)))
+    grid = (num_tokens, cdiv(num_q_heads, block_h) + cdiv(num_kv_heads, block_h))
     _rotary_embedding_kernel[grid](
         positions,
         cos_sin_cache.contiguous().float(),
@@ -208,7 +210,7 @@ def rotary_embedding(
         IS_NEOX=is_neox_style,
         HAS_TAIL=rotary_dim < head_dim,
         BLOCK_H=block_h,
-        BLOCK_R=triton.next_power_of_2(rotary_dim // 2),
+        BLOCK_R=next_power_of_2(rotary_dim // 2),
         BLOCK_D=block_d,
         num_warps=4,
     )

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv
+
 _BLOCK = 1024  # logits per loop iteration of a program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM a few times over
 _MAX_SPLITS = 64
@@ -76,10 +78,10 @@ def _gumbel_argmax_kernel(
 
 def _splits(rows: int, vocab: int) -> tuple[int, int]:
     """(number of splits, logits per split): about _TARGET_PROGRAMS programs in all."""
-    blocks = triton.cdiv(vocab, _BLOCK)
-    splits = max(1, min(_MAX_SPLITS, blocks, triton.cdiv(_TARGET_PROGRAMS, max(rows, 1))))
-    chunk = triton.cdiv(blocks, splits) * _BLOCK
-    return triton.cdiv(vocab, chunk), chunk
+    blocks = cdiv(vocab, _BLOCK)
+    splits = max(1, min(_MAX_SPLITS, blocks, cdiv(_TARGET_PROGRAMS, max(rows, 1))))
+    chunk = cdiv(blocks, splits) * _BLOCK
+    return cdiv(vocab, chunk), chunk
 
 
 def gumbel_argmax(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
@@ -122,6 +124,6 @@ def philox_uniform(seeds: Tensor, vocab: int) -> Tensor:
     """[B, vocab] float32: the uniforms gumbel_argmax draws for rows with these seeds (for
     checking it against gumbel_argmax_ref)."""
     out = torch.empty(seeds.shape[0], vocab, dtype=torch.float32, device=seeds.device)
-    grid = (seeds.shape[0], triton.cdiv(vocab, _BLOCK))
+    grid = (seeds.shape[0], cdiv(vocab, _BLOCK))
     _uniform_kernel[grid](seeds.to(torch.int64).contiguous(), out, vocab, BLOCK=_BLOCK)
     return out

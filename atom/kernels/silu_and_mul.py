@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from atom.kernels.grid import cdiv, next_power_of_2
+
 _BLOCK = 1024  # output features per program
 
 
@@ -45,8 +47,8 @@ def silu_and_mul(x: Tensor) -> Tensor:
     rows = x.reshape(-1, 2 * d)  # a view for the usual [T, 2d] GEMM output
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    block = min(_BLOCK, triton.next_power_of_2(d))
-    grid = (rows.shape[0], triton.cdiv(d, block))
+    block = min(_BLOCK, next_power_of_2(d))
+    grid = (rows.shape[0], cdiv(d, block))
     _silu_and_mul_kernel[grid](rows, out, d, rows.stride(0), BLOCK=block, num_warps=4)
     return out
 

@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.attention_config import choose_num_splits, launch_config, num_sms
+from atom.kernels.grid import next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -367,7 +368,7 @@ def unified_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    head_dim_p = max(16, next_power_of_2(head_dim))
     cfg = launch_config(max_query_len, group, head_dim_p)
     if num_splits is None:
         num_splits = choose_num_splits(
@@ -402,7 +403,7 @@ def unified_attention(
             out, ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks, query_start_loc,
             num_seqs, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-            SPLITS_P=triton.next_power_of_2(num_splits), USE_SINKS=sinks is not None,
+            SPLITS_P=next_power_of_2(num_splits), USE_SINKS=sinks is not None,
             num_warps=4,
         )  # fmt: skip
     return out
