@@ -5,7 +5,8 @@ The method of `peer_latency.py` (the vLLM side): per batch size, prompts of 128 
 2 generates of 16 tokens and the best of 2 of 272; one decode step = the difference / 256, so
 prefill and fixed costs cancel. Achieved bandwidth = (streamed weight bytes + KV bytes of the
 average context) / step time; the roofline percentage is against the copy bandwidth measured in
-this process before the engine starts. A MoE's weight bytes depend on the batch (the experts its
+this process once the engine is ready (start-up, timed from the process's birth, holds only what
+a user of the engine waits for). A MoE's weight bytes depend on the batch (the experts its
 tokens route to, taken as uniform: model_cost.py), so each batch size records its own.
 Default: the Llama-3.1-8B shape with random weights.
 """
@@ -95,7 +96,6 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     short, long = _check_lengths(args)
     engine_args = engine_args_from(args)
     device = engine_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bandwidth, flops = measure_device(device)
     engine_config = engine_args.create_engine_config()
     cost = engine_model_cost(engine_config)  # unsharded: before the engine starts TP here
     _, kv_itemsize = engine_itemsizes(engine_config)
@@ -103,6 +103,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     since_start = seconds_since_process_start()
     print(f"engine ready in {startup:.1f} s ({since_start or 0:.1f} s since process start)")
     try:
+        bandwidth, flops = measure_device(device)  # after start-up, which it is no part of
         context = args.input_len + (short + long) / 2  # the average context of the timed steps
         # Tensor parallelism splits the bytes over tp devices of the measured bandwidth each.
         roofline_bandwidth = bandwidth * llm.config.parallel.tensor_parallel_size

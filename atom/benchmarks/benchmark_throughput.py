@@ -6,7 +6,7 @@ from Python's `random` seeded with --seed (0) in the same order; one short warm-
 (3 tokens in, 8 out) before the timed one. Throughput is the planned output tokens over the
 wall time of the timed generate (the peer's tok_per_s); start-up is reported separately. The
 roofline of the workload (roofline.workload_seconds: prefill FLOPs at the matmul rate, each decode
-step's weight + KV bytes at the copy bandwidth, both measured before the engine starts) gives the
+step's weight + KV bytes at the copy bandwidth, both measured once the engine is ready) gives the
 share of it reached; a MoE step reads the experts its live batch routes to (taken as uniform).
 Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights. With
 --torch-profiler-dir the workload runs a second time under the profiler (not timed); add
@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     engine_args = engine_args_from(args)
     device = engine_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bandwidth, flops = measure_device(device)
     engine_config = engine_args.create_engine_config()
     cost = engine_model_cost(engine_config)  # unsharded: before the engine starts TP here
     _, kv_itemsize = engine_itemsizes(engine_config)
@@ -97,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     since_start = seconds_since_process_start()
     print(f"engine ready in {startup:.1f} s ({since_start or 0:.1f} s since process start)")
     try:
+        bandwidth, flops = measure_device(device)  # after start-up, which it is no part of
         start = time.perf_counter()
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8), use_tqdm=False)
         warmup = time.perf_counter() - start
