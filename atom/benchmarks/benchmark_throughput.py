@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     since_start = seconds_since_process_start()
     print(f"engine ready in {startup:.1f} s ({since_start or 0:.1f} s since process start)")
     try:
-        bandwidth, flops = measure_device(device)  # after start-up, which it is no part of
         start = time.perf_counter()
         llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8), use_tqdm=False)
         warmup = time.perf_counter() - start
@@ -109,6 +108,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         outputs = llm.generate(inputs, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         wall = time.perf_counter() - begin
+        # After start-up and the timed run, which it is no part of.
+        bandwidth, flops = measure_device(device)
         if engine_args.torch_profiler_dir:  # the same workload again, traced (not timed)
             llm.start_profile()
             llm.generate(inputs, params, use_tqdm=False)

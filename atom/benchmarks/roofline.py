@@ -65,7 +65,8 @@ def engine_model_cost(engine_config: Any) -> ModelCost:
 
 def measure_device(device: str) -> tuple[float, float]:
     """Copy bandwidth (bytes/s) and matmul FLOP/s (1 GiB twice and three 8192^2 bf16 matrices
-    on CUDA: they fit in the tenth of the memory the engine leaves at 0.9 utilisation)."""
+    on CUDA, ~2.4 GiB: they fit in the tenth of the memory an engine leaves at
+    --gpu-memory-utilization 0.9, not beside one at 0.99)."""
     bandwidth = measure_copy_bandwidth(device)
     flops = measure_matmul_flops(device)
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s, matmul {flops / 1e12:,.1f} TFLOP/s")
@@ -176,6 +177,7 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, iters: int) 
 
 
 def _release_cached_memory(device: torch.device) -> None:
-    # The engine sizes its KV cache from free memory: give our buffers back first.
+    # Measured beside a running engine (benchmark_latency, benchmark_throughput): give the
+    # buffers back at once rather than leaving them in the allocator's cache.
     if device.type == "cuda":
         torch.cuda.empty_cache()
