@@ -9,7 +9,8 @@
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
-#   startup  benchmarks/profile_startup.py twice (cold, warm compile cache): cProfile of LLM()
+#   startup  benchmarks/profile_startup.py twice (cold, then warm caches): phases, Dynamo's
+#            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
@@ -94,16 +95,13 @@ stage_latency() {
     bench latency_warm benchmark_latency --batch-sizes 1  # second start: compile cache warm
 }
 
-stage_startup() {  # cProfile of two engine starts (cold, then warm compile cache): $OUT/startup_*
+stage_startup() {  # two engine starts (cold, then warm caches); CPROFILE=1 adds cProfile
     local n
-    python3 -c "import sys, torch, os; print('bytecode:', sys.dont_write_bytecode, sys.pycache_prefix,
-        len(os.listdir(os.path.join(os.path.dirname(torch.__file__), '__pycache__'))) if
-        os.path.isdir(os.path.join(os.path.dirname(torch.__file__), '__pycache__')) else 'none')"
     for n in 1 2; do
         # shellcheck disable=SC2086
         python3 benchmarks/profile_startup.py "$OUT" ${STARTUP_FLAGS:-} >"$OUT/startup_$n.log" 2>&1 \
             || tail -n 30 "$OUT/startup_$n.log"
-        grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton compiled' \
+        grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
             "$OUT/startup_$n.log" | cut -c1-1500
     done
 }

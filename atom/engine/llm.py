@@ -64,13 +64,13 @@ class LLM:
             self.tokenizer = load_tokenizer(mc.tokenizer, gguf, trust_remote_code)
         tokenized = time.perf_counter()
         self.engine = EngineCore(self.config)
-        since_start = seconds_since_process_start()
+        ready, since_start = time.perf_counter(), seconds_since_process_start()
         logger.info(
             "LLM ready in %.1f s (config %.1f s, tokenizer %.1f s, engine %.1f s)%s",
-            time.perf_counter() - start,
+            ready - start,
             configured - start,
             tokenized - configured,
-            time.perf_counter() - tokenized,
+            ready - tokenized,
             "" if since_start is None else f"; {since_start:.1f} s since the process started",
         )
         self.inputs = InputProcessor(self.config.model, self.tokenizer)

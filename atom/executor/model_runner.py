@@ -280,7 +280,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.capture_sizes)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
         self.graphs.capture(self._decode_forward, trace)
-        warmups = self.graphs.warmup_seconds  # a first forward at a new size: 150-230 ms, why?
+        warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
             "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB; warm-up forwards "
