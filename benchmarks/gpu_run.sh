@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           profile startup moe serving peer smol stash
+#                                           imports profile startup moe serving peer smol stash
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
@@ -9,6 +9,8 @@
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
+#   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
+#            the slowest imports printed (run after latency: its caches warm)
 #   startup  benchmarks/profile_startup.py twice (cold, then warm caches): phases, Dynamo's
 #            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
@@ -104,6 +106,13 @@ stage_startup() {  # two engine starts (cold, then warm caches); CPROFILE=1 adds
         grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
             "$OUT/startup_$n.log" | cut -c1-1500
     done
+}
+
+stage_imports() {
+    python3 -X importtime -m atom.benchmarks.benchmark_latency --batch-sizes 1 --tag "$TAG" \
+        2>"$OUT/importtime.txt" >/dev/null
+    grep -h -e 'ready in' "$OUT/importtime.txt" | cut -c1-600
+    grep '^import time:' "$OUT/importtime.txt" | sort -t'|' -k2 -n | tail -n 30
 }
 
 stage_latency_warm() {  # after a stage that compiled the 8B model (serving): one warm start

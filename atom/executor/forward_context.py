@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -36,9 +36,9 @@ class AttentionMetadata:
 
 @dataclass(slots=True)
 class ForwardContext:
-    # Attention layers by name: compiled graphs call attention as an opaque custom op that knows
-    # its layer only by this name.
-    layers: dict[str, Any]
+    # Attention layers in model order: compiled graphs call attention as an opaque custom op that
+    # knows its layer only by its index here (Attention.layer_index).
+    layers: Sequence[Any]
     attn: AttentionMetadata | None  # None: a forward with no KV cache (memory profile, calibration)
 
 

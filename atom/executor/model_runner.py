@@ -76,11 +76,9 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)  # unseeded requests draw from the global generator
         start = time.perf_counter()
         self.model = self._build_model()
-        modules = self.model.named_modules()
-        self.attn_by_name = {n: m for n, m in modules if isinstance(m, Attention)}
-        for name, layer in self.attn_by_name.items():
-            layer.layer_name = name
-        self.attn_layers = list(self.attn_by_name.values())
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for i, layer in enumerate(self.attn_layers):
+            layer.layer_index.fill_(i)
         logger.info("model loaded in %.1f s", time.perf_counter() - start)
         if config.mark_trace:
             n = tag_modules(self.model) + tag_modules(self.sampler, "sampler")
@@ -98,7 +96,7 @@ class ModelRunner:
             self.device,
         )
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
-        self.compiled_forward = compile_forward(self.model.forward, comp.level if fast else 0)
+        self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -175,7 +173,7 @@ class ModelRunner:
         ids, positions = self.buffers.input_ids[:n], self.buffers.positions[:n]
         ids.zero_()
         positions.copy_(torch.arange(n, device=self.device) % sched.max_model_len)
-        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+        with set_forward_context(ForwardContext(self.attn_layers, None)):
             hidden = self.forward(ids, positions)  # compiles at level >= 1
         rows = min(sched.max_num_seqs, n)
         logits = self.model.compute_logits(hidden[-rows:])
@@ -212,7 +210,7 @@ class ModelRunner:
         base = torch.cuda.memory_allocated(self.device)
         n = self.capture_sizes[-1]
         ids = self.buffers.input_ids[:n]
-        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+        with set_forward_context(ForwardContext(self.attn_layers, None)):
             hidden = self.forward(ids, self.buffers.positions[:n])
         torch.cuda.synchronize(self.device)
         outputs = sum(self.capture_sizes) * hidden.shape[-1] * hidden.element_size()
@@ -228,7 +226,7 @@ class ModelRunner:
         ids = torch.randint(0, vocab, (n,), generator=gen, device=self.device)
         for layer in self.attn_layers:
             layer.kv_amax = (0.0, 0.0)
-        with set_forward_context(ForwardContext(self.attn_by_name, None)):
+        with set_forward_context(ForwardContext(self.attn_layers, None)):
             self.model(ids, torch.arange(n, device=self.device))  # eager: it reads maxima
         for layer in self.attn_layers:
             layer.set_kv_scales_from_amax()
@@ -311,7 +309,7 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=self.config.scheduler.max_model_len,
         )
-        with set_forward_context(ForwardContext(self.attn_by_name, meta)):
+        with set_forward_context(ForwardContext(self.attn_layers, meta)):
             return self.forward(b.input_ids[:size], b.positions[:size])
 
     def _pad_to(self, num_seqs: int) -> int | None:
@@ -424,7 +422,7 @@ class ModelRunner:
             assert self.graphs is not None
             hidden = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
             return self.model.compute_logits(hidden), {}
-        with set_forward_context(ForwardContext(self.attn_by_name, inputs.attn)):
+        with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
             hidden = self.forward(inputs.input_ids, inputs.positions)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if sample else None

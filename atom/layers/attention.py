@@ -1,8 +1,10 @@
 """Attention over the paged KV cache; the runner binds each layer's cache tensor to `kv_cache`.
 
 Under torch.compile the layer calls `torch.ops.atom.attention`, an opaque custom op that finds the
-layer by name in the forward context: compiled graphs split at it (level 3), and the cache writes
-and Triton launches inside stay out of Dynamo's sight.
+layer by its index in the forward context: compiled graphs split at it (level 3), and the cache
+writes and Triton launches inside stay out of Dynamo's sight. The index is a CPU tensor, not a
+Python int or string: Dynamo would guard on a constant's value and trace every layer apart, while
+a tensor is an input, so all layers of a class share one compiled graph.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
-        self.layer_name = ""  # its key in the forward context, set by the runner
+        # Its position in the forward context's layers, set by the runner: a 0-d int64 tensor
+        # that stays on the CPU (reading it in the op is no device sync).
+        self.layer_index = torch.zeros((), dtype=torch.int64, device="cpu")
         # --mark-trace: the profiler range of a compiled forward's call into the layer's op (the
         # module-forward tags of executor/profiling.py are left out of compiled code).
         self.trace_tag: str | None = None
@@ -83,7 +87,7 @@ class Attention(nn.Module):
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
         out = torch.empty_like(q)
         if torch.compiler.is_compiling():
-            torch.ops.atom.attention(q, k, v, out, self.layer_name)
+            torch.ops.atom.attention(q, k, v, out, self.layer_index)
         else:  # eager: skip the dispatcher, ~10 us per call
             self.forward_into(q, k, v, out)
         return out
@@ -127,14 +131,14 @@ class Attention(nn.Module):
 
 
 @torch.library.custom_op("atom::attention", mutates_args=("out",))
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_name: str) -> None:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_index: Tensor) -> None:
     context = get_forward_context()
     assert context is not None, "atom.attention runs inside the runner's forward context"
-    layer = context.layers[layer_name]
+    layer = context.layers[int(layer_index)]
     with layer.trace_scope():
         layer.forward_into(q, k, v, out)
 
 
 @_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_name: str) -> None:
+def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_index: Tensor) -> None:
     return None

@@ -51,7 +51,7 @@ class MLAAttention(Attention):
         kv_b_proj weight [H * (nope + v), rank] -> [T, H, v]."""
         out = q.new_empty(q.shape[0], q.shape[1], self.v_dim)
         if torch.compiler.is_compiling():
-            torch.ops.atom.mla_attention(q, latent, w_kv_b, out, self.layer_name)
+            torch.ops.atom.mla_attention(q, latent, w_kv_b, out, self.layer_index)
         else:
             self.forward_into(q, latent, w_kv_b, out)
         return out
@@ -73,15 +73,15 @@ class MLAAttention(Attention):
 
 @torch.library.custom_op("atom::mla_attention", mutates_args=("out",))
 def _mla_attention_op(
-    q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor, layer_name: str
+    q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor, layer_index: Tensor
 ) -> None:
     context = get_forward_context()
     assert context is not None, "atom.mla_attention runs inside the runner's forward context"
-    layer = context.layers[layer_name]
+    layer = context.layers[int(layer_index)]
     with layer.trace_scope():
         layer.forward_into(q, latent, w_kv_b, out)
 
 
 @_mla_attention_op.register_fake
-def _(q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor, layer_name: str) -> None:
+def _(q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor, layer_index: Tensor) -> None:
     return None

@@ -81,7 +81,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
 def _profiled(runner: ModelRunner, forward, n: int) -> set[str]:
     ids = torch.arange(n) % 256
     with (
-        set_forward_context(ForwardContext(runner.attn_by_name, None)),
+        set_forward_context(ForwardContext(runner.attn_layers, None)),
         torch.inference_mode(),
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
     ):
@@ -101,7 +101,7 @@ def test_compiled_forward_keeps_only_attention_tags(runner: ModelRunner, tmp_pat
     """No graph break (fullgraph), no recompile across token counts; attention, an opaque op that
     runs eagerly, keeps its tag."""
     torch._dynamo.reset()
-    compiled = compile_forward(runner.model.forward, 1, cache_dir=tmp_path)
+    compiled = compile_forward(runner.model, 1, cache_dir=tmp_path)
     names = _profiled(runner, compiled, 7)
     with torch._dynamo.config.patch(error_on_recompile=True):
         names |= _profiled(runner, compiled, 13)
@@ -114,10 +114,10 @@ def test_capture_trace_shows_compiled_ranges_as_tags(runner: ModelRunner, tmp_pa
     user annotations there as in run traces (a GPU sitting found them as cpu_op, so replayed
     compiled kernels came out untagged)."""
     torch._dynamo.reset()
-    compiled = compile_forward(runner.model.forward, 3, cache_dir=tmp_path / "cache")
+    compiled = compile_forward(runner.model, 3, cache_dir=tmp_path / "cache")
     profiler = TorchProfiler(str(tmp_path), 0, "m", torch.device("cpu"), mark_trace=True)
     ids = torch.arange(5)
-    with set_forward_context(ForwardContext(runner.attn_by_name, None)), torch.inference_mode():
+    with set_forward_context(ForwardContext(runner.attn_layers, None)), torch.inference_mode():
         compiled(ids, ids)  # compiles outside the trace, as graph capture's first warm-up does
         with profiler.capture_trace(5):
             compiled(ids, ids)
