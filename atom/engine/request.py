@@ -46,18 +46,22 @@ class Request:
     first_scheduled_time: float | None = None
     stop_token_set: frozenset[int] = field(init=False)  # the params' stop ids, computed once
     needs_output_history: bool = field(init=False)  # penalties: every output token on the host
+    # Prompt + output tokens: an attribute (append_output keeps it), as the scheduler reads it
+    # several times per request per step.
+    num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.stop_token_set = frozenset(self.sampling_params.all_stop_token_ids)
         self.needs_output_history = self.sampling_params.needs_output_history
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

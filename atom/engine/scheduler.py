@@ -127,6 +127,7 @@ class Scheduler:
             )
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+            self._advance(req, num_new)
             i += 1
         # A step that had to preempt admits nobody: the pool is full.
         if not preempted:
@@ -134,12 +135,15 @@ class Scheduler:
         out.finished_req_ids |= self._dropped_ids
         self._dropped_ids = set()
         out.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
-        for req_id, n in out.num_scheduled_tokens.items():
-            req = self.requests[req_id]
-            req.num_computed_tokens += n
-            if req.num_computed_tokens >= req.num_tokens + req.num_pending:
-                req.num_pending += 1  # this step samples its next token
         return out
+
+    @staticmethod
+    def _advance(req: Request, num_new: int) -> None:
+        """Count a scheduled chunk as computed (preemption only ever takes requests not yet
+        scheduled in the step, so none is undone)."""
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens >= req.num_tokens + req.num_pending:
+            req.num_pending += 1  # this step samples its next token
 
     def _pending_reach_limit(self, req: Request) -> bool:
         max_tokens = req.sampling_params.max_tokens
@@ -192,6 +196,7 @@ class Scheduler:
             )
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+            self._advance(req, num_new)
         return budget
 
     def _chunk(self, num_tokens: int, budget: int) -> int:
@@ -231,7 +236,7 @@ class Scheduler:
             new_tokens: list[int] = []
             for token_id in result.sampled_token_ids[idx]:
                 req.num_pending -= 1
-                req.output_token_ids.append(token_id)
+                req.append_output(token_id)
                 new_tokens.append(token_id)
                 if self._check_stop(req, token_id):
                     break

@@ -69,7 +69,7 @@ def test_decode_fills_the_last_block_then_adds_one() -> None:
     req.num_computed_tokens = 10
     expected_new = {100: [], 101: [], 102: [3], 103: [], 104: []}
     for token, new_ids in expected_new.items():
-        req.output_token_ids.append(token)
+        req.append_output(token)
         assert kv.allocate_slots(req, 1) == new_ids
         req.num_computed_tokens += 1
     assert kv.block_ids("a") == [0, 1, 2, 3]
@@ -138,7 +138,7 @@ def test_hits_span_prompt_and_output_tokens() -> None:
     a = make_request("a", list(range(6)))
     admit(kv, a)
     for token in (100, 101, 102):
-        a.output_token_ids.append(token)
+        a.append_output(token)
         kv.allocate_slots(a, 1)
         a.num_computed_tokens += 1
     # a: [0..5, 100, 101, 102] -> blocks 0 [0..3] and 1 [4, 5, 100, 101] are full.
@@ -161,7 +161,8 @@ def test_allocation_failure_returns_none_and_changes_nothing() -> None:
     assert (kv.prefix_query_tokens, kv.prefix_hit_tokens) == counters
 
     # A running request that cannot grow keeps what it had.
-    a.output_token_ids.extend([100, 101, 102])
+    for token in (100, 101, 102):
+        a.append_output(token)
     assert kv.allocate_slots(b, 4) == [3]
     assert kv.allocate_slots(a, 3) is None
     assert kv.block_ids("a") == [0, 1, 2]
@@ -253,7 +254,7 @@ def test_hit_rate_counters() -> None:
     assert (kv.prefix_query_tokens, kv.prefix_hit_tokens) == (20, 8)
 
     # Later allocations of a running request are no new queries.
-    a.output_token_ids.append(100)
+    a.append_output(100)
     kv.allocate_slots(a, 1)
     assert (kv.prefix_query_tokens, kv.prefix_hit_tokens) == (20, 8)
 
