@@ -211,13 +211,12 @@ def _attention_groups(model: nn.Module) -> tuple[AttentionGroup, ...]:
 
 
 def _model_class(config: Any) -> type[nn.Module]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
+    from atom.model_source import causal_lm_architecture
     from atom.models.registry import get_model_class, supported_architectures
 
     archs = getattr(config, "architectures", None) or []
     model_type = getattr(config, "model_type", "")
-    arch = archs[0] if archs else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    arch = archs[0] if archs else causal_lm_architecture(model_type)
     if arch not in supported_architectures():
         raise ValueError(f"no ATOM model for {model_type!r} (architecture {arch!r})")
     return get_model_class(arch)
