@@ -55,6 +55,22 @@ def rotary_embedding(
     return fn(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style)
 
 
+def qk_norm_rotary(
+    positions: Tensor,
+    q: Tensor,
+    k: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    eps: float,
+    cos_sin_cache: Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> tuple[Tensor, Tensor]:
+    """rotary_embedding(rms_norm(q), rms_norm(k)) per head: one kernel on CUDA."""
+    fn = _rotary.qk_norm_rotary if q.is_cuda else _rotary.qk_norm_rotary_ref
+    return fn(positions, q, k, q_weight, k_weight, eps, cos_sin_cache, rotary_dim, is_neox_style)
+
+
 def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
     fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from atom.kernels import ops
+from atom.layers.norm import RMSNorm
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -54,6 +55,25 @@ class RotaryEmbedding(nn.Module):
         are fine) -> new (q, k); fp32 math, features past rotary_dim pass through."""
         return ops.rotary_embedding(
             positions, q, k, self.cos_sin_cache, self.rotary_dim, self.is_neox_style
+        )
+
+    def with_qk_norm(
+        self, positions: Tensor, q: Tensor, k: Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[Tensor, Tensor]:
+        """forward(positions, q_norm.norm(q), k_norm.norm(k)) in one kernel (Qwen3, GLM-4.5)."""
+        if q_norm.eps != k_norm.eps:  # no model has them apart
+            q, k = q_norm.norm(q), k_norm.norm(k)
+            return self(positions, q, k)
+        return ops.qk_norm_rotary(
+            positions,
+            q,
+            k,
+            q_norm.weight,
+            k_norm.weight,
+            q_norm.eps,
+            self.cos_sin_cache,
+            self.rotary_dim,
+            self.is_neox_style,
         )
 
 

@@ -63,8 +63,9 @@ class Glm4MoeAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 

@@ -206,6 +206,7 @@ def cuda_path_compiles() -> tuple[int, int]:
     ops.rms_norm = norm_kernels.rms_norm
     ops.fused_add_rms_norm = norm_kernels.fused_add_rms_norm
     ops.rotary_embedding = rotary_kernels.rotary_embedding
+    ops.qk_norm_rotary = rotary_kernels.qk_norm_rotary
     ops.silu_and_mul = silu_kernels.silu_and_mul
     pieces: list[torch.fx.GraphModule] = []
 

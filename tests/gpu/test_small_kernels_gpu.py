@@ -14,7 +14,12 @@ from atom.kernels.rms_norm import (
     rms_norm,
     rms_norm_ref,
 )
-from atom.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from atom.kernels.rotary import (
+    qk_norm_rotary,
+    qk_norm_rotary_ref,
+    rotary_embedding,
+    rotary_embedding_ref,
+)
 from atom.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -91,6 +96,13 @@ def test_rotary_embedding(
     positions = torch.randint(0, max_position, (num_tokens,), generator=gen, device="cuda")
     q_out, k_out = rotary_embedding(positions, q, k, cache, rotary_dim, is_neox_style)
     q_ref, k_ref = rotary_embedding_ref(positions, q, k, cache, rotary_dim, is_neox_style)
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_out, k_ref, **TOL[dtype])
+    # The same with Qwen3's per-head q/k RMSNorm fused in front.
+    q_w, k_w = (_randn(head_dim, dtype=dtype, seed=s).abs() + 0.5 for s in (7, 8))
+    args = (q_w, k_w, EPS, cache, rotary_dim, is_neox_style)
+    q_out, k_out = qk_norm_rotary(positions, q, k, *args)
+    q_ref, k_ref = qk_norm_rotary_ref(positions, q, k, *args)
     torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
     torch.testing.assert_close(k_out, k_ref, **TOL[dtype])
 

@@ -10,7 +10,12 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from atom.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from atom.kernels.rotary import (
+    qk_norm_rotary,
+    qk_norm_rotary_ref,
+    rotary_embedding,
+    rotary_embedding_ref,
+)
 from atom.layers.rotary import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,6 +64,43 @@ def test_rotary_embedding(
     assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
     # the pass-through tail is copied bit for bit
     assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_neox_style", [True, False])
+@pytest.mark.parametrize(
+    ("num_tokens", "heads", "kv_heads", "head_dim", "rotary_dim"),
+    [(1, 4, 2, 64, 64), (7, 3, 1, 96, 32), (17, 16, 8, 128, 128), (5, 12, 4, 80, 40)],
+)
+def test_qk_norm_rotary(
+    num_tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    is_neox_style: bool,
+    dtype: torch.dtype,
+) -> None:
+    """The per-head RMSNorm of q and k, then rotary, in one kernel: the chain of references (a
+    partial rotary's tail is normed too). Both round the normed values to the dtype, but their
+    sums of squares add in different orders: a value may round one ulp apart (float16: 2e-3 at
+    the normed values' magnitude of ~4)."""
+    q, k = _qk(num_tokens, heads, kv_heads, head_dim, dtype, seed=head_dim + num_tokens)
+    gen = torch.Generator().manual_seed(1)
+    angles = torch.rand(MAX_POSITION, rotary_dim // 2, generator=gen) * 100
+    cache = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    q_w, k_w = (torch.rand(head_dim, generator=gen).add(0.5).to(DEVICE, dtype) for _ in range(2))
+    q0, k0 = q.clone(), k.clone()
+    args = (q_w, k_w, 1e-6, cache, rotary_dim, is_neox_style)
+    q_out, k_out = qk_norm_rotary(positions, q, k, *args)
+    q_ref, k_ref = qk_norm_rotary_ref(positions, q, k, *args)
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-3, rtol=2e-3)
+    torch.testing.assert_close(q_out, q_ref, **tol)
+    torch.testing.assert_close(k_out, k_ref, **tol)
+    assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
+    with pytest.raises(ValueError, match="norm weights"):
+        qk_norm_rotary(positions, q, k, q_w[:-1], k_w, *args[2:])
 
 
 ROPE_PARAMETERS: dict[str, dict[str, Any]] = {
