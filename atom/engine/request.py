@@ -49,11 +49,21 @@ class Request:
     # Prompt + output tokens: an attribute (append_output keeps it), as the scheduler reads it
     # several times per request per step.
     num_tokens: int = field(init=False)
+    # Where it ends by length: prompt + max_tokens, capped by the scheduler's max_model_len.
+    max_num_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.stop_token_set = frozenset(self.sampling_params.all_stop_token_ids)
         self.needs_output_history = self.sampling_params.needs_output_history
         self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+        self.set_max_model_len(None)
+
+    def set_max_model_len(self, max_model_len: int | None) -> None:
+        max_tokens = self.sampling_params.max_tokens
+        limit = len(self.prompt_token_ids) + max_tokens if max_tokens is not None else None
+        if max_model_len is not None:
+            limit = max_model_len if limit is None else min(limit, max_model_len)
+        self.max_num_tokens = limit if limit is not None else 2**62
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -76,6 +76,7 @@ class Scheduler:
                 f"the prompt has {req.num_prompt_tokens} tokens, more than "
                 f"max_model_len={self.config.max_model_len}"
             )
+        req.set_max_model_len(self.config.max_model_len)
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -106,12 +107,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_pending and self._pending_reach_limit(req):
+            if req.num_pending and req.num_tokens + req.num_pending >= req.max_num_tokens:
                 i += 1  # its last token is being sampled
                 continue
-            num_new = self._chunk(
-                req.num_tokens + req.num_pending - req.num_computed_tokens, budget
-            )
+            num_new = req.num_tokens + req.num_pending - req.num_computed_tokens
+            if num_new > 1:  # a prefill chunk (a decode is 1 token: within any budget)
+                num_new = self._chunk(num_new, budget)
             new_block_ids = self.kv.allocate_slots(req, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
@@ -144,12 +145,6 @@ class Scheduler:
         req.num_computed_tokens += num_new
         if req.num_computed_tokens >= req.num_tokens + req.num_pending:
             req.num_pending += 1  # this step samples its next token
-
-    def _pending_reach_limit(self, req: Request) -> bool:
-        max_tokens = req.sampling_params.max_tokens
-        return (
-            max_tokens is not None and req.num_output_tokens + req.num_pending >= max_tokens
-        ) or req.num_tokens + req.num_pending >= self.config.max_model_len
 
     def rollback(self, sched: SchedulerOutput) -> None:
         """Undo a step whose execution failed: its tokens were not computed, so the blocks it
@@ -300,9 +295,7 @@ class Scheduler:
         if token_id in req.stop_token_set and req.num_output_tokens >= params.min_tokens:
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token_id if token_id in params.stop_token_ids else None
-        elif (
-            params.max_tokens is not None and req.num_output_tokens >= params.max_tokens
-        ) or req.num_tokens >= self.config.max_model_len:
+        elif req.num_tokens >= req.max_num_tokens:  # max_tokens or max_model_len
             req.status = RequestStatus.FINISHED_LENGTH
         return req.status.finished
 

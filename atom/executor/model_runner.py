@@ -430,7 +430,9 @@ class ModelRunner:
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for req_id in sched.finished_req_ids:
-            self.states.pop(req_id, None)
+            state = self.states.pop(req_id, None)
+            if state is not None:
+                self.buffers.block_rows.release(state)
         for new in sched.new_reqs:
             params = new.sampling_params
             # Seeded per drawn position when sampling (input_batch.position_seed); CUDA draws
@@ -448,7 +450,7 @@ class ModelRunner:
             )
         for cached in sched.cached_reqs:
             state = self.states[cached.req_id]
-            state.add_blocks(cached.new_block_ids)
+            state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens  # before this step
 
     def _record_samples(
@@ -464,7 +466,7 @@ class ModelRunner:
         ranks = result.ranks.tolist() if result.ranks is not None else None
         for j, (i, state) in enumerate(zip(inputs.sample_rows, rows, strict=True)):
             state.num_pending -= 1
-            state.output_token_ids.append(sampled[j])
+            state.append_output(sampled[j])
             out.sampled_token_ids[i] = [sampled[j]]
             k = state.sampling_params.logprobs
             if k is not None and lp_ids is not None and lps is not None and ranks is not None:

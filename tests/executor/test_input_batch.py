@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from atom.engine.outputs import CachedRequestData, SchedulerOutput
-from atom.executor.input_batch import CachedRequestState, StepBuffers, build_step_inputs
+from atom.executor.input_batch import (
+    BlockTableRows,
+    CachedRequestState,
+    StepBuffers,
+    build_step_inputs,
+)
 from atom.sampling_params import SamplingParams
 
 BS = 4
@@ -59,3 +64,35 @@ def test_decode_batch_padded_for_a_graph() -> None:
     assert inputs.attn.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     assert inputs.logits_indices.tolist() == [0, 1, 2]
     assert inputs.req_ids == list("xyz")
+
+
+def test_block_rows_follow_growth_release_and_batch_order() -> None:
+    """Persistent rows: blocks a request gains land in its row, a released row serves a new
+    request from its first column, rows double when every one is taken, and each step's table
+    lists the batch's rows in batch order."""
+    bufs = StepBuffers(max_tokens=32, max_seqs=3, max_blocks=6, device=torch.device("cpu"))
+    states = {r: _state(r, [1] * 5, [], [10 * i + 1, 10 * i + 2], 5) for i, r in enumerate("abc")}
+
+    def step(order: str) -> list[list[int]]:
+        sched = SchedulerOutput(
+            cached_reqs=[CachedRequestData(r, [], states[r].num_computed_tokens) for r in order],
+            num_scheduled_tokens=dict.fromkeys(order, 1),
+            total_num_scheduled_tokens=len(order),
+        )
+        inputs = build_step_inputs(sched, states, BS, bufs)
+        return [
+            row[: len(states[r].block_ids)]
+            for r, row in zip(order, inputs.attn.block_tables.tolist(), strict=True)
+        ]
+
+    assert step("abc") == [[1, 2], [11, 12], [21, 22]]
+    states["b"].block_ids.append(13)
+    assert step("cb") == [[21, 22], [11, 12, 13]]
+    bufs.block_rows.release(states.pop("a"))
+    states["d"] = _state("d", [1] * 5, [], [31, 32], 5)  # takes a's row: no stale block of a's
+    assert step("dbc") == [[31, 32], [11, 12, 13], [21, 22]]
+    rows = BlockTableRows(max_blocks=2, num_rows=2)
+    many = [_state(str(i), [1], [], [i, i + 100], 1) for i in range(5)]
+    synced = [rows.sync(s) for s in many]
+    assert [rows.table[r].tolist() for r in synced] == [[i, i + 100] for i in range(5)]
+    assert len(rows.table) == 8  # doubled twice

@@ -378,7 +378,7 @@ def test_min_tokens_blocks_stop_ids() -> None:
         assert sampled[2] == eos and sampled[3] in (stop, eos)
     assert torch.equal(logits, original)  # the caller's logits are not masked in place
     for row in rows:
-        row.output_token_ids.append(3)
+        row.append_output(3)
     assert build_sampling_metadata(rows, CPU).blocked_tokens == []
 
 
