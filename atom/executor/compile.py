@@ -108,13 +108,13 @@ class _CompiledLayer:
         self.layer = layer
         self.compiled = compiled
 
-    def __call__(self, *args: Any) -> Any:
-        tensors = [a for a in args if isinstance(a, Tensor)]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         if tensors[0].shape[0] <= 1:
-            return self.eager(*args)
+            return self.eager(*args, **kwargs)
         for t in tensors:  # every argument is token-major: [T] positions, [T, H] states
             torch._dynamo.mark_dynamic(t, 0)
-        return self.compiled(self.layer, *args)
+        return self.compiled(self.layer, *args, **kwargs)
 
 
 def _use_cache_dir(path: Path) -> None:
