@@ -227,7 +227,8 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.kv_amax = (0.0, 0.0)
         with set_forward_context(ForwardContext(self.attn_layers, None)):
-            self.model(ids, torch.arange(n, device=self.device))  # eager: it reads maxima
+            # Attention runs eagerly inside its op at every level: it records the maxima.
+            self.model(ids, torch.arange(n, device=self.device))
         for layer in self.attn_layers:
             layer.set_kv_scales_from_amax()
         logger.info(
@@ -434,6 +435,9 @@ class ModelRunner:
             if state is not None:
                 self.buffers.block_rows.release(state)
         for new in sched.new_reqs:
+            stale = self.states.get(new.req_id)  # its drop never arrived (a failed submit)
+            if stale is not None:
+                self.buffers.block_rows.release(stale)
             params = new.sampling_params
             # Seeded per drawn position when sampling (input_batch.position_seed); CUDA draws
             # from Philox seeds instead (atom.kernels.sampling).

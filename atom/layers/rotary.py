@@ -50,30 +50,37 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = cache.shape[-1]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
-    def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        positions: Tensor,
+        q: Tensor,
+        k: Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim] (views
-        are fine) -> new (q, k); fp32 math, features past rotary_dim pass through."""
+        are fine) -> new (q, k); fp32 math, features past rotary_dim pass through. With q_norm
+        and k_norm (Qwen3, GLM-4.5's per-head RMSNorm), q and k are normed first, in the same
+        kernel."""
+        if q_norm is not None and k_norm is not None:
+            fused = (
+                q_norm.eps == k_norm.eps and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype
+            )
+            if fused:
+                return ops.qk_norm_rotary(
+                    positions,
+                    q,
+                    k,
+                    q_norm.weight,
+                    k_norm.weight,
+                    q_norm.eps,
+                    self.cos_sin_cache,
+                    self.rotary_dim,
+                    self.is_neox_style,
+                )
+            q, k = q_norm.norm(q), k_norm.norm(k)  # no model has them apart
         return ops.rotary_embedding(
             positions, q, k, self.cos_sin_cache, self.rotary_dim, self.is_neox_style
-        )
-
-    def with_qk_norm(
-        self, positions: Tensor, q: Tensor, k: Tensor, q_norm: RMSNorm, k_norm: RMSNorm
-    ) -> tuple[Tensor, Tensor]:
-        """forward(positions, q_norm.norm(q), k_norm.norm(k)) in one kernel (Qwen3, GLM-4.5)."""
-        if q_norm.eps != k_norm.eps:  # no model has them apart
-            q, k = q_norm.norm(q), k_norm.norm(k)
-            return self(positions, q, k)
-        return ops.qk_norm_rotary(
-            positions,
-            q,
-            k,
-            q_norm.weight,
-            k_norm.weight,
-            q_norm.eps,
-            self.cos_sin_cache,
-            self.rotary_dim,
-            self.is_neox_style,
         )
 
 

@@ -55,6 +55,10 @@ def test_mark_trace_flag_spellings() -> None:
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
+    return _tagged_runner(tmp_path_factory.mktemp("qwen3"))
+
+
+def _tagged_runner(path: Path) -> ModelRunner:
     config = transformers.Qwen3Config(
         hidden_size=64,
         intermediate_size=128,
@@ -66,7 +70,6 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
         max_position_embeddings=512,
         architectures=["Qwen3ForCausalLM"],
     )
-    path = tmp_path_factory.mktemp("qwen3")
     config.save_pretrained(path)
     args = EngineArgs(
         model=str(path),
@@ -109,10 +112,11 @@ def test_compiled_forward_keeps_only_attention_tags(runner: ModelRunner, tmp_pat
     assert "model.layers.0.mlp" not in names
 
 
-def test_capture_trace_shows_compiled_ranges_as_tags(runner: ModelRunner, tmp_path: Path) -> None:
+def test_capture_trace_shows_compiled_ranges_as_tags(tmp_path: Path) -> None:
     """A capture trace of a level-3 forward: Inductor's `## Call CompiledFxGraph` ranges are
     user annotations there as in run traces (a GPU sitting found them as cpu_op, so replayed
-    compiled kernels came out untagged)."""
+    compiled kernels came out untagged). Its own runner: level 3 compiles the layers in place."""
+    runner = _tagged_runner(tmp_path / "model")
     torch._dynamo.reset()
     compiled = compile_forward(runner.model, 3, cache_dir=tmp_path / "cache")
     profiler = TorchProfiler(str(tmp_path), 0, "m", torch.device("cpu"), mark_trace=True)

@@ -208,7 +208,7 @@ def _step(layer: MLAAttention, s: dict, max_seq_len: int) -> torch.Tensor:
     batch = s["lens"].shape[0]
     qsl = torch.arange(batch + 1, dtype=torch.int32, device=DEVICE)
     meta = AttentionMetadata(s["slots"], s["tables"], s["lens"], qsl, [], [], 1, max_seq_len)
-    with set_forward_context(ForwardContext({}, meta)):
+    with set_forward_context(ForwardContext([], meta)):
         return layer(s["q"], s["latent"], s["w_kv_b"])
 
 

@@ -61,7 +61,7 @@ def test_paged_steps_match_whole_sequences(path: str, monkeypatch: pytest.Monkey
             torch.cat(slots), tables, torch.tensor(seq_lens, dtype=torch.int32),
             torch.tensor(qsl, dtype=torch.int32), seq_lens, qsl, max(counts), max(seq_lens),
         )  # fmt: skip
-        with set_forward_context(ForwardContext({}, meta)):
+        with set_forward_context(ForwardContext([], meta)):
             out = layer(torch.cat(q), torch.cat(latent), w_kv_b)
         for i, n in enumerate(counts):
             if LENGTHS[i] == 0:
