@@ -9,6 +9,9 @@ Per step, from the runner's labels (atom/executor/trace_labels.py):
             (the last step: to its own end); GPU traces start a step at its first GPU work
   GPU busy  the part of the period with any GPU work running (the union of all kernel,
             memcpy and memset intervals); idle = 100% - busy
+  host busy (decode) the host's own time per step: its range's start to the next step's, less
+            the time it waited on the GPU (cudaEventSynchronize and other syncs). A host busier
+            than the period is what leaves the GPU idle; one well below it is ahead.
 A CPU trace has no GPU columns ("no GPU events"): its step time is the host range.
 """
 
@@ -82,6 +85,8 @@ def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
     lines.append(stats_row("period", [t.period for t in timings]))
     if gpu:
         lines.append(stats_row("GPU span", [t.gpu_span for t in timings if t.gpu_span is not None]))
+        host_busy = [t.host_busy for t in timings if t.host_busy is not None]
+        lines.append(stats_row("host busy", host_busy))
         idle = [100 * (1 - t.gpu_busy) for t in timings if t.gpu_busy is not None]
         lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%", total=False))
         over = sum(v > IDLE_LIMIT for v in idle)
@@ -94,8 +99,8 @@ def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
         lines += ["", "GPU busy: no GPU events (a CPU trace)."]
     lines += ["", "Per batch size:", ""]
     lines += [
-        "| kind | bs | graph | steps | mean time | min | max | mean GPU idle |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kind | bs | graph | steps | mean time | min | max | mean GPU idle | mean host busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple[str, int, int], list[StepTiming]] = defaultdict(list)
     for t in timings:
@@ -105,10 +110,12 @@ def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
         times = [step_time(t) for t in group]
         busy = [t.gpu_busy for t in group if t.gpu_busy is not None]
         idle = fmt_pct(1 - statistics.fmean(busy)) if busy else "no GPU events"
+        host = [t.host_busy for t in group if t.host_busy is not None]
         graph_text = str(graph) if kind == "decode" else "-"
         lines.append(
             f"| {kind} | {bs} | {graph_text} | {len(group)} | {fmt_us(statistics.fmean(times))} | "
-            f"{fmt_us(min(times))} | {fmt_us(max(times))} | {idle} |"
+            f"{fmt_us(min(times))} | {fmt_us(max(times))} | {idle} | "
+            f"{fmt_us(statistics.fmean(host)) if host else '-'} |"
         )
     return [*lines, ""]
 

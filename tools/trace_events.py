@@ -199,6 +199,10 @@ class Trace:
         spans = [_span(e) for e in events if e.get("ph") == "X"]
         self.gpu = sorted((s for s in spans if s.cat in GPU_CATS), key=lambda s: s.ts)
         self.has_gpu = bool(self.gpu)
+        # The host blocked on the GPU (cudaEventSynchronize and the like), as sorted intervals.
+        self.host_waits = merge_intervals(
+            (s.ts, s.end) for s in spans if s.cat in LAUNCH_CATS and "Synchronize" in s.name
+        )
         host: dict[Thread, list[Span]] = defaultdict(list)
         device_ranges: dict[Thread, list[Span]] = defaultdict(list)
         for s in spans:
@@ -316,6 +320,9 @@ class StepTiming:
     period: float  # to the next step's start (the last step: to its own end)
     gpu_span: float | None  # first to last GPU work of the step
     gpu_busy: float | None  # fraction of the period with any GPU work running; None: CPU trace
+    # The host's own time for the step: its range's start to the next step's, less the time it
+    # waited on the GPU in between. None: the last step, or a CPU trace.
+    host_busy: float | None = None
 
 
 def step_timings(trace: Trace) -> list[StepTiming]:
@@ -335,8 +342,11 @@ def step_timings(trace: Trace) -> list[StepTiming]:
     for i, step in enumerate(trace.steps):
         end = starts[i + 1] if i + 1 < len(starts) else ends[i]
         period = max(end - starts[i], 0.0)
-        busy = None
+        busy = host_busy = None
         if trace.has_gpu:
             busy = covered(gpu, starts[i], end) / period if period > 0 else 1.0
-        timings.append(StepTiming(step, starts[i], period, spans[i], busy))
+            if i + 1 < len(trace.steps):
+                lo, hi = step.cpu.ts, trace.steps[i + 1].cpu.ts
+                host_busy = hi - lo - covered(trace.host_waits, lo, hi)
+        timings.append(StepTiming(step, starts[i], period, spans[i], busy, host_busy))
     return timings

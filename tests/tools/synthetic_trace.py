@@ -40,6 +40,10 @@ class TraceBuilder:
         self._add(cat, name, ts, 1.0, CPU, {"correlation": corr})
         return corr
 
+    def sync(self, ts: float, dur: float) -> None:
+        """The host waiting on the GPU (no launch: no correlation id)."""
+        self._add("cuda_runtime", "cudaEventSynchronize", ts, dur, CPU, {})
+
     def gpu(self, name: str, ts: float, dur: float, corr: int, cat: str = "kernel") -> None:
         self._add(cat, name, ts, dur, GPU, {"correlation": corr, "stream": GPU[1]})
 
@@ -115,4 +119,5 @@ def run_trace(path: Path) -> Path:
             ts += dur + 2
         t.host("compute_logits", start + 20, 5)
         t.kernel("gemm_logits", start + 21, ts + 1, 5)
+    t.sync(445, 10)  # the host waits for the first decode's ids before the second step
     return t.write(path)

@@ -277,5 +277,7 @@ def test_summary_gpu_busy(gpu_trace: Path, tmp_path: Path) -> None:
         in text
     )
     assert "2 of 2 steps idle more than 10%" in text
-    assert re.search(r"\| decode \| 3 \| 4 \| 2 \| 79\.5 us \|", text)
+    # host busy: from one decode's host start (400) to the next's (460), less a 10 us wait
+    assert "| host busy | 1 | 50.0 us | 50.0 us | 50.0 us | 50.0 us |" in text
+    assert re.search(r"\| decode \| 3 \| 4 \| 2 \| 79\.5 us \|.*\| 50\.0 us \|", text)
     assert "no GPU events" not in text

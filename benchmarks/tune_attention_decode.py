@@ -1,0 +1,100 @@
+"""Sweep the decode launch configuration of the unified attention kernel on the GPU.
+
+    python benchmarks/tune_attention_decode.py [out.json]
+
+The nano-vllm bench's attention (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, bf16,
+block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids shuffled):
+every (tile, num_warps, num_stages) is timed as bench_attention.py times a kernel (L2 flushed,
+median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run.
+The current choice (attention_config.launch_config) is marked; configurations that do not fit
+the GPU's shared memory are skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # the timing helper
+
+import atom.kernels.unified_attention as ua
+from atom.kernels.attention_config import LaunchConfig, launch_config
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
+BATCHES = [64, 256]
+TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
+
+
+def inputs(batch: int) -> dict:
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(100, 2049, (batch,), generator=gen)
+    blocks = (lens + BLOCK - 1) // BLOCK
+    max_blocks = int(blocks.max())
+    perm = torch.randperm(int(blocks.sum()), generator=gen)
+    table = torch.zeros(batch, max_blocks, dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks.tolist()):
+        table[i, :n] = perm[start : start + n]
+        start += n
+    cache = torch.randn(2, start, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    return {
+        "query": torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda"),
+        "kv_cache": cache,
+        "block_tables": table.cuda(),
+        "seq_lens": lens.to(torch.int32).cuda(),
+        "query_start_loc": torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
+        "max_query_len": 1,
+        "max_seq_len": int(lens.max()),
+        "scale": HEAD_DIM**-0.5,
+        "kv_bytes": int(lens.sum()) * 2 * KV_HEADS * HEAD_DIM * 2,
+    }
+
+
+def copy_gbps() -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_attention.bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def main() -> None:
+    out_path = sys.argv[1] if len(sys.argv) > 1 else "attention_decode_tune.json"
+    current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
+    results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
+    print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; current {current}", flush=True)
+    original = ua.launch_config
+    for batch in BATCHES:
+        inp = inputs(batch)
+        kv_bytes = inp.pop("kv_bytes")
+        out = torch.empty_like(inp["query"])
+        for tile, warps, stages in itertools.product(TILES, WARPS, STAGES):
+            cfg = LaunchConfig(current.block_m, current.block_q, tile, True, warps, stages)
+            ua.launch_config = lambda *_, cfg=cfg: cfg
+            try:
+                call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731
+                ms = bench_attention.bench(call)
+            except Exception as e:  # out of shared memory, say
+                print(
+                    f"batch {batch} tile {tile} warps {warps} stages {stages}: {type(e).__name__}"
+                )
+                continue
+            finally:
+                ua.launch_config = original
+            gbps = kv_bytes / ms / 1e6
+            mark = " <- current" if cfg == current else ""
+            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages}: {ms:.3f} ms "
+                  f"{gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
+            results["runs"].append(
+                {"batch": batch, "tile": tile, "warps": warps, "stages": stages, "ms": ms,
+                 "gb_per_s": gbps, "current": cfg == current}
+            )  # fmt: skip
+    Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
