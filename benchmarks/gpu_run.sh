@@ -2,6 +2,7 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           imports profile startup moe serving peer smol stash
+#                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
@@ -18,6 +19,8 @@
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
+#   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages on the
+#            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~3 minutes)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
@@ -70,6 +73,11 @@ stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sam
     for name in ${KERNEL_BENCHES:-attention fused_moe mla sampler}; do
         python3 "benchmarks/bench_$name.py" "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
     done
+}
+
+stage_tune_attention() {
+    python3 benchmarks/tune_attention_decode.py "$OUT/attention_decode_tune.json" 2>&1 \
+        | tee "$OUT/tune_attention.log"
 }
 
 stage_tune() {
