@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from atom import LLM, SamplingParams
 from atom.args import EngineArgs, FlexibleArgumentParser
+from atom.engine.core import WARMUP_QUERY_LENS
+from atom.engine.outputs import SchedulerOutput
 from tests.conftest import tiny_llama_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -327,7 +329,19 @@ def test_warm_up_leaves_a_clean_engine(tiny: Path) -> None:
     prefix-cache counters come back, and generation afterwards is unchanged."""
     llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
     before = llm.generate(_ids(5, 21), GREEDY, use_tqdm=False)
+    longest: list[int] = []  # each step's longest query
+    schedule = llm.engine.scheduler.schedule
+
+    def spy() -> SchedulerOutput:
+        out = schedule()
+        longest.append(max(out.num_scheduled_tokens.values(), default=0))
+        return out
+
+    llm.engine.scheduler.schedule = spy
     llm.engine.warm_up()
+    llm.engine.scheduler.schedule = schedule
+    # every short query length ran as a step's longest query (attention's tile choice)
+    assert set(WARMUP_QUERY_LENS) <= set(longest)
     _assert_clean(llm)
     stats = llm.engine.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)

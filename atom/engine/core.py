@@ -30,6 +30,10 @@ from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Query lengths the warm-up runs alone: with 1 to 32 query heads per KV head they meet every
+# attention tile a step of short queries picks (atom/kernels/attention_config.py).
+WARMUP_QUERY_LENS = (2, 4, 8, 16, 32, 64)
+
 
 class Executor(Protocol):
     def determine_num_kv_blocks(self) -> int: ...
@@ -116,9 +120,14 @@ class EngineCore:
         )
 
     def warm_up(self) -> None:
-        """One throwaway request through prefill, a mixed step and decode, so that the first real
+        """Throwaway requests through prefill, a mixed step and decode, so that the first real
         request pays no kernel compilation (its TTFT was seconds on a cold start); then the
-        prefix cache and its counters are reset."""
+        prefix cache and its counters are reset.
+
+        Then one short prompt alone per query length in WARMUP_QUERY_LENS: attention picks its
+        tile from a step's longest query times the heads per KV head, so a step whose longest
+        query is a short prompt, or the short rest of a prefix-cached or chunked one, met a tile
+        size nothing had compiled (an H200 trace: 2.2 s in its first attention call)."""
         bs, max_len = self.config.cache.block_size, self.config.scheduler.max_model_len
         n = max(min(2 * bs + 3, max_len - 4), 1)
         params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)  # no RNG draws
@@ -128,6 +137,12 @@ class EngineCore:
             self.step()
         while self.has_work():
             self.step()
+        short = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        for length in (q for q in WARMUP_QUERY_LENS if q < max_len):
+            prompt = [1 + (5 * j + length) % 100 for j in range(length)]
+            self.add_request(Request(f"__warmup_q{length}", prompt, short))
+            while self.has_work():
+                self.step()
         self.reset_prefix_cache()
 
     def add_request(self, request: Request) -> None:
