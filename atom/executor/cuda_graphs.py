@@ -1,4 +1,5 @@
-"""Whole-forward CUDA graphs of decode batches (model + LM head), one per padded batch size.
+"""Whole-forward CUDA graphs of decode batches (the model; the LM head runs after the replay),
+one per padded batch size.
 
 All graphs share one memory pool and are captured largest first, so each smaller one reuses the
 memory the larger ones already hold. A batch of B decode rows replays the graph of the smallest
