@@ -273,11 +273,11 @@ def test_failed_step_leaves_no_stale_prefix_cache(
 
 
 def test_prompt_logprobs_in_slices(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    import atom.executor.model_runner as runner
+    import atom.executor.sampler as sampler
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=2)
     whole = llm.generate(_ids(40), params, use_tqdm=False)[0].prompt_logprobs
-    monkeypatch.setattr(runner, "PROMPT_LOGPROBS_ROWS", 7)
+    monkeypatch.setattr(sampler, "PROMPT_LOGPROBS_ROWS", 7)
     sliced = llm.generate(_ids(40), params, use_tqdm=False)[0].prompt_logprobs
     assert whole is not None and sliced is not None and len(sliced) == 40
     for a, b in zip(whole[1:], sliced[1:], strict=True):

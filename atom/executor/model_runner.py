@@ -36,7 +36,7 @@ from atom.executor.sampler import (
     Sampler,
     SamplerOutput,
     profile_sampling_metadata,
-    score_tokens,
+    prompt_logprob_entries,
     to_device,
 )
 from atom.executor.trace_labels import step_label
@@ -47,7 +47,6 @@ from atom.models.registry import get_model_class
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 2 << 30
-PROMPT_LOGPROBS_ROWS = 512
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -425,7 +424,9 @@ class ModelRunner:
             return self.model.compute_logits(hidden), {}
         with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
             hidden = self.forward(inputs.input_ids, inputs.positions)
-        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        prompt_logprobs = prompt_logprob_entries(
+            inputs, hidden, self.states, self.model.compute_logits
+        )
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if sample else None
         return logits, prompt_logprobs
 
@@ -475,22 +476,6 @@ class ModelRunner:
             k = state.sampling_params.logprobs
             if k is not None and lp_ids is not None and lps is not None and ranks is not None:
                 out.logprobs[i] = TokenLogprobs(lp_ids[j][: k + 1], lps[j][: k + 1], ranks[j])
-
-    def _prompt_logprobs(self, inputs: StepInputs, hidden: Tensor) -> dict[str, list]:
-        """Logprobs of each prompt token given the tokens before it, PROMPT_LOGPROBS_ROWS
-        positions at a time: a full-vocabulary float32 softmax is large."""
-        result: dict[str, list] = {}
-        for i, (lo, hi) in inputs.prompt_logprob_spans.items():
-            state = self.states[inputs.req_ids[i]]
-            first = state.num_computed_tokens + 1  # prompt index scored by row lo
-            entries: list[TokenLogprobs] = []
-            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
-                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
-                targets = state.prompt_token_ids[first + a - lo : first + b - lo]
-                logits = self.model.compute_logits(hidden[a:b])
-                entries += score_tokens(logits, targets, state.sampling_params.prompt_logprobs)
-            result[state.req_id] = entries
-        return result
 
 
 def _to_host(t: Tensor | None) -> Tensor | None:

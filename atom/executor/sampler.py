@@ -9,13 +9,20 @@ torch generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from atom.engine.outputs import TokenLogprobs
 from atom.kernels.sampling import gumbel_argmax
+
+if TYPE_CHECKING:  # input_batch imports this module
+    from atom.executor.input_batch import CachedRequestState, StepInputs
+
+PROMPT_LOGPROBS_ROWS = 512  # positions scored at a time: a full-vocabulary softmax is large
 
 
 @dataclass(slots=True)
@@ -231,3 +238,25 @@ def score_tokens(logits: Tensor, targets: list[int], k: int | None) -> list[Toke
         out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist(), strict=True
     )
     return [TokenLogprobs(ids, lps, rank) for ids, lps, rank in rows]
+
+
+def prompt_logprob_entries(
+    inputs: StepInputs,
+    hidden: Tensor,
+    states: dict[str, CachedRequestState],
+    compute_logits: Callable[[Tensor], Tensor],
+) -> dict[str, list[TokenLogprobs]]:
+    """Logprobs of each prompt token given the tokens before it, for the step's rows that want
+    them (inputs.prompt_logprob_spans), PROMPT_LOGPROBS_ROWS positions at a time."""
+    result: dict[str, list[TokenLogprobs]] = {}
+    for i, (lo, hi) in inputs.prompt_logprob_spans.items():
+        state = states[inputs.req_ids[i]]
+        first = state.num_computed_tokens + 1  # prompt index scored by row lo
+        entries: list[TokenLogprobs] = []
+        for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+            b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+            targets = state.prompt_token_ids[first + a - lo : first + b - lo]
+            logits = compute_logits(hidden[a:b])
+            entries += score_tokens(logits, targets, state.sampling_params.prompt_logprobs)
+        result[state.req_id] = entries
+    return result
