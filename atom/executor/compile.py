@@ -107,13 +107,19 @@ class _CompiledLayer:
         self.eager = layer.forward  # bound, or a --mark-trace wrapper of it
         self.layer = layer
         self.compiled = compiled
+        self.marked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         if tensors[0].shape[0] <= 1:
             return self.eager(*args, **kwargs)
-        for t in tensors:  # every argument is token-major: [T] positions, [T, H] states
-            torch._dynamo.mark_dynamic(t, 0)
+        if not self.marked:
+            # The first compiled call traces (or finds) the graph with a symbolic token count;
+            # later calls of any count >= 2 match it unmarked. mark_dynamic costs ~0.1 ms a call:
+            # 3 per layer on every eager forward was milliseconds of each prefill's host time.
+            for t in tensors:  # every argument is token-major: [T] positions, [T, H] states
+                torch._dynamo.mark_dynamic(t, 0)
+            self.marked = True
         return self.compiled(self.layer, *args, **kwargs)
 
 

@@ -106,12 +106,20 @@ def test_level3_traces_two_layers_and_compiles_three_pieces(
     sizes = (5, 1, 13, 2)
     expected = [_run(runner, runner.model.forward, n) for n in sizes]
     graphs, pieces = _count_compiles(monkeypatch)
+    marks: list[int] = []  # mark_dynamic calls per forward: ~0.1 ms each, first forward only
+    mark_dynamic = torch._dynamo.mark_dynamic
+    monkeypatch.setattr(
+        torch._dynamo, "mark_dynamic", lambda t, dim: marks.append(1) or mark_dynamic(t, dim)
+    )
     torch._dynamo.reset()
     compiled = compile_forward(runner.model, 3, cache_dir=tmp_path / "cache")
+    calls = []
     for n, want in zip(sizes, expected, strict=True):
         torch.testing.assert_close(_run(runner, compiled, n), want, atol=1e-5, rtol=1e-5)
+        calls.append(len(marks))
     assert len(graphs) == 2
     assert len(pieces) == 3
+    assert calls[0] > 0 and calls[-1] == calls[0]  # later counts match the graphs unmarked
 
 
 def test_runner_runs_one_token_eagerly(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
