@@ -60,10 +60,10 @@ class Request:
 
     def set_max_model_len(self, max_model_len: int | None) -> None:
         max_tokens = self.sampling_params.max_tokens
-        limit = len(self.prompt_token_ids) + max_tokens if max_tokens is not None else None
-        if max_model_len is not None:
-            limit = max_model_len if limit is None else min(limit, max_model_len)
-        self.max_num_tokens = limit if limit is not None else 2**62
+        limits = [] if max_model_len is None else [max_model_len]
+        if max_tokens is not None:
+            limits.append(len(self.prompt_token_ids) + max_tokens)
+        self.max_num_tokens = min(limits, default=2**62)
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
