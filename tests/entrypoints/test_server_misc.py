@@ -199,7 +199,9 @@ def test_disconnect_non_streaming_aborts(server: ServerProcess, http: httpx.Clie
     # A raw socket, so that the connection surely closes before the response.
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head.encode() + data)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 20
+        while metric(http, "atom:num_requests_running") < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
     wait_for_free_blocks(http)
     # Aborted (all 16 completions counted so), not run to the end.
     assert metric(http, "atom:generation_tokens_total") - generated < 16 * 240

@@ -29,8 +29,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.25
-
 
 class SSEResponse(StreamingResponse):
     """Server-sent events whose generator is always closed, so a disconnect aborts the request.
@@ -97,20 +95,29 @@ async def merge(
 
 
 async def until_disconnect(coro: Any, raw: Request) -> Any:
-    """Await coro, cancelling it (and so aborting its requests) if the client goes away."""
+    """Await coro, cancelling it (and so aborting its requests) the moment the client goes away.
+
+    The body is read by now, so the next ASGI message is the disconnect: waiting on it costs no
+    polling and no latency.
+    """
     task = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_disconnect(raw))
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await raw.is_disconnected():
-                raise OpenAIError("client disconnected", 499, "ClientDisconnected")
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise OpenAIError("client disconnected", 499, "ClientDisconnected")
     finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for t in (task, watch):
+            if not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+
+async def _disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
 
 
 def stream_error(e: Exception) -> str:
