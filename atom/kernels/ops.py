@@ -71,6 +71,27 @@ def qk_norm_rotary(
     return fn(positions, q, k, q_weight, k_weight, eps, cos_sin_cache, rotary_dim, is_neox_style)
 
 
+def rotary_and_cache(
+    positions: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    cos_sin_cache: Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+    k_scale: float,
+    v_scale: float,
+    norm: _rotary.Norm | None,
+) -> Tensor:
+    """The rotated q (after the per-head q/k norms when given); rotated k and v go into kv_cache
+    at slot_mapping as reshape_and_cache writes them. One kernel on CUDA."""
+    fn = _rotary.rotary_and_cache if q.is_cuda else _rotary.rotary_and_cache_ref
+    args = (cos_sin_cache, rotary_dim, is_neox_style, k_scale, v_scale, norm)
+    return fn(positions, q, k, v, kv_cache, slot_mapping, *args)
+
+
 def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
     fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref

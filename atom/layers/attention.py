@@ -20,6 +20,8 @@ from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import get_forward_context
 from atom.kernels import ops
 from atom.kernels.paged_attention import sdpa
+from atom.layers.norm import RMSNorm
+from atom.layers.rotary import RotaryEmbedding
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -45,10 +47,19 @@ class Attention(nn.Module):
         sliding_window: int | None = None,
         softcap: float | None = None,
         sinks: bool = False,
+        rope: RotaryEmbedding | None = None,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> None:
         """num_heads / num_kv_heads: this rank's; sinks: a learned per-head logit [num_heads]
-        joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor."""
+        joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor;
+        rope (and qk_norm, Qwen3's per-head q/k RMSNorm, before it): the layer rotates q and k
+        itself, in the kernel that writes K/V into the cache (one launch where there were two),
+        so forward takes q and k unrotated, and the positions."""
         super().__init__()
+        # A plain tuple: the modules stay registered (and named) where the checkpoint has them.
+        self.rope: tuple[RotaryEmbedding, RMSNorm | None, RMSNorm | None] | None = None
+        if rope is not None:
+            self.rope = (rope, *(qk_norm or (None, None)))
         self.sliding_window = sliding_window
         self.softcap = softcap
         self.num_heads = num_heads
@@ -83,23 +94,31 @@ class Attention(nn.Module):
         """This layer's cache tensor; layers with another layout (MLA latents) override it."""
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
-        out = torch.empty_like(q)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None = None) -> Tensor:
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] (views are fine), positions [T]
+        with a rope -> [T, heads, head_dim]."""
+        if (positions is None) != (self.rope is None):
+            raise ValueError("positions go with a rope, and only with one")
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if torch.compiler.is_compiling():
-            torch.ops.atom.attention(q, k, v, out, self.layer_index)
+            torch.ops.atom.attention(q, k, v, positions, out, self.layer_index)
         else:  # eager: skip the dispatcher, ~10 us per call
-            self.forward_into(q, k, v, out)
+            self.forward_into(q, k, v, positions, out)
         return out
 
     def trace_scope(self) -> AbstractContextManager[Any]:
         return record_function(self.trace_tag) if self.trace_tag else nullcontext()
 
-    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
+    def forward_into(
+        self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor
+    ) -> None:
         context = get_forward_context()
         meta = None if context is None else context.attn
         if meta is None or self.kv_cache.numel() == 0:
             # A forward with no cache (memory profile, fp8 calibration): one causal sequence.
+            if self.rope is not None:
+                rotary, q_norm, k_norm = self.rope
+                q, k = rotary(positions, q, k, q_norm, k_norm)
             if self.kv_amax is not None:
                 self.kv_amax = (
                     max(self.kv_amax[0], k.abs().max().item()),
@@ -107,7 +126,15 @@ class Attention(nn.Module):
                 )
             out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks))
             return
-        ops.reshape_and_cache(k, v, self.kv_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        scales = (self.k_scale, self.v_scale)
+        if self.rope is None:
+            ops.reshape_and_cache(k, v, self.kv_cache, meta.slot_mapping, *scales)
+        else:
+            rotary, q_norm, k_norm = self.rope
+            assert positions is not None
+            q = rotary.forward_into_cache(
+                positions, q, k, v, self.kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
+            )
         ops.paged_attention(
             q,
             self.kv_cache,
@@ -131,14 +158,18 @@ class Attention(nn.Module):
 
 
 @torch.library.custom_op("atom::attention", mutates_args=("out",))
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_index: Tensor) -> None:
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
+) -> None:
     context = get_forward_context()
     assert context is not None, "atom.attention runs inside the runner's forward context"
     layer = context.layers[int(layer_index)]
     with layer.trace_scope():
-        layer.forward_into(q, k, v, out)
+        layer.forward_into(q, k, v, positions, out)
 
 
 @_attention_op.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, layer_index: Tensor) -> None:
+def _(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
+) -> None:
     return None

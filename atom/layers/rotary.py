@@ -62,26 +62,42 @@ class RotaryEmbedding(nn.Module):
         are fine) -> new (q, k); fp32 math, features past rotary_dim pass through. With q_norm
         and k_norm (Qwen3, GLM-4.5's per-head RMSNorm), q and k are normed first, in the same
         kernel."""
-        if q_norm is not None and k_norm is not None:
-            fused = (
-                q_norm.eps == k_norm.eps and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype
-            )
-            if fused:
-                return ops.qk_norm_rotary(
-                    positions,
-                    q,
-                    k,
-                    q_norm.weight,
-                    k_norm.weight,
-                    q_norm.eps,
-                    self.cos_sin_cache,
-                    self.rotary_dim,
-                    self.is_neox_style,
-                )
-            q, k = q_norm.norm(q), k_norm.norm(k)  # no model has them apart
-        return ops.rotary_embedding(
-            positions, q, k, self.cos_sin_cache, self.rotary_dim, self.is_neox_style
-        )
+        norm, q, k = self._norms(q, k, q_norm, k_norm)
+        args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style)
+        if norm is not None:
+            return ops.qk_norm_rotary(positions, q, k, *norm, *args)
+        return ops.rotary_embedding(positions, q, k, *args)
+
+    def forward_into_cache(
+        self,
+        positions: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        kv_cache: Tensor,
+        slot_mapping: Tensor,
+        k_scale: float,
+        v_scale: float,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> Tensor:
+        """forward, with the rotated k and v written into the paged kv_cache at slot_mapping
+        (the attention layer's cache write) instead of returned: the rotated q only."""
+        norm, q, k = self._norms(q, k, q_norm, k_norm)
+        args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style, k_scale, v_scale, norm)
+        return ops.rotary_and_cache(positions, q, k, v, kv_cache, slot_mapping, *args)
+
+    @staticmethod
+    def _norms(
+        q: Tensor, k: Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None
+    ) -> tuple[tuple[Tensor, Tensor, float] | None, Tensor, Tensor]:
+        """(weights and eps for the kernel to norm q and k itself, q, k); norms it cannot fuse
+        (unequal eps or dtypes: no model has them) are applied here instead."""
+        if q_norm is None or k_norm is None:
+            return None, q, k
+        if q_norm.eps == k_norm.eps and q_norm.weight.dtype == k_norm.weight.dtype == q.dtype:
+            return (q_norm.weight, k_norm.weight, q_norm.eps), q, k
+        return None, q_norm.norm(q), k_norm.norm(k)
 
 
 # (frequencies, scaling, positions, device) -> the cache tensor, while some module holds it.

@@ -55,16 +55,22 @@ class Glm4MoeAttention(nn.Module):
         # HF's apply_rotary_pos_emb uses rotate_half (NeoX) on the first rotary_dim features;
         # RotaryEmbedding reads partial_rotary_factor and passes the rest through.
         self.rotary_emb = RotaryEmbedding(config, self.head_dim, max_position, is_neox_style=True)
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            self.num_kv_heads,
+            rope=self.rotary_emb,
+            qk_norm=(self.q_norm, self.k_norm),
+        )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
         # hidden_states: [num_tokens, hidden_size]
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        return self.o_proj(self.attn(q, k, v, positions).flatten(1))
 
 
 class Glm4MoeRouter(nn.Module):

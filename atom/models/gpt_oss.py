@@ -46,6 +46,7 @@ class GptOssAttention(nn.Module):
             self.num_kv_heads,
             sliding_window_of(config, layer_idx),
             sinks=True,
+            rope=self.rotary_emb,
         )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
@@ -53,9 +54,8 @@ class GptOssAttention(nn.Module):
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        return self.o_proj(self.attn(q, k, v, positions).flatten(1))
 
 
 class GptOssMLP(nn.Module):

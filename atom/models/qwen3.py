@@ -43,6 +43,8 @@ class Qwen3Attention(nn.Module):
             self.head_dim**-0.5,
             self.num_kv_heads,
             sliding_window_of(config, layer_idx),
+            rope=self.rotary_emb,
+            qk_norm=(self.q_norm, self.k_norm),
         )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
@@ -50,9 +52,8 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        return self.o_proj(self.attn(q, k, v, positions).flatten(1))
 
 
 class Qwen3DecoderLayer(nn.Module):

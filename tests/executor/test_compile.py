@@ -179,13 +179,13 @@ def test_triton_kernel_pieces_compare_by_constant_args_content() -> None:
 
 
 def test_cuda_path_traces_two_layers_and_compiles_three_pieces() -> None:
-    """The CUDA path traced on the CPU: Dynamo told that Triton works, the layers' norms, rotary
-    and SiLU routed to their Triton launchers (traced; their launches are dropped from the pieces
-    so that the CPU can run them). Each traced launch gets its own side-table kernel (a
-    one-config Autotuner per num_warps= launch) and constants, and the layers' graphs must not
-    depend on them: 4 layers give 2 Dynamo graphs and 3 Inductor pieces (the whole-model trace
-    on an H200 once gave 33 pieces for 32 layers). In a fresh interpreter: Dynamo caches what it
-    learnt about Triton's classes."""
+    """The CUDA path traced on the CPU: Dynamo told that Triton works, the layers' norms and SiLU
+    routed to their Triton launchers (traced; their launches are dropped from the pieces so that
+    the CPU can run them; rotary runs inside the attention op, out of Dynamo's sight). Each traced
+    launch gets its own side-table kernel (a one-config Autotuner per num_warps= launch) and
+    constants, and the layers' graphs must not depend on them: 4 layers give 2 Dynamo graphs and
+    3 Inductor pieces (the whole-model trace on an H200 once gave 33 pieces for 32 layers). In a
+    fresh interpreter: Dynamo caches what it learnt about Triton's classes."""
     pytest.importorskip("triton")
     code = (
         "import torch.utils._triton as s; s.has_triton = lambda: True\n"  # before Dynamo loads
@@ -208,13 +208,10 @@ def test_cuda_path_traces_two_layers_and_compiles_three_pieces() -> None:
 def cuda_path_compiles() -> tuple[int, int]:
     from atom.kernels import ops
     from atom.kernels import rms_norm as norm_kernels
-    from atom.kernels import rotary as rotary_kernels
     from atom.kernels import silu_and_mul as silu_kernels
 
     ops.rms_norm = norm_kernels.rms_norm
     ops.fused_add_rms_norm = norm_kernels.fused_add_rms_norm
-    ops.rotary_embedding = rotary_kernels.rotary_embedding
-    ops.qk_norm_rotary = rotary_kernels.qk_norm_rotary
     ops.silu_and_mul = silu_kernels.silu_and_mul
     pieces: list[torch.fx.GraphModule] = []
 

@@ -19,6 +19,8 @@ from atom.kernels.rms_norm import (
 from atom.kernels.rotary import (
     qk_norm_rotary,
     qk_norm_rotary_ref,
+    rotary_and_cache,
+    rotary_and_cache_ref,
     rotary_embedding,
     rotary_embedding_ref,
 )
@@ -151,6 +153,67 @@ def test_reshape_and_cache(
     assert torch.equal(cache.view(as_bits), expected.view(as_bits))
     if cache_dtype == torch.float8_e4m3fn:
         assert not bool(cache.float().isnan().any())
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device="cuda")
+    untouched[slots[slots >= 0]] = False
+    assert bool((cache.float().flatten(1, 2)[:, untouched] == 7.0).all())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(dt, dt) for dt in DTYPES] + [(dt, torch.float8_e4m3fn) for dt in DTYPES],
+)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "rotary_dim"), [(16, 8, 128, 128), (7, 1, 64, 32)]
+)
+@pytest.mark.parametrize("num_tokens", [1, 7, 4099])
+def test_rotary_and_cache(
+    num_tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    norm: bool,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype,
+) -> None:
+    """Rotary (after the q/k norms) with k and v written into the cache: the chain of references.
+    V is copied bit for bit (fp8: scaled as reshape_and_cache scales it); rotated values may round
+    one step apart (an ulp of the dtype, or of fp8: 1/8 relative)."""
+    block_size = 16
+    num_blocks = num_tokens // block_size + 5
+    qkv = _randn(num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=12, scale=4.0)
+    q = qkv[:, : heads * head_dim].view(num_tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(num_tokens, -1, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(num_tokens, -1, head_dim)
+    angles = torch.rand(8192, rotary_dim // 2, device="cuda") * 100
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    positions = torch.randint(0, 8192, (num_tokens,), generator=gen, device="cuda")
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device="cuda")[:num_tokens]
+    if num_tokens > 1:
+        slots[::3] = -1  # padding rows of a CUDA-graph batch
+    weights = (_randn(head_dim, dtype=dtype, seed=s).abs() + 0.5 for s in (14, 15))
+    shape = (2, num_blocks, block_size, kv_heads, head_dim)
+    expected = torch.full(shape, 7.0, device="cuda").to(cache_dtype)
+    cache = expected.clone()
+    args = (cos_sin, rotary_dim, True, 0.05, 0.1, (*weights, EPS) if norm else None)
+    q_out = rotary_and_cache(positions, q, k, v, cache, slots, *args)
+    q_ref = rotary_and_cache_ref(positions, q, k, v, expected, slots, *args)
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    top = q_ref.float().abs().max().item()
+    ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top))
+    torch.testing.assert_close(
+        q_out, q_ref, atol=max(TOL[dtype]["atol"], 1.5 * ulp), rtol=TOL[dtype]["rtol"]
+    )
+    as_bits = torch.uint8 if fp8 else cache_dtype
+    assert torch.equal(cache[1].view(as_bits), expected[1].view(as_bits))
+    tol = (
+        dict(atol=0.02, rtol=0.13)
+        if fp8
+        else dict(atol=max(TOL[dtype]["atol"], 1.5 * ulp), rtol=TOL[dtype]["rtol"])
+    )
+    torch.testing.assert_close(cache[0].float(), expected[0].float(), **tol)
     untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device="cuda")
     untouched[slots[slots >= 0]] = False
     assert bool((cache.float().flatten(1, 2)[:, untouched] == 7.0).all())

@@ -13,6 +13,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from atom.kernels.rotary import (
     qk_norm_rotary,
     qk_norm_rotary_ref,
+    rotary_and_cache,
+    rotary_and_cache_ref,
     rotary_embedding,
     rotary_embedding_ref,
 )
@@ -101,6 +103,64 @@ def test_qk_norm_rotary(
     assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
     with pytest.raises(ValueError, match="norm weights"):
         qk_norm_rotary(positions, q, k, q_w[:-1], k_w, *args[2:])
+
+
+# fp8 caches on a GPU only: the interpreter's float8_e4m3fn conversion is wrong.
+CACHE_DTYPES = [None, torch.float8_e4m3fn] if DEVICE == "cuda" else [None]
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)  # None: the model dtype
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize(
+    ("num_tokens", "heads", "kv_heads", "head_dim", "rotary_dim", "is_neox_style", "block_size"),
+    [(1, 4, 2, 64, 64, True, 16), (7, 3, 1, 96, 32, False, 4), (19, 16, 8, 128, 128, True, 16)],
+)
+def test_rotary_and_cache(
+    num_tokens: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    rotary_dim: int,
+    is_neox_style: bool,
+    block_size: int,
+    norm: bool,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype | None,
+) -> None:
+    """Rotary (after the q/k norms) with k and v written into the paged cache: the chain of
+    references. Shuffled slots, every third one -1 (a graph's padding row: nothing written)."""
+    q, k = _qk(num_tokens, heads, kv_heads, head_dim, dtype, seed=head_dim + num_tokens)
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(num_tokens, kv_heads + 1, head_dim, generator=gen).to(DEVICE, dtype)[:, 1:]
+    angles = torch.rand(MAX_POSITION, rotary_dim // 2, generator=gen) * 100
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    weights = [torch.rand(head_dim, generator=gen).add(0.5).to(DEVICE, dtype) for _ in range(2)]
+    num_blocks = -(-num_tokens // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1
+    slots = slots.to(DEVICE)
+    shape = (2, num_blocks, block_size, kv_heads, head_dim)
+    expected = torch.full(shape, 7.0, device=DEVICE).to(cache_dtype or dtype)
+    cache = expected.clone()
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    args = (cos_sin, rotary_dim, is_neox_style, 0.5, 2.0, (*weights, 1e-6) if norm else None)
+    q_out = rotary_and_cache(positions, q, k, v, cache, slots, *args)
+    q_ref = rotary_and_cache_ref(positions, q, k, v, expected, slots, *args)
+    tol = dict(atol=5e-3, rtol=2e-3) if norm and dtype == torch.float16 else TOL[dtype]
+    torch.testing.assert_close(q_out, q_ref, **tol)
+    if cache_dtype is None:
+        torch.testing.assert_close(cache, expected, **tol)
+    else:  # one fp8 step (1/8 relative) apart where the rotated k rounded one ulp apart
+        torch.testing.assert_close(cache.float(), expected.float(), atol=2e-2, rtol=0.13)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+    written = (slots >= 0).nonzero().squeeze(1)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[written]] = False
+    assert bool((cache.float().flatten(1, 2)[:, untouched] == 7.0).all())
+    with pytest.raises(ValueError, match="do not fit cache"):
+        rotary_and_cache(positions, q, k, v[..., :-1], cache, slots, *args)
 
 
 ROPE_PARAMETERS: dict[str, dict[str, Any]] = {
