@@ -420,7 +420,9 @@ class ModelRunner:
         if graph:
             num_rows = inputs.input_ids.shape[0]
             assert self.graphs is not None
-            hidden = self.graphs.replay(num_rows).index_select(0, inputs.logits_indices)
+            # Decode-only: row i is sequence i's one token, all sampled, so the sampling rows
+            # are the first rows in order (a view: no gather kernel, no wait on its indices).
+            hidden = self.graphs.replay(num_rows)[: len(inputs.sample_rows)]
             return self.model.compute_logits(hidden), {}
         with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
             hidden = self.forward(inputs.input_ids, inputs.positions)

@@ -62,6 +62,7 @@ def test_decode_batch_padded_for_a_graph() -> None:
     assert inputs.attn.slot_mapping.tolist() == [(i + 5) * BS + 1 for i in range(3)] + [-1]
     assert inputs.attn.seq_lens.tolist() == [6, 6, 6, 0]
     assert inputs.attn.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    # The graph path takes the first len(sample_rows) rows instead of gathering these.
     assert inputs.logits_indices.tolist() == [0, 1, 2]
     assert inputs.req_ids == list("xyz")
 
