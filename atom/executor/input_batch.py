@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +125,10 @@ class StepBuffers:
         self.seq_lens_np, self._seq_lens_host, self.seq_lens = pair((max_seqs,), torch.int32)
         self.qsl_np, self._qsl_host, self.query_start_loc = pair((max_seqs + 1,), torch.int32)
         self.logits_np, self._logits_host, self.logits_indices = pair((max_seqs,), torch.int64)
+        # Staged by the runner after the inputs (put): sampling columns, pending-token indices.
+        self.temperature = pair((max_seqs,), torch.float32)
+        self.seeds = pair((max_seqs,), torch.int64)
+        self.pending = pair((2 * max_seqs,), torch.int64)
         self._copied = torch.cuda.Event() if pin else None
 
     def wait_writable(self) -> None:
@@ -132,6 +136,19 @@ class StepBuffers:
         to sample has no host sync of its own)."""
         if self._copied is not None:
             self._copied.synchronize()
+
+    def put(
+        self, staged: tuple[np.ndarray, Tensor, Tensor], values: Sequence | np.ndarray
+    ) -> Tensor:
+        """values on the device in one of the persistent pairs (no pinned allocation, no sync):
+        written on the host, their upload queued after the step's inputs."""
+        array, host, dev = staged
+        n = len(values)
+        array[:n] = values
+        if self._copied is not None:
+            dev[:n].copy_(host[:n], non_blocking=True)
+            self._copied.record()  # wait_writable now waits for this copy too
+        return dev[:n]
 
     def upload(self, num_tokens: int, num_seqs: int, num_blocks: int, num_samples: int) -> None:
         if self.device.type != "cuda":
@@ -263,16 +280,21 @@ def _positioned(state: CachedRequestState) -> torch.Generator:
     return state.generator.manual_seed(_draw_seed(state))
 
 
-def _philox_seeds(rows: list[CachedRequestState], device: torch.device) -> Tensor:
+def _philox_seeds(rows: list[CachedRequestState]) -> np.ndarray:
     """The CUDA sampler's per-row seeds: a seeded request's from (seed, position), as its CPU
     generator is seeded; the others' from one draw of the global generator (on the host: no
-    device sync), so a run under torch.manual_seed repeats."""
+    device sync), so a run under torch.manual_seed repeats. position_seed(base, i) for row i,
+    in one numpy pass: per-row Python ints cost ~0.3 us a row."""
     base = int(torch.randint(0, 2**62, (1,)))
-    seeds = [
-        _draw_seed(s) if s.sampling_params.seed is not None else position_seed(base, i)
-        for i, s in enumerate(rows)
-    ]
-    return to_device(torch.tensor(seeds, dtype=torch.int64), device)
+    start = np.uint64(position_seed(base, 0))
+    seeds = (np.arange(len(rows), dtype=np.uint64) + start) & np.uint64(_SEED_MASK)
+    for i, s in enumerate(rows):
+        if s.sampling_params.seed is not None:
+            seeds[i] = _draw_seed(s)
+    return seeds.astype(np.int64)
+
+
+_SEED_MASK = (1 << 63) - 1
 
 
 def position_seed(seed: int, position: int) -> int:
@@ -280,13 +302,24 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def build_sampling_metadata(
-    rows: list[CachedRequestState], device: torch.device
+    rows: list[CachedRequestState], device: torch.device, staging: StepBuffers | None = None
 ) -> SamplingMetadata:
+    """staging: the runner's persistent buffers, for the columns every step has (temperature,
+    CUDA seeds); without them, fresh tensors."""
     params = [s.sampling_params for s in rows]
     cuda = device.type == "cuda"
 
     def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
         return to_device(torch.tensor(values, dtype=dtype), device)
+
+    temperature = [0.0 if p.greedy else p.temperature for p in params]
+    seeds = _philox_seeds(rows) if cuda else None
+    if staging is not None:
+        temperature_t = staging.put(staging.temperature, temperature)
+        seeds_t = None if seeds is None else staging.put(staging.seeds, seeds)
+    else:
+        temperature_t = col(temperature)
+        seeds_t = None if seeds is None else to_device(torch.from_numpy(seeds), device)
 
     vocab_off = 1 << 62
     needs_penalty = any(
@@ -299,7 +332,7 @@ def build_sampling_metadata(
         if len(s.output_token_ids) + s.num_pending < p.min_tokens and p.all_stop_token_ids
     ]
     return SamplingMetadata(
-        temperature=col([0.0 if p.greedy else p.temperature for p in params]),
+        temperature=temperature_t,
         all_greedy=all(p.greedy for p in params),
         top_k=col([p.top_k or vocab_off for p in params], torch.int64)
         if any(p.top_k for p in params)
@@ -307,7 +340,7 @@ def build_sampling_metadata(
         top_p=col([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
         min_p=col([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
         generators={i: _positioned(s) for i, s in enumerate(rows) if s.generator is not None},
-        seeds=_philox_seeds(rows, device) if cuda else None,
+        seeds=seeds_t,
         presence_penalty=col([p.presence_penalty for p in params]) if needs_penalty else None,
         frequency_penalty=col([p.frequency_penalty for p in params]) if needs_penalty else None,
         repetition_penalty=col([p.repetition_penalty for p in params]) if needs_penalty else None,

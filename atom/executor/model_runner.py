@@ -37,7 +37,6 @@ from atom.executor.sampler import (
     SamplerOutput,
     profile_sampling_metadata,
     prompt_logprob_entries,
-    to_device,
 )
 from atom.executor.trace_labels import step_label
 from atom.layers.attention import Attention
@@ -345,7 +344,7 @@ class ModelRunner:
             self._fill_pending_inputs(inputs.pending_inputs)
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
         # Built before the forward is queued: its small host-to-device copies then wait for nothing.
-        sampling = build_sampling_metadata(rows, self.device) if rows else None
+        sampling = build_sampling_metadata(rows, self.device, self.buffers) if rows else None
         num_rows = inputs.input_ids.shape[0]
         graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
         # The step's device work, from the forward to the copy of the sampled ids, labelled
@@ -406,12 +405,10 @@ class ModelRunner:
     def _fill_pending_inputs(self, pending: list[tuple[int, str]]) -> None:
         """Decode inputs sampled by the step still in flight, copied on the device."""
         assert self._last_sampled is not None
-        index = torch.tensor(
-            [[t for t, _ in pending], [self._last_rows[req_id] for _, req_id in pending]]
-        )
-        index = to_device(index, self.device)
-        tokens = self._last_sampled.index_select(0, index[1]).to(self.buffers.input_ids.dtype)
-        self.buffers.input_ids.index_copy_(0, index[0], tokens)
+        n, b = len(pending), self.buffers
+        index = b.put(b.pending, [t for t, _ in pending] + [self._last_rows[r] for _, r in pending])
+        tokens = self._last_sampled.index_select(0, index[n:]).to(b.input_ids.dtype)
+        b.input_ids.index_copy_(0, index[:n], tokens)
 
     def _forward(
         self, inputs: StepInputs, graph: bool, sample: bool

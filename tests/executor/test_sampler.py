@@ -512,6 +512,15 @@ def test_fused_logprobs_are_those_of_the_draw() -> None:
     torch.testing.assert_close(out.logprobs[:, 0], raw.gather(1, out.sampled[:, None])[:, 0])
 
 
+def test_philox_seeds_wrap_as_position_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The numpy pass equals position_seed row by row where the sum passes 2**63."""
+    base = (2**63 - 2) * pow(0x9E3779B97F4A7C15, -1, 2**63) % 2**63  # row 0's seed: 2**63 - 2
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: torch.tensor([base]))
+    rows = [make_state(str(i), SamplingParams()) for i in range(5)]
+    assert _philox_seeds(rows).tolist() == [position_seed(base, i) for i in range(5)]
+    assert position_seed(base, 0) == 2**63 - 2 and position_seed(base, 2) == 0
+
+
 def test_philox_seeds_of_seeded_and_unseeded_rows() -> None:
     rows = [
         make_state("a", SamplingParams(seed=42), output=[1, 2]),
@@ -520,8 +529,10 @@ def test_philox_seeds_of_seeded_and_unseeded_rows() -> None:
     ]
     rows[0].num_pending = 1
     torch.manual_seed(0)
-    seeds = _philox_seeds(rows, CPU).tolist()
-    assert seeds[0] == position_seed(42, 3)  # two outputs + one pending: position 3
-    assert seeds[1] != seeds[2]
+    base = int(torch.randint(0, 2**62, (1,)))  # the draw _philox_seeds makes
     torch.manual_seed(0)
-    assert _philox_seeds(rows, CPU).tolist() == seeds  # the global seed repeats a run
+    seeds = _philox_seeds(rows).tolist()
+    assert seeds[0] == position_seed(42, 3)  # two outputs + one pending: position 3
+    assert seeds[1:] == [position_seed(base, 1), position_seed(base, 2)]
+    torch.manual_seed(0)
+    assert _philox_seeds(rows).tolist() == seeds  # the global seed repeats a run
