@@ -19,8 +19,9 @@
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
-#   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages on the
-#            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~3 minutes)
+#   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
+#            splits per batch, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json;
+#            ~4 minutes)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL

@@ -7,7 +7,8 @@ block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids
 every (tile, num_warps, num_stages) is timed as bench_attention.py times a kernel (L2 flushed,
 median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run.
 The current choice (attention_config.launch_config) is marked; configurations that do not fit
-the GPU's shared memory are skipped.
+the GPU's shared memory are skipped. Then the current tiles with 1-16 KV splits at batches 8-256,
+choose_num_splits's pick marked.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
 import atom.kernels.unified_attention as ua
-from atom.kernels.attention_config import LaunchConfig, launch_config
+from atom.kernels.attention_config import LaunchConfig, choose_num_splits, launch_config, num_sms
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 BATCHES = [64, 256]
+SPLIT_BATCHES, SPLITS = [8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16]
 TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
 
 
@@ -93,7 +95,33 @@ def main() -> None:
                 {"batch": batch, "tile": tile, "warps": warps, "stages": stages, "ms": ms,
                  "gb_per_s": gbps, "current": cfg == current}
             )  # fmt: skip
+    results["splits"] = sweep_splits()
     Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+def sweep_splits() -> list[dict]:
+    """The current tiles at each batch with 1..16 KV splits: where splitting each sequence
+    evens out the programs' lengths (contexts of 100-2,048 tokens) beyond choose_num_splits's
+    rule (split only below one program per SM)."""
+    runs = []
+    for batch in SPLIT_BATCHES:
+        inp = inputs(batch)
+        kv_bytes = inp.pop("kv_bytes")
+        out = torch.empty_like(inp["query"])
+        chosen = choose_num_splits(
+            batch, KV_HEADS, 1, inp["max_seq_len"], num_sms(inp["query"].device)
+        )
+        for splits in SPLITS:
+            call = lambda: ua.unified_attention(**inp, out=out, num_splits=splits)  # noqa: B023, E731
+            ms = bench_attention.bench(call)
+            gbps = kv_bytes / ms / 1e6
+            mark = " <- chosen" if splits == chosen else ""
+            print(
+                f"batch {batch} splits {splits:2d}: {ms:.3f} ms {gbps:6.0f} GB/s{mark}", flush=True
+            )
+            runs.append({"batch": batch, "splits": splits, "ms": ms, "gb_per_s": gbps,
+                         "chosen": splits == chosen})  # fmt: skip
+    return runs
 
 
 if __name__ == "__main__":
