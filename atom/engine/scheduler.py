@@ -148,7 +148,9 @@ class Scheduler:
 
     def rollback(self, sched: SchedulerOutput) -> None:
         """Undo a step whose execution failed: its tokens were not computed, so the blocks it
-        registered in the prefix cache hold no KV."""
+        registered in the prefix cache hold no KV; the drops it carried go with the next step
+        (the runner may not have seen them, and dropping twice is harmless)."""
+        self._dropped_ids |= sched.finished_req_ids
         for req_id, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
             if req is not None:

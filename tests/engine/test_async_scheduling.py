@@ -9,6 +9,7 @@ read decode inputs from the device (pending tokens).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -174,4 +175,33 @@ def test_a_failed_submit_keeps_the_step_in_flight(tiny: Path) -> None:
         except RuntimeError:
             failures += 1
     assert failures == 1 and len(tokens) == 8 and not core.has_work()
+    llm.shutdown()
+
+
+def test_a_failed_submit_passes_its_drops_on(tiny: Path) -> None:
+    """A submit that fails before the runner reads the step's finished ids: the next step carries
+    them, so the runner drops the finished request's state (and its block-table row)."""
+    from atom.engine.request import Request
+
+    llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    core, runner = llm.engine, llm.engine.executor
+    submit, failed = runner.submit_model, []
+
+    def flaky(sched: Any) -> Any:
+        if "short" in sched.finished_req_ids and not failed:
+            failed.append(True)
+            raise RuntimeError("transient")  # before the runner saw anything
+        return submit(sched)
+
+    runner.submit_model = flaky
+    core.add_request(Request("short", [5, 6, 7], SamplingParams(temperature=0, max_tokens=2)))
+    core.add_request(Request("long", [5, 6, 8], SamplingParams(temperature=0, max_tokens=12)))
+    for _ in range(40):
+        if not core.has_work():
+            break
+        with contextlib.suppress(RuntimeError):
+            core.step()
+    assert failed and not core.has_work()
+    core.step()  # the last drops reach the runner with the next (empty) schedule
+    assert "short" not in runner.states
     llm.shutdown()
