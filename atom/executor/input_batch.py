@@ -118,9 +118,14 @@ class StepBuffers:
         self.ids_np, self._ids_host, self.input_ids = pair((max_tokens,), torch.int64)
         self.pos_np, self._pos_host, self.positions = pair((max_tokens,), torch.int64)
         self.slots_np, self._slots_host, self.slot_mapping = pair((max_tokens,), torch.int64)
-        self.tables_np, self._tables_host, self.block_tables = pair(
-            (max_seqs, max_blocks), torch.int32
+        # A step's table goes up compact ([B, its widest row], contiguous): a column slice of
+        # the [max_seqs, max_blocks] buffer is not contiguous, and torch copies such a slice
+        # through a pageable temporary, which the driver may upload only after syncing the
+        # stream. Graph replays read the static block_tables; eager steps the compact copy.
+        self.tables_np, self._tables_host, self._tables_dev = pair(
+            (max_seqs * max_blocks,), torch.int32
         )
+        self.block_tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         self.block_rows = BlockTableRows(max_blocks, 2 * max_seqs)
         self.seq_lens_np, self._seq_lens_host, self.seq_lens = pair((max_seqs,), torch.int32)
         self.qsl_np, self._qsl_host, self.query_start_loc = pair((max_seqs + 1,), torch.int32)
@@ -150,9 +155,15 @@ class StepBuffers:
             self._copied.record()  # wait_writable now waits for this copy too
         return dev[:n]
 
-    def upload(self, num_tokens: int, num_seqs: int, num_blocks: int, num_samples: int) -> None:
+    def upload(
+        self, num_tokens: int, num_seqs: int, num_blocks: int, num_samples: int, graph: bool
+    ) -> Tensor:
+        """Queues the step's inputs (written on the host) to the device; returns its block
+        table [num_seqs, num_blocks]: the static buffer's rows for a graph replay, else the
+        compact upload."""
+        compact = self._tables_dev[: num_seqs * num_blocks].view(num_seqs, num_blocks)
         if self.device.type != "cuda":
-            return  # host and device are the same tensors
+            return compact  # host and device are the same tensors
 
         def up(host: Tensor, dev: Tensor, n: int) -> None:
             dev[:n].copy_(host[:n], non_blocking=True)
@@ -163,11 +174,14 @@ class StepBuffers:
         up(self._seq_lens_host, self.seq_lens, num_seqs)
         up(self._qsl_host, self.query_start_loc, num_seqs + 1)
         up(self._logits_host, self.logits_indices, num_samples)
-        self.block_tables[:num_seqs, :num_blocks].copy_(
-            self._tables_host[:num_seqs, :num_blocks], non_blocking=True
-        )
+        up(self._tables_host, self._tables_dev, num_seqs * num_blocks)
         assert self._copied is not None
         self._copied.record()
+        if not graph:
+            return compact
+        table = self.block_tables[:num_seqs, :num_blocks]
+        table.copy_(compact)  # on the device: one small kernel
+        return table
 
 
 def build_step_inputs(
@@ -225,25 +239,28 @@ def build_step_inputs(
             logits_indices.append(t - 1)
             sample_rows.append(i)
     num_seqs = len(req_ids)
-    # Columns past a row's own blocks hold stale ids: attention reads only its seq_len's blocks.
-    b.tables_np[:num_seqs, :max_blocks] = rows.table[row_ids, :max_blocks]
     max_query_len = max(b - a for a, b in itertools.pairwise(qsl))
     decode_only = max_query_len == 1 and len(sample_rows) == num_seqs and not spans
     padded = pad_to(num_seqs) if decode_only else None
+    # Row i holds request i's block ids; its columns past the request's own blocks hold stale
+    # ids, and padding rows stale rows: attention reads only a row's seq_len worth of blocks.
+    table = b.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
+    table[:] = rows.table[row_ids, :max_blocks]
     if padded is not None and padded > num_seqs:
         b.ids_np[t:padded] = 0
         b.pos_np[t:padded] = 0
         b.slots_np[t:padded] = -1
         seq_lens += [0] * (padded - num_seqs)
         qsl += list(range(t + 1, padded + 1))
+        b.tables_np[num_seqs * max_blocks : padded * max_blocks] = 0
         num_seqs = t = padded
     b.seq_lens_np[:num_seqs] = seq_lens
     b.qsl_np[: num_seqs + 1] = qsl
     b.logits_np[: len(logits_indices)] = logits_indices
-    b.upload(t, num_seqs, max_blocks, len(logits_indices))
+    tables = b.upload(t, num_seqs, max_blocks, len(logits_indices), padded is not None)
     attn = AttentionMetadata(
         slot_mapping=b.slot_mapping[:t],
-        block_tables=b.block_tables[:num_seqs, :max_blocks],
+        block_tables=tables,
         seq_lens=b.seq_lens[:num_seqs],
         query_start_loc=b.query_start_loc[: num_seqs + 1],
         seq_lens_cpu=seq_lens,

@@ -81,6 +81,13 @@ def test_block_rows_follow_growth_release_and_batch_order() -> None:
             total_num_scheduled_tokens=len(order),
         )
         inputs = build_step_inputs(sched, states, BS, bufs)
+        # Compact [B, widest row]: a contiguous upload (a column slice of the wide buffer would
+        # go up through a pageable temporary, which may sync the stream).
+        assert inputs.attn.block_tables.is_contiguous()
+        assert inputs.attn.block_tables.shape == (
+            len(order),
+            max(len(states[r].block_ids) for r in order),
+        )
         return [
             row[: len(states[r].block_ids)]
             for r, row in zip(order, inputs.attn.block_tables.tolist(), strict=True)
