@@ -197,7 +197,7 @@ class EngineCore:
         try:
             wait = submit(sched)
         except BaseException:
-            self.scheduler.rollback(sched)
+            self.scheduler.rollback(sched, unseen=True)
             raise
         if sched.is_empty:  # nothing to compute: only the finished ids had to reach the runner
             wait()

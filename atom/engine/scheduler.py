@@ -63,6 +63,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._dropped_ids: set[str] = set()  # finished or preempted since the last schedule()
+        # Running, but the step that introduced them failed before the runner surely saw them:
+        # their next step sends them whole again.
+        self._unsent: set[str] = set()
         self.num_preemptions = 0
 
     # ---- requests in and out ----
@@ -123,9 +126,13 @@ class Scheduler:
                 new_block_ids = self.kv.allocate_slots(req, num_new)
             if new_block_ids is None:
                 break
-            out.cached_reqs.append(
-                CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens)
-            )
+            if req.request_id in self._unsent:
+                self._unsent.discard(req.request_id)
+                out.new_reqs.append(self._new_request_data(req))
+            else:
+                out.cached_reqs.append(
+                    CachedRequestData(req.request_id, new_block_ids, req.num_computed_tokens)
+                )
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
             self._advance(req, num_new)
@@ -146,11 +153,16 @@ class Scheduler:
         if req.num_computed_tokens >= req.num_tokens + req.num_pending:
             req.num_pending += 1  # this step samples its next token
 
-    def rollback(self, sched: SchedulerOutput) -> None:
+    def rollback(self, sched: SchedulerOutput, unseen: bool = False) -> None:
         """Undo a step whose execution failed: its tokens were not computed, so the blocks it
-        registered in the prefix cache hold no KV; the drops it carried go with the next step
-        (the runner may not have seen them, and dropping twice is harmless)."""
-        self._dropped_ids |= sched.finished_req_ids
+        registered in the prefix cache hold no KV. unseen: it failed on its way to the runner,
+        which may not have read it: the drops it carried go with the next step (dropping twice
+        is harmless; a request running again is not dropped), and its new requests are sent
+        whole again (a runner that did see one replaces its state)."""
+        if unseen:
+            running = {r.request_id for r in self.running}
+            self._dropped_ids |= sched.finished_req_ids - running
+            self._unsent |= {r.req_id for r in sched.new_reqs} & running
         for req_id, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
             if req is not None:
@@ -181,20 +193,22 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             self.running.append(req)
-            out.new_reqs.append(
-                NewRequestData(
-                    req_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    output_token_ids=list(req.output_token_ids),
-                    sampling_params=req.sampling_params,
-                    block_ids=self.kv.block_ids(req.request_id),
-                    num_computed_tokens=num_computed,
-                )
-            )
+            out.new_reqs.append(self._new_request_data(req))
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
             self._advance(req, num_new)
         return budget
+
+    def _new_request_data(self, req: Request) -> NewRequestData:
+        """All the runner needs of a request it has not seen (before the step advances it)."""
+        return NewRequestData(
+            req_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            output_token_ids=list(req.output_token_ids),
+            sampling_params=req.sampling_params,
+            block_ids=self.kv.block_ids(req.request_id),
+            num_computed_tokens=req.num_computed_tokens,
+        )
 
     def _chunk(self, num_tokens: int, budget: int) -> int:
         n = min(num_tokens, budget)
@@ -211,6 +225,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         self._dropped_ids.add(req.request_id)
+        self._unsent.discard(req.request_id)  # re-admitted whole anyway
 
     # ---- results ----
     def update_from_output(
@@ -305,6 +320,7 @@ class Scheduler:
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._dropped_ids.add(req.request_id)
+        self._unsent.discard(req.request_id)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(

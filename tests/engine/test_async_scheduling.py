@@ -205,3 +205,42 @@ def test_a_failed_submit_passes_its_drops_on(tiny: Path) -> None:
     core.step()  # the last drops reach the runner with the next (empty) schedule
     assert "short" not in runner.states
     llm.shutdown()
+
+
+def test_a_failed_submit_sends_its_new_requests_again(tiny: Path) -> None:
+    """A submit that fails before the runner reads the step that admits a request: the next
+    step sends the request whole again (not as one the runner knows), and its tokens are those
+    of a run without the failure."""
+    from atom.engine.request import Request
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def run(fail: bool) -> list[int]:
+        llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+        core, runner = llm.engine, llm.engine.executor
+        submit, failed = runner.submit_model, []
+
+        def flaky(sched: Any) -> Any:
+            if fail and any(r.req_id == "late" for r in sched.new_reqs) and not failed:
+                failed.append(True)
+                raise RuntimeError("transient")  # before the runner saw anything
+            return submit(sched)
+
+        runner.submit_model = flaky
+        core.add_request(Request("early", [5, 6, 7], params))
+        tokens: list[int] = []
+        for i in range(40):
+            if i == 2:
+                core.add_request(Request("late", [9, 8, 7, 6], params))
+            if i > 2 and not core.has_work():
+                break
+            with contextlib.suppress(RuntimeError):
+                tokens += [
+                    t for o in core.step() if o.request_id == "late" for t in o.new_token_ids
+                ]
+        assert failed == ([True] if fail else []) and not core.has_work()
+        llm.shutdown()
+        return tokens
+
+    expected = run(fail=False)
+    assert len(expected) == 6 and run(fail=True) == expected

@@ -427,3 +427,20 @@ def test_no_sharing_without_prefix_caching() -> None:
         ("b", [3, 4, 5], 0),
     ]
     assert (scheduler.stats().prefix_cache_queries, scheduler.stats().prefix_cache_hits) == (0, 0)
+
+
+def test_rollback_of_an_unseen_step_resends_its_news_and_drops() -> None:
+    """A step that failed on its way to the runner: its new requests go whole again, its drops
+    again, except a dropped request that runs again (re-admitted since)."""
+    s = make_scheduler()
+    s.add_request(make_request("a", 20, max_tokens=4))
+    first = s.schedule()
+    assert [r.req_id for r in first.new_reqs] == ["a"]
+    first.finished_req_ids |= {"gone", "a"}  # "a" as if dropped, then re-admitted
+    s.rollback(first, unseen=True)
+    again = s.schedule()
+    assert [r.req_id for r in again.new_reqs] == ["a"] and not again.cached_reqs
+    assert again.new_reqs[0].num_computed_tokens == 0 and again.num_scheduled_tokens == {"a": 20}
+    assert again.finished_req_ids == {"gone"}  # not "a": it runs
+    nxt = s.schedule()  # (as if `again` ran: the next step knows "a")
+    assert not nxt.new_reqs and [r.req_id for r in nxt.cached_reqs] == ["a"]
