@@ -162,21 +162,19 @@ class StepBuffers:
         table [num_seqs, num_blocks]: the static buffer's rows for a graph replay, else the
         compact upload."""
         compact = self._tables_dev[: num_seqs * num_blocks].view(num_seqs, num_blocks)
-        if self.device.type != "cuda":
-            return compact  # host and device are the same tensors
+        if self._copied is not None:  # on the CPU host and device are the same tensors
 
-        def up(host: Tensor, dev: Tensor, n: int) -> None:
-            dev[:n].copy_(host[:n], non_blocking=True)
+            def up(host: Tensor, dev: Tensor, n: int) -> None:
+                dev[:n].copy_(host[:n], non_blocking=True)
 
-        up(self._ids_host, self.input_ids, num_tokens)
-        up(self._pos_host, self.positions, num_tokens)
-        up(self._slots_host, self.slot_mapping, num_tokens)
-        up(self._seq_lens_host, self.seq_lens, num_seqs)
-        up(self._qsl_host, self.query_start_loc, num_seqs + 1)
-        up(self._logits_host, self.logits_indices, num_samples)
-        up(self._tables_host, self._tables_dev, num_seqs * num_blocks)
-        assert self._copied is not None
-        self._copied.record()
+            up(self._ids_host, self.input_ids, num_tokens)
+            up(self._pos_host, self.positions, num_tokens)
+            up(self._slots_host, self.slot_mapping, num_tokens)
+            up(self._seq_lens_host, self.seq_lens, num_seqs)
+            up(self._qsl_host, self.query_start_loc, num_seqs + 1)
+            up(self._logits_host, self.logits_indices, num_samples)
+            up(self._tables_host, self._tables_dev, num_seqs * num_blocks)
+            self._copied.record()
         if not graph:
             return compact
         table = self.block_tables[:num_seqs, :num_blocks]

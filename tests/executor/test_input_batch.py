@@ -62,6 +62,10 @@ def test_decode_batch_padded_for_a_graph() -> None:
     assert inputs.attn.slot_mapping.tolist() == [(i + 5) * BS + 1 for i in range(3)] + [-1]
     assert inputs.attn.seq_lens.tolist() == [6, 6, 6, 0]
     assert inputs.attn.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    # A graph replays over the static table: its rows, padding row included, copied there.
+    table = inputs.attn.block_tables
+    assert table.data_ptr() == bufs.block_tables.data_ptr() and table.shape == (4, 2)
+    assert table.tolist() == [[i + 1, i + 5] for i in range(3)] + [[0, 0]]
     # The graph path takes the first len(sample_rows) rows instead of gathering these.
     assert inputs.logits_indices.tolist() == [0, 1, 2]
     assert inputs.req_ids == list("xyz")
