@@ -2,15 +2,17 @@
 
 argmax(logits / T + G) with G = -log(-log U), U uniform, picks token i with probability
 softmax(logits / T)_i (the exponential race of atom.executor.sampler, in log space), and T = 0
-rows take the plain argmax. U comes from Philox keyed by the row's seed and the token's index
-(`tl.rand(seed, index)`), so a row's draw depends on its seed alone, not on the batch around it.
+rows take the plain argmax. U comes from Philox keyed by the row's seed and the token's index,
+so a row's draw depends on its seed alone, not on the batch around it: one Philox draw gives the
+four uniforms of tokens 4g..4g+3 (`tl.rand4x(seed, g)`), a quarter of the work of a draw per
+token.
 
 The torch sampler reads the logits about ten times per step (float copy, division, softmax, noise,
 ratio, two argmaxes: ~0.7 ms of kernels at batch 256 x 151,936 on an H200); this reads them once,
-and a Philox draw, two logs and a division per logit make it compute-bound: ~0.1-0.15 ms expected,
-not yet measured (benchmarks/bench_sampler.py). The vocabulary is split across programs so that
-small batches still fill the GPU; a tiny torch argmax merges the splits. NaN counts as the largest
-value, as in torch.argmax.
+and the noise makes it compute-bound: 123 us a step in the nano-vllm bench with a Philox draw per
+token (H200, eighth sitting; benchmarks/bench_sampler.py times it alone). The vocabulary is split
+across programs so that small batches still fill the GPU; a tiny torch argmax merges the splits.
+NaN counts as the largest value, as in torch.argmax.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def gumbel_argmax_ref(logits: Tensor, temperature: Tensor, uniform: Tensor) -> T
 
 
 @triton.jit
+def _uniform4(seed, first, BLOCK4: tl.constexpr):
+    """[BLOCK4, 4] uniforms of columns first + 4 i + j (first a multiple of 4): Philox draw
+    first // 4 + i gives its four outputs to the four columns of row i."""
+    u0, u1, u2, u3 = tl.rand4x(seed, first // 4 + tl.arange(0, BLOCK4))
+    j = tl.arange(0, 4)[None, :]
+    u01 = tl.where(j == 0, u0[:, None], u1[:, None])
+    u23 = tl.where(j == 2, u2[:, None], u3[:, None])
+    return tl.where(j < 2, u01, u23)
+
+
+@triton.jit
 def _gumbel_argmax_kernel(
     logits_ptr,  # [B, V], last dim contiguous
     temperature_ptr,  # [B] float32
@@ -55,23 +68,23 @@ def _gumbel_argmax_kernel(
     seed = tl.load(seed_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride_row
     start = split * chunk
-    lanes = tl.arange(0, BLOCK)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    lanes = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]  # [BLOCK/4, 4]
+    best = tl.full([BLOCK // 4, 4], float("-inf"), tl.float32)
     index = tl.minimum(start + lanes, vocab - 1)  # an all -inf split answers its first index
     for offset in range(0, chunk, BLOCK):
         cols = start + offset + lanes
         mask = cols < vocab
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if t > 0:
-            u = tl.rand(seed, cols)
+            u = _uniform4(seed, start + offset, BLOCK // 4)
             x = tl.math.div_rn(x, t) - tl.log(-tl.log(u))  # rounded as torch divides
         x = tl.where(x != x, float("inf"), x)  # NaN wins, as torch.argmax has it
         x = tl.where(mask, x, float("-inf"))
         take = x > best  # strict: the first index of a tie stays
         best = tl.where(take, x, best)
         index = tl.where(take, cols, index)
-    top = tl.max(best, 0)
-    first = tl.min(tl.where(best == top, index, vocab), 0)
+    top = tl.max(tl.max(best, 1), 0)
+    first = tl.min(tl.min(tl.where(best == top, index, vocab), 1), 0)
     tl.store(best_ptr + row * num_splits + split, top)
     tl.store(index_ptr + row * num_splits + split, first)
 
@@ -115,9 +128,10 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
 @triton.jit
 def _uniform_kernel(seed_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seed_ptr + row)
-    tl.store(out_ptr + row.to(tl.int64) * vocab + cols, tl.rand(seed, cols), mask=cols < vocab)
+    first = tl.program_id(1) * BLOCK
+    cols = first + tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    u = _uniform4(tl.load(seed_ptr + row), first, BLOCK // 4)
+    tl.store(out_ptr + row.to(tl.int64) * vocab + cols, u, mask=cols < vocab)
 
 
 def philox_uniform(seeds: Tensor, vocab: int) -> Tensor:
