@@ -49,26 +49,12 @@ def rotary_embedding(
     cos_sin_cache: Tensor,
     rotary_dim: int,
     is_neox_style: bool,
+    norm: _rotary.Norm | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(q_out, k_out), new tensors; q [T, H, D], k [T, H_kv, D]."""
+    """(q_out, k_out), new tensors; q [T, H, D], k [T, H_kv, D]; with `norm` (q and k weights,
+    eps), of their per-head RMSNorm: one kernel on CUDA."""
     fn = _rotary.rotary_embedding if q.is_cuda else _rotary.rotary_embedding_ref
-    return fn(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style)
-
-
-def qk_norm_rotary(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    eps: float,
-    cos_sin_cache: Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-) -> tuple[Tensor, Tensor]:
-    """rotary_embedding(rms_norm(q), rms_norm(k)) per head: one kernel on CUDA."""
-    fn = _rotary.qk_norm_rotary if q.is_cuda else _rotary.qk_norm_rotary_ref
-    return fn(positions, q, k, q_weight, k_weight, eps, cos_sin_cache, rotary_dim, is_neox_style)
+    return fn(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style, norm)
 
 
 def rotary_and_cache(

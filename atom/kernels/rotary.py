@@ -9,7 +9,7 @@ atom/layers/rotary.py. Two pairings of the first rotary_dim features of a head:
 Features past rotary_dim pass through unchanged (partial rotary). Out of place: q and k are often
 views of the fused qkv output and the callers expect fresh, contiguous tensors.
 
-qk_norm_rotary adds the per-head RMSNorm of q and k (Qwen3, GLM-4.5) before the rotation, in the
+With `norm` the per-head RMSNorm of q and k (Qwen3, GLM-4.5) runs before the rotation, in the
 same launch: one kernel instead of three (two norms, then rotary), each a few microseconds of a
 decode step's fixed cost per layer. Its values round where the separate kernels do.
 
@@ -41,29 +41,18 @@ def rotary_embedding_ref(
     cos_sin_cache: Tensor,
     rotary_dim: int,
     is_neox_style: bool,
+    norm: Norm | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """positions [T]; q [T, H, D]; k [T, H_kv, D] -> (q_out, k_out), float32 inside."""
+    """positions [T]; q [T, H, D]; k [T, H_kv, D] -> (q_out, k_out), float32 inside; with
+    `norm`, of rms_norm_ref(q), rms_norm_ref(k) (per head, over head_dim)."""
+    if norm is not None:
+        q_weight, k_weight, eps = norm
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
     cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
     return (
         _rotate_ref(q, cos, sin, rotary_dim, is_neox_style),
         _rotate_ref(k, cos, sin, rotary_dim, is_neox_style),
     )
-
-
-def qk_norm_rotary_ref(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    eps: float,
-    cos_sin_cache: Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-) -> tuple[Tensor, Tensor]:
-    """rotary_embedding_ref of rms_norm_ref(q), rms_norm_ref(k) (per head, over head_dim)."""
-    q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
-    return rotary_embedding_ref(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style)
 
 
 def _rotate_ref(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, is_neox: bool) -> Tensor:
@@ -250,25 +239,11 @@ def rotary_embedding(
     cos_sin_cache: Tensor,
     rotary_dim: int,
     is_neox_style: bool,
+    norm: Norm | None = None,
 ) -> tuple[Tensor, Tensor]:
     """positions [T] int; q [T, H, D]; k [T, H_kv, D] (any token/head strides) -> new contiguous
-    (q_out, k_out); the inputs are not written."""
-    return _launch(positions, q, k, None, cos_sin_cache, rotary_dim, is_neox_style)
-
-
-def qk_norm_rotary(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    eps: float,
-    cos_sin_cache: Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-) -> tuple[Tensor, Tensor]:
-    """rotary_embedding of the per-head RMSNorm of q and k (weights [D]), in one launch."""
-    norm = (q_weight, k_weight, eps)
+    (q_out, k_out); the inputs are not written. With `norm`, q and k are normed per head first,
+    in the same launch."""
     return _launch(positions, q, k, norm, cos_sin_cache, rotary_dim, is_neox_style)
 
 
@@ -286,7 +261,7 @@ def rotary_and_cache(
     v_scale: float = 1.0,
     norm: Norm | None = None,
 ) -> Tensor:
-    """rotary_embedding (of qk_norm's output when `norm` is given), with the rotated k and v
+    """rotary_embedding (after the q/k norms when `norm` is given), with the rotated k and v
     written straight into the paged kv_cache [2, blocks, block_size, H_kv, D] at slot_mapping
     [T] as reshape_and_cache writes them (slots < 0 skipped; fp8 scaled): one launch where there
     were two. Returns the rotated q; the inputs are not written."""
@@ -313,12 +288,9 @@ def rotary_and_cache_ref(
     v_scale: float = 1.0,
     norm: Norm | None = None,
 ) -> Tensor:
-    """The chain of references: (qk_norm_)rotary_embedding_ref, then reshape_and_cache_ref."""
-    if norm is None:
-        q, k = rotary_embedding_ref(positions, q, k, cos_sin_cache, rotary_dim, is_neox_style)
-    else:
-        args = (cos_sin_cache, rotary_dim, is_neox_style)
-        q, k = qk_norm_rotary_ref(positions, q, k, *norm, *args)
+    """The chain of references: rotary_embedding_ref, then reshape_and_cache_ref."""
+    args = (cos_sin_cache, rotary_dim, is_neox_style, norm)
+    q, k = rotary_embedding_ref(positions, q, k, *args)
     reshape_and_cache_ref(k, v, kv_cache, slot_mapping, k_scale, v_scale)
     return q
 

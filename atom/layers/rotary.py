@@ -63,9 +63,7 @@ class RotaryEmbedding(nn.Module):
         and k_norm (Qwen3, GLM-4.5's per-head RMSNorm), q and k are normed first, in the same
         kernel."""
         norm, q, k = self._norms(q, k, q_norm, k_norm)
-        args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style)
-        if norm is not None:
-            return ops.qk_norm_rotary(positions, q, k, *norm, *args)
+        args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style, norm)
         return ops.rotary_embedding(positions, q, k, *args)
 
     def forward_into_cache(

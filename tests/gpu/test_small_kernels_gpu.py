@@ -17,8 +17,6 @@ from atom.kernels.rms_norm import (
     rms_norm_ref,
 )
 from atom.kernels.rotary import (
-    qk_norm_rotary,
-    qk_norm_rotary_ref,
     rotary_and_cache,
     rotary_and_cache_ref,
     rotary_embedding,
@@ -107,9 +105,9 @@ def test_rotary_embedding(
     # ulp apart, and a rotated output then differs by up to sqrt(2) ulps of the normed values
     # (seen: 1-3 of 13-17 million elements, 0.0029 in float16 and 0.0115 in bfloat16).
     q_w, k_w = (_randn(head_dim, dtype=dtype, seed=s).abs() + 0.5 for s in (7, 8))
-    args = (q_w, k_w, EPS, cache, rotary_dim, is_neox_style)
-    q_out, k_out = qk_norm_rotary(positions, q, k, *args)
-    q_ref, k_ref = qk_norm_rotary_ref(positions, q, k, *args)
+    args = (cache, rotary_dim, is_neox_style, (q_w, k_w, EPS))
+    q_out, k_out = rotary_embedding(positions, q, k, *args)
+    q_ref, k_ref = rotary_embedding_ref(positions, q, k, *args)
     for out, ref, x, w in ((q_out, q_ref, q, q_w), (k_out, k_ref, k, k_w)):
         top = rms_norm_ref(x, w, EPS).abs().max().item()  # the largest normed value
         ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(top))

@@ -11,8 +11,6 @@ import transformers
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from atom.kernels.rotary import (
-    qk_norm_rotary,
-    qk_norm_rotary_ref,
     rotary_and_cache,
     rotary_and_cache_ref,
     rotary_embedding,
@@ -94,15 +92,15 @@ def test_qk_norm_rotary(
     positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
     q_w, k_w = (torch.rand(head_dim, generator=gen).add(0.5).to(DEVICE, dtype) for _ in range(2))
     q0, k0 = q.clone(), k.clone()
-    args = (q_w, k_w, 1e-6, cache, rotary_dim, is_neox_style)
-    q_out, k_out = qk_norm_rotary(positions, q, k, *args)
-    q_ref, k_ref = qk_norm_rotary_ref(positions, q, k, *args)
+    args = (cache, rotary_dim, is_neox_style, (q_w, k_w, 1e-6))
+    q_out, k_out = rotary_embedding(positions, q, k, *args)
+    q_ref, k_ref = rotary_embedding_ref(positions, q, k, *args)
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-3, rtol=2e-3)
     torch.testing.assert_close(q_out, q_ref, **tol)
     torch.testing.assert_close(k_out, k_ref, **tol)
     assert torch.equal(q, q0) and torch.equal(k, k0)  # out of place
     with pytest.raises(ValueError, match="norm weights"):
-        qk_norm_rotary(positions, q, k, q_w[:-1], k_w, *args[2:])
+        rotary_embedding(positions, q, k, *args[:3], (q_w[:-1], k_w, 1e-6))
 
 
 # fp8 caches on a GPU only: the interpreter's float8_e4m3fn conversion is wrong.
