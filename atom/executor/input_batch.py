@@ -309,32 +309,29 @@ def _philox_seeds(rows: list[CachedRequestState]) -> np.ndarray:
     return seeds.astype(np.int64)
 
 
-_SEED_MASK = (1 << 63) - 1
-
-
 def position_seed(seed: int, position: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + position) % (1 << 63)
 
 
+_SEED_MASK = (1 << 63) - 1  # position_seed's modulus, as a mask
+
+
 def build_sampling_metadata(
-    rows: list[CachedRequestState], device: torch.device, staging: StepBuffers | None = None
+    rows: list[CachedRequestState], staging: StepBuffers
 ) -> SamplingMetadata:
-    """staging: the runner's persistent buffers, for the columns every step has (temperature,
-    CUDA seeds); without them, fresh tensors."""
+    """The step's sampling columns on the staging buffers' device: those every step has
+    (temperature, CUDA seeds) in its persistent buffers, the optional ones as fresh tensors."""
     params = [s.sampling_params for s in rows]
+    device = staging.device
     cuda = device.type == "cuda"
 
     def col(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
         return to_device(torch.tensor(values, dtype=dtype), device)
 
-    temperature = [0.0 if p.greedy else p.temperature for p in params]
-    seeds = _philox_seeds(rows) if cuda else None
-    if staging is not None:
-        temperature_t = staging.put(staging.temperature, temperature)
-        seeds_t = None if seeds is None else staging.put(staging.seeds, seeds)
-    else:
-        temperature_t = col(temperature)
-        seeds_t = None if seeds is None else to_device(torch.from_numpy(seeds), device)
+    temperature = staging.put(
+        staging.temperature, [0.0 if p.greedy else p.temperature for p in params]
+    )
+    seeds = staging.put(staging.seeds, _philox_seeds(rows)) if cuda else None
 
     vocab_off = 1 << 62
     needs_penalty = any(
@@ -347,7 +344,7 @@ def build_sampling_metadata(
         if len(s.output_token_ids) + s.num_pending < p.min_tokens and p.all_stop_token_ids
     ]
     return SamplingMetadata(
-        temperature=temperature_t,
+        temperature=temperature,
         all_greedy=all(p.greedy for p in params),
         top_k=col([p.top_k or vocab_off for p in params], torch.int64)
         if any(p.top_k for p in params)
@@ -355,7 +352,7 @@ def build_sampling_metadata(
         top_p=col([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
         min_p=col([p.min_p for p in params]) if any(p.min_p > 0 for p in params) else None,
         generators={i: _positioned(s) for i, s in enumerate(rows) if s.generator is not None},
-        seeds=seeds_t,
+        seeds=seeds,
         presence_penalty=col([p.presence_penalty for p in params]) if needs_penalty else None,
         frequency_penalty=col([p.frequency_penalty for p in params]) if needs_penalty else None,
         repetition_penalty=col([p.repetition_penalty for p in params]) if needs_penalty else None,

@@ -344,7 +344,7 @@ class ModelRunner:
             self._fill_pending_inputs(inputs.pending_inputs)
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
         # Built before the forward is queued: its small host-to-device copies then wait for nothing.
-        sampling = build_sampling_metadata(rows, self.device, self.buffers) if rows else None
+        sampling = build_sampling_metadata(rows, self.buffers) if rows else None
         num_rows = inputs.input_ids.shape[0]
         graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
         # The step's device work, from the forward to the copy of the sampled ids, labelled

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from atom.executor.input_batch import (
     CachedRequestState,
+    StepBuffers,
     _philox_seeds,
     build_sampling_metadata,
     position_seed,
@@ -24,6 +25,13 @@ from atom.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 VOCAB_OFF = 1 << 62  # build_sampling_metadata's top_k for rows without one
+
+
+def _staging() -> StepBuffers:
+    """Fresh buffers per call: a step's sampling columns are views of them."""
+    return StepBuffers(max_tokens=8, max_seqs=8, max_blocks=1, device=CPU)
+
+
 BOUNDARY_EPS = 1e-5  # reference values this close to a threshold may round either way
 
 
@@ -163,7 +171,7 @@ def test_build_sampling_metadata_greedy_and_seeded() -> None:
         make_state("s", SamplingParams(seed=5), seed=5),
         make_state("r", SamplingParams(top_k=3)),
     ]
-    meta = build_sampling_metadata(rows, CPU)
+    meta = build_sampling_metadata(rows, _staging())
     assert not meta.all_greedy and set(meta.generators) == {1}
     assert meta.top_k is not None and meta.top_k.tolist() == [VOCAB_OFF, VOCAB_OFF, 3]
     assert meta.top_p is None and meta.min_p is None and meta.presence_penalty is None
@@ -341,7 +349,7 @@ def test_penalties_through_build_sampling_metadata() -> None:
         make_state("f", SamplingParams(temperature=0.0, frequency_penalty=1.0), [4], [5, 5]),
         make_state("r", SamplingParams(temperature=0.0, repetition_penalty=2.0), [4], [5]),
     ]
-    meta = build_sampling_metadata(rows, CPU)
+    meta = build_sampling_metadata(rows, _staging())
     expected = penalties_ref(
         logits, [[4]] * 3, [[5, 5], [5, 5], [5]], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1, 1, 2.0]
     )
@@ -349,7 +357,7 @@ def test_penalties_through_build_sampling_metadata() -> None:
     torch.testing.assert_close(penalized, expected, rtol=0, atol=1e-6)
     assert penalized[0, 4] == logits[0, 4] and penalized[1, 4] == logits[1, 4]
     assert torch.equal(Sampler()(logits, meta).sampled, expected.argmax(-1))
-    plain = build_sampling_metadata([make_state("x", SamplingParams())], CPU)
+    plain = build_sampling_metadata([make_state("x", SamplingParams())], _staging())
     assert plain.repetition_penalty is None and plain.output_token_ids == []
 
 
@@ -369,7 +377,7 @@ def test_min_tokens_blocks_stop_ids() -> None:
     ]
     params = [p.clone(_eos_token_ids=(eos,)) for p in params]
     rows = [make_state(str(i), p, output=[1, 2]) for i, p in enumerate(params)]
-    meta = build_sampling_metadata(rows, CPU)
+    meta = build_sampling_metadata(rows, _staging())
     assert meta.blocked_tokens == [(0, [stop, eos]), (1, [stop, eos]), (2, [stop])]
     original = logits.clone()
     for _ in range(20):
@@ -379,7 +387,7 @@ def test_min_tokens_blocks_stop_ids() -> None:
     assert torch.equal(logits, original)  # the caller's logits are not masked in place
     for row in rows:
         row.append_output(3)
-    assert build_sampling_metadata(rows, CPU).blocked_tokens == []
+    assert build_sampling_metadata(rows, _staging()).blocked_tokens == []
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])
@@ -450,10 +458,9 @@ def test_metadata_max_top_k_only_when_every_row_has_one() -> None:
             for i, k in enumerate(ks)
         ]
 
-    cpu = torch.device("cpu")
-    assert build_sampling_metadata(rows(20, 5), cpu).max_top_k == 20
-    assert build_sampling_metadata(rows(20, 0), cpu).max_top_k is None
-    assert build_sampling_metadata(rows(-1), cpu).max_top_k is None
+    assert build_sampling_metadata(rows(20, 5), _staging()).max_top_k == 20
+    assert build_sampling_metadata(rows(20, 0), _staging()).max_top_k is None
+    assert build_sampling_metadata(rows(-1), _staging()).max_top_k is None
 
 
 # ---- the fused (Triton) draw, as on CUDA; here in the Triton interpreter -----------------------
