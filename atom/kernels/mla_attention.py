@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from atom.kernels.attention_config import choose_num_splits, num_sms
+from atom.kernels.attention_config import DO_NOT_SPECIALIZE, choose_num_splits, num_sms
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
 from atom.kernels.unified_attention import _find_seq
@@ -130,7 +130,7 @@ def _attend_latent_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def _mla_attention_kernel(
     out_ptr,  # [T, H, R]
     q_lat_ptr,  # [T, H, R]

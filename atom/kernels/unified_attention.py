@@ -31,7 +31,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from atom.kernels.attention_config import choose_num_splits, launch_config, num_sms
+from atom.kernels.attention_config import (
+    DO_NOT_SPECIALIZE,
+    choose_num_splits,
+    launch_config,
+    num_sms,
+)
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
 
@@ -136,7 +141,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
@@ -369,7 +374,7 @@ def unified_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_p = max(16, next_power_of_2(head_dim))
-    cfg = launch_config(max_query_len, group, head_dim_p)
+    cfg = launch_config(max_query_len, group, head_dim_p, kv_cache.element_size())
     if num_splits is None:
         num_splits = choose_num_splits(
             num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms(query.device)

@@ -8,7 +8,7 @@ import torch
 
 from atom.kernels.attention_config import choose_num_splits
 from atom.kernels.paged_attention import paged_attention_ref
-from atom.kernels.unified_attention import unified_attention
+from atom.kernels.unified_attention import _unified_attention_kernel, unified_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -167,3 +167,25 @@ def test_cuda_graph_replay_matches_eager(max_seq_len: int) -> None:
         step()
         torch.testing.assert_close(replayed, out, atol=0, rtol=0)
         assert torch.equal(replayed[2], torch.zeros_like(replayed[2]))
+
+
+def _variants(kernel: object) -> int:
+    """Compiled variants of a Triton kernel (its per-device caches' first member)."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+def test_block_table_width_compiles_no_new_variant() -> None:
+    """Compact block tables change width (their row stride) every step: widths of 1, a multiple
+    of 16 and others must reuse one compiled variant, not compile mid-run."""
+    seqs = [(16, 3), (12, 9), (5, 1)]  # one block each: a table may be 1 wide
+    inp = _inputs(seqs, 16, 8, 128)
+    query, cache = inp["query"].bfloat16(), inp["cache"].bfloat16()
+    expected = _reference(inp, query, cache.float(), scale=0.1)
+    counts = []
+    for width in (inp["tables"].shape[1], 1, 16, 7, 32):
+        tables = torch.zeros(len(seqs), width, dtype=torch.int32, device="cuda")
+        tables[:, :1] = inp["tables"][:, :1]
+        out = _kernel({**inp, "tables": tables}, query, cache, scale=0.1)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+        counts.append(_variants(_unified_attention_kernel))
+    assert counts == [counts[0]] * len(counts), counts
