@@ -257,7 +257,7 @@ def test_failed_step_leaves_no_stale_prefix_cache(
 ) -> None:
     prompt = _ids(50)
     expected = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    llm.engine.reset_prefix_cache()
+    assert llm.reset_prefix_cache()
     runner = llm.engine.executor
 
     def fail(*args: Any) -> None:

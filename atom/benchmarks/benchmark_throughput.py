@@ -9,7 +9,8 @@ roofline of the workload (roofline.workload_seconds: prefill FLOPs at the matmul
 step's weight + KV bytes at the copy bandwidth, both measured once the engine is ready) gives the
 share of it reached; a MoE step reads the experts its live batch routes to (taken as uniform).
 Takes every engine flag; the default model is the Qwen3-0.6B shape with random weights. With
---torch-profiler-dir the workload runs a second time under the profiler (not timed); add
+--torch-profiler-dir the workload runs a second time under the profiler (not timed), its prompts'
+prefix cache reset first so that it meets the timed run's steps; add
 --mark-trace for module tags and per-graph capture traces (tools/parse_trace.py).
 """
 
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # After start-up and the timed run, which it is no part of.
         bandwidth, flops = measure_device(device)
         if engine_args.torch_profiler_dir:  # the same workload again, traced (not timed)
+            llm.reset_prefix_cache()  # as the timed run met it: no prompt cached yet
             llm.start_profile()
             llm.generate(inputs, params, use_tqdm=False)
             llm.stop_profile()

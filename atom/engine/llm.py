@@ -93,6 +93,11 @@ class LLM:
         """Stop it; traces go to <torch_profiler_dir>/rank_<r>/."""
         self.engine.stop_profile()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (as vLLM's LLM.reset_prefix_cache); False, and
+        nothing reset, while a request still holds blocks."""
+        return self.engine.reset_prefix_cache()
+
     # ---- public API ----
     def generate(
         self,

@@ -146,7 +146,7 @@ def test_latency_rejects_bad_lengths(tiny_llama: Path) -> None:
 
 def test_throughput_profiles_a_second_run(tiny_qwen3: Path, tmp_path: Path) -> None:
     """With --torch-profiler-dir the workload runs again under the profiler: one trace, labelled
-    steps of the same workload."""
+    steps of the same workload (its prompts computed again, not prefix-cache hits)."""
     argv = ["--model", str(tiny_qwen3), *ENGINE_FLAGS, "--num-seqs", "2"]
     argv += ["--min-input-len", "8", "--max-input-len", "16"]
     argv += ["--min-output-len", "3", "--max-output-len", "3"]
@@ -157,5 +157,6 @@ def test_throughput_profiles_a_second_run(tiny_qwen3: Path, tmp_path: Path) -> N
     names = {
         e.get("name", "") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
     }
-    assert any(n.startswith("prefill[bs=") for n in names)
+    (prefill,) = (n for n in names if n.startswith("prefill[bs="))
+    assert f"tok={record['prompt_tokens']} " in prefill  # prefix cache reset: every prompt token
     assert any("decode[bs=2" in n for n in names)
