@@ -33,9 +33,7 @@ class LaunchConfig:
     num_stages: int
 
 
-def launch_config(
-    max_query_len: int, group: int, head_dim_p: int, kv_itemsize: int = 2
-) -> LaunchConfig:
+def launch_config(max_query_len: int, group: int, head_dim_p: int) -> LaunchConfig:
     """Tile sizes from the Python ints only (so a captured CUDA graph sees the same launch).
 
     Measured on an H200 (bf16, H=32, H_kv=8, D=128): decode reads 3.9-4.4 TB/s of KV at
@@ -45,14 +43,11 @@ def launch_config(
     rows = max(max_query_len, 1) * group
     if rows <= 64:
         # Decode and short speculative steps: one q-block per sequence, as few padded rows as
-        # tl.dot allows (M >= 16). Memory bound: long tiles, three stages of K and V in flight
-        # where they fit in shared memory (2-byte or fp8 caches: 192 KiB at most). H200,
-        # tune_attention_decode.py, two sittings: 3 stages read 1-2.5% more than 2 at batch 64
-        # and 256 (3,034 vs 2,961 and 4,000 vs 3,907 GB/s); 4 stages no more than 3.
+        # tl.dot allows (M >= 16). Memory bound: long tiles, K and V double-buffered (three
+        # stages read 1-2.5% more in tune_attention_decode.py, but the bench's attention time
+        # per step did not move: 3,604 -> 3,615 us, H200, 2026-11-29).
         block_m = max(16, next_power_of_2(rows))
-        tile = 128 if head_dim_p <= 128 else 64
-        stages = 3 if kv_itemsize <= 2 else 2
-        return LaunchConfig(block_m, block_m // group, tile, True, 4, stages)
+        return LaunchConfig(block_m, block_m // group, 128 if head_dim_p <= 128 else 64, True, 4, 2)
     # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
     tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
     block_m = max(64, next_power_of_2(group))

@@ -374,7 +374,7 @@ def unified_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_p = max(16, next_power_of_2(head_dim))
-    cfg = launch_config(max_query_len, group, head_dim_p, kv_cache.element_size())
+    cfg = launch_config(max_query_len, group, head_dim_p)
     if num_splits is None:
         num_splits = choose_num_splits(
             num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms(query.device)
