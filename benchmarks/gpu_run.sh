@@ -31,7 +31,9 @@
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
-# Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT.
+# Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT; on exit, whatever the
+# stages left there except traces (*.gz) is packed into $OUT/results.tgz (the device tool returns
+# at most 8 files: one sitting's logs and JSONs are more, and the rest were dropped).
 # The device's git metadata can lag the tree sent: start the command with
 # ATOM_TAG=<short commit of this checkout> so the records name the right commit.
 set -uo pipefail
@@ -191,6 +193,15 @@ stage_smol() {
     python3 -m atom.examples.simple_inference --model "$gguf" 2>&1 \
         | grep -v -e "de-quantizing" | tee "$OUT/simple_inference.log"
 }
+
+pack_results() {
+    local files
+    files=$(cd "$OUT" && ls | grep -v -e '\.gz$' -e '^results\.tgz$')
+    [ -n "$files" ] || return 0
+    # shellcheck disable=SC2086
+    (cd "$OUT" && tar czf results.tgz $files && rm -f $files)
+}
+trap pack_results EXIT
 
 for stage in "$@"; do
     echo "=== $stage $(date +%T)"
