@@ -16,7 +16,7 @@ from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
-from atom.kernels.reshape_and_cache import _store_scaled
+from atom.kernels.reshape_and_cache import _store_scaled, divide_by_scale
 
 
 def write_latent_cache_ref(
@@ -28,7 +28,7 @@ def write_latent_cache_ref(
     cache = kv_cache.view(-1, kv_cache.shape[-1])  # [num_blocks * block_size, row]
     if cache.dtype in FP8_DTYPES:
         fp8_max = torch.finfo(cache.dtype).max
-        latent = (latent.float() / kv_scale).clamp(-fp8_max, fp8_max).to(cache.dtype)
+        latent = divide_by_scale(latent.float(), kv_scale).clamp(-fp8_max, fp8_max).to(cache.dtype)
         cache.view(torch.uint8).index_copy_(0, slots, latent.view(torch.uint8))
     else:
         cache.index_copy_(0, slots, latent.to(cache.dtype))

@@ -37,8 +37,8 @@ def reshape_and_cache_ref(
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     if kv_cache.dtype in FP8_DTYPES:
         fp8_max = torch.finfo(kv_cache.dtype).max
-        key = _divide(key.float(), k_scale).clamp(-fp8_max, fp8_max).to(kv_cache.dtype)
-        value = _divide(value.float(), v_scale).clamp(-fp8_max, fp8_max).to(kv_cache.dtype)
+        key = divide_by_scale(key.float(), k_scale).clamp(-fp8_max, fp8_max).to(kv_cache.dtype)
+        value = divide_by_scale(value.float(), v_scale).clamp(-fp8_max, fp8_max).to(kv_cache.dtype)
     elif kv_cache.dtype != key.dtype:
         key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
     cache = _bytes(kv_cache)
@@ -46,7 +46,7 @@ def reshape_and_cache_ref(
     cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, _bytes(value))
 
 
-def _divide(x: Tensor, scale: float) -> Tensor:
+def divide_by_scale(x: Tensor, scale: float) -> Tensor:
     """x / scale, IEEE-rounded as the kernels divide: CUDA torch computes a tensor over a Python
     scalar as x * (1 / scale), which rounds a few values one fp32 step apart (and then, rarely,
     one fp8 step apart). A 0-d tensor on x's device takes the true division."""
