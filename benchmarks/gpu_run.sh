@@ -16,7 +16,8 @@
 #            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
-#            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv
+#            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv;
+#            ATOM_TORCH_PROFILER_GPU_ONLY=1 (with PROFILE_FLAGS="") traces GPU activity only
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV

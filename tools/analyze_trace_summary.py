@@ -12,7 +12,9 @@ Per step, from the runner's labels (atom/executor/trace_labels.py):
   host busy (decode) the host's own time per step: its range's start to the next step's, less
             the time it waited on the GPU (cudaEventSynchronize and other syncs). A host busier
             than the period is what leaves the GPU idle; one well below it is ahead.
-A CPU trace has no GPU columns ("no GPU events"): its step time is the host range.
+A CPU trace has no GPU columns ("no GPU events"): its step time is the host range. A GPU-only
+trace (ATOM_TORCH_PROFILER_GPU_ONLY=1) has no host columns: its steps, `step[bs=N]`, are found
+by their sampled-token copies (trace_events.py) and reported with the decode steps.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trace_events import StepTiming, Trace, step_timings
+from trace_events import GPU_ONLY_KIND, StepTiming, Trace, step_timings
 
 FIRST_ITERATIONS = 10
 IDLE_LIMIT = 10.0  # percent: decode steps idler than this are counted
@@ -74,19 +76,21 @@ def prefill_section(timings: list[StepTiming], gpu: bool) -> list[str]:
     return [*lines, ""]
 
 
-def decode_section(timings: list[StepTiming], gpu: bool) -> list[str]:
+def decode_section(timings: list[StepTiming], gpu: bool, host_columns: bool = True) -> list[str]:
     lines = ["## Decode", ""]
     if not timings:
         return [*lines, "No decode steps.", ""]
     kinds = ", ".join(sorted({t.step.kind for t in timings}))
     lines += [f"{len(timings)} iterations ({kinds}).", ""]
     lines += ["| time | steps | mean | min | max | total |", "|---|---|---|---|---|---|"]
-    lines.append(stats_row("host", [t.step.cpu.dur for t in timings]))
+    if host_columns:
+        lines.append(stats_row("host", [t.step.cpu.dur for t in timings]))
     lines.append(stats_row("period", [t.period for t in timings]))
     if gpu:
         lines.append(stats_row("GPU span", [t.gpu_span for t in timings if t.gpu_span is not None]))
-        host_busy = [t.host_busy for t in timings if t.host_busy is not None]
-        lines.append(stats_row("host busy", host_busy))
+        if host_columns:
+            host_busy = [t.host_busy for t in timings if t.host_busy is not None]
+            lines.append(stats_row("host busy", host_busy))
         idle = [100 * (1 - t.gpu_busy) for t in timings if t.gpu_busy is not None]
         lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%", total=False))
         over = sum(v > IDLE_LIMIT for v in idle)
@@ -124,7 +128,7 @@ def iterations(timings: list[StepTiming]) -> list[tuple[StepTiming, list[StepTim
     """Each decode step with the draft steps that follow it."""
     result: list[tuple[StepTiming, list[StepTiming]]] = []
     for t in timings:
-        if t.step.kind in ("decode", "eager_decode"):
+        if t.step.kind in ("decode", "eager_decode", GPU_ONLY_KIND):
             result.append((t, []))
         elif t.step.kind == "draft" and result:
             result[-1][1].append(t)
@@ -186,9 +190,15 @@ def report(trace: Trace, name: str) -> str:
     source = f"{len(trace.gpu)} GPU events" if gpu else "no GPU events (a CPU trace)"
     step_times = "period (GPU timeline)" if gpu else "host range"
     lines += [f"Steps: {summary}; {source}. Step time below: {step_times}.", ""]
+    if trace.gpu_only:
+        lines += [
+            "A GPU-only trace: no host ranges, so steps are split at their sampled-token copies "
+            "(prefill and decode alike, as `step`) and there are no host columns.",
+            "",
+        ]
     lines += prefill_section([t for t in timings if t.step.kind == "prefill"], gpu)
-    decodes = [t for t in timings if t.step.kind in ("decode", "eager_decode")]
-    lines += decode_section(decodes, gpu)
+    decodes = [t for t in timings if t.step.kind in ("decode", "eager_decode", GPU_ONLY_KIND)]
+    lines += decode_section(decodes, gpu, host_columns=not trace.gpu_only)
     drafts = [t for t in timings if t.step.kind == "draft"]
     if drafts:
         lines += draft_section(drafts)

@@ -4,8 +4,9 @@
                                 [--capture-trace FILE] [--top K]
 
 TRACE is a run trace written by `--torch-profiler-dir` (DIR/rank_<r>/*.pt.trace.json.gz). Steps
-are grouped by kind (prefill, decode, eager_decode, draft); in each, every kernel (memcpy, memset)
-is summed per (layer, module, kernel name) over the steps of that kind. Modules come from the
+are grouped by kind (prefill, decode, eager_decode, draft; `step` in a GPU-only trace, whose
+kernels are all untagged); in each, every kernel (memcpy, memset) is summed per (layer, module,
+kernel name) over the steps of that kind. Modules come from the
 `--mark-trace` tags around each launch; the layer is the N of `...layers.N.` in the tag.
 
 CUDA-graph replays launch nothing per module. Their kernels are matched, in order, to those of
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from trace_events import CAPTURE_KIND, STEP_KINDS, Step, Trace
+from trace_events import CAPTURE_KIND, GPU_ONLY_KIND, STEP_KINDS, Step, Trace
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 COMPILED_PREFIXES = ("## Call CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction")
@@ -186,7 +187,7 @@ def average_rows(
 
 def breakdown(trace: Trace, replay_tags: ReplayTags) -> list[Row]:
     rows: list[Row] = []
-    for kind in STEP_KINDS:
+    for kind in (*STEP_KINDS, GPU_ONLY_KIND):
         steps = [s for s in trace.steps if s.kind == kind]
         if steps:
             for step in steps:

@@ -12,6 +12,10 @@ run wherever a trace is copied. Times are in microseconds, as in the trace.
   (`gpu_user_annotation`, on the kernel's stream) decide.
 * A trace with no GPU event (a CPU run) has CPU work instead: each top-level CPU op (a `cpu_op`
   with no op around it), attributed the same way.
+* A GPU-only trace (ATOM_TORCH_PROFILER_GPU_ONLY=1: no host ranges, so the host runs at nearly
+  its untraced speed) has no labels: its steps are `step[bs=N]`, each ending with the copy of its
+  sampled token ids to the host (int64: N = bytes / 8) and owning the GPU work since the copy
+  before. One such copy per step holds for runs without logprobs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 STEP_KINDS = ("prefill", "decode", "eager_decode", "draft")
+GPU_ONLY_KIND = "step"  # a step of a GPU-only trace, found by its sampled-token copy
+SAMPLED_COPY = "DtoH"  # in the name of a device-to-host memcpy
 CAPTURE_KIND = "capture_warmup"
 GPU_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 LAUNCH_CATS = frozenset({"cuda_runtime", "cuda_driver"})
@@ -220,7 +226,10 @@ class Trace:
                     self.steps.append(step)
                     self._step_of[id(s)] = step
         self.steps.sort(key=lambda st: st.cpu.ts)
-        if self.has_gpu:
+        self.gpu_only = self.has_gpu and not host
+        if self.gpu_only:
+            self._steps_from_copies()
+        elif self.has_gpu:
             self._attribute_gpu(spans, host, device_ranges)
         else:
             self._attribute_cpu(host)
@@ -280,6 +289,22 @@ class Trace:
         for (g, replay), step, tag in placed:
             if step is not None:
                 step.work.append(Work(g.name, g.ts, g.dur, tag, replay))
+
+    def _steps_from_copies(self) -> None:
+        """Steps of a GPU-only trace: each ends with a device-to-host copy (its sampled ids)."""
+        work: list[Work] = []
+        for g in self.gpu:
+            work.append(Work(g.name, g.ts, g.dur, ""))
+            if g.cat != "gpu_memcpy" or SAMPLED_COPY not in g.name:
+                continue
+            rows = int(g.args.get("bytes", 0)) // 8
+            first = work[0].ts
+            span = Span(
+                f"{GPU_ONLY_KIND}[bs={rows}]", "gpu_step", first, g.end - first, None, None, {}
+            )
+            label = Label(GPU_ONLY_KIND, {"bs": str(rows)})
+            self.steps.append(Step(span.name, label, span, work))
+            work = []
 
     def _attribute_cpu(self, host: dict[Thread, list[Span]]) -> None:
         queries: dict[Thread, list[tuple[float, Any]]] = {}
@@ -345,7 +370,7 @@ def step_timings(trace: Trace) -> list[StepTiming]:
         busy = host_busy = None
         if trace.has_gpu:
             busy = covered(gpu, starts[i], end) / period if period > 0 else 1.0
-            if i + 1 < len(trace.steps):
+            if i + 1 < len(trace.steps) and not trace.gpu_only:
                 lo, hi = step.cpu.ts, trace.steps[i + 1].cpu.ts
                 host_busy = hi - lo - covered(trace.host_waits, lo, hi)
         timings.append(StepTiming(step, starts[i], period, spans[i], busy, host_busy))

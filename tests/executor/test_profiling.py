@@ -140,3 +140,14 @@ def test_tag_modules_counts_and_skips_containers() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         outer.body(torch.ones(1, 2))
     assert {"body.0", "body.1"} <= {e.name for e in prof.events()}
+
+
+def test_gpu_only_tracing_needs_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATOM_TORCH_PROFILER_GPU_ONLY=1 drops the CPU activity; on a CPU device there is nothing
+    to trace, which start() says rather than writing an empty trace."""
+    monkeypatch.setenv("ATOM_TORCH_PROFILER_GPU_ONLY", "1")
+    profiler = TorchProfiler(str(tmp_path), 0, "m", torch.device("cpu"), mark_trace=False)
+    assert profiler.gpu_only
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        profiler.start()
+    assert not profiler.running

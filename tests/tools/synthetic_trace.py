@@ -121,3 +121,19 @@ def run_trace(path: Path) -> Path:
         t.kernel("gemm_logits", start + 21, ts + 1, 5)
     t.sync(445, 10)  # the host waits for the first decode's ids before the second step
     return t.write(path)
+
+
+def gpu_only_trace(path: Path) -> Path:
+    """What ATOM_TORCH_PROFILER_GPU_ONLY=1 records: GPU events only, no host range. Two steps,
+    each ending with its sampled ids' copy to the host (int64: 3 rows, then 4)."""
+    t = TraceBuilder()
+    for name, ts, dur, cat, args in (
+        ("gemm_a", 0, 10, "kernel", {}),
+        ("attn_kernel", 12, 8, "kernel", {}),
+        ("Memcpy DtoH (Device -> Pinned)", 21, 1, "gpu_memcpy", {"bytes": 24}),
+        ("Memcpy HtoD (Pinned -> Device)", 39, 1, "gpu_memcpy", {"bytes": 64}),
+        ("gemm_a", 40, 10, "kernel", {}),
+        ("Memcpy DtoH (Device -> Pinned)", 51, 1, "gpu_memcpy", {"bytes": 32}),
+    ):
+        t._add(cat, name, ts, dur, GPU, {"correlation": 0, **args})
+    return t.write(path)

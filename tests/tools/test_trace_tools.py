@@ -23,7 +23,7 @@ import openpyxl
 import pytest
 import torch
 import transformers
-from synthetic_trace import capture_trace, run_trace
+from synthetic_trace import capture_trace, gpu_only_trace, run_trace
 
 from atom import LLM, SamplingParams
 
@@ -281,3 +281,21 @@ def test_summary_gpu_busy(gpu_trace: Path, tmp_path: Path) -> None:
     assert "| host busy | 1 | 50.0 us | 50.0 us | 50.0 us | 50.0 us |" in text
     assert re.search(r"\| decode \| 3 \| 4 \| 2 \| 79\.5 us \|.*\| 50\.0 us \|", text)
     assert "no GPU events" not in text
+
+
+def test_gpu_only_trace_steps_end_at_sampled_copies(tmp_path: Path) -> None:
+    """No host ranges: steps end with their device-to-host copies, rows = bytes / 8; a step owns
+    the GPU time from the previous copy on (here an upload at 39 starts the second step)."""
+    trace = gpu_only_trace(tmp_path / "g.json.gz")
+    run_tool("analyze_trace_summary.py", trace, "--output", tmp_path / "s.md")
+    text = (tmp_path / "s.md").read_text()
+    assert "A GPU-only trace" in text and "| host |" not in text
+    # step 1: 0 to 39 (the next step's first work), busy 10 + 8 + 1; step 2: 39 to 52, 1 + 10 + 1
+    first, second = 100 - 100 * 19 / 39, 100 - 100 * 12 / 13
+    assert f"| step | 3 | - | 1 | 39.0 us | 39.0 us | 39.0 us | {first:.1f}% | - |" in text
+    assert f"| step | 4 | - | 1 | 13.0 us | 13.0 us | 13.0 us | {second:.1f}% | - |" in text
+    assert "1 of 2 steps idle more than 10%" in text
+    out = run_tool("parse_trace.py", trace, "--output", tmp_path / "b.csv")
+    assert "## step: 2 steps" in out
+    rows = read_csv(tmp_path / "b.csv")
+    assert {r["kernel"] for r in rows if r["phase"] == "step"} >= {"gemm_a", "attn_kernel"}
