@@ -15,7 +15,8 @@ run wherever a trace is copied. Times are in microseconds, as in the trace.
 * A GPU-only trace (ATOM_TORCH_PROFILER_GPU_ONLY=1: no host ranges, so the host runs at nearly
   its untraced speed) has no labels: its steps are `step[bs=N]`, each ending with the copy of its
   sampled token ids to the host (int64: N = bytes / 8) and owning the GPU work since the copy
-  before. One such copy per step holds for runs without logprobs.
+  before. One such copy per step holds for runs without logprobs; a step that samples nothing
+  (a chunk of a long prompt, alone) has no copy and joins the step after it.
 """
 
 from __future__ import annotations
