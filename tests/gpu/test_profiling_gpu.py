@@ -109,3 +109,33 @@ def test_graph_replays_map_to_modules(checkpoint: Path, tmp_path: Path, level: i
     summary = _tool("analyze_trace_summary.py", trace)
     assert "Mean GPU idle:" in summary and "| decode | 3 | 4 |" in summary
     assert "no GPU events" not in summary
+
+
+def test_gpu_only_trace_splits_at_sampled_copies(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ATOM_TORCH_PROFILER_GPU_ONLY=1: no CPU ops or ranges in the trace, and the tools find one
+    step per engine step (each ends with its sampled ids' copy) with the batch from its bytes."""
+    monkeypatch.setenv("ATOM_TORCH_PROFILER_GPU_ONLY", "1")
+    prof = tmp_path / "prof"
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        cudagraph_capture_sizes=[1, 2, 4],
+        max_num_seqs=4,
+        kv_cache_memory_bytes=256 << 20,
+        torch_profiler_dir=str(prof),
+    )
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 9, 17)]
+    llm.start_profile()
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.stop_profile()
+    llm.shutdown()
+    (trace,) = (prof / "rank_0").glob(f"{checkpoint.name}_ts_*.pt.trace.json.gz")
+    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    cats = {e.get("cat") for e in events}
+    assert "cpu_op" not in cats and "user_annotation" not in cats and "kernel" in cats
+    summary = _tool("analyze_trace_summary.py", trace)
+    assert "A GPU-only trace" in summary
+    # One prefill of the 3 prompts, then 7 decode steps of 3 rows: 8 steps of 3 sampled ids.
+    assert "Steps: 8 step;" in summary and "| step | 3 | - | 8 |" in summary
