@@ -18,6 +18,9 @@
 #            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv;
 #            ATOM_TORCH_PROFILER_GPU_ONLY=1 (with PROFILE_FLAGS="") traces GPU activity only
+#   profile_latency  benchmark_latency at batch 1 and 128 (LATENCY_BATCHES=), each then traced for 32
+#            decode tokens: $OUT/latency_summary_<n>.md per trace (where the 8B's decode step goes
+#            against the roofline), the traces themselves when small
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
@@ -146,6 +149,20 @@ stage_profile() {
     python3 tools/parse_trace.py "$trace" --output "$OUT/trace_breakdown.csv" >"$OUT/parse_trace.log" 2>&1
     head -n 40 "$OUT/parse_trace.log"
     if [ "$(stat -c %s "$trace")" -lt 15000000 ]; then cp "$trace" "$OUT/"; fi
+}
+
+stage_profile_latency() {
+    local dir=/tmp/atom-lprof trace n=0
+    rm -rf "$dir"
+    bench latency_profiled benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,128}" \
+        --torch-profiler-dir "$dir"
+    for trace in "$dir"/rank_0/*.pt.trace.json.gz; do
+        [ -f "$trace" ] || { echo "no latency trace"; return 1; }
+        n=$((n + 1))
+        python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/latency_summary_$n.md"
+        grep -e '^\*\*Mean GPU idle' -e '^| GPU span' "$OUT/latency_summary_$n.md"
+        if [ "$(stat -c %s "$trace")" -lt 8000000 ]; then cp "$trace" "$OUT/"; fi
+    done
 }
 
 stage_moe() {

@@ -8,7 +8,9 @@ average context) / step time; the roofline percentage is against the copy bandwi
 this process once the engine is ready (start-up, timed from the process's birth, holds only what
 a user of the engine waits for). A MoE's weight bytes depend on the batch (the experts its
 tokens route to, taken as uniform: model_cost.py), so each batch size records its own.
-Default: the Llama-3.1-8B shape with random weights.
+Default: the Llama-3.1-8B shape with random weights. With --torch-profiler-dir, after the timed
+runs, each batch size decodes PROFILE_TOKENS tokens once more under the profiler (not timed): one
+trace per batch size, whose decode steps show where a step's time goes against the roofline.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 WARMUP_TOKENS = 8
+PROFILE_TOKENS = 32  # per traced batch: enough decode steps to average, a small trace
 
 
 def int_list(text: str) -> list[int]:
@@ -92,6 +95,17 @@ def time_decode_step(
     return (t_long - t_short) / (long - short)
 
 
+def profile_decode(llm: Any, batch: int, input_len: int) -> None:
+    """One traced generate of PROFILE_TOKENS tokens at `batch` sequences (not timed)."""
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=PROFILE_TOKENS)
+    llm.start_profile()
+    try:
+        llm.generate(prompts_for(batch, input_len), params, use_tqdm=False)
+    finally:
+        llm.stop_profile()
+    print(f"batch {batch:4d}: profiled {PROFILE_TOKENS} tokens")
+
+
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     short, long = _check_lengths(args)
     engine_args = engine_args_from(args)
@@ -129,6 +143,9 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
             record |= _batch_record(bs, step, weight_bytes + kv_bytes, roofline_bandwidth)
             record[f"bs{bs}_weight_bytes"] = weight_bytes
             record[f"bs{bs}_kv_bytes"] = kv_bytes
+        if engine_args.torch_profiler_dir:
+            for bs in args.batch_sizes:
+                profile_decode(llm, bs, args.input_len)
     finally:
         llm.shutdown()
     return record | environment_info(record["device"])

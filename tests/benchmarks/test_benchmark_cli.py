@@ -111,6 +111,23 @@ def test_latency_cli(tiny_llama: Path, tmp_path: Path) -> None:
     assert all(field in record for field in ENV_FIELDS)
 
 
+def test_latency_profiles_each_batch(tiny_llama: Path, tmp_path: Path) -> None:
+    """With --torch-profiler-dir, one trace per batch size of PROFILE_TOKENS decoded tokens."""
+    argv = ["--model", str(tiny_llama), *ENGINE_FLAGS, "--batch-sizes", "1,2"]
+    argv += ["--input-len", "16", "--output-lens", "2,4", "--num-iters", "1"]
+    benchmark_latency.main([*argv, "--torch-profiler-dir", str(tmp_path / "prof")])
+    traces = sorted((tmp_path / "prof" / "rank_0").glob("*.pt.trace.json.gz"))
+    assert len(traces) == 2
+    for batch, trace in zip((1, 2), traces, strict=True):
+        names = [
+            e.get("name", "")
+            for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+            if e.get("cat") == "user_annotation"
+        ]
+        decodes = [n for n in names if n.startswith(f"eager_decode[bs={batch} ")]
+        assert len(decodes) == benchmark_latency.PROFILE_TOKENS - 1, names[:5]
+
+
 @pytest.mark.parametrize("fixture", MOE_MODELS)
 def test_latency_cli_on_moe(fixture: str, request: pytest.FixtureRequest) -> None:
     """A MoE reads more experts at a larger batch: each batch size records its own weight bytes."""
