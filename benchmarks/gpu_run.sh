@@ -19,8 +19,8 @@
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv;
 #            ATOM_TORCH_PROFILER_GPU_ONLY=1 (with PROFILE_FLAGS="") traces GPU activity only
 #   profile_latency  benchmark_latency at batch 1 and 128 (LATENCY_BATCHES=), each then traced for 32
-#            decode tokens: $OUT/latency_summary_<n>.md per trace (where the 8B's decode step goes
-#            against the roofline), the traces themselves when small
+#            tokens (a prefill, 31 decode steps): $OUT/latency_summary_bs<N>.md per batch (where the
+#            8B's decode step goes against the roofline), the traces themselves when small
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
@@ -152,15 +152,17 @@ stage_profile() {
 }
 
 stage_profile_latency() {
-    local dir=/tmp/atom-lprof trace n=0
+    local dir=/tmp/atom-lprof batches=${LATENCY_BATCHES:-1,128} trace summary
+    local -a sizes
     rm -rf "$dir"
-    bench latency_profiled benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,128}" \
-        --torch-profiler-dir "$dir"
-    for trace in "$dir"/rank_0/*.pt.trace.json.gz; do
+    bench latency_profiled benchmark_latency --batch-sizes "$batches" --torch-profiler-dir "$dir"
+    IFS=, read -r -a sizes <<<"$batches"
+    for trace in "$dir"/rank_0/*.pt.trace.json.gz; do  # named by time: in the batches' order
         [ -f "$trace" ] || { echo "no latency trace"; return 1; }
-        n=$((n + 1))
-        python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/latency_summary_$n.md"
-        grep -e '^\*\*Mean GPU idle' -e '^| GPU span' "$OUT/latency_summary_$n.md"
+        summary="$OUT/latency_summary_bs${sizes[0]}.md"
+        sizes=("${sizes[@]:1}")
+        python3 tools/analyze_trace_summary.py "$trace" --output "$summary"
+        grep -e '^\*\*Mean GPU idle' -e '^| GPU span' "$summary"
         if [ "$(stat -c %s "$trace")" -lt 8000000 ]; then cp "$trace" "$OUT/"; fi
     done
 }
@@ -214,7 +216,7 @@ stage_smol() {
 
 pack_results() {
     local files
-    files=$(cd "$OUT" && ls | grep -v -e '\.gz$' -e '^results\.tgz$')
+    files=$(cd "$OUT" && find . -maxdepth 1 -type f ! -name '*.gz' ! -name results.tgz)
     [ -n "$files" ] || return 0
     # shellcheck disable=SC2086
     (cd "$OUT" && tar czf results.tgz $files && rm -f $files)

@@ -92,11 +92,12 @@ def decode_section(timings: list[StepTiming], gpu: bool, host_columns: bool = Tr
             host_busy = [t.host_busy for t in timings if t.host_busy is not None]
             lines.append(stats_row("host busy", host_busy))
         idle = [100 * (1 - t.gpu_busy) for t in timings if t.gpu_busy is not None]
+        period = "decode" if host_columns else "step"  # a GPU-only trace's steps hold prefills
         lines.append(stats_row("GPU idle %", idle, lambda v: f"{v:.1f}%", total=False))
         over = sum(v > IDLE_LIMIT for v in idle)
         lines += [
             "",
-            f"**Mean GPU idle: {statistics.fmean(idle):.1f}%** of the decode period; "
+            f"**Mean GPU idle: {statistics.fmean(idle):.1f}%** of the {period} period; "
             f"max {max(idle):.1f}%; {over} of {len(idle)} steps idle more than {IDLE_LIMIT:.0f}%.",
         ]
     else:
@@ -193,7 +194,8 @@ def report(trace: Trace, name: str) -> str:
     if trace.gpu_only:
         lines += [
             "A GPU-only trace: no host ranges, so steps are split at their sampled-token copies "
-            "(prefill and decode alike, as `step`) and there are no host columns.",
+            "(prefill and decode alike, as `step`; one copy per step holds without logprobs) "
+            "and there are no host columns.",
             "",
         ]
     lines += prefill_section([t for t in timings if t.step.kind == "prefill"], gpu)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from trace_events import CAPTURE_KIND, GPU_ONLY_KIND, STEP_KINDS, Step, Trace
+from trace_events import CAPTURE_KIND, RUN_KINDS, Step, Trace
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 COMPILED_PREFIXES = ("## Call CompiledFxGraph", "Torch-Compiled Region", "CompiledFunction")
@@ -187,7 +187,7 @@ def average_rows(
 
 def breakdown(trace: Trace, replay_tags: ReplayTags) -> list[Row]:
     rows: list[Row] = []
-    for kind in (*STEP_KINDS, GPU_ONLY_KIND):
+    for kind in RUN_KINDS:
         steps = [s for s in trace.steps if s.kind == kind]
         if steps:
             for step in steps:

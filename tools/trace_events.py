@@ -33,7 +33,9 @@ from typing import Any
 
 STEP_KINDS = ("prefill", "decode", "eager_decode", "draft")
 GPU_ONLY_KIND = "step"  # a step of a GPU-only trace, found by its sampled-token copy
+RUN_KINDS = (*STEP_KINDS, GPU_ONLY_KIND)  # what a run trace's steps may be
 SAMPLED_COPY = "DtoH"  # in the name of a device-to-host memcpy
+HOST_CATS = frozenset({"cpu_op", "user_annotation", "python_function"})
 CAPTURE_KIND = "capture_warmup"
 GPU_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 LAUNCH_CATS = frozenset({"cuda_runtime", "cuda_driver"})
@@ -202,7 +204,7 @@ def top_level(ops: Iterable[Span]) -> list[Span]:
 class Trace:
     """The steps of one trace (ranges labelled with one of `kinds`) and the work in each."""
 
-    def __init__(self, events: Iterable[dict[str, Any]], kinds: Sequence[str] = STEP_KINDS):
+    def __init__(self, events: Iterable[dict[str, Any]], kinds: Sequence[str] = RUN_KINDS):
         spans = [_span(e) for e in events if e.get("ph") == "X"]
         self.gpu = sorted((s for s in spans if s.cat in GPU_CATS), key=lambda s: s.ts)
         self.has_gpu = bool(self.gpu)
@@ -227,8 +229,9 @@ class Trace:
                     self.steps.append(step)
                     self._step_of[id(s)] = step
         self.steps.sort(key=lambda st: st.cpu.ts)
-        self.gpu_only = self.has_gpu and not host
-        if self.gpu_only:
+        # No host event at all (not merely no labels): a trace of the GPU activity alone.
+        self.gpu_only = self.has_gpu and not any(s.cat in HOST_CATS for s in spans)
+        if self.gpu_only and GPU_ONLY_KIND in kinds:
             self._steps_from_copies()
         elif self.has_gpu:
             self._attribute_gpu(spans, host, device_ranges)
@@ -238,7 +241,7 @@ class Trace:
             step.work.sort(key=lambda w: w.ts)
 
     @classmethod
-    def from_file(cls, path: str | Path, kinds: Sequence[str] = STEP_KINDS) -> Trace:
+    def from_file(cls, path: str | Path, kinds: Sequence[str] = RUN_KINDS) -> Trace:
         return cls(load_events(path), kinds)
 
     def _place(

@@ -9,8 +9,9 @@ this process once the engine is ready (start-up, timed from the process's birth,
 a user of the engine waits for). A MoE's weight bytes depend on the batch (the experts its
 tokens route to, taken as uniform: model_cost.py), so each batch size records its own.
 Default: the Llama-3.1-8B shape with random weights. With --torch-profiler-dir, after the timed
-runs, each batch size decodes PROFILE_TOKENS tokens once more under the profiler (not timed): one
-trace per batch size, whose decode steps show where a step's time goes against the roofline.
+runs, each batch size generates PROFILE_TOKENS tokens once more under the profiler (a prefill and
+PROFILE_TOKENS - 1 decode steps, not timed): one trace per batch size, whose decode steps show
+where a step's time goes against the roofline.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from atom.process_age import seconds_since_process_start
 from atom.sampling_params import SamplingParams
 
 WARMUP_TOKENS = 8
-PROFILE_TOKENS = 32  # per traced batch: enough decode steps to average, a small trace
+PROFILE_TOKENS = 32  # tokens per traced batch: enough decode steps to average, a small trace
 
 
 def int_list(text: str) -> list[int]:

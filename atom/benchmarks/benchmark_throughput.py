@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # After start-up and the timed run, which it is no part of.
         bandwidth, flops = measure_device(device)
         if engine_args.torch_profiler_dir:  # the same workload again, traced (not timed)
-            llm.reset_prefix_cache()  # as the timed run met it: no prompt cached yet
+            if not llm.reset_prefix_cache():  # as the timed run met it: no prompt cached yet
+                raise RuntimeError("the prefix cache could not be reset: a request holds blocks")
             llm.start_profile()
             llm.generate(inputs, params, use_tqdm=False)
             llm.stop_profile()

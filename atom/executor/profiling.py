@@ -8,9 +8,9 @@ DIR/capture_traces/bs_<G>_rank<r>.json.gz, a trace of one tagged warm-up forward
 whose kernels come in the replay's order (`tools/parse_trace.py` matches the two).
 
 With ATOM_TORCH_PROFILER_GPU_ONLY=1 a run trace records GPU activity only (kernels, copies, CUDA
-API calls): no CPU ops and no ranges, so the host runs at nearly its untraced speed (a plain
-trace of the nano-vllm bench records ~130 ops a step and makes the run 1.3x slower, which shows
-as GPU idle). The trace tools then split steps at their sampled-token copies.
+API calls): no CPU ops and no ranges (a plain trace of the nano-vllm bench records ~130 ops a
+step and makes the run 1.3x slower, which shows as GPU idle). The trace tools then split steps
+at their sampled-token copies; module tags and capture traces cannot be matched to such a trace.
 
 Under torch.compile the tags are left out (Dynamo would drop them anyway, with a warning): a
 compiled forward shows Inductor's `## Call CompiledFxGraph` ranges, and only attention, an opaque

@@ -299,3 +299,19 @@ def test_gpu_only_trace_steps_end_at_sampled_copies(tmp_path: Path) -> None:
     assert "## step: 2 steps" in out
     rows = read_csv(tmp_path / "b.csv")
     assert {r["kernel"] for r in rows if r["phase"] == "step"} >= {"gemm_a", "attn_kernel"}
+
+
+def test_unlabelled_cpu_and_gpu_trace_is_not_gpu_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host ops without step labels (a trace of something other than the engine's steps): no
+    steps are made up from its copies."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    from trace_events import Trace
+
+    events = load(gpu_only_trace(tmp_path / "g.json.gz"))
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1,
+                   "ts": 0, "dur": 5, "args": {}})  # fmt: skip
+    trace = Trace(events)
+    assert not trace.gpu_only and trace.steps == []
+    assert len(Trace(load(tmp_path / "g.json.gz")).steps) == 2
