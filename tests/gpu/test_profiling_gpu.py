@@ -45,6 +45,31 @@ def _tool(script: str, *args: object) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120).stdout
 
 
+def _engine(checkpoint: Path, prof: Path, **kwargs: Any) -> LLM:
+    """Graphs of 1, 2 and 4 rows, traces to `prof`."""
+    return LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        cudagraph_capture_sizes=[1, 2, 4],
+        max_num_seqs=4,
+        kv_cache_memory_bytes=256 << 20,
+        torch_profiler_dir=str(prof),
+        **kwargs,
+    )
+
+
+def _traced_generate(llm: LLM, checkpoint: Path, prof: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """Three prompts (5, 9 and 17 tokens) x 8 tokens under the profiler, then shutdown: the run
+    trace and its events."""
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 9, 17)]
+    llm.start_profile()
+    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.stop_profile()
+    llm.shutdown()
+    (trace,) = (prof / "rank_0").glob(f"{checkpoint.name}_ts_*.pt.trace.json.gz")
+    return trace, json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+
+
 def _decode_gpu_time(events: list[dict[str, Any]]) -> float:
     """The GPU time launched inside decode[...] ranges, by correlation id, by brute force."""
     decodes = [
@@ -69,25 +94,10 @@ def _decode_gpu_time(events: list[dict[str, Any]]) -> float:
 @pytest.mark.parametrize("level", [0, 3])
 def test_graph_replays_map_to_modules(checkpoint: Path, tmp_path: Path, level: int) -> None:
     prof = tmp_path / "prof"
-    llm = LLM(
-        str(checkpoint),
-        skip_tokenizer_init=True,
-        level=level,
-        cudagraph_capture_sizes=[1, 2, 4],
-        max_num_seqs=4,
-        kv_cache_memory_bytes=256 << 20,
-        torch_profiler_dir=str(prof),
-        mark_trace=True,
-    )
+    llm = _engine(checkpoint, prof, level=level, mark_trace=True)
     captures = sorted(p.name for p in (prof / "capture_traces").iterdir())
     assert captures == ["bs_1_rank0.json.gz", "bs_2_rank0.json.gz", "bs_4_rank0.json.gz"]
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 9, 17)]
-    llm.start_profile()
-    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    llm.stop_profile()
-    llm.shutdown()
-    (trace,) = (prof / "rank_0").glob(f"{checkpoint.name}_ts_*.pt.trace.json.gz")
-    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    trace, events = _traced_generate(llm, checkpoint, prof)
     labels = {e["name"] for e in events if e.get("cat") == "user_annotation"}
     assert "prefill[bs=3 tok=31 ctx=[5, 9, 17]]" in labels
     assert "decode[bs=3/4 tok=3]" in labels
@@ -118,21 +128,7 @@ def test_gpu_only_trace_splits_at_sampled_copies(
     step per engine step (each ends with its sampled ids' copy) with the batch from its bytes."""
     monkeypatch.setenv("ATOM_TORCH_PROFILER_GPU_ONLY", "1")
     prof = tmp_path / "prof"
-    llm = LLM(
-        str(checkpoint),
-        skip_tokenizer_init=True,
-        cudagraph_capture_sizes=[1, 2, 4],
-        max_num_seqs=4,
-        kv_cache_memory_bytes=256 << 20,
-        torch_profiler_dir=str(prof),
-    )
-    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 9, 17)]
-    llm.start_profile()
-    llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    llm.stop_profile()
-    llm.shutdown()
-    (trace,) = (prof / "rank_0").glob(f"{checkpoint.name}_ts_*.pt.trace.json.gz")
-    events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    trace, events = _traced_generate(_engine(checkpoint, prof), checkpoint, prof)
     cats = {e.get("cat") for e in events}
     assert "cpu_op" not in cats and "user_annotation" not in cats and "kernel" in cats
     summary = _tool("analyze_trace_summary.py", trace)
