@@ -12,7 +12,7 @@
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
 #            the slowest imports printed (run after latency: its caches warm)
-#   startup  benchmarks/profile_startup.py twice (cold, then warm caches): phases, Dynamo's
+#   startup  benchmarks/profile_startup.py twice (cold, then warm caches of its own): phases, Dynamo's
 #            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
@@ -24,8 +24,9 @@
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
-#            splits per batch, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json;
-#            ~4 minutes)
+#            splits per batch, then random batch order against longest context first, on the
+#            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4 minutes; TUNE_SECTIONS=
+#            order picks the last, ~20 s)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
@@ -83,7 +84,8 @@ stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sam
 }
 
 stage_tune_attention() {
-    python3 benchmarks/tune_attention_decode.py "$OUT/attention_decode_tune.json" 2>&1 \
+    python3 benchmarks/tune_attention_decode.py "$OUT/attention_decode_tune.json" \
+        --sections "${TUNE_SECTIONS:-configs,splits,order}" 2>&1 \
         | tee "$OUT/tune_attention.log"
 }
 
@@ -113,7 +115,11 @@ stage_latency() {
 }
 
 stage_startup() {  # two engine starts (cold, then warm caches); CPROFILE=1 adds cProfile
-    local n
+    local n cache
+    # Compile caches of their own: the first start is cold whatever stages ran before it (their
+    # Python bytecode stays: an installed environment has it too).
+    cache=$(mktemp -d)
+    export TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
     for n in 1 2; do
         # shellcheck disable=SC2086
         python3 benchmarks/profile_startup.py "$OUT" ${STARTUP_FLAGS:-} >"$OUT/startup_$n.log" 2>&1 \
@@ -121,6 +127,7 @@ stage_startup() {  # two engine starts (cold, then warm caches); CPROFILE=1 adds
         grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
             "$OUT/startup_$n.log" | cut -c1-1500
     done
+    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
 }
 
 stage_imports() {

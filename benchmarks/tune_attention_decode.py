@@ -1,6 +1,6 @@
 """Sweep the decode launch configuration of the unified attention kernel on the GPU.
 
-    python benchmarks/tune_attention_decode.py [out.json]
+    python benchmarks/tune_attention_decode.py [out.json] [--sections configs,splits,order]
 
 The nano-vllm bench's attention (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, bf16,
 block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids shuffled):
@@ -8,11 +8,13 @@ every (tile, num_warps, num_stages) is timed as bench_attention.py times a kerne
 median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run.
 The current choice (attention_config.launch_config) is marked; configurations that do not fit
 the GPU's shared memory are skipped. Then the current tiles with 1-16 KV splits at batches 8-256,
-choose_num_splits's pick marked.
+choose_num_splits's pick marked. Then ("order") the current launch at batches 16-256 with the
+batch in random order against longest context first, as build_step_inputs orders a decode step.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import sys
@@ -29,12 +31,15 @@ from atom.kernels.attention_config import LaunchConfig, choose_num_splits, launc
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 BATCHES = [64, 256]
 SPLIT_BATCHES, SPLITS = [8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16]
+ORDER_BATCHES = [16, 32, 64, 96, 128, 192, 256]
 TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
 
 
-def inputs(batch: int) -> dict:
+def inputs(batch: int, longest_first: bool = False) -> dict:
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(100, 2049, (batch,), generator=gen)
+    if longest_first:
+        lens = lens.sort(descending=True).values
     blocks = (lens + BLOCK - 1) // BLOCK
     max_blocks = int(blocks.max())
     perm = torch.randperm(int(blocks.sum()), generator=gen)
@@ -65,10 +70,25 @@ def copy_gbps() -> float:
 
 
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "attention_decode_tune.json"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", nargs="?", default="attention_decode_tune.json")
+    parser.add_argument("--sections", default="configs,splits,order")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
     current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
     print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; current {current}", flush=True)
+    if "configs" in sections:
+        results["runs"] = sweep_configs(current)
+    if "splits" in sections:
+        results["splits"] = sweep_splits()
+    if "order" in sections:
+        results["order"] = sweep_order()
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def sweep_configs(current: LaunchConfig) -> list[dict]:
+    runs = []
     original = ua.launch_config
     for batch in BATCHES:
         inp = inputs(batch)
@@ -91,12 +111,11 @@ def main() -> None:
             mark = " <- current" if cfg == current else ""
             print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages}: {ms:.3f} ms "
                   f"{gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
-            results["runs"].append(
+            runs.append(
                 {"batch": batch, "tile": tile, "warps": warps, "stages": stages, "ms": ms,
                  "gb_per_s": gbps, "current": cfg == current}
             )  # fmt: skip
-    results["splits"] = sweep_splits()
-    Path(out_path).write_text(json.dumps(results, indent=1))
+    return runs
 
 
 def sweep_splits() -> list[dict]:
@@ -121,6 +140,25 @@ def sweep_splits() -> list[dict]:
             )
             runs.append({"batch": batch, "splits": splits, "ms": ms, "gb_per_s": gbps,
                          "chosen": splits == chosen})  # fmt: skip
+    return runs
+
+
+def sweep_order() -> list[dict]:
+    """The launch the engine makes (tiles, chosen splits) with the batch in random order and
+    longest context first: programs start in batch order, so the longest-first order leaves the
+    shortest programs for the last wave."""
+    runs = []
+    for batch in ORDER_BATCHES:
+        for longest_first in (False, True):
+            inp = inputs(batch, longest_first)
+            kv_bytes = inp.pop("kv_bytes")
+            out = torch.empty_like(inp["query"])
+            ms = bench_attention.bench(lambda: ua.unified_attention(**inp, out=out))  # noqa: B023
+            gbps = kv_bytes / ms / 1e6
+            order = "longest first" if longest_first else "random order"
+            print(f"batch {batch} {order}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
+            runs.append({"batch": batch, "longest_first": longest_first, "ms": ms,
+                         "gb_per_s": gbps})  # fmt: skip
     return runs
 
 

@@ -192,6 +192,10 @@ def build_step_inputs(
     """Writes the step's flat inputs into `buffers`. A decode-only batch of B sequences for which
     pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1)."""
     req_ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
+    if sched.total_num_scheduled_tokens == len(req_ids):
+        # One token each: longest context first. Decode attention launches its programs in
+        # batch order, so the longest start first and the last wave holds the shortest.
+        req_ids.sort(key=lambda r: states[r].num_computed_tokens, reverse=True)
     b = buffers
     b.wait_writable()
     t = 0  # tokens written

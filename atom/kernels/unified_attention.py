@@ -14,7 +14,9 @@ Sequence i's first q-block is program qsl[i] // BLOCK_Q + i, so T // BLOCK_Q + B
 suffice; each finds its sequence by binary search over query_start_loc and programs past a
 sequence's last q-block exit. The grid depends only on shapes and Python ints: no host sync, and a
 CUDA graph replays the same launches. When every sequence fits in one q-block (decode, short
-speculative steps), axis 0 is the sequence index and no search is needed.
+speculative steps), axis 0 walks (sequence, KV head) pairs, heads fastest, and no search is
+needed: programs launch in batch order, which a decode step sorts longest context first, so the
+longest programs start first and the last wave is the shortest (H200 sweep: RESULTS.md).
 
 A K/V tile is TILE tokens, i.e. several pages: each token's block id comes from the block table:
 
@@ -183,12 +185,15 @@ def _unified_attention_kernel(
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if ONE_BLOCK_PER_SEQ:
-        seq = tl.program_id(0)
+        # Heads fastest: a sequence's KV heads run side by side (they read the same pages), and
+        # the batch order (longest context first, build_step_inputs) is the launch order.
+        seq = tl.program_id(0) // (NUM_HEADS // GROUP)
+        kv_head = tl.program_id(0) % (NUM_HEADS // GROUP)
         q_block = 0
     else:
+        kv_head = tl.program_id(1)
         # Last program first: later q-blocks of a causal prefill have the most tiles.
         pid = tl.num_programs(0) - 1 - tl.program_id(0)
         seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
@@ -388,8 +393,11 @@ def unified_attention(
     ws_m = torch.empty(ws_shape, dtype=torch.float32, device=query.device)
     ws_l = torch.empty_like(ws_m)
     ws_acc = torch.empty((*ws_shape, head_dim_p) if split else (1,), **_f32(query))
-    q_blocks = num_seqs if cfg.one_block_per_seq else num_tokens // cfg.block_q + num_seqs
-    _unified_attention_kernel[(q_blocks, num_kv_heads, num_splits)](
+    if cfg.one_block_per_seq:
+        grid = (num_seqs * num_kv_heads, 1, num_splits)
+    else:
+        grid = (num_tokens // cfg.block_q + num_seqs, num_kv_heads, num_splits)
+    _unified_attention_kernel[grid](
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
         scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,

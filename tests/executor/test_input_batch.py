@@ -71,6 +71,33 @@ def test_decode_batch_padded_for_a_graph() -> None:
     assert inputs.req_ids == list("xyz")
 
 
+def test_decode_batch_runs_longest_context_first() -> None:
+    """A decode step's rows go longest context first (attention launches its programs in batch
+    order), every per-row input moving with its request; a step with a prefill keeps the
+    scheduler's order."""
+    done = {"p": 3, "q": 9, "r": 5, "s": 9}
+    states = {
+        r: _state(r, list(range(n)), [100 + i], [i + 1, i + 5, i + 9], n)
+        for i, (r, n) in enumerate(done.items())
+    }
+    sched = SchedulerOutput(
+        cached_reqs=[CachedRequestData(r, [], n) for r, n in done.items()],
+        num_scheduled_tokens=dict.fromkeys(done, 1),
+        total_num_scheduled_tokens=4,
+    )
+    inputs = build_step_inputs(sched, states, BS, _buffers())
+    assert inputs.req_ids == ["q", "s", "r", "p"]  # ties keep the scheduler's order
+    assert inputs.input_ids.tolist() == [101, 103, 102, 100]
+    assert inputs.positions.tolist() == [9, 9, 5, 3]
+    assert inputs.attn.seq_lens.tolist() == [10, 10, 6, 4]
+    assert inputs.attn.block_tables[:, 0].tolist() == [2, 4, 3, 1]
+    assert inputs.sample_rows == [0, 1, 2, 3]
+    states["p"].num_computed_tokens = 1  # "p" now prefills two tokens
+    sched.num_scheduled_tokens["p"] = 2
+    sched.total_num_scheduled_tokens = 5
+    assert build_step_inputs(sched, states, BS, _buffers()).req_ids == list(done)
+
+
 def test_block_rows_follow_growth_release_and_batch_order() -> None:
     """Persistent rows: blocks a request gains land in its row, a released row serves a new
     request from its first column, rows double when every one is taken, and each step's table
