@@ -31,6 +31,7 @@ from atom.executor.input_batch import (
     build_step_inputs,
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
+from atom.executor.precompile import StandIn, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
@@ -95,6 +96,11 @@ class ModelRunner:
         )
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
+        # Attention's Triton variants compile on other threads until allocate_kv_cache.
+        self._precompile = start_precompile(
+            self.attn_layers,
+            StandIn(self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size),
+        )
         self.graphs: DecodeGraphs | None = None
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -244,6 +250,7 @@ class ModelRunner:
         return self.device.type == "cuda"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self._join_precompile()  # before any paged-attention launch
         if self.device.type == "cuda":
             self._compile_expert_kernels()  # before the cache takes the memory they borrow
         dtype = kv_cache_torch_dtype(self.config)
@@ -314,7 +321,13 @@ class ModelRunner:
     def _pad_to(self, num_seqs: int) -> int | None:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
 
+    def _join_precompile(self) -> None:
+        if self._precompile is not None:
+            self._precompile.wait()
+            self._precompile = None
+
     def shutdown(self) -> None:
+        self._join_precompile()
         if self.profiler.running:
             self.stop_profile()
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
+from atom.kernels.launch import launch
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = 1024  # elements of one token's [num_kv_heads, head_dim] per program
@@ -123,7 +124,9 @@ def reshape_and_cache(
     row_size = num_kv_heads * head_dim
     block = min(_BLOCK, next_power_of_2(row_size))
     grid = (num_tokens, cdiv(row_size, block))
-    _reshape_and_cache_kernel[grid](
+    launch(
+        _reshape_and_cache_kernel,
+        grid,
         key,
         value,
         kv_cache,

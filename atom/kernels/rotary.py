@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
+from atom.kernels.launch import launch
 from atom.kernels.reshape_and_cache import FP8_DTYPES, reshape_and_cache_ref
 from atom.kernels.rms_norm import rms_norm_ref
 
@@ -333,7 +334,8 @@ def _launch(
     block_d = next_power_of_2(head_dim)
     block_h = min(max(_TILE_ELEMENTS // block_d, 1), next_power_of_2(max(num_q_heads, 1)))
     grid = (num_tokens, cdiv(num_q_heads, block_h) + cdiv(num_kv_heads, block_h))
-    _rotary_embedding_kernel[grid](
+    launch(
+        _rotary_embedding_kernel, grid,
         positions, cos_sin_cache.contiguous().float(), q, k, v, q_out, k_out, slots,
         q_weight, k_weight, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), num_q_heads, num_kv_heads, head_dim, rotary_dim, eps,

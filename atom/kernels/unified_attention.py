@@ -40,6 +40,7 @@ from atom.kernels.attention_config import (
     num_sms,
 )
 from atom.kernels.grid import next_power_of_2
+from atom.kernels.launch import launch
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -397,7 +398,8 @@ def unified_attention(
         grid = (num_seqs * num_kv_heads, 1, num_splits)
     else:
         grid = (num_tokens // cfg.block_q + num_seqs, num_kv_heads, num_splits)
-    _unified_attention_kernel[grid](
+    launch(
+        _unified_attention_kernel, grid,
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
         scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
@@ -412,7 +414,8 @@ def unified_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
+        launch(
+            _reduce_splits_kernel, (num_tokens, num_heads),
             out, ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks, query_start_loc,
             num_seqs, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,

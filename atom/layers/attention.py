@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from atom.distributed import tp_rank, tp_world_size
-from atom.executor.forward_context import get_forward_context
+from atom.executor.forward_context import AttentionMetadata, get_forward_context
 from atom.kernels import ops
 from atom.kernels.paged_attention import sdpa
 from atom.layers.norm import RMSNorm
@@ -126,18 +126,32 @@ class Attention(nn.Module):
                 )
             out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks))
             return
+        self.attend(q, k, v, positions, out, self.kv_cache, meta)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: Tensor | None,
+        out: Tensor,
+        kv_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """This step's K/V into kv_cache (rotated, with a rope), then paged attention over it:
+        the layer's own cache in a step, a stand-in in the start-up precompile."""
         scales = (self.k_scale, self.v_scale)
         if self.rope is None:
-            ops.reshape_and_cache(k, v, self.kv_cache, meta.slot_mapping, *scales)
+            ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, *scales)
         else:
             rotary, q_norm, k_norm = self.rope
             assert positions is not None
             q = rotary.forward_into_cache(
-                positions, q, k, v, self.kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
+                positions, q, k, v, kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
             )
         ops.paged_attention(
             q,
-            self.kv_cache,
+            kv_cache,
             meta,
             self.scale,
             self.k_scale,

@@ -1,0 +1,168 @@
+"""The attention path's Triton variants, compiled in the background while the engine starts.
+
+Triton compiles a kernel variant on its first launch, on the launching thread, one after another.
+A cold start of the Llama-3.1-8B shape spent 13.5 s in 19 such compiles, 10.5 s of it in five
+attention variants met by the CUDA-graph warm-up and the warm-up requests (H200, 2026-11-29).
+Here a thread makes, with stand-in tensors, every attention launch those will make: decode with
+each power of two of KV splits (its reduce kernel's variants), one q-block per sequence for the
+short query lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
+cache dtype pick the variant; MLA layers, another kernel, are left to their first launch). The
+launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
+compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
+at work), and the real launches find them compiled.
+
+The runner waits for the thread before its first paged-attention launch (`wait`), so no real
+launch meets a variant still compiling. Without AsyncCompileMode (Triton < 3.4) nothing starts:
+the variants then compile on first launch, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from atom.executor.forward_context import AttentionMetadata
+from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+from atom.kernels.launch import compile_only
+from atom.layers.attention import Attention
+
+logger = logging.getLogger(__name__)
+
+# Query lengths of one sequence: 1 (decode), the one-q-block tiles of short queries (the warm-up
+# requests' lengths, engine/core.py), and one past them (prefill tiles).
+QUERY_LENS = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_WORKERS = 8
+ENV = "ATOM_PRECOMPILE"
+
+
+class Precompile:
+    """A running precompile: `wait` joins it (and logs what it compiled, or why it failed)."""
+
+    def __init__(self, layers: list[Attention], shapes: StandIn) -> None:
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+        self._calls = 0
+        self._thread = threading.Thread(
+            target=self._run, args=(layers, shapes), name="atom-precompile"
+        )
+        self._thread.start()
+
+    def _run(self, layers: list[Attention], shapes: StandIn) -> None:
+        from triton.runtime._async_compile import AsyncCompileMode
+
+        start = time.perf_counter()
+        try:
+            torch.cuda.set_device(shapes.device)  # Triton compiles for the thread's device
+            workers = min(MAX_WORKERS, os.cpu_count() or 1)
+            with (
+                ThreadPoolExecutor(workers, thread_name_prefix="atom-compile") as pool,
+                AsyncCompileMode(pool),
+                compile_only(),
+                torch.inference_mode(),
+            ):
+                for layer in distinct_kinds(layers):
+                    for meta in stand_in_steps(shapes.block_size, shapes.device):
+                        attend_stand_in(layer, meta, shapes)
+                        self._calls += 1
+        except BaseException as e:  # a failed precompile only costs the compiles it saved
+            self._error = e
+        self._seconds = time.perf_counter() - start
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            logger.warning("attention precompile failed (variants compile on first launch): %r",
+                           self._error)  # fmt: skip
+        else:
+            logger.info("attention variants precompiled in %.1f s (%d stand-in launches)",
+                        self._seconds, self._calls)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class StandIn:
+    """What a stand-in launch needs besides the layer: the step's device and dtypes."""
+
+    device: torch.device
+    dtype: torch.dtype  # the model's: q, k, v and the output
+    kv_dtype: torch.dtype
+    block_size: int
+
+
+def start_precompile(layers: list[Attention], shapes: StandIn) -> Precompile | None:
+    """Starts the precompile thread on a CUDA device whose Triton has AsyncCompileMode, unless
+    ATOM_PRECOMPILE=0 (to measure a start without it)."""
+    layers = [layer for layer in layers if type(layer) is Attention]  # not MLA
+    if shapes.device.type != "cuda" or not layers or os.environ.get(ENV) == "0":
+        return None
+    try:
+        import triton.runtime._async_compile  # noqa: F401
+    except ImportError:
+        return None
+    return Precompile(layers, shapes)
+
+
+def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
+    """One layer per set of the attributes that pick a variant."""
+    seen = set()
+    for layer in layers:
+        rope = None
+        if layer.rope is not None:
+            rotary, q_norm, k_norm = layer.rope
+            rope = (rotary.rotary_dim, rotary.is_neox_style, q_norm is None, k_norm is None)
+        key = (
+            type(layer), layer.num_heads, layer.num_kv_heads, layer.head_dim,
+            layer.sliding_window, layer.softcap is None, layer.sinks is None, rope,
+        )  # fmt: skip
+        if key not in seen:
+            seen.add(key)
+            yield layer
+
+
+def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
+    """The metadata of one-sequence steps covering every launch configuration: decode at
+    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, then each of QUERY_LENS. Slots are -1
+    (nothing would be written) and the block table zeros: nothing runs anyway."""
+    splits = [1]
+    while splits[-1] < MAX_SPLITS:
+        splits.append(splits[-1] * 2)
+    # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
+    # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
+    contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
+    steps = [(1, c) for c in contexts] + [(q, q) for q in QUERY_LENS if q > 1]
+    for q, context in steps:
+        blocks = -(-context // block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((q,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros((1, blocks), dtype=torch.int32, device=device),
+            seq_lens=torch.full((1,), context, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=device),
+            seq_lens_cpu=[context],
+            query_start_loc_cpu=[0, q],
+            max_query_len=q,
+            max_seq_len=context,
+        )
+        yield meta
+
+
+def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) -> None:
+    """The layer's step path on stand-ins shaped as a real step's: q, k and v views of one fused
+    projection output, as the models split it, and a one-block cache of the real dtype."""
+    h, h_kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    tokens, device = meta.query_start_loc_cpu[-1], shapes.device
+    qkv = torch.empty((tokens, (h + 2 * h_kv) * d), dtype=shapes.dtype, device=device)
+    q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], -1)
+    q, k, v = q.view(-1, h, d), k.view(-1, h_kv, d), v.view(-1, h_kv, d)
+    positions = None
+    if layer.rope is not None:
+        positions = torch.zeros(tokens, dtype=torch.int64, device=device)
+    shape = layer.kv_cache_shape(1, shapes.block_size)
+    cache = torch.empty(shape, dtype=shapes.kv_dtype, device=device)
+    out = torch.empty(q.shape, dtype=shapes.dtype, device=device)
+    layer.attend(q, k, v, positions, out, cache, meta)

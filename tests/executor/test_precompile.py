@@ -1,0 +1,80 @@
+"""The start-up precompile's stand-in launches cover every launch configuration a step can pick,
+and compile-only launches compile without running (the compiles themselves: tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from atom.executor.precompile import StandIn, distinct_kinds, stand_in_steps, start_precompile
+from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits, launch_config
+from atom.kernels.grid import next_power_of_2
+from atom.kernels.launch import compile_only, launch
+from atom.layers.attention import Attention
+from atom.layers.rotary import RotaryEmbedding
+
+CPU = torch.device("cpu")
+
+
+class _Kernel:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, tuple, dict]] = []
+
+    def __getitem__(self, grid: tuple) -> object:
+        return lambda *args, **kwargs: self.calls.append(("run", grid, args, kwargs))
+
+    def warmup(self, *args: object, grid: tuple, **kwargs: object) -> None:
+        self.calls.append(("warmup", grid, args, kwargs))
+
+
+def test_launch_runs_or_only_compiles() -> None:
+    kernel = _Kernel()
+    launch(kernel, (3, 1), 1, 2, BLOCK=4)
+    with compile_only():
+        launch(kernel, (5,), 7, BLOCK=8)
+    launch(kernel, (2,), 9)  # the mode ends with its block
+    assert kernel.calls == [
+        ("run", (3, 1), (1, 2), {"BLOCK": 4}),
+        ("warmup", (5,), (7,), {"BLOCK": 8}),
+        ("run", (2,), (9,), {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(32, 8, 128), (16, 16, 64), (64, 1, 256)]
+)
+def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: int) -> None:
+    """Every tile configuration of query lengths 1-300, and every reduce variant (splits padded to
+    a power of two) of decode batches 1-600 at contexts up to 128k, is among the stand-ins'."""
+    group = heads // kv_heads
+    steps = list(stand_in_steps(16, CPU))
+    configs = {launch_config(m.max_query_len, group, head_dim) for m in steps}
+    splits = {
+        next_power_of_2(
+            choose_num_splits(1, kv_heads, m.max_query_len, m.max_seq_len, DEFAULT_NUM_SMS)
+        )
+        for m in steps
+    }
+    assert all(launch_config(q, group, head_dim) in configs for q in range(1, 301))
+    for batch in range(1, 601):
+        for context in (1, 17, 255, 256, 700, 4096, 32768, 131072):
+            s = choose_num_splits(batch, kv_heads, 1, context, DEFAULT_NUM_SMS)
+            assert next_power_of_2(s) in splits, (batch, context, s)
+    for m in steps:  # one sequence each, metadata consistent with itself
+        q = m.query_start_loc_cpu[-1]
+        assert m.slot_mapping.shape == (q,) and (m.slot_mapping == -1).all()
+        assert m.block_tables.shape == (1, -(-m.max_seq_len // 16))
+        assert m.seq_lens.tolist() == [m.max_seq_len] and m.max_query_len == q <= m.max_seq_len
+
+
+def test_one_layer_per_kind_and_no_thread_on_the_cpu() -> None:
+    rope = RotaryEmbedding(
+        transformers.LlamaConfig(hidden_size=512, num_attention_heads=8), 64, 512
+    )
+    a = Attention(8, 64, 0.125, 2, rope=rope)
+    b = Attention(8, 64, 0.125, 2, rope=rope)
+    windowed = Attention(8, 64, 0.125, 2, sliding_window=128, rope=rope)
+    assert list(distinct_kinds([a, b, windowed, a])) == [a, windowed]
+    shapes = StandIn(CPU, torch.float32, torch.float32, 16)
+    assert start_precompile([a, windowed], shapes) is None

@@ -1,0 +1,89 @@
+"""The start-up precompile compiles every attention variant a run meets: after it, neither the
+CUDA-graph warm-up, the warm-up requests nor a run with prefix hits compiles another (run by
+benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from atom import LLM, SamplingParams
+from atom.executor.model_runner import ModelRunner
+from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
+from atom.kernels.rotary import _rotary_embedding_kernel
+from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+KERNELS = {
+    "attention": _unified_attention_kernel,
+    "reduce": _reduce_splits_kernel,
+    "rotary": _rotary_embedding_kernel,
+    "cache": _reshape_and_cache_kernel,
+}
+
+
+def _variants() -> dict[str, int]:
+    return {
+        name: sum(len(caches[0]) for caches in kernel.device_caches.values())
+        for name, kernel in KERNELS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3 (q/k norms in the rotary kernel) with a head size and GQA group no other GPU test
+    uses (96, 3): its variants are compiled here first, not by an earlier test."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        hidden_size=288,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=96,
+        vocab_size=1000,
+        max_position_embeddings=1024,
+    )
+    path = tmp_path_factory.mktemp("qwen3")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_precompile_leaves_no_attention_variant_to_compile(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    joined: list[dict[str, int]] = []
+    join = ModelRunner._join_precompile
+
+    def counted(self: ModelRunner) -> None:
+        started = self._precompile is not None
+        join(self)
+        if started:
+            joined.append(_variants())
+
+    monkeypatch.setattr(ModelRunner, "_join_precompile", counted)
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        cudagraph_capture_sizes=[1, 2, 4, 8],
+        max_num_seqs=8,
+        max_model_len=1024,
+        kv_cache_memory_bytes=256 << 20,
+    )
+    try:
+        assert joined, "no precompile started"
+        ready = _variants()
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        prompts = [[1 + (3 * j + i) % 900 for j in range(n)] for i, n in enumerate((5, 40, 300))]
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        # Prefix hits: queries of a few tokens after cached blocks, batched and alone.
+        again = [{"prompt_token_ids": [*p, 7, 8, 9]} for p in prompts]
+        llm.generate(again, params, use_tqdm=False)
+        llm.generate(again[2:], params, use_tqdm=False)
+        assert _variants() == ready == joined[0], (joined[0], ready, _variants())
+    finally:
+        llm.shutdown()
