@@ -6,7 +6,8 @@
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
-#            attention) and bench_sampler.py (fused vs torch draw); KERNEL_BENCHES= picks
+#            attention), bench_sampler.py (fused vs torch draw) and bench_gemv.py (the 8B's
+#            GEMMs at 1-8 rows vs cuBLAS, fused prologues vs the pairs); KERNEL_BENCHES= picks
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
@@ -76,9 +77,9 @@ stage_tests() {
         2>&1 | tee "$OUT/gpu_tests.log"
 }
 
-stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sampler)
+stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sampler gemv)
     local name
-    for name in ${KERNEL_BENCHES:-attention fused_moe mla sampler}; do
+    for name in ${KERNEL_BENCHES:-attention fused_moe mla sampler gemv}; do
         python3 "benchmarks/bench_$name.py" "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
     done
 }

@@ -1,0 +1,217 @@
+"""Linear layers of a few rows (decode at small batches): y = x @ W^T read at the weights'
+bandwidth, with the op before the GEMM fused into its prologue.
+
+At batch 1 an 8B decode step is its weights read once, and cuBLAS reads the smaller ones below the
+bandwidth (H200: qkv 3.3 TB/s, o_proj 3.1, against 4.1 for gate/up), while each layer also
+launches two RMSNorms and a SiLU-and-mul whose outputs only feed the next GEMM (RESULTS.md, tenth
+sitting). Here one program computes BLOCK_N output features of every row, streaming its
+[BLOCK_N, K] slab of W in [BLOCK_N, BLOCK_K] tiles, and builds the matching x tile itself:
+
+    PROLOGUE 0  x as given
+    PROLOGUE 1  RMSNorm(x [+ residual]) * gamma, rounded as rms_norm.py rounds it; x + residual is
+                written once (program 0) as the next residual. Each program first sums the
+                squares of its rows over all of K (rows of K elements come from L2).
+    PROLOGUE 2  silu(gate) * up of a [M, 2K] gate/up output, rounded as silu_and_mul.py does
+
+so the fused op's output equals the unfused pair's up to the GEMM's summation order. Rows are
+padded to BLOCK_M >= 16 for tl.dot; M <= MAX_M. The torch reference (`*_ref`) is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from atom.kernels.grid import cdiv, next_power_of_2
+from atom.kernels.launch import launch
+from atom.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
+from atom.kernels.silu_and_mul import silu_and_mul_ref
+
+MAX_M = 16
+NONE, RMS_NORM, SILU_MUL = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
+    return F.linear(x.float(), weight.float())
+
+
+def rms_norm_gemv_ref(
+    x: Tensor, residual: Tensor | None, gamma: Tensor, eps: float, weight: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """(rms_norm(x [+ residual]) @ weight^T in float32, x + residual or None)."""
+    if residual is None:
+        return gemv_ref(rms_norm_ref(x, gamma, eps), weight), None
+    normed, new_residual = fused_add_rms_norm_ref(x, residual, gamma, eps)
+    return gemv_ref(normed, weight), new_residual
+
+
+def silu_mul_gemv_ref(gate_up: Tensor, weight: Tensor) -> Tensor:
+    return gemv_ref(silu_and_mul_ref(gate_up), weight)
+
+
+@triton.jit
+def _x_tile(
+    x_ptr, res_ptr, gamma_ptr, rstd, offs_m, m_ok, kk, k_ok, stride_xm, stride_rm, K,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """Rows offs_m, columns kk of the GEMM's input, in x's dtype."""
+    mask = m_ok[:, None] & k_ok[None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    if PROLOGUE == 2:
+        gate = tl.load(x_rows + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_rows + K + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty)
+    x = tl.load(x_rows + kk[None, :], mask=mask, other=0.0)
+    if PROLOGUE == 1:
+        if HAS_RESIDUAL:
+            r_rows = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm
+            r = tl.load(r_rows + kk[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        normed = (x.to(tl.float32) * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        gamma = tl.load(gamma_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = (normed * gamma[None, :]).to(x_ptr.dtype.element_ty)
+    return x
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] ([M, 2K] gate/up for PROLOGUE 2), last dim contiguous
+    res_ptr,  # [M, K] residual (PROLOGUE 1 with HAS_RESIDUAL)
+    gamma_ptr,  # [K] norm weight (PROLOGUE 1)
+    w_ptr,  # [N, K], last dim contiguous
+    y_ptr,  # [M, N] contiguous
+    h_ptr,  # [M, K] contiguous: x + residual (PROLOGUE 1 with HAS_RESIDUAL)
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_rm,
+    stride_wn,
+    eps,
+    PROLOGUE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PROLOGUE == 1:
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask = m_ok[:, None] & (kk < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=mask,
+                        other=0.0)  # fmt: skip
+            if HAS_RESIDUAL:
+                r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + kk[None, :],
+                            mask=mask, other=0.0)  # fmt: skip
+                x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                if pid == 0:
+                    tl.store(h_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :], x, mask=mask)
+            xf = x.to(tl.float32)
+            squares += tl.sum(xf * xf, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = _x_tile(
+            x_ptr, res_ptr, gamma_ptr, rstd, offs_m, m_ok, kk, k_ok, stride_xm, stride_rm, K,
+            PROLOGUE, HAS_RESIDUAL,
+        )  # fmt: skip
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _launch(
+    x: Tensor,
+    weight: Tensor,
+    k: int,
+    prologue: int,
+    residual: Tensor | None = None,
+    gamma: Tensor | None = None,
+    eps: float = 0.0,
+    config: GemvConfig | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    m, n = x.shape[0], weight.shape[0]
+    width = 2 * k if prologue == SILU_MUL else k
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != k or x.shape[1] != width:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
+    if m > MAX_M:
+        raise ValueError(f"gemv takes at most {MAX_M} rows, got {m}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x {x.dtype} and weight {weight.dtype} differ")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
+    if m == 0:
+        return y, h
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+    cfg = config or GemvConfig()
+    block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
+    block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
+    launch(
+        _gemv_kernel, (cdiv(n, block_n),),
+        x, residual if residual is not None else x, gamma if gamma is not None else x, weight, y,
+        h if h is not None else y, m, n, k, x.stride(0),
+        residual.stride(0) if residual is not None else 0, weight.stride(0), eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=max(16, next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y, h
+
+
+def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
+    """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype, M <= MAX_M."""
+    return _launch(x, weight, weight.shape[1], NONE, config=config)[0]
+
+
+def rms_norm_gemv(
+    x: Tensor,
+    residual: Tensor | None,
+    gamma: Tensor,
+    eps: float,
+    weight: Tensor,
+    config: GemvConfig | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(rms_norm(x [+ residual]) * gamma @ weight^T, x + residual or None): one kernel."""
+    if gamma.shape != (x.shape[-1],):
+        raise ValueError(f"norm weight {tuple(gamma.shape)} for rows of {x.shape[-1]}")
+    k = x.shape[1]
+    return _launch(x, weight, k, RMS_NORM, residual, gamma, eps, config)
+
+
+def silu_mul_gemv(gate_up: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
+    """silu(gate_up[:, :K]) * gate_up[:, K:] @ weight [N, K]^T: one kernel."""
+    if gate_up.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"gate/up {tuple(gate_up.shape)} for weight {tuple(weight.shape)}")
+    return _launch(gate_up, weight, weight.shape[1], SILU_MUL, config=config)[0]
