@@ -67,8 +67,15 @@ def bench_shape(
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k**-0.5
     nbytes = w.numel() * w.element_size()
     x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    timed = {tile: bench_attention.bench(lambda tile=tile: gemv(x1, w, tile)) for tile in TILES}
+    timed = {}
+    for tile in TILES:
+        try:
+            timed[tile] = bench_attention.bench(lambda tile=tile: gemv(x1, w, tile))
+        except Exception as e:  # a tile that does not fit in shared memory, say
+            print(f"{name} {tile}: {type(e).__name__}", flush=True)
     best = min(timed, key=timed.__getitem__)
+    print(f"{name}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
+          f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip
     for rows in ROWS:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         record(name, rows, "cuBLAS", bench_attention.bench(lambda x=x: F.linear(x, w)), nbytes)
