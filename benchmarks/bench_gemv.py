@@ -35,6 +35,10 @@ PROLOGUE = {"qkv": "rms_norm", "gate_up": "rms_norm", "down": "silu_mul"}
 ROWS = [1, 4, 8]
 TILES = [GemvConfig(n, k, 4, s) for n, k, s in itertools.product([16, 32, 64], [128, 256, 512],
                                                                    [3, 4, 6])]  # fmt: skip
+# The prologues hold fp32 [16, BLOCK_K] tiles: shorter K tiles, more warps.
+FUSED_TILES = [
+    GemvConfig(n, k, w, s) for n, k, w, s in itertools.product([32, 64], [64, 128], [4, 8], [3, 4])
+]
 
 
 def copy_gbps() -> float:
@@ -76,6 +80,7 @@ def bench_shape(
     best = min(timed, key=timed.__getitem__)
     print(f"{name}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
           f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip
+    fused_best = best_fused_tile(name, n, k, w, gen) if name in PROLOGUE else best
     for rows in ROWS:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         record(name, rows, "cuBLAS", bench_attention.bench(lambda x=x: F.linear(x, w)), nbytes)
@@ -88,15 +93,35 @@ def bench_shape(
             )
             record(name, rows, "rms_norm + cuBLAS", ms, nbytes)
             ms = bench_attention.bench(
-                lambda x=x, r=r, g=gamma: rms_norm_gemv(x, r, g, 1e-5, w, best)
+                lambda x=x, r=r, g=gamma: rms_norm_gemv(x, r, g, 1e-5, w, fused_best)
             )
-            record(name, rows, "rms_norm_gemv", ms, nbytes, str(best))
+            record(name, rows, "rms_norm_gemv", ms, nbytes, str(fused_best))
         elif PROLOGUE.get(name) == "silu_mul":
             gu = torch.randn(rows, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
             ms = bench_attention.bench(lambda gu=gu: F.linear(silu_and_mul(gu), w))
             record(name, rows, "silu_and_mul + cuBLAS", ms, nbytes)
-            ms = bench_attention.bench(lambda gu=gu: silu_mul_gemv(gu, w, best))
-            record(name, rows, "silu_mul_gemv", ms, nbytes, str(best))
+            ms = bench_attention.bench(lambda gu=gu: silu_mul_gemv(gu, w, fused_best))
+            record(name, rows, "silu_mul_gemv", ms, nbytes, str(fused_best))
+
+
+def best_fused_tile(name: str, n: int, k: int, w: torch.Tensor, gen: torch.Generator) -> GemvConfig:
+    """The fastest FUSED_TILES tile of the shape's fused prologue at one row."""
+    timed = {}
+    if PROLOGUE[name] == "rms_norm":
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        gamma = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+        for tile in FUSED_TILES:
+            timed[tile] = bench_attention.bench(
+                lambda tile=tile: rms_norm_gemv(x, x, gamma, 1e-5, w, tile)
+            )
+    else:
+        gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for tile in FUSED_TILES:
+            timed[tile] = bench_attention.bench(lambda tile=tile: silu_mul_gemv(gu, w, tile))
+    best = min(timed, key=timed.__getitem__)
+    print(f"{name} {PROLOGUE[name]}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
+          f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip
+    return best
 
 
 if __name__ == "__main__":
