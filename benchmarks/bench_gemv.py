@@ -106,18 +106,19 @@ def bench_shape(
 
 def best_fused_tile(name: str, n: int, k: int, w: torch.Tensor, gen: torch.Generator) -> GemvConfig:
     """The fastest FUSED_TILES tile of the shape's fused prologue at one row."""
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    r, gamma = torch.randn_like(x), torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
     timed = {}
-    if PROLOGUE[name] == "rms_norm":
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        gamma = torch.ones(k, device="cuda", dtype=torch.bfloat16)
-        for tile in FUSED_TILES:
-            timed[tile] = bench_attention.bench(
-                lambda tile=tile: rms_norm_gemv(x, x, gamma, 1e-5, w, tile)
-            )
-    else:
-        gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for tile in FUSED_TILES:
-            timed[tile] = bench_attention.bench(lambda tile=tile: silu_mul_gemv(gu, w, tile))
+    for tile in FUSED_TILES:
+        if PROLOGUE[name] == "rms_norm":
+            call = lambda tile=tile: rms_norm_gemv(x, r, gamma, 1e-5, w, tile)  # noqa: E731
+        else:
+            call = lambda tile=tile: silu_mul_gemv(gu, w, tile)  # noqa: E731
+        try:
+            timed[tile] = bench_attention.bench(call)
+        except Exception as e:  # a tile that does not fit in shared memory, say
+            print(f"{name} {PROLOGUE[name]} {tile}: {type(e).__name__}", flush=True)
     best = min(timed, key=timed.__getitem__)
     print(f"{name} {PROLOGUE[name]}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
           f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip

@@ -118,17 +118,20 @@ stage_latency() {
 stage_startup() {  # two engine starts (cold, then warm caches); CPROFILE=1 adds cProfile
     local n cache
     # Compile caches of their own: the first start is cold whatever stages ran before it (their
-    # Python bytecode stays: an installed environment has it too).
+    # Python bytecode stays: an installed environment has it too). A subshell: the caller's cache
+    # variables hold again after it.
     cache=$(mktemp -d)
-    export TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
-    for n in 1 2; do
-        # shellcheck disable=SC2086
-        python3 benchmarks/profile_startup.py "$OUT" ${STARTUP_FLAGS:-} >"$OUT/startup_$n.log" 2>&1 \
-            || tail -n 30 "$OUT/startup_$n.log"
-        grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
-            "$OUT/startup_$n.log" | cut -c1-1500
-    done
-    unset TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+    (
+        export TORCHINDUCTOR_CACHE_DIR=$cache/inductor TRITON_CACHE_DIR=$cache/triton
+        for n in 1 2; do
+            # shellcheck disable=SC2086
+            python3 benchmarks/profile_startup.py "$OUT" ${STARTUP_FLAGS:-} >"$OUT/startup_$n.log" \
+                2>&1 || tail -n 30 "$OUT/startup_$n.log"
+            grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
+                -e 'precompiled' "$OUT/startup_$n.log" | cut -c1-1500
+        done
+    )
+    rm -rf "$cache"
 }
 
 stage_imports() {

@@ -96,11 +96,6 @@ class ModelRunner:
         )
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
-        # Attention's Triton variants compile on other threads until allocate_kv_cache.
-        self._precompile = start_precompile(
-            self.attn_layers,
-            StandIn(self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size),
-        )
         self.graphs: DecodeGraphs | None = None
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -118,6 +113,11 @@ class ModelRunner:
         # input of a decode whose token is still pending (async scheduling).
         self._last_sampled: Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        # Last: attention's Triton variants compile on other threads until allocate_kv_cache.
+        self._precompile = start_precompile(
+            self.attn_layers,
+            StandIn(self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size),
+        )
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Hidden states of the model (inside a forward context). One token runs the eager model:

@@ -12,8 +12,12 @@ compile in parallel on a thread pool while the main thread profiles memory (Dyna
 at work), and the real launches find them compiled.
 
 The runner waits for the thread before its first paged-attention launch (`wait`), so no real
-launch meets a variant still compiling. Without AsyncCompileMode (Triton < 3.4) nothing starts:
-the variants then compile on first launch, as before.
+launch meets a variant still compiling (Triton's pending kernels are not safe to finish from two
+threads; a second engine starting in a process while another runs could meet one). Without
+AsyncCompileMode (Triton < 3.4) nothing starts: the variants then compile on first launch, as
+before. Not covered: a cache half of more than 2^31 elements passes the rotary and cache-write
+kernels an int64 offset where the one-block stand-in passes an int32, so those two compile their
+variant on first launch (~0.3 s).
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ class Precompile:
         self._error: BaseException | None = None
         self._seconds = 0.0
         self._calls = 0
+        # A daemon: an engine that fails before joining it (a worker process of tensor
+        # parallelism, say) does not wait for it at exit.
         self._thread = threading.Thread(
-            target=self._run, args=(layers, shapes), name="atom-precompile"
+            target=self._run, args=(layers, shapes), name="atom-precompile", daemon=True
         )
         self._thread.start()
 

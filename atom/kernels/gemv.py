@@ -13,8 +13,10 @@ sitting). Here one program computes BLOCK_N output features of every row, stream
                 squares of its rows over all of K (rows of K elements come from L2).
     PROLOGUE 2  silu(gate) * up of a [M, 2K] gate/up output, rounded as silu_and_mul.py does
 
-so the fused op's output equals the unfused pair's up to the GEMM's summation order. Rows are
-padded to BLOCK_M >= 16 for tl.dot; M <= MAX_M. The torch reference (`*_ref`) is float32.
+so the fused op's output equals the unfused pair's up to the GEMM's summation order (and the
+norm's: its sum of squares goes tile by tile, so rstd may differ in the last bit). Rows are padded
+to BLOCK_M >= 16 for tl.dot; M <= MAX_M. The torch reference (`*_ref`) is float32. The residual
+out must not alias x or the residual in: program 0 writes it while the others read those.
 """
 
 from __future__ import annotations
@@ -197,14 +199,18 @@ def _launch(
         raise ValueError(f"x {x.dtype} and weight {weight.dtype} differ")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
+    if gamma is not None and (gamma.dtype != x.dtype or gamma.device != x.device):
+        raise ValueError(f"norm weight {gamma.dtype} on {gamma.device}: x is {x.dtype}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:  # no program runs: the residual out, if any, from torch
+        return y, None if residual is None else x + residual
     h = torch.empty((m, k), dtype=x.dtype, device=x.device) if residual is not None else None
-    if m == 0:
-        return y, h
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+    if gamma is not None:
+        gamma = gamma.contiguous()
     cfg = config or GemvConfig()
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))

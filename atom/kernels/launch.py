@@ -4,8 +4,10 @@
 `kernel.warmup(...)` instead: the variant those arguments select is compiled (or found in Triton's
 caches) and nothing runs on the device, so the call's tensors may hold anything. The mode is a
 context variable: it holds in the thread (or task) that set it only, never in the main thread's
-real launches. Under Dynamo (a launcher traced into a compiled layer) it is a plain launch: the
-mode is never read there.
+real launches. Under Dynamo (a launcher traced into a compiled layer) it is a plain launch and
+the mode is not read: `is_dynamo_compiling` is a trace-time constant, False when code runs, while
+`torch.compiler.is_compiling()` is one process-wide flag in newer torch, True on every thread while
+Dynamo compiles on one (the precompile thread's launches would then run).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-    if not torch.compiler.is_compiling() and _COMPILE_ONLY.get():
+    if not torch.compiler.is_dynamo_compiling() and _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
         kernel[grid](*args, **kwargs)

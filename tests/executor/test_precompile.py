@@ -41,6 +41,17 @@ def test_launch_runs_or_only_compiles() -> None:
     ]
 
 
+def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compiler.is_compiling() is one process-wide flag in newer torch, True while Dynamo
+    compiles on any thread (the main thread, during the precompile): it must not turn the
+    precompile thread's launches into real ones."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    kernel = _Kernel()
+    with compile_only():
+        launch(kernel, (1,), 2)
+    assert [call[0] for call in kernel.calls] == ["warmup"]
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"), [(32, 8, 128), (16, 16, 64), (64, 1, 256)]
 )

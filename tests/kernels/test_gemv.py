@@ -102,4 +102,10 @@ def test_bad_shapes() -> None:
         rms_norm_gemv(x, x[:1], torch.ones(32, device=DEVICE), 1e-6, w)
     with pytest.raises(ValueError, match="gate/up"):
         silu_mul_gemv(_randn(2, 32, dtype=torch.float32, seed=1), w)
+    with pytest.raises(ValueError, match="norm weight"):
+        x = _randn(2, 32, dtype=torch.float32, seed=1)
+        rms_norm_gemv(x, None, torch.ones(32, dtype=torch.float16, device=DEVICE), 1e-6, w)
     assert gemv(_randn(0, 32, dtype=torch.float32, seed=1), w).shape == (0, 8)
+    x, r = _randn(2, 32, dtype=torch.float32, seed=1), _randn(2, 32, dtype=torch.float32, seed=2)
+    y, h = rms_norm_gemv(x, r, torch.ones(32, device=DEVICE), 1e-6, w[:0])  # no output features
+    assert y.shape == (2, 0) and h is not None and torch.equal(h, x + r)
