@@ -46,6 +46,13 @@ class GemvConfig:
     num_stages: int = 4
 
 
+def gemv_config(n: int, k: int) -> GemvConfig:
+    """The tile for an [n, k] weight: the best of bench_gemv.py's sweep for the Llama-3.1-8B GEMMs
+    at one row (H200, 2026-11-29): 64 output features for the wide ones (qkv, gate/up), 32 for
+    4096; 512-element K tiles for a long K (down's 14336)."""
+    return GemvConfig(64 if n >= 6144 else 32, 512 if k >= 8192 else 256, 4, 4)
+
+
 def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.float(), weight.float())
 
@@ -211,7 +218,7 @@ def _launch(
         residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     if gamma is not None:
         gamma = gamma.contiguous()
-    cfg = config or GemvConfig()
+    cfg = config or gemv_config(n, k)
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     launch(

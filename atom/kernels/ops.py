@@ -8,12 +8,16 @@ signature; here, one function that picks between them on the main input's `is_cu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from atom.kernels import fused_moe as _moe
+from atom.kernels import gemv as _gemv
 from atom.kernels import latent_cache as _latent
 from atom.kernels import mla_attention as _mla
 from atom.kernels import mla_reference as _mla_ref
@@ -27,6 +31,44 @@ from atom.kernels.paged_attention import paged_attention_ref
 
 if TYPE_CHECKING:
     from atom.executor.forward_context import AttentionMetadata
+
+
+# ATOM_GEMV=1: linear layers of at most gemv.MAX_M rows run gemv.py's kernel instead of cuBLAS
+# (0-6% faster per GEMM alone on an H200; its effect on a decode step is not yet measured).
+GEMV_ENV = "ATOM_GEMV"
+_GEMV = os.environ.get(GEMV_ENV) == "1"
+_GEMV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear; on CUDA with ATOM_GEMV=1, through the `atom::linear` op, which runs the
+    small-batch kernel for inputs of at most gemv.MAX_M rows. An opaque op under torch.compile:
+    its row test is no guard on the symbolic token count."""
+    if not _GEMV or not x.is_cuda:
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_dynamo_compiling():
+        return torch.ops.atom.linear(x, weight, bias)
+    return small_batch_linear(x, weight, bias)
+
+
+def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """gemv for up to gemv.MAX_M rows (any device: the interpreter without a GPU), else F.linear."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if not 0 < rows <= _gemv.MAX_M or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    y = _gemv.gemv(x.reshape(rows, k), weight).view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y.add_(bias)
+
+
+@torch.library.custom_op("atom::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return small_batch_linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -11,10 +11,10 @@ that every parameter was filled exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
+from atom.kernels import ops
 
 
 def _copy_checked(dst: Tensor, src: Tensor, what: str) -> int:
@@ -54,7 +54,7 @@ class LinearBase(nn.Module):
         return default_weight_loader(param, loaded)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -126,4 +126,4 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(F.linear(x, self.weight, bias))
+        return all_reduce(ops.linear(x, self.weight, bias))

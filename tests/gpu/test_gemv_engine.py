@@ -1,0 +1,68 @@
+"""ATOM_GEMV=1 (small-batch linear layers through gemv.py's kernel) changes no greedy token:
+float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows (run by
+benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from atom import LLM, SamplingParams
+from atom.kernels import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+    )
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _tokens(checkpoint: Path) -> list[list[int]]:
+    llm = LLM(
+        str(checkpoint),
+        skip_tokenizer_init=True,
+        dtype="float32",
+        cudagraph_capture_sizes=[1, 2, 4, 8],
+        max_num_seqs=8,
+        kv_cache_memory_bytes=128 << 20,
+    )
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        prompts = [{"prompt_token_ids": [1 + (5 * j + i) % 900 for j in range(3 + 7 * i)]}
+                   for i in range(6)]  # fmt: skip
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs += llm.generate(prompts[:1], params, use_tqdm=False)  # batch 1: the eager layers
+        return [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+
+
+def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel = ops.small_batch_linear
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return kernel(*args)
+
+    baseline = _tokens(checkpoint)
+    monkeypatch.setattr(ops, "_GEMV", True)
+    monkeypatch.setattr(ops, "small_batch_linear", counted)
+    assert _tokens(checkpoint) == baseline
+    assert calls, "the small-batch path never ran"

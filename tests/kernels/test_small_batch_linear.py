@@ -1,0 +1,58 @@
+"""The small-batch linear path (ATOM_GEMV=1 on CUDA): gemv for up to gemv.MAX_M rows, F.linear
+past them, bias added, any leading shape; an opaque op under torch.compile whose row test is no
+guard (the kernel in the interpreter without a GPU; the engine on a GPU: tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atom.kernels import ops
+from atom.kernels.gemv import MAX_M
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randn(*shape: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (MAX_M, 48), (MAX_M + 1, 48), (2, 3, 48), (0, 48)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_f_linear(shape: tuple[int, ...], with_bias: bool) -> None:
+    x, w = _randn(*shape, seed=1), _randn(40, 48, seed=2) * 0.1
+    bias = _randn(40, seed=3) if with_bias else None
+    out = ops.small_batch_linear(x, w, bias)
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_off_by_default_and_plain_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(ops, "small_batch_linear", lambda *a: calls.append(a))
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    torch.testing.assert_close(ops.linear(x, w, None), F.linear(x, w))  # ATOM_GEMV unset
+    monkeypatch.setattr(ops, "_GEMV", True)
+    torch.testing.assert_close(ops.linear(x, w, None), F.linear(x, w))  # a CPU tensor
+    assert not calls
+
+
+def test_op_compiles_once_for_every_token_count() -> None:
+    """Under Dynamo with a dynamic token count: one graph for counts on both sides of MAX_M (the
+    op decides inside, at run time)."""
+    w, bias = _randn(24, 32, seed=4) * 0.1, _randn(24, seed=5)
+    frames = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x: torch.ops.atom.linear(x, w, bias), backend=backend,
+                             fullgraph=True)  # fmt: skip
+    for rows in (3, MAX_M, MAX_M + 5, 2):
+        x = _randn(rows, 32, seed=rows)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x), F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+    assert len(frames) == 1
