@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import transformers
 
 # Engines in these tests run a handful of sequences: a few graph sizes and a small KV cache keep
 # each engine's start (graph capture, cache allocation) to seconds.
@@ -15,6 +19,19 @@ SMALL_ENGINE: dict[str, Any] = {
     "max_num_seqs": 16,
     "kv_cache_memory_bytes": 1 << 30,
 }
+
+
+@pytest.fixture(scope="module")
+def save_random_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any], Path]:
+    """save(config) -> the directory of a seed-0 random model of that transformers config."""
+
+    def save(config: Any) -> Path:
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(config.model_type)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        return path
+
+    return save
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

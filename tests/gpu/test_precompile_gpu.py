@@ -4,7 +4,9 @@ benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,23 +36,21 @@ def _variants() -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(save_random_model: Callable[[Any], Path]) -> Path:
     """Qwen3 (q/k norms in the rotary kernel) with a head size and GQA group no other GPU test
     uses (96, 3): its variants are compiled here first, not by an earlier test."""
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        hidden_size=288,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=96,
-        vocab_size=1000,
-        max_position_embeddings=1024,
+    return save_random_model(
+        transformers.Qwen3Config(
+            hidden_size=288,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=96,
+            vocab_size=1000,
+            max_position_embeddings=1024,
+        )
     )
-    path = tmp_path_factory.mktemp("qwen3")
-    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def test_precompile_leaves_no_attention_variant_to_compile(

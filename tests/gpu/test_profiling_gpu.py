@@ -8,6 +8,7 @@ import gzip
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,18 @@ GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=512,
+def checkpoint(save_random_model: Callable[[Any], Path]) -> Path:
+    return save_random_model(
+        transformers.LlamaConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=512,
+        )
     )
-    path = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def _tool(script: str, *args: object) -> str:
