@@ -135,9 +135,7 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
     """The metadata of one-sequence steps covering every launch configuration: decode at
     contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, then each of QUERY_LENS. Slots are -1
     (nothing would be written) and the block table zeros: nothing runs anyway."""
-    splits = [1]
-    while splits[-1] < MAX_SPLITS:
-        splits.append(splits[-1] * 2)
+    splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
     # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]

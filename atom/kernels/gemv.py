@@ -189,16 +189,16 @@ def _gemv_kernel(
 def _launch(
     x: Tensor,
     weight: Tensor,
-    k: int,
     prologue: int,
     residual: Tensor | None = None,
     gamma: Tensor | None = None,
     eps: float = 0.0,
     config: GemvConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    m, n = x.shape[0], weight.shape[0]
-    width = 2 * k if prologue == SILU_MUL else k
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != k or x.shape[1] != width:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} must be 2-D")
+    (m, width), (n, k) = x.shape, weight.shape
+    if width != (2 * k if prologue == SILU_MUL else k):
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     if m > MAX_M:
         raise ValueError(f"gemv takes at most {MAX_M} rows, got {m}")
@@ -236,7 +236,7 @@ def _launch(
 
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype, M <= MAX_M."""
-    return _launch(x, weight, weight.shape[1], NONE, config=config)[0]
+    return _launch(x, weight, NONE, config=config)[0]
 
 
 def rms_norm_gemv(
@@ -250,12 +250,11 @@ def rms_norm_gemv(
     """(rms_norm(x [+ residual]) * gamma @ weight^T, x + residual or None): one kernel."""
     if gamma.shape != (x.shape[-1],):
         raise ValueError(f"norm weight {tuple(gamma.shape)} for rows of {x.shape[-1]}")
-    k = x.shape[1]
-    return _launch(x, weight, k, RMS_NORM, residual, gamma, eps, config)
+    return _launch(x, weight, RMS_NORM, residual, gamma, eps, config)
 
 
 def silu_mul_gemv(gate_up: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     """silu(gate_up[:, :K]) * gate_up[:, K:] @ weight [N, K]^T: one kernel."""
     if gate_up.shape[-1] != 2 * weight.shape[1]:
         raise ValueError(f"gate/up {tuple(gate_up.shape)} for weight {tuple(weight.shape)}")
-    return _launch(gate_up, weight, weight.shape[1], SILU_MUL, config=config)[0]
+    return _launch(gate_up, weight, SILU_MUL, config=config)[0]
