@@ -4,10 +4,9 @@
 
 The Llama-3.1-8B decode layer's four GEMMs (qkv 6144 x 4096, o 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336; bf16) at 1, 4 and 8 rows: cuBLAS (F.linear) against gemv over a sweep of tiles
-(batch 1; the best tile then serves 4 and 8 rows), then the fused prologues against the pair they
-replace: rms_norm (with the residual add) + F.linear before qkv and gate/up, silu_and_mul +
-F.linear for down. Reported as GB/s of weight bytes (each GEMM reads its weight once), beside the
-copy bandwidth of the same run; times as bench_attention.py takes them (L2 flushed, median of 20).
+(batch 1; the best tile then serves 4 and 8 rows). Reported as GB/s of weight bytes (each GEMM
+reads its weight once), beside the copy bandwidth of the same run; times as bench_attention.py
+takes them (L2 flushed, median of 20).
 """
 
 from __future__ import annotations
@@ -24,21 +23,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import GemvConfig, gemv, rms_norm_gemv, silu_mul_gemv
-from atom.kernels.rms_norm import fused_add_rms_norm
-from atom.kernels.silu_and_mul import silu_and_mul
+from atom.kernels.gemv import GemvConfig, gemv
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
           "down": (HIDDEN, INTER)}  # fmt: skip
-PROLOGUE = {"qkv": "rms_norm", "gate_up": "rms_norm", "down": "silu_mul"}
 ROWS = [1, 4, 8]
 TILES = [GemvConfig(n, k, 4, s) for n, k, s in itertools.product([16, 32, 64], [128, 256, 512],
                                                                    [3, 4, 6])]  # fmt: skip
-# The prologues hold fp32 [16, BLOCK_K] tiles: shorter K tiles, more warps.
-FUSED_TILES = [
-    GemvConfig(n, k, w, s) for n, k, w, s in itertools.product([32, 64], [64, 128], [4, 8], [3, 4])
-]
 
 
 def copy_gbps() -> float:
@@ -80,49 +72,11 @@ def bench_shape(
     best = min(timed, key=timed.__getitem__)
     print(f"{name}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
           f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip
-    fused_best = best_fused_tile(name, n, k, w, gen) if name in PROLOGUE else best
     for rows in ROWS:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         record(name, rows, "cuBLAS", bench_attention.bench(lambda x=x: F.linear(x, w)), nbytes)
         record(name, rows, "gemv", bench_attention.bench(lambda x=x: gemv(x, w, best)), nbytes,
                str(best))  # fmt: skip
-        if PROLOGUE.get(name) == "rms_norm":
-            r, gamma = torch.randn_like(x), torch.ones(k, device="cuda", dtype=torch.bfloat16)
-            ms = bench_attention.bench(
-                lambda x=x, r=r, g=gamma: F.linear(fused_add_rms_norm(x, r, g, 1e-5)[0], w)
-            )
-            record(name, rows, "rms_norm + cuBLAS", ms, nbytes)
-            ms = bench_attention.bench(
-                lambda x=x, r=r, g=gamma: rms_norm_gemv(x, r, g, 1e-5, w, fused_best)
-            )
-            record(name, rows, "rms_norm_gemv", ms, nbytes, str(fused_best))
-        elif PROLOGUE.get(name) == "silu_mul":
-            gu = torch.randn(rows, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            ms = bench_attention.bench(lambda gu=gu: F.linear(silu_and_mul(gu), w))
-            record(name, rows, "silu_and_mul + cuBLAS", ms, nbytes)
-            ms = bench_attention.bench(lambda gu=gu: silu_mul_gemv(gu, w, fused_best))
-            record(name, rows, "silu_mul_gemv", ms, nbytes, str(fused_best))
-
-
-def best_fused_tile(name: str, n: int, k: int, w: torch.Tensor, gen: torch.Generator) -> GemvConfig:
-    """The fastest FUSED_TILES tile of the shape's fused prologue at one row."""
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    r, gamma = torch.randn_like(x), torch.ones(k, device="cuda", dtype=torch.bfloat16)
-    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
-    timed = {}
-    for tile in FUSED_TILES:
-        if PROLOGUE[name] == "rms_norm":
-            call = lambda tile=tile: rms_norm_gemv(x, r, gamma, 1e-5, w, tile)  # noqa: E731
-        else:
-            call = lambda tile=tile: silu_mul_gemv(gu, w, tile)  # noqa: E731
-        try:
-            timed[tile] = bench_attention.bench(call)
-        except Exception as e:  # a tile that does not fit in shared memory, say
-            print(f"{name} {PROLOGUE[name]} {tile}: {type(e).__name__}", flush=True)
-    best = min(timed, key=timed.__getitem__)
-    print(f"{name} {PROLOGUE[name]}: batch-1 tiles from {min(timed.values()) * 1e3:.1f} to "
-          f"{max(timed.values()) * 1e3:.1f} us; best {best}", flush=True)  # fmt: skip
-    return best
 
 
 if __name__ == "__main__":

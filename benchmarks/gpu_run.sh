@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           latency_gemv
+#                                           nopdl
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -11,8 +11,8 @@
 #            GEMMs at 1-8 rows vs cuBLAS, fused prologues vs the pairs); KERNEL_BENCHES= picks
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
-#            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm;
-#            latency_gemv: benchmark_latency with ATOM_GEMV=1 (small-batch linears via gemv.py)
+#            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
+#   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
 #            the slowest imports printed (run after latency: its caches warm)
 #   startup  benchmarks/profile_startup.py twice (cold, then warm caches of its own): phases, Dynamo's
@@ -143,8 +143,9 @@ stage_imports() {
     grep '^import time:' "$OUT/importtime.txt" | sort -t'|' -k2 -n | tail -n 30
 }
 
-stage_latency_gemv() {  # the latency stage's benchmark with ATOM_GEMV=1 (compare with latency)
-    ATOM_GEMV=1 bench latency_gemv benchmark_latency
+stage_nopdl() {  # the throughput and latency benchmarks with ATOM_PDL=0 (compare with bench)
+    ATOM_PDL=0 bench throughput_nopdl benchmark_throughput
+    ATOM_PDL=0 bench latency_nopdl benchmark_latency
 }
 
 stage_latency_warm() {  # after a stage that compiled the 8B model (serving): one warm start

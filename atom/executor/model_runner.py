@@ -113,9 +113,10 @@ class ModelRunner:
         # input of a decode whose token is still pending (async scheduling).
         self._last_sampled: Tensor | None = None
         self._last_rows: dict[str, int] = {}
-        # Last: attention's Triton variants compile on other threads until allocate_kv_cache.
+        # Last: attention's and gemv's Triton variants compile on other threads until
+        # allocate_kv_cache.
         self._precompile = start_precompile(
-            self.attn_layers,
+            self.model,
             StandIn(self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size),
         )
 

@@ -1,4 +1,5 @@
-"""The attention path's Triton variants, compiled in the background while the engine starts.
+"""The attention path's and small-batch linear layers' Triton variants, compiled in the
+background while the engine starts.
 
 Triton compiles a kernel variant on its first launch, on the launching thread, one after another.
 A cold start of the Llama-3.1-8B shape spent 13.5 s in 19 such compiles, 10.5 s of it in five
@@ -6,7 +7,9 @@ attention variants met by the CUDA-graph warm-up and the warm-up requests (H200,
 Here a thread makes, with stand-in tensors, every attention launch those will make: decode with
 each power of two of KV splits (its reduce kernel's variants), one q-block per sequence for the
 short query lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
-cache dtype pick the variant; MLA layers, another kernel, are left to their first launch). The
+cache dtype pick the variant; MLA layers, another kernel, are left to their first launch), then
+one gemv launch per distinct linear weight (the kernel of decode batches of at most 16 rows,
+kernels/gemv.py: one variant per weight shape, 3 s of a cold 8B start otherwise). The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.
@@ -33,9 +36,11 @@ from dataclasses import dataclass
 import torch
 
 from atom.executor.forward_context import AttentionMetadata
+from atom.kernels import ops
 from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
+from atom.layers.linear import LinearBase
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +54,20 @@ ENV = "ATOM_PRECOMPILE"
 class Precompile:
     """A running precompile: `wait` joins it (and logs what it compiled, or why it failed)."""
 
-    def __init__(self, layers: list[Attention], shapes: StandIn) -> None:
+    def __init__(
+        self, layers: list[Attention], weights: list[torch.Tensor], shapes: StandIn
+    ) -> None:
         self._error: BaseException | None = None
         self._seconds = 0.0
         self._calls = 0
         # A daemon: an engine that fails before joining it (a worker process of tensor
         # parallelism, say) does not wait for it at exit.
         self._thread = threading.Thread(
-            target=self._run, args=(layers, shapes), name="atom-precompile", daemon=True
+            target=self._run, args=(layers, weights, shapes), name="atom-precompile", daemon=True
         )
         self._thread.start()
 
-    def _run(self, layers: list[Attention], shapes: StandIn) -> None:
+    def _run(self, layers: list[Attention], weights: list[torch.Tensor], shapes: StandIn) -> None:
         from triton.runtime._async_compile import AsyncCompileMode
 
         start = time.perf_counter()
@@ -77,6 +84,10 @@ class Precompile:
                     for meta in stand_in_steps(shapes.block_size, shapes.device):
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
+                for weight in distinct_weights(weights):
+                    x = torch.empty((1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+                    ops.small_batch_linear(x, weight, None)
+                    self._calls += 1
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
         self._seconds = time.perf_counter() - start
@@ -87,7 +98,7 @@ class Precompile:
             logger.warning("attention precompile failed (variants compile on first launch): %r",
                            self._error)  # fmt: skip
         else:
-            logger.info("attention variants precompiled in %.1f s (%d stand-in launches)",
+            logger.info("attention and gemv variants precompiled in %.1f s (%d stand-in launches)",
                         self._seconds, self._calls)  # fmt: skip
 
 
@@ -101,17 +112,19 @@ class StandIn:
     block_size: int
 
 
-def start_precompile(layers: list[Attention], shapes: StandIn) -> Precompile | None:
-    """Starts the precompile thread on a CUDA device whose Triton has AsyncCompileMode, unless
-    ATOM_PRECOMPILE=0 (to measure a start without it)."""
-    layers = [layer for layer in layers if type(layer) is Attention]  # not MLA
-    if shapes.device.type != "cuda" or not layers or os.environ.get(ENV) == "0":
+def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | None:
+    """Starts the precompile thread for the model's attention layers and linear weights on a CUDA
+    device whose Triton has AsyncCompileMode, unless ATOM_PRECOMPILE=0 (to measure a start
+    without it)."""
+    layers = [m for m in model.modules() if type(m) is Attention]  # not MLA
+    weights = [m.weight for m in model.modules() if isinstance(m, LinearBase)] if ops._GEMV else []
+    if shapes.device.type != "cuda" or not (layers or weights) or os.environ.get(ENV) == "0":
         return None
     try:
         import triton.runtime._async_compile  # noqa: F401
     except ImportError:
         return None
-    return Precompile(layers, shapes)
+    return Precompile(layers, weights, shapes)
 
 
 def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
@@ -129,6 +142,16 @@ def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
         if key not in seen:
             seen.add(key)
             yield layer
+
+
+def distinct_weights(weights: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """One weight per (shape, dtype): what picks gemv's variant."""
+    seen = set()
+    for weight in weights:
+        key = (tuple(weight.shape), weight.dtype)
+        if key not in seen:
+            seen.add(key)
+            yield weight
 
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:

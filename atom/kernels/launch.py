@@ -8,21 +8,62 @@ real launches. Under Dynamo (a launcher traced into a compiled layer) it is a pl
 the mode is not read: `is_dynamo_compiling` is a trace-time constant, False when code runs, while
 `torch.compiler.is_compiling()` is one process-wide flag in newer torch, True on every thread while
 Dynamo compiles on one (the precompile thread's launches would then run).
+
+Programmatic dependent launch (PDL, Hopper and later): a kernel given `PDL=pdl(x)` calls
+`pdl_start(PDL)` first. It waits there for the kernel before it in the stream to finish (its
+writes visible), then lets the next kernel launch; `launch` gives such a kernel the launch
+attribute, so its programs start while the one before it drains: launch latency and tails
+overlap the kernels beside them, in CUDA graphs as well (programmatic edges). The wait comes
+before every read or write of another kernel's data, so the order of results is the stream's;
+the next kernel's programs may take free SMs early, never run ahead of the wait. Off under
+Dynamo (Inductor launches the traced kernels itself), in the interpreter, before sm90, and with
+ATOM_PDL=0.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default=False)
+PDL_ENV = "ATOM_PDL"
+_PDL = os.environ.get(PDL_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@functools.cache
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(t: Tensor) -> bool:
+    """Whether kernels launched on t's device use programmatic dependent launch."""
+    if torch.compiler.is_dynamo_compiling() or not _PDL or not t.is_cuda:
+        return False
+    index = t.device.index
+    return _sm90(torch.cuda.current_device() if index is None else index)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """A PDL kernel's first statement: wait for the kernel before, then release the next."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    if kwargs.get("PDL"):
+        kwargs["launch_pdl"] = True
     if not torch.compiler.is_dynamo_compiling() and _COMPILE_ONLY.get():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import launch
+from atom.kernels.launch import launch, pdl, pdl_start
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = 1024  # elements of one token's [num_kv_heads, head_dim] per program
@@ -86,7 +86,9 @@ def _reshape_and_cache_kernel(
     fp8_max,
     IS_FP8: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -143,5 +145,6 @@ def reshape_and_cache(
         torch.finfo(kv_cache.dtype).max if is_fp8 else 0.0,
         IS_FP8=is_fp8,
         BLOCK=block,
+        PDL=pdl(key),
         num_warps=4,
     )

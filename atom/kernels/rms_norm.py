@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
+from atom.kernels.launch import launch, pdl, pdl_start
 
 # Elements per program: small rows (head_dim 64..256) are packed several to a program so that a
 # launch over T * heads rows is not dominated by tiny programs.
@@ -52,7 +53,9 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < num_rows)[:, None] & (cols < n)[None, :]
@@ -111,7 +114,9 @@ def _launch(
     # From the row size only: no guard on the token count under torch.compile's dynamic shapes.
     block_m = max(1, _TILE_ELEMENTS // block_n)
     num_warps = min(max(block_m * block_n // 512, 1), 8)
-    _rms_norm_kernel[(cdiv(num_rows, block_m),)](
+    launch(
+        _rms_norm_kernel,
+        (cdiv(num_rows, block_m),),
         xv,
         rv,
         weight,
@@ -128,6 +133,7 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        PDL=pdl(x),
         num_warps=num_warps,
     )
     return out, res_out

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import launch
+from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.reshape_and_cache import FP8_DTYPES, reshape_and_cache_ref
 from atom.kernels.rms_norm import rms_norm_ref
 
@@ -195,7 +195,9 @@ def _rotary_embedding_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     # grid (T, q head blocks + k head blocks): decode batches still spread over many programs.
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
@@ -342,7 +344,7 @@ def _launch(
         value_offset, k_scale, v_scale, torch.finfo(k_out.dtype).max if is_fp8 else 0.0,
         IS_NEOX=is_neox_style, HAS_TAIL=rotary_dim < head_dim, HAS_NORM=norm is not None,
         HAS_CACHE=cache is not None, IS_FP8=is_fp8, BLOCK_H=block_h,
-        BLOCK_R=next_power_of_2(rotary_dim // 2), BLOCK_D=block_d, num_warps=4,
+        BLOCK_R=next_power_of_2(rotary_dim // 2), BLOCK_D=block_d, PDL=pdl(q), num_warps=4,
     )  # fmt: skip
     return q_out, k_out
 

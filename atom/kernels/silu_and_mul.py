@@ -9,6 +9,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
+from atom.kernels.launch import launch, pdl, pdl_start
 
 _BLOCK = 1024  # output features per program
 
@@ -26,7 +27,9 @@ def _silu_and_mul_kernel(
     d,
     x_s_row,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -49,7 +52,8 @@ def silu_and_mul(x: Tensor) -> Tensor:
         rows = rows.contiguous()
     block = min(_BLOCK, next_power_of_2(d))
     grid = (rows.shape[0], cdiv(d, block))
-    _silu_and_mul_kernel[grid](rows, out, d, rows.stride(0), BLOCK=block, num_warps=4)
+    launch(_silu_and_mul_kernel, grid, rows, out, d, rows.stride(0), BLOCK=block, PDL=pdl(x),
+           num_warps=4)  # fmt: skip
     return out
 
 

@@ -40,7 +40,7 @@ from atom.kernels.attention_config import (
     num_sms,
 )
 from atom.kernels.grid import next_power_of_2
-from atom.kernels.launch import launch
+from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
@@ -185,7 +185,9 @@ def _unified_attention_kernel(
     USE_SINKS: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     split = tl.program_id(2)
     if ONE_BLOCK_PER_SEQ:
         # Heads fastest: a sequence's KV heads run side by side (they read the same pages), and
@@ -313,7 +315,9 @@ def _reduce_splits_kernel(
     HEAD_DIM_P: tl.constexpr,
     SPLITS_P: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     tok = tl.program_id(0)
     head = tl.program_id(1)
     if tok >= tl.load(qsl_ptr + num_seqs):  # padding tokens after the last sequence
@@ -410,7 +414,7 @@ def unified_attention(
         ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
-        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
@@ -419,7 +423,7 @@ def unified_attention(
             out, ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks, query_start_loc,
             num_seqs, num_splits, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
-            SPLITS_P=next_power_of_2(num_splits), USE_SINKS=sinks is not None,
+            SPLITS_P=next_power_of_2(num_splits), USE_SINKS=sinks is not None, PDL=pdl(query),
             num_warps=4,
         )  # fmt: skip
     return out

@@ -7,11 +7,19 @@ import pytest
 import torch
 import transformers
 
-from atom.executor.precompile import StandIn, distinct_kinds, stand_in_steps, start_precompile
+from atom.executor.precompile import (
+    StandIn,
+    distinct_kinds,
+    distinct_weights,
+    stand_in_steps,
+    start_precompile,
+)
+from atom.kernels import launch as launch_module
 from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits, launch_config
 from atom.kernels.grid import next_power_of_2
-from atom.kernels.launch import compile_only, launch
+from atom.kernels.launch import compile_only, launch, pdl
 from atom.layers.attention import Attention
+from atom.layers.linear import ColumnParallelLinear, RowParallelLinear
 from atom.layers.rotary import RotaryEmbedding
 
 CPU = torch.device("cpu")
@@ -39,6 +47,21 @@ def test_launch_runs_or_only_compiles() -> None:
         ("warmup", (5,), (7,), {"BLOCK": 8}),
         ("run", (2,), (9,), {}),
     ]
+
+
+def test_pdl_launches_carry_the_launch_attribute(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _Kernel()
+    launch(kernel, (1,), PDL=True)
+    launch(kernel, (1,), PDL=False)
+    with compile_only():  # the same variant as the real launch: launch_pdl is a compile option
+        launch(kernel, (1,), PDL=True)
+    assert [call[3] for call in kernel.calls] == [
+        {"PDL": True, "launch_pdl": True},
+        {"PDL": False},
+        {"PDL": True, "launch_pdl": True},
+    ]
+    monkeypatch.setattr(launch_module, "_PDL", True)
+    assert not pdl(torch.zeros(1))  # a CPU tensor
 
 
 def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,4 +111,13 @@ def test_one_layer_per_kind_and_no_thread_on_the_cpu() -> None:
     windowed = Attention(8, 64, 0.125, 2, sliding_window=128, rope=rope)
     assert list(distinct_kinds([a, b, windowed, a])) == [a, windowed]
     shapes = StandIn(CPU, torch.float32, torch.float32, 16)
-    assert start_precompile([a, windowed], shapes) is None
+    assert start_precompile(torch.nn.ModuleList([a, windowed]), shapes) is None
+
+
+def test_one_gemv_launch_per_weight_shape() -> None:
+    linears = [ColumnParallelLinear(64, 96, False), ColumnParallelLinear(64, 96, False),
+               RowParallelLinear(96, 64, False), ColumnParallelLinear(64, 96, True)]  # fmt: skip
+    weights = [m.weight for m in linears]
+    assert list(distinct_weights(weights)) == [weights[0], weights[2]]
+    half = linears[1].weight.data.half()
+    assert list(distinct_weights([weights[0], half])) == [weights[0], half]

@@ -1,5 +1,6 @@
-"""ATOM_GEMV=1 (small-batch linear layers through gemv.py's kernel) changes no greedy token:
-float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows (run by
+"""The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
+kernel (against cuBLAS, ATOM_GEMV=0) and programmatic dependent launch (against plain launches,
+ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows (run by
 benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
-from atom.kernels import ops
+from atom.kernels import launch, ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -61,8 +62,29 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
         calls.append(1)
         return kernel(*args)
 
+    monkeypatch.setattr(ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
     monkeypatch.setattr(ops, "_GEMV", True)
     monkeypatch.setattr(ops, "small_batch_linear", counted)
     assert _tokens(checkpoint) == baseline
     assert calls, "the small-batch path never ran"
+
+
+def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm90")
+    launches = []
+    plain = launch.launch
+
+    def counted(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        launches.append(kwargs.get("PDL"))
+        plain(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_PDL", False)
+    baseline = _tokens(checkpoint)
+    assert not any(launches)
+    monkeypatch.setattr(launch, "_PDL", True)
+    for module in (ops._attention, ops._gemv, ops._norm, ops._rotary, ops._silu):
+        monkeypatch.setattr(module, "launch", counted)
+    assert _tokens(checkpoint) == baseline
+    assert any(launches), "no kernel was launched with PDL"

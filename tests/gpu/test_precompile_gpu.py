@@ -1,6 +1,6 @@
-"""The start-up precompile compiles every attention variant a run meets: after it, neither the
-CUDA-graph warm-up, the warm-up requests nor a run with prefix hits compiles another (run by
-benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+"""The start-up precompile compiles every attention and gemv variant a run meets: after it,
+neither the CUDA-graph warm-up, the warm-up requests nor a run with prefix hits compiles another
+(run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
+from atom.kernels.gemv import _gemv_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
 from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
@@ -25,6 +26,7 @@ KERNELS = {
     "reduce": _reduce_splits_kernel,
     "rotary": _rotary_embedding_kernel,
     "cache": _reshape_and_cache_kernel,
+    "gemv": _gemv_kernel,
 }
 
 

@@ -1,8 +1,10 @@
-"""The small-batch linear path (ATOM_GEMV=1 on CUDA): gemv for up to gemv.MAX_M rows, F.linear
+"""The small-batch linear path (CUDA, unless ATOM_GEMV=0): gemv for up to gemv.MAX_M rows, F.linear
 past them, bias added, any leading shape; an opaque op under torch.compile whose row test is no
 guard (the kernel in the interpreter without a GPU; the engine on a GPU: tests/gpu)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -29,11 +31,11 @@ def test_matches_f_linear(shape: tuple[int, ...], with_bias: bool) -> None:
     torch.testing.assert_close(out, F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
 
 
-def test_off_by_default_and_plain_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_by_default_and_plain_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ops._GEMV or os.environ.get(ops.GEMV_ENV) == "0"
     calls = []
     monkeypatch.setattr(ops, "small_batch_linear", lambda *a: calls.append(a))
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    torch.testing.assert_close(ops.linear(x, w, None), F.linear(x, w))  # ATOM_GEMV unset
     monkeypatch.setattr(ops, "_GEMV", True)
     torch.testing.assert_close(ops.linear(x, w, None), F.linear(x, w))  # a CPU tensor
     assert not calls
