@@ -4,8 +4,7 @@ bandwidth.
 At batch 1 an 8B decode step is its weights read once, and cuBLAS reads the smaller ones below the
 bandwidth (H200: qkv 3.3 TB/s, o_proj 3.1, against 4.1 for gate/up; RESULTS.md, tenth sitting).
 Here one program computes BLOCK_N output features of every row, streaming its [BLOCK_N, K] slab
-of W in [BLOCK_N, BLOCK_K] tiles through a pipelined tl.dot (the first tile loaded before the
-programmatic-dependent-launch wait, kernels/launch.py); rows are padded to BLOCK_M >= 16 for
+of W in [BLOCK_N, BLOCK_K] tiles through a pipelined tl.dot; rows are padded to BLOCK_M >= 16 for
 tl.dot, M <= MAX_M. The row count is not specialised: one variant per weight shape. The torch
 reference (`gemv_ref`) is float32.
 
@@ -65,23 +64,17 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    # The first weight tile is loaded before the wait for the kernel before (weights are no
-    # kernel's output): under PDL its latency overlaps that kernel's tail.
-    k_ok = offs_k < K
-    w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    pdl_start(PDL)
-    x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    acc = tl.dot(x, tl.trans(w), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),
-                 input_precision=DOT_PRECISION)  # fmt: skip
-    for k0 in range(BLOCK_K, K, BLOCK_K):  # the compiler pipelines both loads into the dot
+    for k0 in range(0, K, BLOCK_K):  # the compiler pipelines both loads into the dot
         kk = k0 + offs_k
         k_ok = kk < K
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
