@@ -8,7 +8,7 @@
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
 #            attention), bench_sampler.py (fused vs torch draw) and bench_gemv.py (the 8B's
-#            GEMMs at 1-8 rows vs cuBLAS, fused prologues vs the pairs); KERNEL_BENCHES= picks
+#            GEMMs at 1-8 rows vs cuBLAS); KERNEL_BENCHES= picks
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm

@@ -95,7 +95,7 @@ class Precompile:
     def wait(self) -> None:
         self._thread.join()
         if self._error is not None:
-            logger.warning("attention precompile failed (variants compile on first launch): %r",
+            logger.warning("precompile failed (variants compile on first launch): %r",
                            self._error)  # fmt: skip
         else:
             logger.info("attention and gemv variants precompiled in %.1f s (%d stand-in launches)",

@@ -37,12 +37,14 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default=False)
 PDL_ENV = "ATOM_PDL"
-_PDL = os.environ.get(PDL_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+_PDL = os.environ.get(PDL_ENV, "1") != "0" and not _INTERPRET
 
 
 @functools.cache
 def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    """An NVIDIA GPU of compute capability 9 or later (ROCm reports gfx9 as major 9 too)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl(t: Tensor) -> bool:

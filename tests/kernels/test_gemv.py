@@ -1,5 +1,5 @@
 """gemv (Triton; the interpreter without a GPU) against float32 torch: odd sizes, strided rows,
-row counts 1 to MAX_M through one variant."""
+row counts 1 to MAX_M."""
 
 from __future__ import annotations
 
