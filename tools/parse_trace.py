@@ -19,8 +19,12 @@ the norm and QKV projection of layer N+1). Kernels outside every tag are `(untag
 
 Rows: phase, steps, layer (a number; `avg` for the mean over the phase's layers, a layer without
 that kernel counting 0; empty outside layers), module, kernel, calls, total_us, avg_us (per call),
-per_step_us, pct_of_layer, pct_of_step (of all the phase's kernel time). On a CPU trace (no GPU
-events) the kernels are the top-level CPU ops.
+per_step_us, exclusive_per_step_us, pct_of_layer, pct_of_step (of all the phase's kernel time).
+Exclusive time is the part of a kernel past the end of every kernel before it in its step: what
+it adds to the step's GPU span. Kernels launched with programmatic dependent launch start while
+the one before them drains and wait inside their own duration, so their durations overlap and
+only the exclusive times add up. On a CPU trace (no GPU events) the kernels are the top-level CPU
+ops.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Row:
     total_us: float
     avg_us: float
     per_step_us: float
+    exclusive_per_step_us: float
     pct_of_layer: float | None
     pct_of_step: float
 
@@ -131,29 +136,43 @@ def layer_and_module(tag: str, previous_layer: int | None) -> tuple[int | None, 
     return int(match[1]), tag[match.end() :] or "(layer)"
 
 
+def exclusive_times(step: Step) -> list[float]:
+    """Each work item's time past the end of every item that started before it (launch order
+    breaks ties), in step.work's order."""
+    order = sorted(range(len(step.work)), key=lambda i: step.work[i].ts)
+    exclusive = [0.0] * len(step.work)
+    covered = float("-inf")
+    for i in order:
+        work = step.work[i]
+        exclusive[i] = max(0.0, work.end - max(work.ts, covered))
+        covered = max(covered, work.end)
+    return exclusive
+
+
 def phase_rows(phase: str, steps: list[Step]) -> list[Row]:
-    totals: dict[tuple[int | None, str, str], list[float]] = {}
+    totals: dict[tuple[int | None, str, str], list[float]] = {}  # calls, time, exclusive time
     for step in steps:
         layer = None
-        for work in step.work:
+        for work, exclusive in zip(step.work, exclusive_times(step), strict=True):
             layer, module = layer_and_module(work.tag, layer)
-            entry = totals.setdefault((layer, module, work.name), [0, 0.0])
+            entry = totals.setdefault((layer, module, work.name), [0, 0.0, 0.0])
             entry[0] += 1
             entry[1] += work.dur
-    phase_total = sum(t for _, t in totals.values()) or 1.0
+            entry[2] += exclusive
+    phase_total = sum(t for _, t, _ in totals.values()) or 1.0
     layer_total: dict[int, float] = defaultdict(float)
-    for (layer, _, _), (_, t) in totals.items():
+    for (layer, _, _), (_, t, _) in totals.items():
         if layer is not None:
             layer_total[layer] += t
     n = len(steps)
     rows = []
-    for (layer, module, kernel), (calls, t) in totals.items():  # first-seen order
+    for (layer, module, kernel), (calls, t, ex) in totals.items():  # first-seen order
         pct_layer = None if layer is None else 100 * t / (layer_total[layer] or 1.0)
         layer_name = "" if layer is None else str(layer)
         pct = 100 * t / phase_total
-        rows.append(
-            Row(phase, n, layer_name, module, kernel, calls, t, t / calls, t / n, pct_layer, pct)
-        )
+        per_step = (t / n, ex / n)
+        rows.append(Row(phase, n, layer_name, module, kernel, calls, t, t / calls, *per_step,
+                        pct_layer, pct))  # fmt: skip
     return rows + average_rows(phase, n, totals, layer_total, phase_total)
 
 
@@ -171,17 +190,20 @@ def average_rows(
     num_layers = len(layer_total)
     mean_layer = sum(layer_total.values()) / num_layers
     groups: dict[tuple[str, str], list[float]] = {}
-    for (layer, module, kernel), (calls, t) in totals.items():
+    for (layer, module, kernel), (calls, t, ex) in totals.items():
         if layer is not None:
-            group = groups.setdefault((module, kernel), [0, 0.0])
+            group = groups.setdefault((module, kernel), [0, 0.0, 0.0])
             group[0] += calls
             group[1] += t
+            group[2] += ex
     rows = []
-    for (module, kernel), (calls, t) in groups.items():
-        c, avg = calls / num_layers, t / num_layers
+    for (module, kernel), (calls, t, ex) in groups.items():
+        c, avg, avg_ex = calls / num_layers, t / num_layers, ex / num_layers
         pct_layer = 100 * avg / (mean_layer or 1.0)
         pct = 100 * avg / phase_total
-        rows.append(Row(phase, n, "avg", module, kernel, c, avg, avg / c, avg / n, pct_layer, pct))
+        per_step = (avg / n, avg_ex / n)
+        rows.append(Row(phase, n, "avg", module, kernel, c, avg, avg / c, *per_step, pct_layer,
+                        pct))  # fmt: skip
     return rows
 
 
@@ -238,7 +260,9 @@ def print_phase(rows_: list[Row], top: int, layer: int | None) -> None:
     """The rows of one phase: the layer asked for, or the layer averages and the rest."""
     first = rows_[0]
     total = sum(r.per_step_us for r in rows_ if r.layer != "avg")
-    print(f"\n## {first.phase}: {first.steps} steps, {total:.1f} us of kernels per step")
+    exclusive = sum(r.exclusive_per_step_us for r in rows_ if r.layer != "avg")
+    print(f"\n## {first.phase}: {first.steps} steps, {total:.1f} us of kernels per step "
+          f"({exclusive:.1f} us exclusive)")  # fmt: skip
     blocks = (
         [(f"layer {layer}", [r for r in rows_ if r.layer == str(layer)])]
         if layer is not None
@@ -253,14 +277,16 @@ def print_phase(rows_: list[Row], top: int, layer: int | None) -> None:
         keep = {id(r) for r in sorted(rows, key=lambda r: -r.total_us)[:top]}
         print(f"\n{title}:")
         print(
-            f"{'module':<28} {'kernel':<48} {'calls':>7} {'us/step':>10} {'%layer':>7} {'%step':>6}"
+            f"{'module':<28} {'kernel':<48} {'calls':>7} {'us/step':>10} {'excl/step':>10} "
+            f"{'%layer':>7} {'%step':>6}"
         )
         for r in rows:
             if id(r) in keep:
                 pct_layer = "" if r.pct_of_layer is None else f"{r.pct_of_layer:.1f}"
                 print(
                     f"{r.module[:28]:<28} {r.kernel[:48]:<48} {r.calls:>7.4g} "
-                    f"{r.per_step_us:>10.1f} {pct_layer:>7} {r.pct_of_step:>6.1f}"
+                    f"{r.per_step_us:>10.1f} {r.exclusive_per_step_us:>10.1f} {pct_layer:>7} "
+                    f"{r.pct_of_step:>6.1f}"
                 )
 
 

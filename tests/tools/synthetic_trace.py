@@ -137,3 +137,17 @@ def gpu_only_trace(path: Path) -> Path:
     ):
         t._add(cat, name, ts, dur, GPU, {"correlation": 0, **args})
     return t.write(path)
+
+
+def overlapping_trace(path: Path) -> Path:
+    """A GPU-only step whose second kernel starts before the first ends, as a kernel launched with
+    programmatic dependent launch does (it waits inside its own duration)."""
+    t = TraceBuilder()
+    for name, ts, dur, cat, args in (
+        ("gemm_a", 0, 10, "kernel", {}),
+        ("attn_kernel", 5, 7, "kernel", {}),  # 5-12: 2 us past gemm_a
+        ("gemm_a", 20, 5, "kernel", {}),
+        ("Memcpy DtoH (Device -> Pinned)", 26, 1, "gpu_memcpy", {"bytes": 24}),
+    ):
+        t._add(cat, name, ts, dur, GPU, {"correlation": 0, **args})
+    return t.write(path)

@@ -23,7 +23,7 @@ import openpyxl
 import pytest
 import torch
 import transformers
-from synthetic_trace import capture_trace, gpu_only_trace, run_trace
+from synthetic_trace import capture_trace, gpu_only_trace, overlapping_trace, run_trace
 
 from atom import LLM, SamplingParams
 
@@ -299,6 +299,19 @@ def test_gpu_only_trace_steps_end_at_sampled_copies(tmp_path: Path) -> None:
     assert "## step: 2 steps" in out
     rows = read_csv(tmp_path / "b.csv")
     assert {r["kernel"] for r in rows if r["phase"] == "step"} >= {"gemm_a", "attn_kernel"}
+
+
+def test_exclusive_time_of_overlapping_kernels(tmp_path: Path) -> None:
+    """Durations overlap (23 us of kernels and copies over 18 us of busy GPU); exclusive times add
+    up to the busy time: gemm_a 10 + 5, attn_kernel 2 (past gemm_a's end), the copy 1."""
+    trace = overlapping_trace(tmp_path / "o.json.gz")
+    out = run_tool("parse_trace.py", trace, "--output", tmp_path / "b.csv")
+    assert "1 steps, 23.0 us of kernels per step (18.0 us exclusive)" in out
+    rows = {r["kernel"]: r for r in read_csv(tmp_path / "b.csv") if r["phase"] == "step"}
+    assert float(rows["gemm_a"]["per_step_us"]) == 15.0
+    assert float(rows["gemm_a"]["exclusive_per_step_us"]) == 15.0
+    assert float(rows["attn_kernel"]["per_step_us"]) == 7.0
+    assert float(rows["attn_kernel"]["exclusive_per_step_us"]) == 2.0
 
 
 def test_unlabelled_cpu_and_gpu_trace_is_not_gpu_only(
