@@ -15,6 +15,7 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.kernels import launch, ops
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,9 +40,7 @@ def _tokens(checkpoint: Path) -> list[list[int]]:
         str(checkpoint),
         skip_tokenizer_init=True,
         dtype="float32",
-        cudagraph_capture_sizes=[1, 2, 4, 8],
-        max_num_seqs=8,
-        kv_cache_memory_bytes=128 << 20,
+        **SMALL_ENGINE,
     )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)

@@ -18,6 +18,7 @@ from atom.kernels.gemv import _gemv_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
 from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
+from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,10 +72,8 @@ def test_precompile_leaves_no_attention_variant_to_compile(
     llm = LLM(
         str(checkpoint),
         skip_tokenizer_init=True,
-        cudagraph_capture_sizes=[1, 2, 4, 8],
-        max_num_seqs=8,
         max_model_len=1024,
-        kv_cache_memory_bytes=256 << 20,
+        **SMALL_ENGINE,
     )
     try:
         assert joined, "no precompile started"
