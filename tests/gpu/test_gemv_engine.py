@@ -82,7 +82,8 @@ def test_pdl_changes_no_token(
     plain = launch.launch
 
     def counted(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-        if not launch._COMPILE_ONLY.get():  # real launches only, not the precompile's
+        # Real launches only: not the precompile's, not Dynamo's trace of a launcher.
+        if not torch.compiler.is_dynamo_compiling() and not launch._COMPILE_ONLY.get():
             launches.append(int(kwargs.get("PDL", 0)))
         plain(kernel, grid, *args, **kwargs)
 
