@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl pdl_modes host
+#                                           nopdl host
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -13,8 +13,6 @@
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
-#   pdl_modes  benchmark_latency at batch 1 and 8 for each ATOM_PDL x ATOM_GEMV_PREFETCH of
-#            PDL_MODES (default "1:0 2:0 1:1024 2:1024")
 #   host     benchmarks/profile_host.py: the host's time per decode step under cProfile (Qwen3-0.6B
 #            shape, batch 1 and 8; $OUT/host_profile_bs<N>.txt)
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
@@ -150,14 +148,6 @@ stage_imports() {
 stage_nopdl() {  # the throughput and latency benchmarks with ATOM_PDL=0 (compare with bench)
     ATOM_PDL=0 bench throughput_nopdl benchmark_throughput
     ATOM_PDL=0 bench latency_nopdl benchmark_latency
-}
-
-stage_pdl_modes() {
-    local pair
-    for pair in ${PDL_MODES:-1:0 2:0 1:1024 2:1024}; do
-        ATOM_PDL=${pair%%:*} ATOM_GEMV_PREFETCH=${pair##*:} bench "latency_pdl${pair/:/_pf}" \
-            benchmark_latency --batch-sizes "${PDL_BATCHES:-1,8}"
-    done
 }
 
 stage_host() {

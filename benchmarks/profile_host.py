@@ -7,7 +7,8 @@ one generate per batch size (default: Qwen3-0.6B's shape, batches 1 and 8, 256 t
 step's wait for the device is the time inside `Event.synchronize`: the rest of a step is the
 host's own work, which bounds the step whenever it outlasts the device's. Prints, per batch,
 ms per step (wall, waiting, host) and the functions of most own time; writes each profile's text
-to OUT_DIR/host_profile_bs<N>.txt.
+(by own and by cumulative time) to OUT_DIR/host_profile_bs<N>.txt and its pstats file to
+OUT_DIR/host_profile_bs<N>.prof.
 """
 
 from __future__ import annotations
@@ -61,16 +62,19 @@ def main(argv: list[str]) -> None:
             stats = pstats.Stats(profiler, stream=text)
             waited = wait_seconds(stats) / TOKENS
             stats.sort_stats("tottime").print_stats(TOP)
+            own = text.getvalue()
+            stats.sort_stats("cumulative").print_stats(2 * TOP)
             print(
                 f"batch {bs:4d}: {plain * 1e3:.3f} ms/step untraced; under cProfile "
                 f"{traced * 1e3:.3f} ms/step, {waited * 1e3:.3f} waiting on the device, "
                 f"{(traced - waited) * 1e3:.3f} host"
             )
-            lines = [line for line in text.getvalue().splitlines() if line.strip()]
+            lines = [line for line in own.splitlines() if line.strip()]
             print("\n".join(lines[-TOP - 1 :]))
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / f"host_profile_bs{bs}.txt").write_text(text.getvalue())
+                profiler.dump_stats(out / f"host_profile_bs{bs}.prof")
     finally:
         llm.shutdown()
 

@@ -15,7 +15,6 @@ not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they repl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +24,9 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import launch, pdl, pdl_release, pdl_wait
+from atom.kernels.launch import launch, pdl, pdl_start
 
 MAX_M = 16
-# Experiment: K elements of each weight row that a PDL program prefetches into L2 before its wait
-# (the weights stream while the kernels before it finish); 0 = none.
-PREFETCH_ENV = "ATOM_GEMV_PREFETCH"
-_PREFETCH_K = int(os.environ.get(PREFETCH_ENV, "0") or "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,19 +48,6 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.float(), weight.float())
 
 
-@triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """Bulk L2 prefetch (sm90) of nbytes from each pointer; both 16-byte aligned."""
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-        "=r,l,r",
-        [ptrs, nbytes],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
@@ -81,18 +63,13 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH_BYTES: tl.constexpr,
 ):
-    pdl_release(PDL)
+    pdl_start(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    if PREFETCH_BYTES > 0:  # weights are no other kernel's output: read them before the wait
-        rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn
-        _prefetch_l2(rows, tl.zeros_like(offs_n) + PREFETCH_BYTES)
-    pdl_wait(PDL)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -124,20 +101,11 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     cfg = config or gemv_config(n, k)
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
-    mode = pdl(x)
     launch(
         _gemv_kernel, (cdiv(n, block_n),),
         x, weight, y, m, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=max(16, next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=mode,
-        PREFETCH_BYTES=_prefetch_bytes(weight) if mode else 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
-
-
-def _prefetch_bytes(weight: Tensor) -> int:
-    """Bytes of each row to prefetch: 16-byte multiples from 16-byte aligned rows, else none."""
-    row = weight.stride(0) * weight.element_size()
-    nbytes = min(_PREFETCH_K, weight.shape[1]) * weight.element_size() // 16 * 16
-    return nbytes if row % 16 == 0 and weight.data_ptr() % 16 == 0 else 0

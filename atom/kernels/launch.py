@@ -38,9 +38,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default=False)
 PDL_ENV = "ATOM_PDL"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-# 0: plain launches; 1: wait, then release the next kernel; 2: release first, then wait (the next
-# kernel's programs may then take free SMs while this one still waits on the one before).
-_PDL = 0 if _INTERPRET else {"0": 0, "2": 2}.get(os.environ.get(PDL_ENV, "1").strip(), 1)
+_PDL = os.environ.get(PDL_ENV, "1") != "0" and not _INTERPRET
 
 
 @functools.cache
@@ -49,35 +47,20 @@ def _sm90(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl(t: Tensor) -> int:
-    """The programmatic dependent launch mode of kernels launched on t's device (0: off)."""
+def pdl(t: Tensor) -> bool:
+    """Whether kernels launched on t's device use programmatic dependent launch."""
     if torch.compiler.is_dynamo_compiling() or not _PDL or not t.is_cuda:
-        return 0
+        return False
     index = t.device.index
-    return int(_PDL) if _sm90(torch.cuda.current_device() if index is None else index) else 0
-
-
-@triton.jit
-def pdl_release(PDL: tl.constexpr):
-    """Mode 2's first statement: let the next kernel launch before this one waits."""
-    if PDL == 2:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """Wait for the kernel before (its writes visible); mode 1 then releases the next."""
-    if PDL:
-        gdc_wait()
-        if PDL != 2:
-            gdc_launch_dependents()
+    return _sm90(torch.cuda.current_device() if index is None else index)
 
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """A PDL kernel's first statement: wait for the kernel before, release the next."""
-    pdl_release(PDL)
-    pdl_wait(PDL)
+    """A PDL kernel's first statement: wait for the kernel before, then release the next."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
