@@ -2,40 +2,72 @@
 benchmarks/profile_host.py [OUT_DIR] [engine and workload flags of benchmark_latency]`.
 
 `bench_host_overhead.py` times the engine's own phases with a stub forward; this one keeps the
-device work (CUDA graph replays, the LM head, the sampler, the uploads) and runs cProfile over
-one generate per batch size (default: Qwen3-0.6B's shape, batches 1 and 8, 256 tokens). The
-step's wait for the device is the time inside `Event.synchronize`: the rest of a step is the
-host's own work, which bounds the step whenever it outlasts the device's. Prints, per batch,
-ms per step (wall, waiting, host) and the functions of most own time; writes each profile's text
-(by own and by cumulative time) to OUT_DIR/host_profile_bs<N>.txt and its pstats file to
-OUT_DIR/host_profile_bs<N>.prof.
+device work (CUDA graph replays, the LM head, the sampler, the uploads). Per batch size (default:
+Qwen3-0.6B's shape, batches 1 and 8, 256 tokens) one generate runs with perf_counter wrappers
+around the step's phases (inclusive times: `submit_model` holds the inputs, the forward and the
+sampler; `Event.synchronize` is the wait for the device, the rest of a step is the host's own
+work, which bounds the step whenever it outlasts the device's), then one under cProfile, whose
+pstats file goes to OUT_DIR/host_profile_bs<N>.prof with its listing by own and cumulative time
+in host_profile_bs<N>.txt.
 """
 
 from __future__ import annotations
 
+import collections
 import cProfile
+import functools
 import io
 import logging
 import pstats
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
+
+import atom.engine.core as core
+import atom.engine.output_processor as output_processor
+import atom.engine.scheduler as scheduler
+import atom.executor.cuda_graphs as cuda_graphs
+import atom.executor.model_runner as model_runner
+import atom.executor.sampler as sampler
 from atom.benchmarks.benchmark_latency import build_latency_parser, prompts_for
 from atom.benchmarks.common import engine_args_from, start_engine
 from atom.sampling_params import SamplingParams
 
 TOKENS = 256
-TOP = 30
+TOP = 40
+# (owner, attribute) timed inclusively; module functions are wrapped where their callers look.
+PHASES: list[tuple[Any, str]] = [
+    (core.EngineCore, "step"),
+    (scheduler.Scheduler, "schedule"),
+    (scheduler.Scheduler, "update_from_output"),
+    (output_processor.OutputProcessor, "process"),
+    (model_runner.ModelRunner, "submit_model"),
+    (model_runner.ModelRunner, "_update_states"),
+    (model_runner, "build_step_inputs"),
+    (model_runner.ModelRunner, "_fill_pending_inputs"),
+    (model_runner, "build_sampling_metadata"),
+    (model_runner.ModelRunner, "_forward"),
+    (cuda_graphs.DecodeGraphs, "replay"),
+    (sampler.Sampler, "forward"),
+    (model_runner.ModelRunner, "_record_samples"),
+    (torch.cuda.Event, "synchronize"),
+]
 
 
-def wait_seconds(stats: pstats.Stats) -> float:
-    """Own time of the functions that block on the device."""
-    return sum(
-        tt
-        for (_, _, name), (_, _, tt, _, _) in stats.stats.items()  # type: ignore[attr-defined]
-        if "synchronize" in name
-    )
+def _timed(fn: Callable[..., Any], name: str, totals: dict[str, float]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+
+    return wrapper
 
 
 def main(argv: list[str]) -> None:
@@ -46,6 +78,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv[1:] if out else argv)
     llm, startup = start_engine(engine_args_from(args))
     print(f"engine ready in {startup:.1f} s")
+    totals: dict[str, float] = collections.defaultdict(float)
+    originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES]
     try:
         for bs in args.batch_sizes:
             prompts = prompts_for(bs, args.input_len)
@@ -53,29 +87,36 @@ def main(argv: list[str]) -> None:
             llm.generate(prompts, params, use_tqdm=False)  # warm
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
-            plain = (time.perf_counter() - start) / TOKENS
-            profiler = cProfile.Profile()
+            plain = 1e3 * (time.perf_counter() - start) / TOKENS
+            for owner, name, fn in originals:
+                label = f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
+                setattr(owner, name, _timed(fn, label, totals))
+            totals.clear()
             start = time.perf_counter()
-            profiler.runcall(llm.generate, prompts, params, use_tqdm=False)
-            traced = (time.perf_counter() - start) / TOKENS
-            text = io.StringIO()
-            stats = pstats.Stats(profiler, stream=text)
-            waited = wait_seconds(stats) / TOKENS
-            stats.sort_stats("tottime").print_stats(TOP)
-            own = text.getvalue()
-            stats.sort_stats("cumulative").print_stats(2 * TOP)
+            llm.generate(prompts, params, use_tqdm=False)
+            timed = 1e3 * (time.perf_counter() - start) / TOKENS
+            for owner, name, fn in originals:
+                setattr(owner, name, fn)
+            phases = {k: 1e3 * v / TOKENS for k, v in totals.items()}
+            waited = phases.get("Event.synchronize", 0.0)
             print(
-                f"batch {bs:4d}: {plain * 1e3:.3f} ms/step untraced; under cProfile "
-                f"{traced * 1e3:.3f} ms/step, {waited * 1e3:.3f} waiting on the device, "
-                f"{(traced - waited) * 1e3:.3f} host"
+                f"batch {bs:4d}: {plain:.3f} ms/step; with phase timers {timed:.3f} ms/step, "
+                f"{waited:.3f} waiting on the device, {timed - waited:.3f} host"
             )
-            lines = [line for line in own.splitlines() if line.strip()]
-            print("\n".join(lines[-TOP - 1 :]))
+            print("  " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
+            profiler = cProfile.Profile()
+            profiler.runcall(llm.generate, prompts, params, use_tqdm=False)
             if out is not None:
+                text = io.StringIO()
+                stats = pstats.Stats(profiler, stream=text)
+                stats.sort_stats("tottime").print_stats(TOP)
+                stats.sort_stats("cumulative").print_stats(TOP)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / f"host_profile_bs{bs}.txt").write_text(text.getvalue())
                 profiler.dump_stats(out / f"host_profile_bs{bs}.prof")
     finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
         llm.shutdown()
 
 

@@ -1,9 +1,15 @@
 """Whole-forward CUDA graphs of decode batches (the model; the LM head runs after the replay),
-one per padded batch size.
+one per padded batch size and context cap.
 
 All graphs share one memory pool and are captured largest first, so each smaller one reuses the
-memory the larger ones already hold. A batch of B decode rows replays the graph of the smallest
+memory the larger ones already hold. A batch of B decode rows replays a graph of the smallest
 captured size >= B; the runner fills rows B.. with padding (slot -1, seq_len 0).
+
+A graph's attention launches are fixed at capture, their KV splits included, which follow the
+longest context the graph is captured for (its cap). Any cap gives the right result: the kernels
+share the actual context out among the splits. A size may have graphs for several caps (the
+runner gives small batches a short one, under which attention runs unsplit and skips the split
+reduce); a step replays the one of the smallest cap >= its longest context.
 """
 
 from __future__ import annotations
@@ -19,16 +25,22 @@ from torch import Tensor
 
 
 class DecodeGraphs:
-    def __init__(self, sizes: list[int]) -> None:
-        self.sizes = sorted(sizes)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, Tensor] = {}
-        # The last capture()'s seconds: each size's warm-up forward, then the captures together.
-        self.warmup_seconds: dict[int, float] = {}
+    def __init__(self, caps: dict[int, list[int]]) -> None:
+        """caps: each batch size's context caps; every list ends with the longest context any
+        step may have."""
+        self.sizes = sorted(caps)
+        self._caps = {size: sorted(set(c)) for size, c in caps.items()}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, int], Tensor] = {}
+        # The last capture()'s seconds: each graph's warm-up forward, then the captures together.
+        self.warmup_seconds: dict[tuple[int, int], float] = {}
         self.capture_seconds = 0.0
 
     def __contains__(self, size: int) -> bool:
-        return size in self._graphs
+        return (size, self._caps[size][-1]) in self._graphs if size in self._caps else False
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The graph that fits num_seqs rows, None when the batch is larger than every graph."""
@@ -37,37 +49,43 @@ class DecodeGraphs:
 
     def capture(
         self,
-        forward: Callable[[int], Tensor],
+        forward: Callable[[int, int], Tensor],
         trace: Callable[[int], AbstractContextManager[None]] | None = None,
     ) -> None:
-        """forward(size) runs one decode batch of `size` rows and returns its output tensor.
-        trace(size), when given, profiles a second warm-up forward: the same kernels, in the
-        same order, as the graph then captured (the first may compile and autotune)."""
+        """forward(size, cap) runs one decode batch of `size` rows whose attention is set up for
+        contexts up to cap, and returns its output tensor. trace(size), when given, profiles a
+        second warm-up forward of the size's longest cap: the same kernels, in the same order,
+        as the graph then captured (the first may compile and autotune)."""
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
         self.warmup_seconds, self.capture_seconds = {}, 0.0
         try:
             for size in reversed(self.sizes):
-                start = time.perf_counter()
-                forward(size)  # warm-up: compiles, autotunes and allocates outside the capture
-                if trace is not None:
-                    with trace(size):
-                        forward(size)
-                torch.cuda.synchronize()
-                self.warmup_seconds[size] = time.perf_counter() - start
-                start = time.perf_counter()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._outputs[size] = forward(size)
-                pool = graph.pool() if pool is None else pool
-                self._graphs[size] = graph
-                self.capture_seconds += time.perf_counter() - start
+                for cap in reversed(self._caps[size]):
+                    key = (size, cap)
+                    start = time.perf_counter()
+                    forward(size, cap)  # warm-up: compiles, autotunes, allocates outside capture
+                    if trace is not None and cap == self._caps[size][-1]:
+                        with trace(size):
+                            forward(size, cap)
+                    torch.cuda.synchronize()
+                    self.warmup_seconds[key] = time.perf_counter() - start
+                    start = time.perf_counter()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._outputs[key] = forward(size, cap)
+                    pool = graph.pool() if pool is None else pool
+                    self._graphs[key] = graph
+                    self.capture_seconds += time.perf_counter() - start
         finally:
             gc.unfreeze()
         torch.cuda.synchronize()
 
-    def replay(self, size: int) -> Tensor:
-        """The captured output of `size` rows, recomputed from the current step buffers."""
-        self._graphs[size].replay()
-        return self._outputs[size]
+    def replay(self, size: int, max_seq_len: int) -> Tensor:
+        """The captured output of `size` rows, recomputed from the current step buffers by the
+        graph of the smallest cap >= max_seq_len (the step's longest context)."""
+        caps = self._caps[size]
+        key = (size, caps[min(bisect.bisect_left(caps, max_seq_len), len(caps) - 1)])
+        self._graphs[key].replay()
+        return self._outputs[key]

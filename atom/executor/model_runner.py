@@ -40,6 +40,7 @@ from atom.executor.sampler import (
     prompt_logprob_entries,
 )
 from atom.executor.trace_labels import step_label
+from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits, num_sms
 from atom.layers.attention import Attention
 from atom.layers.moe import compile_model_expert_kernels
 from atom.models.registry import get_model_class
@@ -218,7 +219,8 @@ class ModelRunner:
         with set_forward_context(ForwardContext(self.attn_layers, None)):
             hidden = self.forward(ids, self.buffers.positions[:n])
         torch.cuda.synchronize(self.device)
-        outputs = sum(self.capture_sizes) * hidden.shape[-1] * hidden.element_size()
+        graphs = [size for size, caps in self._graph_caps().items() for _ in caps]
+        outputs = sum(graphs) * hidden.shape[-1] * hidden.element_size()
         del hidden
         return torch.cuda.max_memory_allocated(self.device) - base + outputs
 
@@ -282,7 +284,7 @@ class ModelRunner:
         b.slot_mapping[:n].fill_(-1)  # padding rows write nothing ...
         b.seq_lens[:n].zero_()  # ... and attend to nothing
         b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
-        self.graphs = DecodeGraphs(self.capture_sizes)
+        self.graphs = DecodeGraphs(self._graph_caps())
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
         self.graphs.capture(self._decode_forward, trace)
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
@@ -290,18 +292,40 @@ class ModelRunner:
         logger.info(
             "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB; warm-up forwards "
             "%.1f s (median %.0f ms, slowest %s), captures %.1f s",
-            len(self.capture_sizes),
+            len(self.graphs),
             self.capture_sizes[0],
             n,
             time.perf_counter() - start,
             (torch.cuda.memory_reserved(self.device) - before) / 2**30,
             sum(warmups.values()),
             1e3 * statistics.median(warmups.values()),
-            ", ".join(f"batch {size} {seconds * 1e3:.0f} ms" for size, seconds in slowest),
+            ", ".join(
+                f"batch {size} (contexts <= {cap}) {seconds * 1e3:.0f} ms"
+                for (size, cap), seconds in slowest
+            ),
             self.graphs.capture_seconds,
         )
 
-    def _decode_forward(self, size: int) -> Tensor:
+    def _graph_caps(self) -> dict[int, list[int]]:
+        """Each capture size's context caps (cuda_graphs.py): max_model_len and, where attention
+        would split at it for this batch, also the longest context it never splits, so a step of
+        short contexts runs one program per (sequence, KV head) and no split reduce (a graph for
+        max_model_len splits a 272-token context 16 ways at batch 1). MLA layers count as one
+        head: they split no more than that."""
+        full = self.config.scheduler.max_model_len
+        short = min(full, UNSPLIT_CONTEXT)
+        sms = num_sms(self.device)
+        heads = {layer.num_kv_heads for layer in self.attn_layers}
+
+        def splits(size: int, cap: int) -> list[int]:
+            return [choose_num_splits(size, h, 1, cap, sms) for h in sorted(heads)]
+
+        return {
+            size: [short, full] if splits(size, short) != splits(size, full) else [full]
+            for size in self.capture_sizes
+        }
+
+    def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
         """Hidden states of a decode batch of `size` rows read from the step buffers: what the
         graphs capture. Attention's grid depends only on the shapes and max_seq_len, fixed here.
         The LM head stays outside: [size, vocab] logits kept alive per graph would cost GiBs."""
@@ -314,7 +338,7 @@ class ModelRunner:
             seq_lens_cpu=[],
             query_start_loc_cpu=[],
             max_query_len=1,
-            max_seq_len=self.config.scheduler.max_model_len,
+            max_seq_len=max_seq_len,
         )
         with set_forward_context(ForwardContext(self.attn_layers, meta)):
             return self.forward(b.input_ids[:size], b.positions[:size])
@@ -433,7 +457,8 @@ class ModelRunner:
             assert self.graphs is not None
             # Decode-only: row i is sequence i's one token, all sampled, so the sampling rows
             # are the first rows in order (a view: no gather kernel, no wait on its indices).
-            hidden = self.graphs.replay(num_rows)[: len(inputs.sample_rows)]
+            hidden = self.graphs.replay(num_rows, inputs.attn.max_seq_len)
+            hidden = hidden[: len(inputs.sample_rows)]
             return self.model.compute_logits(hidden), {}
         with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
             hidden = self.forward(inputs.input_ids, inputs.positions)

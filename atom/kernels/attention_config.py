@@ -21,6 +21,7 @@ DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (t
 DO_NOT_SPECIALIZE = ("num_seqs", "num_splits", "stride_bt")
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
 MAX_SPLITS = 64
+UNSPLIT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # the longest context choose_num_splits never splits
 
 
 @dataclass(frozen=True, slots=True)

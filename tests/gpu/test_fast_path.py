@@ -10,6 +10,8 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from atom.executor.cuda_graphs import DecodeGraphs
+from atom.kernels.attention_config import UNSPLIT_CONTEXT
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,11 +55,22 @@ def _tokens(path: Path, **kwargs: Any) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_cuda_graphs_change_no_token(checkpoint: Path) -> None:
+def test_cuda_graphs_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     eager = _tokens(checkpoint, dtype="float32", enforce_eager=True)
+    short_graph: set[bool] = set()  # whether a replay took a size's short-context graph
+    replay = DecodeGraphs.replay
+
+    def spy(self: DecodeGraphs, size: int, max_seq_len: int) -> torch.Tensor:
+        caps = self._caps[size]
+        short_graph.add(len(caps) > 1 and max_seq_len <= caps[0] == UNSPLIT_CONTEXT)
+        return replay(self, size, max_seq_len)
+
+    monkeypatch.setattr(DecodeGraphs, "replay", spy)
     # sizes 1, 2, 4, 8, 16: the 11 sequences decode through padded graphs as they finish
     graphs = _tokens(checkpoint, dtype="float32", level=0, cudagraph_capture_sizes=[1, 2, 4, 8, 16])
     assert graphs == eager
+    # Steps of short contexts (unsplit attention) and of long ones (split) both ran in graphs.
+    assert short_graph == {True, False}
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
