@@ -52,6 +52,7 @@ PHASES: list[tuple[Any, str]] = [
     (model_runner, "build_sampling_metadata"),
     (model_runner.ModelRunner, "_forward"),
     (cuda_graphs.DecodeGraphs, "replay"),
+    (cuda_graphs.DecodeGraphs, "replay_sample"),
     (sampler.Sampler, "forward"),
     (model_runner.ModelRunner, "_record_samples"),
     (torch.cuda.Event, "synchronize"),

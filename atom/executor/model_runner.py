@@ -36,6 +36,7 @@ from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
     SamplerOutput,
+    SamplingMetadata,
     profile_sampling_metadata,
     prompt_logprob_entries,
 )
@@ -98,6 +99,7 @@ class ModelRunner:
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
+        self._graph_logits = torch.empty(0)  # the graphs' shared logits, made with them
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
         )
@@ -207,9 +209,12 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return max(budget, 0)
 
+    def _padded_vocab(self) -> int:
+        return self.model.lm_head.padded_vocab_size
+
     def _graph_memory_estimate(self) -> int:
         """The CUDA graphs' pool: the activations of the largest captured decode batch, plus
-        the hidden-state outputs every graph keeps alive."""
+        the logits buffer every graph writes."""
         if not self.capture_sizes:
             return 0
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -219,10 +224,10 @@ class ModelRunner:
         with set_forward_context(ForwardContext(self.attn_layers, None)):
             hidden = self.forward(ids, self.buffers.positions[:n])
         torch.cuda.synchronize(self.device)
-        graphs = [size for size, caps in self._graph_caps().items() for _ in caps]
-        outputs = sum(graphs) * hidden.shape[-1] * hidden.element_size()
         del hidden
-        return torch.cuda.max_memory_allocated(self.device) - base + outputs
+        head = self.model.lm_head.weight
+        logits = n * self._padded_vocab() * head.element_size()  # the graphs' shared output
+        return torch.cuda.max_memory_allocated(self.device) - base + logits
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
@@ -284,9 +289,11 @@ class ModelRunner:
         b.slot_mapping[:n].fill_(-1)  # padding rows write nothing ...
         b.seq_lens[:n].zero_()  # ... and attend to nothing
         b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
+        head = self.model.lm_head.weight
+        self._graph_logits = head.new_empty((n, self._padded_vocab()))
         self.graphs = DecodeGraphs(self._graph_caps())
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
-        self.graphs.capture(self._decode_forward, trace)
+        self.graphs.capture(self._decode_forward, trace, self._decode_sample)
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
@@ -326,9 +333,10 @@ class ModelRunner:
         }
 
     def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
-        """Hidden states of a decode batch of `size` rows read from the step buffers: what the
-        graphs capture. Attention's grid depends only on the shapes and max_seq_len, fixed here.
-        The LM head stays outside: [size, vocab] logits kept alive per graph would cost GiBs."""
+        """Logits of a decode batch of `size` rows read from the step buffers: what the graphs
+        capture. Attention's grid depends only on the shapes and max_seq_len, fixed here. Every
+        graph writes its logits into one buffer (a step reads them before the next replay, in
+        stream order): [size, vocab] logits of their own would cost GiBs."""
         b = self.buffers
         meta = AttentionMetadata(
             slot_mapping=b.slot_mapping[:size],
@@ -341,7 +349,15 @@ class ModelRunner:
             max_seq_len=max_seq_len,
         )
         with set_forward_context(ForwardContext(self.attn_layers, meta)):
-            return self.forward(b.input_ids[:size], b.positions[:size])
+            hidden = self.forward(b.input_ids[:size], b.positions[:size])
+        return self.model.compute_logits(hidden, out=self._graph_logits[:size])
+
+    def _decode_sample(self, size: int) -> Tensor:
+        """The plain draw over `size` rows of the graphs' logits, from the sampling buffers
+        (build_sampling_metadata writes a step's columns there; rows past it are padding)."""
+        b = self.buffers
+        logits = self._graph_logits[:size, : self.model.lm_head.vocab_size]
+        return self.sampler.plain_draw(logits, b.temperature[2][:size], b.seeds[2][:size])
 
     def _pad_to(self, num_seqs: int) -> int | None:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
@@ -410,7 +426,7 @@ class ModelRunner:
             if logits is None or sampling is None:
                 self._last_sampled = None
                 return lambda: out
-            result = self.sampler(logits, sampling)
+            result = self._sample(logits, sampling, num_rows if graph else None)
             broadcast_from_first(result.sampled)  # ranks must feed back the same tokens
             self._steps += 1
             sampled = self._sampled_host[self._steps % 2][: len(rows)]
@@ -440,6 +456,17 @@ class ModelRunner:
 
         return wait
 
+    def _sample(
+        self, logits: Tensor, sampling: SamplingMetadata, graph_rows: int | None
+    ) -> SamplerOutput:
+        """The sampler's output; after a graph replay of graph_rows rows, a plain draw replays
+        its own graph."""
+        plain = graph_rows is not None and self.sampler.draws_plain(logits, sampling)
+        if plain and self.graphs is not None and self.graphs.samples:
+            sampled = self.graphs.replay_sample(graph_rows)[: logits.shape[0]]
+            return SamplerOutput(sampled, None, None, None)
+        return self.sampler(logits, sampling)
+
     def _fill_pending_inputs(self, pending: list[tuple[int, str]]) -> None:
         """Decode inputs sampled by the step still in flight, copied on the device."""
         assert self._last_sampled is not None
@@ -457,9 +484,8 @@ class ModelRunner:
             assert self.graphs is not None
             # Decode-only: row i is sequence i's one token, all sampled, so the sampling rows
             # are the first rows in order (a view: no gather kernel, no wait on its indices).
-            hidden = self.graphs.replay(num_rows, inputs.attn.max_seq_len)
-            hidden = hidden[: len(inputs.sample_rows)]
-            return self.model.compute_logits(hidden), {}
+            logits = self.graphs.replay(num_rows, inputs.attn.max_seq_len)
+            return logits[: len(inputs.sample_rows)], {}
         with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
             hidden = self.forward(inputs.input_ids, inputs.positions)
         prompt_logprobs = prompt_logprob_entries(

@@ -184,6 +184,21 @@ class Sampler(nn.Module):
             return SamplerOutput(sampled, None, None, None)
         return token_logprobs(raw_logprobs, sampled, meta.max_num_logprobs or 0)
 
+    def draws_plain(self, logits: Tensor, meta: SamplingMetadata) -> bool:
+        """Whether this step's draw is plain_draw alone: the fused kernel, no filter, no
+        penalty, no logprobs (what a CUDA graph of the draw may replay)."""
+        return (
+            self._fused(logits)
+            and not meta.filters
+            and meta.max_num_logprobs is None
+            and meta.seeds is not None
+        )
+
+    @staticmethod
+    def plain_draw(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
+        """forward's draw for a plain step (draws_plain) from its logits and columns."""
+        return gumbel_argmax(logits, temperature, seeds)
+
     def _filtered(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         if meta.blocked_tokens:  # .float() returns float32 input itself: keep the caller's intact
             logits = logits.clone()

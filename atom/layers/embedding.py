@@ -40,7 +40,18 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def compute_logits(self, hidden_states: Tensor) -> Tensor:
-        """[n, hidden] -> [n, vocab] logits, gathered from every rank."""
-        logits = all_gather_last_dim(F.linear(hidden_states, self.weight))
+    @property
+    def padded_vocab_size(self) -> int:
+        """The width of gathered logits before the padding columns are cut off."""
+        return self.shard_size * tp_world_size()
+
+    def compute_logits(self, hidden_states: Tensor, out: Tensor | None = None) -> Tensor:
+        """[n, hidden] -> [n, vocab] logits, gathered from every rank; written into out
+        ([n, padded vocab], contiguous) when given, e.g. a buffer CUDA graphs share."""
+        if out is None:
+            logits = all_gather_last_dim(F.linear(hidden_states, self.weight))
+        elif tp_world_size() == 1:
+            logits = torch.mm(hidden_states, self.weight.t(), out=out)
+        else:
+            logits = out.copy_(all_gather_last_dim(F.linear(hidden_states, self.weight)))
         return logits[..., : self.vocab_size]

@@ -114,5 +114,5 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden_states: Tensor) -> Tensor:
-        return self.lm_head.compute_logits(hidden_states)
+    def compute_logits(self, hidden_states: Tensor, out: Tensor | None = None) -> Tensor:
+        return self.lm_head.compute_logits(hidden_states, out)

@@ -73,6 +73,44 @@ def test_cuda_graphs_change_no_token(checkpoint: Path, monkeypatch: pytest.Monke
     assert short_graph == {True, False}
 
 
+def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded random draws: the plain draw's graph and the eager sampler give the same tokens,
+    as does the eager fallback a step with a logprobs row takes after a graph replay."""
+    plain = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(6)
+    ]
+    mixed = [
+        *plain[:5],
+        SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True, logprobs=2),
+    ]
+
+    def run(params: list[SamplingParams], **kwargs: Any) -> list[list[int]]:
+        llm = LLM(
+            str(checkpoint),
+            skip_tokenizer_init=True,
+            device="cuda",
+            dtype="float32",
+            **{**SMALL_ENGINE, **kwargs},
+        )
+        outs = llm.generate(_prompts(6), params, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    replays: list[int] = []
+    replay_sample = DecodeGraphs.replay_sample
+
+    def spy(self: DecodeGraphs, size: int) -> torch.Tensor:
+        replays.append(size)
+        return replay_sample(self, size)
+
+    monkeypatch.setattr(DecodeGraphs, "replay_sample", spy)
+    eager = run(plain, enforce_eager=True)
+    assert run(plain, level=0) == eager
+    assert replays, "no step drew through the sampler's graph"
+    replays.clear()
+    assert run(mixed, level=0) == eager  # logprobs change no draw
+    assert not replays, "a step with a logprobs row took the plain draw's graph"
+
+
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_compile_levels_change_no_token(checkpoint: Path, level: int) -> None:
     assert _tokens(checkpoint, dtype="float32", level=level) == _tokens(
