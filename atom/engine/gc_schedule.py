@@ -7,8 +7,8 @@ stalls: 0.1-1.3 ms between two uploads of one step's inputs, and 4-21 ms full co
 between steps (a 2-core CPU host: 4 full collections, up to 6.7 ms, in 600 steps at batch 256).
 
 While the engine runs (`engine_collects()`: around LLM.generate's loop and the engine-core
-process's loop) automatic collection is off, and EngineCore runs the collection Python's
-thresholds call for right after it has queued a step (`collect_due`): the device then has that
+process's loop; ATOM_ENGINE_GC=0 leaves it alone) automatic collection is off, and EngineCore
+runs the collection Python's thresholds call for right after it has queued a step (`collect_due`): the device then has that
 step, and with async scheduling the one before it, to work through while the host collects. The
 young generations are collected there when due. A full collection, which walks every object the
 engine's requests hold, waits for an idle engine, or for FULL_DEFER times its usual interval
@@ -18,17 +18,20 @@ under a load that never lets up. Objects alive at start-up are frozen (core.py) 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 FULL_DEFER = 10  # a busy engine's full collection waits for this many of its usual intervals
+ENGINE_GC_ENV = "ATOM_ENGINE_GC"  # 0: Python's automatic collection stays on
 
 
 @contextmanager
 def engine_collects() -> Iterator[None]:
     """Automatic collection off for the block (as it was after): the engine collects instead."""
     enabled = gc.isenabled()
-    gc.disable()
+    if os.environ.get(ENGINE_GC_ENV, "1") != "0":
+        gc.disable()
     try:
         yield
     finally:

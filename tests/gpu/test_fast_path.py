@@ -75,13 +75,13 @@ def test_cuda_graphs_change_no_token(checkpoint: Path, monkeypatch: pytest.Monke
 
 def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seeded random draws: the plain draw's graph and the eager sampler give the same tokens,
-    as does the eager fallback a step with a logprobs row takes after a graph replay."""
+    as does the eager sampler that steps with logprobs rows run after a graph replay."""
     plain = [
         SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True) for i in range(6)
     ]
-    mixed = [
-        *plain[:5],
-        SamplingParams(temperature=0.8, seed=5, max_tokens=24, ignore_eos=True, logprobs=2),
+    logprobs = [  # every row: no step of this run may draw through the plain graph
+        SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True, logprobs=2)
+        for i in range(6)
     ]
 
     def run(params: list[SamplingParams], **kwargs: Any) -> list[list[int]]:
@@ -107,7 +107,7 @@ def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
     assert run(plain, level=0) == eager
     assert replays, "no step drew through the sampler's graph"
     replays.clear()
-    assert run(mixed, level=0) == eager  # logprobs change no draw
+    assert run(logprobs, level=0) == eager  # the eager sampler after a replay: the same draws
     assert not replays, "a step with a logprobs row took the plain draw's graph"
 
 

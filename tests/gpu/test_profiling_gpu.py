@@ -91,7 +91,10 @@ def _decode_gpu_time(events: list[dict[str, Any]]) -> float:
 
 
 @pytest.mark.parametrize("level", [0, 3])
-def test_graph_replays_map_to_modules(checkpoint: Path, tmp_path: Path, level: int) -> None:
+def test_graph_replays_map_to_modules(
+    checkpoint: Path, tmp_path: Path, level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ATOM_TORCH_PROFILER_GPU_ONLY", raising=False)  # CPU ranges wanted
     prof = tmp_path / "prof"
     llm = _engine(checkpoint, prof, level=level, mark_trace=True)
     captures = sorted(p.name for p in (prof / "capture_traces").iterdir())
