@@ -8,11 +8,12 @@ between steps (a 2-core CPU host: 4 full collections, up to 6.7 ms, in 600 steps
 
 While the engine runs (`engine_collects()`: around LLM.generate's loop and the engine-core
 process's loop; ATOM_ENGINE_GC=0 leaves it alone) automatic collection is off, and EngineCore
-runs the collection Python's thresholds call for right after it has queued a step (`collect_due`): the device then has that
-step, and with async scheduling the one before it, to work through while the host collects. The
-young generations are collected there when due. A full collection, which walks every object the
-engine's requests hold, waits for an idle engine, or for FULL_DEFER times its usual interval
-under a load that never lets up. Objects alive at start-up are frozen (core.py) and never walked.
+runs the collection Python's thresholds call for right after it has queued a step
+(`collect_due`): the device then has that step, and with async scheduling the one before it, to
+work through while the host collects. The young generations are collected there when due. A full
+collection, which walks every object the engine's requests hold, waits for an idle engine, or for
+FULL_DEFER times its usual interval under a load that never lets up. Objects alive at start-up
+are frozen (core.py) and never walked.
 """
 
 from __future__ import annotations
