@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl host gc_ab
+#                                           nopdl host
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -13,7 +13,6 @@
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
-#   gc_ab    benchmark_throughput with ATOM_ENGINE_GC=0 and 1, twice each, alternating
 #   host     benchmarks/profile_host.py: the host's time per decode step under cProfile (Qwen3-0.6B
 #            shape, batch 1 and 8; $OUT/host_profile_bs<N>.txt)
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
@@ -149,16 +148,6 @@ stage_imports() {
 stage_nopdl() {  # the throughput and latency benchmarks with ATOM_PDL=0 (compare with bench)
     ATOM_PDL=0 bench throughput_nopdl benchmark_throughput
     ATOM_PDL=0 bench latency_nopdl benchmark_latency
-}
-
-stage_gc_ab() {
-    local n mode
-    for n in 1 2; do
-        for mode in 0 1; do
-            ATOM_ENGINE_GC=$mode bench "throughput_gc${mode}_$n" benchmark_throughput | grep -o \
-                '"output_tok_per_s[^,]*'
-        done
-    done
 }
 
 stage_host() {

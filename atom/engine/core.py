@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from atom.config import EngineConfig
-from atom.engine.gc_schedule import collect_due
 from atom.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from atom.engine.request import Request, RequestStatus
 from atom.engine.scheduler import Scheduler, SchedulerStats
@@ -173,9 +172,7 @@ class EngineCore:
         submit = getattr(self.executor, "submit_model", None)
         if submit is None:
             sched = self.scheduler.schedule()
-            outputs = self._update(sched, lambda: self.executor.execute_model(sched))
-            collect_due()
-            return outputs
+            return self._update(sched, lambda: self.executor.execute_model(sched))
         if self._in_flight is not None and self._schedule_ahead():
             previous, self._in_flight = self._in_flight, None
             try:
@@ -206,7 +203,6 @@ class EngineCore:
             wait()
         else:
             self._in_flight = (sched, wait)
-            collect_due()  # the device has this step (and maybe the one before) to work through
 
     def _collect(self) -> list[EngineCoreOutput]:
         if self._in_flight is None:

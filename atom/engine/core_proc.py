@@ -22,7 +22,6 @@ import zmq
 
 from atom.config import EngineConfig
 from atom.engine.core import EngineCore
-from atom.engine.gc_schedule import collect_due, engine_collects
 from atom.engine.outputs import EngineCoreOutput
 from atom.engine.request import Request
 from atom.engine.scheduler import SchedulerStats
@@ -119,8 +118,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
         return
     try:
         outbox.send(encoder.encode(Ready(core.num_kv_blocks, core.stats())))
-        with engine_collects():  # this process's collections: between steps (gc_schedule.py)
-            _CoreLoop(core, inbox, outbox, parent).run()
+        _CoreLoop(core, inbox, outbox, parent).run()
     except BaseException:
         logger.exception("engine core failed")
         outbox.send(encoder.encode(Failed(traceback.format_exc())))
@@ -146,8 +144,6 @@ class _CoreLoop:
     def run(self) -> None:
         while self.running:
             busy = self.core.has_work()
-            if not busy:
-                collect_due(idle=True)  # a deferred full collection: nothing waits on it now
             if self.inbox.poll(0 if busy else IDLE_POLL_MS):
                 while self.running and self.inbox.poll(0):
                     self._handle(self.decoder.decode(self.inbox.recv()))

@@ -13,7 +13,6 @@ from tqdm.auto import tqdm
 
 from atom.args import EngineArgs
 from atom.engine.core import EngineCore
-from atom.engine.gc_schedule import engine_collects
 from atom.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from atom.engine.output_processor import OutputProcessor
 from atom.model_source import load_tokenizer
@@ -182,23 +181,20 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
         try:
-            with engine_collects():  # collections between steps, not in them (gc_schedule.py)
-                while self.engine.has_work():  # a step in flight is collected too
-                    results, to_finish = self.output_processor.process(
-                        self.engine.step(), final_only=True
-                    )
-                    if to_finish:
-                        self.engine.finish_requests(to_finish)
-                    for out in (o for o in results if o.finished):
-                        done[out.request_id] = out
-                        tokens_in += len(out.prompt_token_ids)
-                        tokens_out += sum(len(c.token_ids) for c in out.outputs)
-                        elapsed = time.perf_counter() - start
-                        rates = (
-                            f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
-                        )
-                        bar.set_postfix_str(f"{rates} tok/s", refresh=False)
-                        bar.update(1)
+            while self.engine.has_work():  # a step in flight is collected too
+                results, to_finish = self.output_processor.process(
+                    self.engine.step(), final_only=True
+                )
+                if to_finish:
+                    self.engine.finish_requests(to_finish)
+                for out in (o for o in results if o.finished):
+                    done[out.request_id] = out
+                    tokens_in += len(out.prompt_token_ids)
+                    tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = time.perf_counter() - start
+                    rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
+                    bar.set_postfix_str(f"{rates} tok/s", refresh=False)
+                    bar.update(1)
         except BaseException:
             for request_id in request_ids:  # leave the engine clean for the next call
                 self.engine.abort_requests(self.output_processor.abort(request_id))

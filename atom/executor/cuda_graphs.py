@@ -67,9 +67,9 @@ class DecodeGraphs:
         """forward(size, cap) runs one decode batch of `size` rows whose attention is set up for
         contexts up to cap, and returns its output tensor. trace(size), when given, profiles a
         second warm-up forward of the size's longest cap: the same kernels, in the same order,
-        as the graph then captured (the first may compile and autotune). sample(size), when
-        given, draws from the size's forward output (every cap's output must be one tensor)
-        and returns the sampled ids."""
+        as the graph then captured (the first may compile and autotune), then the draw.
+        sample(size), when given, draws from the size's forward output (every cap's output
+        must be one tensor) and returns the sampled ids."""
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
@@ -81,8 +81,10 @@ class DecodeGraphs:
                     start = time.perf_counter()
                     forward(size, cap)  # warm-up: compiles, autotunes, allocates outside capture
                     if trace is not None and cap == self._caps[size][-1]:
-                        with trace(size):
+                        with trace(size):  # the kernels the size's replays run, in their order
                             forward(size, cap)
+                            if sample is not None:
+                                sample(size)
                     torch.cuda.synchronize()
                     self.warmup_seconds[key] = time.perf_counter() - start
                     start = time.perf_counter()

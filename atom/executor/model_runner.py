@@ -84,6 +84,7 @@ class ModelRunner:
         if config.mark_trace:
             n = tag_modules(self.model) + tag_modules(self.sampler, "sampler")
             self.model.compute_logits = tagged(self.model.compute_logits, "compute_logits")
+            self.sampler.plain_draw = tagged(self.sampler.plain_draw, "sampler")  # graphs' draw
             logger.info("mark-trace: %d modules tagged", n)
         sched = config.scheduler
         comp = config.compilation
