@@ -163,10 +163,12 @@ stage_profile() {
     rm -rf "$dir"
     # PROFILE_FLAGS="" traces without module tags or shapes: less host overhead, truer GPU idle.
     # shellcheck disable=SC2086
+    # Its own file names: the bench stage's untraced throughput.json stays.
     timeout -s ABRT 400 python3 -m atom.benchmarks.benchmark_throughput --tag "$TAG" \
-        --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} --output-json "$OUT/throughput.json" \
-        >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
-    grep -h -e 'ready in' -e 'captured' -e 'Throughput' "$OUT/throughput.log"
+        --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} \
+        --output-json "$OUT/throughput_profiled.json" >"$OUT/throughput_profiled.log" 2>&1 \
+        || tail -n 30 "$OUT/throughput_profiled.log"
+    grep -h -e 'ready in' -e 'captured' -e 'Throughput' "$OUT/throughput_profiled.log"
     trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
     ls -la "$dir"/rank_0 "$dir"/capture_traces 2>/dev/null | head -n 8
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
