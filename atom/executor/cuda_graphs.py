@@ -1,5 +1,5 @@
-"""Whole-forward CUDA graphs of decode batches (the model; the LM head runs after the replay),
-one per padded batch size and context cap.
+"""Whole-forward CUDA graphs of decode batches (the model and its LM head), one per padded batch
+size and context cap.
 
 All graphs share one memory pool and are captured largest first, so each smaller one reuses the
 memory the larger ones already hold. A batch of B decode rows replays a graph of the smallest
@@ -46,12 +46,13 @@ class DecodeGraphs:
         return (size, self._caps[size][-1]) in self._graphs if size in self._caps else False
 
     def __len__(self) -> int:
+        """Forward graphs (the draw's graphs apart)."""
         return len(self._graphs)
 
     @property
-    def samples(self) -> bool:
-        """Whether the sizes have graphs of the plain draw (capture's `sample`)."""
-        return bool(self._samplers)
+    def draw_graphs(self) -> int:
+        """Graphs of the plain draw (capture's `sample`): one per size, or none."""
+        return len(self._samplers)
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The graph that fits num_seqs rows, None when the batch is larger than every graph."""
@@ -117,6 +118,7 @@ class DecodeGraphs:
 
     def replay_sample(self, size: int) -> Tensor:
         """The plain draw's ids [size] from the last replayed forward output of `size` rows and
-        the sampling buffers sample() read at capture."""
+        the sampling buffers sample() read at capture. Valid until the next replay of any graph:
+        the pool may place them in memory another size's forward uses as scratch."""
         self._samplers[size].replay()
         return self._sampled[size]

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from atom.config import EngineConfig
-from atom.distributed import all_reduce_min, broadcast_from_first
+from atom.distributed import all_reduce_min, broadcast_from_first, tp_world_size
 from atom.engine.outputs import (
     ModelRunnerOutput,
     SchedulerOutput,
@@ -227,7 +227,10 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         del hidden
         head = self.model.lm_head.weight
-        logits = n * self._padded_vocab() * head.element_size()  # the graphs' shared output
+        # The graphs' shared logits; with tensor parallelism the graphs also hold the shard's
+        # output, the gathered parts, NCCL's flat buffer and their concatenation.
+        copies = 1 if tp_world_size() == 1 else 4
+        logits = copies * n * self._padded_vocab() * head.element_size()
         return torch.cuda.max_memory_allocated(self.device) - base + logits
 
     @torch.inference_mode()
@@ -298,11 +301,12 @@ class ModelRunner:
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
-            "captured %d CUDA graphs (decode batch %d..%d) in %.1f s, %.2f GiB; warm-up forwards "
-            "%.1f s (median %.0f ms, slowest %s), captures %.1f s",
+            "captured %d CUDA graphs (decode batch %d..%d) and %d of the draw in %.1f s, %.2f GiB; "
+            "warm-up forwards %.1f s (median %.0f ms, slowest %s), captures %.1f s",
             len(self.graphs),
             self.capture_sizes[0],
             n,
+            self.graphs.draw_graphs,
             time.perf_counter() - start,
             (torch.cuda.memory_reserved(self.device) - before) / 2**30,
             sum(warmups.values()),
@@ -432,6 +436,8 @@ class ModelRunner:
             self._steps += 1
             sampled = self._sampled_host[self._steps % 2][: len(rows)]
             sampled.copy_(result.sampled, non_blocking=True)
+            # Read on the device by the next step's inputs, which are queued before its replays:
+            # a graph draw's output is valid until then (DecodeGraphs.replay_sample).
             self._last_sampled = result.sampled
             self._last_rows = {state.req_id: j for j, state in enumerate(rows)}
             for state in rows:
@@ -463,7 +469,7 @@ class ModelRunner:
         """The sampler's output; after a graph replay of graph_rows rows, a plain draw replays
         its own graph."""
         plain = graph_rows is not None and self.sampler.draws_plain(logits, sampling)
-        if plain and self.graphs is not None and self.graphs.samples:
+        if plain and self.graphs is not None and self.graphs.draw_graphs:
             sampled = self.graphs.replay_sample(graph_rows)[: logits.shape[0]]
             return SamplerOutput(sampled, None, None, None)
         return self.sampler(logits, sampling)

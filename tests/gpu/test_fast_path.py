@@ -93,7 +93,10 @@ def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
             **{**SMALL_ENGINE, **kwargs},
         )
         replays.clear()  # not the start-up warm-up requests' draws
-        outs = llm.generate(_prompts(6), params, use_tqdm=False)
+        try:
+            outs = llm.generate(_prompts(6), params, use_tqdm=False)
+        finally:
+            llm.shutdown()
         return [o.outputs[0].token_ids for o in outs]
 
     replays: list[int] = []
