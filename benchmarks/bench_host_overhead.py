@@ -59,7 +59,9 @@ def _stub_forward(
     return logits, {}
 
 
-def _timed(fn: Callable[..., Any], name: str, totals: dict[str, float]) -> Callable[..., Any]:
+def timed(fn: Callable[..., Any], name: str, totals: dict[str, float]) -> Callable[..., Any]:
+    """fn, adding its wall time to totals[name] (profile_host.py uses it too)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -101,7 +103,7 @@ def main() -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     model_runner.ModelRunner._forward = _stub_forward  # type: ignore[method-assign]
     for owner, name in PHASES:
-        setattr(owner, name, _timed(getattr(owner, name), name, totals))
+        setattr(owner, name, timed(getattr(owner, name), name, totals))
     rows = []
     with tempfile.TemporaryDirectory() as path:
         tiny_checkpoint(path)

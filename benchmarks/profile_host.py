@@ -5,7 +5,8 @@ benchmarks/profile_host.py [OUT_DIR] [engine and workload flags of benchmark_lat
 device work (CUDA graph replays, the LM head, the sampler, the uploads). Per batch size (default:
 Qwen3-0.6B's shape, batches 1 and 8, 256 tokens) one generate runs with perf_counter wrappers
 around the step's phases (inclusive times: `submit_model` holds the inputs, the forward and the
-sampler; `Event.synchronize` is the wait for the device, the rest of a step is the host's own
+sampler; `Event.synchronize`, the step's wait and the staging buffers' wait_writable, is the wait
+for the device, the rest of a step is the host's own
 work, which bounds the step whenever it outlasts the device's), then one under cProfile, whose
 pstats file goes to OUT_DIR/host_profile_bs<N>.prof with its listing by own and cumulative time
 in host_profile_bs<N>.txt.
@@ -15,17 +16,16 @@ from __future__ import annotations
 
 import collections
 import cProfile
-import functools
 import io
 import logging
 import pstats
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_host_overhead import timed  # this script's folder is on sys.path
 
 import atom.engine.core as core
 import atom.engine.output_processor as output_processor
@@ -59,18 +59,6 @@ PHASES: list[tuple[Any, str]] = [
 ]
 
 
-def _timed(fn: Callable[..., Any], name: str, totals: dict[str, float]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - start
-
-    return wrapper
-
-
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
     out = Path(argv[0]) if argv and not argv[0].startswith("-") else None
@@ -91,18 +79,18 @@ def main(argv: list[str]) -> None:
             plain = 1e3 * (time.perf_counter() - start) / TOKENS
             for owner, name, fn in originals:
                 label = f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
-                setattr(owner, name, _timed(fn, label, totals))
+                setattr(owner, name, timed(fn, label, totals))
             totals.clear()
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
-            timed = 1e3 * (time.perf_counter() - start) / TOKENS
+            phased = 1e3 * (time.perf_counter() - start) / TOKENS
             for owner, name, fn in originals:
                 setattr(owner, name, fn)
             phases = {k: 1e3 * v / TOKENS for k, v in totals.items()}
             waited = phases.get("Event.synchronize", 0.0)
             print(
-                f"batch {bs:4d}: {plain:.3f} ms/step; with phase timers {timed:.3f} ms/step, "
-                f"{waited:.3f} waiting on the device, {timed - waited:.3f} host"
+                f"batch {bs:4d}: {plain:.3f} ms/step; with phase timers {phased:.3f} ms/step, "
+                f"{waited:.3f} waiting on the device, {phased - waited:.3f} host"
             )
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
             profiler = cProfile.Profile()
