@@ -6,8 +6,8 @@ device work (CUDA graph replays, the LM head, the sampler, the uploads). Per bat
 Qwen3-0.6B's shape, batches 1 and 8, 256 tokens) one generate runs with perf_counter wrappers
 around the step's phases (inclusive times: `submit_model` holds the inputs, the forward and the
 sampler; `Event.synchronize`, the step's wait and the staging buffers' wait_writable, is the wait
-for the device, the rest of a step is the host's own
-work, which bounds the step whenever it outlasts the device's), then one under cProfile, whose
+for the device; the rest of a step is the host's own work, which bounds the step whenever it
+outlasts the device's), then one under cProfile, whose
 pstats file goes to OUT_DIR/host_profile_bs<N>.prof with its listing by own and cumulative time
 in host_profile_bs<N>.txt.
 """
