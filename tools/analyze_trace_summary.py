@@ -12,6 +12,10 @@ Per step, from the runner's labels (atom/executor/trace_labels.py):
   host busy (decode) the host's own time per step: its range's start to the next step's, less
             the time it waited on the GPU (cudaEventSynchronize and other syncs). A host busier
             than the period is what leaves the GPU idle; one well below it is ahead.
+  idle steps  each step idle more than IDLE_LIMIT percent (most idle first, up to IDLE_ROWS):
+            its longest GPU gap and the GPU work on either side (the next step's first work
+            closes the last gap), which tells a host that fell behind within the step's
+            submission from one that started it late
 A CPU trace has no GPU columns ("no GPU events"): its step time is the host range. A GPU-only
 trace (ATOM_TORCH_PROFILER_GPU_ONLY=1) has no host columns: its steps, `step[bs=N]`, are found
 by their sampled-token copies (trace_events.py) and reported with the decode steps.
@@ -20,6 +24,7 @@ by their sampled-token copies (trace_events.py) and reported with the decode ste
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import statistics
 import sys
@@ -27,10 +32,11 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from trace_events import GPU_ONLY_KIND, StepTiming, Trace, step_timings
+from trace_events import GPU_ONLY_KIND, Span, StepTiming, Trace, step_timings
 
 FIRST_ITERATIONS = 10
 IDLE_LIMIT = 10.0  # percent: decode steps idler than this are counted
+IDLE_ROWS = 40  # idle steps listed
 
 
 def fmt_us(us: float | None) -> str:
@@ -125,6 +131,47 @@ def decode_section(timings: list[StepTiming], gpu: bool, host_columns: bool = Tr
     return [*lines, ""]
 
 
+def longest_gap(
+    gpu: Sequence[Span], starts: Sequence[float], t: StepTiming
+) -> tuple[float, str, str]:
+    """The step's longest stretch without GPU work inside its period, with the names of the work
+    that ends it on the left and starts it on the right. gpu is sorted by start; starts its ts."""
+    end = t.start + t.period
+    lo, hi = bisect.bisect_left(starts, t.start), bisect.bisect_left(starts, end)
+    best, before, after = 0.0, "(step start)", "(step end)"
+    busy_end, prev = t.start, "(step start)"
+    for w in gpu[lo : hi + 1]:  # the next step's first work closes the last gap
+        gap = min(w.ts, end) - busy_end
+        if gap > best:
+            best, before, after = gap, prev, w.name
+        busy_end, prev = max(busy_end, w.end), w.name
+    return best, before, after
+
+
+def idle_section(trace: Trace, timings: list[StepTiming]) -> list[str]:
+    idle = [(1 - t.gpu_busy, i, t) for i, t in enumerate(timings) if t.gpu_busy is not None]
+    over = sorted((x for x in idle if 100 * x[0] > IDLE_LIMIT), key=lambda x: -x[0])
+    if not over:
+        return []
+    starts = [g.ts for g in trace.gpu]
+    lines = [
+        f"## Steps idle more than {IDLE_LIMIT:.0f}%",
+        "",
+        f"{len(over)} steps, most idle first (up to {IDLE_ROWS}); step numbers count every "
+        "labelled step from 0.",
+        "",
+        "| step | kind | bs | period | GPU idle | longest gap | after | before |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for fraction, i, t in over[:IDLE_ROWS]:
+        gap, before, after = longest_gap(trace.gpu, starts, t)
+        lines.append(
+            f"| {i} | {t.step.kind} | {t.step.label.bs or '-'} | {fmt_us(t.period)} | "
+            f"{fmt_pct(fraction)} | {fmt_us(gap)} | `{before[:60]}` | `{after[:60]}` |"
+        )
+    return [*lines, ""]
+
+
 def iterations(timings: list[StepTiming]) -> list[tuple[StepTiming, list[StepTiming]]]:
     """Each decode step with the draft steps that follow it."""
     result: list[tuple[StepTiming, list[StepTiming]]] = []
@@ -201,6 +248,8 @@ def report(trace: Trace, name: str) -> str:
     lines += prefill_section([t for t in timings if t.step.kind == "prefill"], gpu)
     decodes = [t for t in timings if t.step.kind in ("decode", "eager_decode", GPU_ONLY_KIND)]
     lines += decode_section(decodes, gpu, host_columns=not trace.gpu_only)
+    if gpu:
+        lines += idle_section(trace, timings)
     drafts = [t for t in timings if t.step.kind == "draft"]
     if drafts:
         lines += draft_section(drafts)

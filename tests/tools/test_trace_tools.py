@@ -295,6 +295,11 @@ def test_gpu_only_trace_steps_end_at_sampled_copies(tmp_path: Path) -> None:
     assert f"| step | 3 | - | 1 | 39.0 us | 39.0 us | 39.0 us | {first:.1f}% | - |" in text
     assert f"| step | 4 | - | 1 | 13.0 us | 13.0 us | 13.0 us | {second:.1f}% | - |" in text
     assert "1 of 2 steps idle more than 10%" in text
+    # the idle step's longest gap: its sampled ids' copy (21-22) to the next step's upload (39)
+    assert (
+        f"| 0 | step | 3 | 39.0 us | {first:.1f}% | 17.0 us | `Memcpy DtoH (Device -> Pinned)` | "
+        "`Memcpy HtoD (Pinned -> Device)` |" in text
+    )
     out = run_tool("parse_trace.py", trace, "--output", tmp_path / "b.csv")
     assert "## step: 2 steps" in out
     rows = read_csv(tmp_path / "b.csv")
