@@ -482,6 +482,24 @@ def test_fused_plain_draw_is_gumbel_max_on_philox_noise() -> None:
     assert out[0] == logits[0].argmax() and out[3] == logits[3].argmax()
 
 
+def test_draws_plain_selects_what_a_graph_of_the_draw_may_replay() -> None:
+    """plain_draw is forward's draw for a plain step; filters, logprobs, an unfused sampler or
+    missing seeds send the step to forward."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 211, generator=gen)
+    meta = _with_seeds(make_meta(4, [0.0, 0.7, 1.3, 1.0]), [5, 6, 7, 8])
+    fused = Sampler(fused=True)
+    assert fused.draws_plain(logits, meta)
+    drawn = fused.plain_draw(logits, meta.temperature, meta.seeds)
+    assert torch.equal(drawn, fused(logits, meta).sampled)
+    assert not Sampler(fused=False).draws_plain(logits, meta)
+    assert not fused.draws_plain(logits, make_meta(4, 0.7))  # no seeds
+    assert not fused.draws_plain(
+        logits, _with_seeds(make_meta(4, 0.7, max_num_logprobs=0), [1] * 4)
+    )
+    assert not fused.draws_plain(logits, _with_seeds(make_meta(4, 0.7, top_p=[0.9] * 4), [1] * 4))
+
+
 def test_fused_filters_keep_the_same_noise() -> None:
     """A row's draw does not depend on filters elsewhere in the batch: with a filter that keeps
     everything (top_k off) the filtered path draws what the plain path draws."""

@@ -1,0 +1,77 @@
+"""Decode graphs without a GPU: which context caps each batch size gets, which graph a step
+replays, and the LM head writing a shared logits buffer (the capture itself runs on the GPU
+machine: tests/gpu/test_fast_path.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.model_runner import ModelRunner
+from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
+from atom.layers.embedding import ParallelLMHead
+
+
+def _caps(max_model_len: int, kv_heads: list[int], sizes: list[int]) -> dict[int, list[int]]:
+    runner = SimpleNamespace(
+        config=SimpleNamespace(scheduler=SimpleNamespace(max_model_len=max_model_len)),
+        device=torch.device("cpu"),  # num_sms: an H100/H200's 132
+        attn_layers=[SimpleNamespace(num_kv_heads=h) for h in kv_heads],
+        capture_sizes=sizes,
+    )
+    return ModelRunner._graph_caps(runner)  # type: ignore[arg-type]
+
+
+def test_small_batches_get_an_unsplit_graph() -> None:
+    sizes = [1, 2, 4, 8, 16, 32, 48, 512]
+    caps = _caps(4096, [8], sizes)
+    for size in sizes:
+        splits = choose_num_splits(size, 8, 1, 4096, 132)
+        assert caps[size] == ([UNSPLIT_CONTEXT, 4096] if splits > 1 else [4096]), size
+    assert caps[16] == [UNSPLIT_CONTEXT, 4096] and caps[32] == [4096]  # 16 x 8 heads < 132 SMs
+    # A model whose layers differ: a size splits if any layer kind does.
+    assert _caps(4096, [8, 1], [32])[32] == [UNSPLIT_CONTEXT, 4096]
+    # Contexts never long enough to split: one graph a size.
+    assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
+
+
+class _Graph:
+    def __init__(self, log: list[tuple[int, int]], key: tuple[int, int]) -> None:
+        self.log, self.key = log, key
+
+    def replay(self) -> None:
+        self.log.append(self.key)
+
+
+def test_a_step_replays_the_smallest_cap_over_its_context() -> None:
+    graphs = DecodeGraphs({1: [4096, 511], 32: [4096]})
+    log: list[tuple[int, int]] = []
+    for key in [(1, 511), (1, 4096), (32, 4096)]:  # what capture() fills
+        graphs._graphs[key] = _Graph(log, key)  # type: ignore[assignment]
+        graphs._outputs[key] = torch.full((1,), key[1])
+    assert 1 in graphs and 32 in graphs and 2 not in graphs
+    assert graphs.padded_size(1) == 1 and graphs.padded_size(2) == 32
+    assert graphs.padded_size(33) is None
+    for size, context, cap in [(1, 1, 511), (1, 511, 511), (1, 512, 4096), (1, 4096, 4096),
+                               (32, 7, 4096)]:  # fmt: skip
+        assert graphs.replay(size, context).item() == cap
+    assert log == [(1, 511), (1, 511), (1, 4096), (1, 4096), (32, 4096)]
+    assert len(graphs) == 3 and graphs.draw_graphs == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_writes_the_shared_logits(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    head = ParallelLMHead(100, 16).to(dtype)
+    head.weight.data.normal_()
+    hidden = torch.randn(3, 16, dtype=dtype)
+    shared = torch.full((8, head.padded_vocab_size), float("nan"), dtype=dtype)
+    logits = head.compute_logits(hidden, out=shared[:3])
+    assert logits.data_ptr() == shared.data_ptr() and logits.shape == (3, 100)
+    torch.testing.assert_close(logits, head.compute_logits(hidden))
+    torch.testing.assert_close(logits, F.linear(hidden, head.weight))
+    assert shared[3:].isnan().all()  # rows past the batch untouched
