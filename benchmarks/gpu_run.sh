@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl host
+#                                           nopdl host gc_full
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -13,6 +13,10 @@
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
+#   gc_full  benchmark_throughput twice each with Python's collector as is and with full
+#            collections 10x rarer (its third threshold x 10, the whole process), alternating;
+#            then the profile stage with the latter ($OUT/gc_full.tgz; PROFILE_FLAGS="" and
+#            ATOM_TORCH_PROFILER_GPU_ONLY=1 for the GPU-only trace)
 #   host     benchmarks/profile_host.py: the host's time per decode step under cProfile (Qwen3-0.6B
 #            shape, batch 1 and 8; $OUT/host_profile_bs<N>.txt)
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
@@ -63,6 +67,14 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$HOME/.cache/atom/pycache}
 TAG=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" >>"$OUT/gpu.txt"
+
+# benchmark_throughput with Python's third collection threshold times argv[1] (1: as is).
+GC_WRAP='import gc, runpy, sys
+x = int(sys.argv[1])
+t = gc.get_threshold()
+gc.set_threshold(t[0], t[1], t[2] * x)
+sys.argv = ["benchmark_throughput"] + sys.argv[2:]
+runpy.run_module("atom.benchmarks.benchmark_throughput", run_name="__main__")'
 
 stage_stash() {
     mkdir -p ~/peer ~/smol
@@ -150,6 +162,20 @@ stage_nopdl() {  # the throughput and latency benchmarks with ATOM_PDL=0 (compar
     ATOM_PDL=0 bench latency_nopdl benchmark_latency
 }
 
+stage_gc_full() {
+    local n x
+    for n in 1 2; do
+        for x in 1 10; do
+            python3 -c "$GC_WRAP" "$x" --tag "$TAG" --output-json \
+                "$OUT/throughput_gc2x${x}_$n.json" >"$OUT/throughput_gc2x${x}_$n.log" 2>&1
+            grep -h 'Throughput' "$OUT/throughput_gc2x${x}_$n.log" | sed "s/^/threshold2 x$x: /"
+        done
+    done
+    mkdir -p "$OUT/gc_full"
+    (OUT=$OUT/gc_full GC_FULL_X=10 stage_profile)
+    (cd "$OUT" && tar czf gc_full.tgz gc_full && rm -rf gc_full)  # one file back, trace included
+}
+
 stage_host() {
     python3 benchmarks/profile_host.py "$OUT" 2>&1 | tee "$OUT/host_profile.log" | grep -v '^ '
 }
@@ -164,7 +190,7 @@ stage_profile() {
     # PROFILE_FLAGS="" traces without module tags or shapes: less host overhead, truer GPU idle.
     # shellcheck disable=SC2086
     # Its own file names: the bench stage's untraced throughput.json stays.
-    timeout -s ABRT 400 python3 -m atom.benchmarks.benchmark_throughput --tag "$TAG" \
+    timeout -s ABRT 400 python3 -c "$GC_WRAP" "${GC_FULL_X:-1}" --tag "$TAG" \
         --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} \
         --output-json "$OUT/throughput_profiled.json" >"$OUT/throughput_profiled.log" 2>&1 \
         || tail -n 30 "$OUT/throughput_profiled.log"
