@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from atom.executor.cuda_graphs import DecodeGraphs
 from atom.executor.model_runner import ModelRunner
+from atom.executor.sampler import Sampler, SamplingMetadata
 from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
 from atom.layers.embedding import ParallelLMHead
 
@@ -75,3 +76,25 @@ def test_lm_head_writes_the_shared_logits(dtype: torch.dtype) -> None:
     torch.testing.assert_close(logits, head.compute_logits(hidden))
     torch.testing.assert_close(logits, F.linear(hidden, head.weight))
     assert shared[3:].isnan().all()  # rows past the batch untouched
+
+
+def test_sample_replays_the_draw_graph_only_for_a_plain_step_after_a_replay() -> None:
+    replays: list[int] = []
+
+    def replay_sample(size: int) -> torch.Tensor:
+        replays.append(size)
+        return torch.arange(size) + 100
+
+    graphs = SimpleNamespace(draw_graphs=1, replay_sample=replay_sample)
+    runner = SimpleNamespace(sampler=Sampler(fused=True), graphs=graphs)
+    logits = torch.randn(3, 50)
+    plain = SamplingMetadata(temperature=torch.zeros(3), all_greedy=True, seeds=torch.arange(3))
+    out = ModelRunner._sample(runner, logits, plain, 4)  # type: ignore[arg-type]
+    assert out.sampled.tolist() == [100, 101, 102] and replays == [4]
+    greedy = logits.argmax(-1).tolist()
+    assert ModelRunner._sample(runner, logits, plain, None).sampled.tolist() == greedy  # type: ignore[arg-type]
+    logprobs = SamplingMetadata(
+        temperature=torch.zeros(3), all_greedy=True, seeds=torch.arange(3), max_num_logprobs=1
+    )
+    out = ModelRunner._sample(runner, logits, logprobs, 4)  # type: ignore[arg-type]
+    assert out.sampled.tolist() == greedy and out.logprobs is not None and replays == [4]
