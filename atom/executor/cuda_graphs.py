@@ -27,6 +27,27 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
+from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
+
+
+def context_caps(
+    sizes: list[int], max_model_len: int, kv_heads: set[int], num_sms: int
+) -> dict[int, list[int]]:
+    """Each capture size's context caps: max_model_len and, where decode attention (with any of
+    kv_heads KV heads) would split at it for that batch, also the longest context it never
+    splits, so a step of short contexts runs one program per (sequence, KV head) and no split
+    reduce (a graph for max_model_len splits a 272-token context 16 ways at batch 1)."""
+    short = min(max_model_len, UNSPLIT_CONTEXT)
+
+    def splits(size: int, cap: int) -> list[int]:
+        return [choose_num_splits(size, h, 1, cap, num_sms) for h in sorted(kv_heads)]
+
+    return {
+        size: [short, max_model_len] if splits(size, short) != splits(size, max_model_len)
+        else [max_model_len]
+        for size in sizes
+    }  # fmt: skip
+
 
 class DecodeGraphs:
     def __init__(self, caps: dict[int, list[int]]) -> None:
@@ -43,7 +64,7 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
 
     def __contains__(self, size: int) -> bool:
-        return (size, self._caps[size][-1]) in self._graphs if size in self._caps else False
+        return size in self._caps and (size, self._caps[size][-1]) in self._graphs
 
     def __len__(self) -> int:
         """Forward graphs (the draw's graphs apart)."""

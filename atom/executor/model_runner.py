@@ -14,14 +14,14 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from atom.config import EngineConfig
-from atom.distributed import all_reduce_min, broadcast_from_first, tp_world_size
+from atom.distributed import all_reduce_min, broadcast_from_first
 from atom.engine.outputs import (
     ModelRunnerOutput,
     SchedulerOutput,
     TokenLogprobs,
 )
 from atom.executor.compile import compile_forward
-from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.cuda_graphs import DecodeGraphs, context_caps
 from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from atom.executor.input_batch import (
     CachedRequestState,
@@ -31,17 +31,17 @@ from atom.executor.input_batch import (
     build_step_inputs,
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
+from atom.executor.memory_profile import free_memory_for_kv
 from atom.executor.precompile import StandIn, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
     SamplerOutput,
     SamplingMetadata,
-    profile_sampling_metadata,
     prompt_logprob_entries,
 )
 from atom.executor.trace_labels import step_label
-from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits, num_sms
+from atom.kernels.attention_config import num_sms
 from atom.layers.attention import Attention
 from atom.layers.moe import compile_model_expert_kernels
 from atom.models.registry import get_model_class
@@ -164,74 +164,11 @@ class ModelRunner:
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
-            budget = self._profile_free_memory()
+            budget = free_memory_for_kv(self)
         else:
             budget = CPU_DEFAULT_KV_BYTES
         # Every rank must agree; the one with the least memory decides.
         return all_reduce_min(max(budget // self.kv_bytes_per_block(), 0), self.device)
-
-    @torch.inference_mode()
-    def _profile_free_memory(self) -> int:
-        """Bytes left for KV after a forward at the full token budget (the activation peak)."""
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        sched = self.config.scheduler
-        n = sched.max_num_batched_tokens
-        # Inputs from the step buffers, as in every later step: inference-mode tensors would
-        # differ in dispatch keys and make Dynamo compile the forward twice.
-        ids, positions = self.buffers.input_ids[:n], self.buffers.positions[:n]
-        ids.zero_()
-        positions.copy_(torch.arange(n, device=self.device) % sched.max_model_len)
-        with set_forward_context(ForwardContext(self.attn_layers, None)):
-            hidden = self.forward(ids, positions)  # compiles at level >= 1
-        rows = min(sched.max_num_seqs, n)
-        logits = self.model.compute_logits(hidden[-rows:])
-        self.sampler(logits, profile_sampling_metadata(rows, self.device))  # its sort and copies
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del hidden, logits
-        graph_reserve = self._graph_memory_estimate()
-        free, total = torch.cuda.mem_get_info(self.device)
-        in_use_elsewhere = total - free - torch.cuda.memory_reserved(self.device)
-        budget = (
-            int(total * self.config.cache.gpu_memory_utilization)
-            - peak
-            - graph_reserve
-            - in_use_elsewhere
-        )
-        logger.info(
-            "memory: total %.1f GiB, model+activation peak %.2f GiB, CUDA graphs %.2f GiB, "
-            "KV budget %.2f GiB",
-            total / 2**30,
-            peak / 2**30,
-            graph_reserve / 2**30,
-            budget / 2**30,
-        )
-        torch.cuda.empty_cache()
-        return max(budget, 0)
-
-    def _padded_vocab(self) -> int:
-        return self.model.lm_head.padded_vocab_size
-
-    def _graph_memory_estimate(self) -> int:
-        """The CUDA graphs' pool: the activations of the largest captured decode batch, plus
-        the logits buffer every graph writes."""
-        if not self.capture_sizes:
-            return 0
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        n = self.capture_sizes[-1]
-        ids = self.buffers.input_ids[:n]
-        with set_forward_context(ForwardContext(self.attn_layers, None)):
-            hidden = self.forward(ids, self.buffers.positions[:n])
-        torch.cuda.synchronize(self.device)
-        del hidden
-        head = self.model.lm_head.weight
-        # The graphs' shared logits; with tensor parallelism the graphs also hold the shard's
-        # output, the gathered parts, NCCL's flat buffer and their concatenation.
-        copies = 1 if tp_world_size() == 1 else 4
-        logits = copies * n * self._padded_vocab() * head.element_size()
-        return torch.cuda.max_memory_allocated(self.device) - base + logits
 
     @torch.inference_mode()
     def _calibrate_kv_scales(self) -> None:
@@ -293,9 +230,15 @@ class ModelRunner:
         b.slot_mapping[:n].fill_(-1)  # padding rows write nothing ...
         b.seq_lens[:n].zero_()  # ... and attend to nothing
         b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
-        head = self.model.lm_head.weight
-        self._graph_logits = head.new_empty((n, self._padded_vocab()))
-        self.graphs = DecodeGraphs(self._graph_caps())
+        head = self.model.lm_head
+        self._graph_logits = head.weight.new_empty((n, head.padded_vocab_size))
+        caps = context_caps(
+            self.capture_sizes,
+            self.config.scheduler.max_model_len,
+            {layer.num_kv_heads for layer in self.attn_layers},  # MLA: one, splits no less
+            num_sms(self.device),
+        )
+        self.graphs = DecodeGraphs(caps)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
         self.graphs.capture(self._decode_forward, trace, self._decode_sample)
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
@@ -317,25 +260,6 @@ class ModelRunner:
             ),
             self.graphs.capture_seconds,
         )
-
-    def _graph_caps(self) -> dict[int, list[int]]:
-        """Each capture size's context caps (cuda_graphs.py): max_model_len and, where attention
-        would split at it for this batch, also the longest context it never splits, so a step of
-        short contexts runs one program per (sequence, KV head) and no split reduce (a graph for
-        max_model_len splits a 272-token context 16 ways at batch 1). MLA layers count as one
-        head: they split no more than that."""
-        full = self.config.scheduler.max_model_len
-        short = min(full, UNSPLIT_CONTEXT)
-        sms = num_sms(self.device)
-        heads = {layer.num_kv_heads for layer in self.attn_layers}
-
-        def splits(size: int, cap: int) -> list[int]:
-            return [choose_num_splits(size, h, 1, cap, sms) for h in sorted(heads)]
-
-        return {
-            size: [short, full] if splits(size, short) != splits(size, full) else [full]
-            for size in self.capture_sizes
-        }
 
     def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
         """Logits of a decode batch of `size` rows read from the step buffers: what the graphs

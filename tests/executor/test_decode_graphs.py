@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.cuda_graphs import DecodeGraphs, context_caps
 from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
 from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
@@ -18,13 +18,7 @@ from atom.layers.embedding import ParallelLMHead
 
 
 def _caps(max_model_len: int, kv_heads: list[int], sizes: list[int]) -> dict[int, list[int]]:
-    runner = SimpleNamespace(
-        config=SimpleNamespace(scheduler=SimpleNamespace(max_model_len=max_model_len)),
-        device=torch.device("cpu"),  # num_sms: an H100/H200's 132
-        attn_layers=[SimpleNamespace(num_kv_heads=h) for h in kv_heads],
-        capture_sizes=sizes,
-    )
-    return ModelRunner._graph_caps(runner)  # type: ignore[arg-type]
+    return context_caps(sizes, max_model_len, set(kv_heads), 132)  # an H100/H200's SMs
 
 
 def test_small_batches_get_an_unsplit_graph() -> None:
