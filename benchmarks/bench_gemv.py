@@ -1,29 +1,41 @@
-"""GPU micro-benchmark of the small-batch linear kernels (atom/kernels/gemv.py) against cuBLAS.
+"""GPU micro-benchmark and tuner of the small-batch linear kernel (atom/kernels/gemv.py).
 
-    python benchmarks/bench_gemv.py [out.json]      # default ./gemv_bench.json
+    python benchmarks/bench_gemv.py [out.json]          # default ./gemv_bench.json
+    python benchmarks/bench_gemv.py --tune [table.json] # default ./gemv_configs.json
 
 The Llama-3.1-8B decode layer's four GEMMs (qkv 6144 x 4096, o 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336; bf16) at 1, 4 and 8 rows: cuBLAS (F.linear) against gemv over a sweep of tiles
 (batch 1; the best tile then serves 4 and 8 rows). Reported as GB/s of weight bytes (each GEMM
 reads its weight once), beside the copy bandwidth of the same run; times as bench_attention.py
 takes them (L2 flushed, median of 20).
+
+--tune times, for the decode GEMMs of Qwen3-0.6B and Llama-3.1-8B at each of gemv.TUNED_BUCKETS
+rows, cuBLAS and every candidate tile as CUDA graphs (the engine replays decode steps as graphs,
+with PDL between the kernels) of one GEMM over each of enough copies of the weight that L2 holds
+none of them when its turn comes (the engine's layers each read their own weights). It writes the
+table gemv.py reads: per weight shape and bucket, the fastest tile where it beat cuBLAS by at
+least TUNE_MARGIN, else null (copy it to atom/kernels/gemv_configs.json), with both times.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import itertools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import GemvConfig, gemv
+from atom.kernels.gemv import TUNED_BUCKETS, GemvConfig, gemv, shape_key
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -31,6 +43,25 @@ SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, H
 ROWS = [1, 4, 8]
 TILES = [GemvConfig(n, k, 4, s) for n, k, s in itertools.product([16, 32, 64], [128, 256, 512],
                                                                    [3, 4, 6])]  # fmt: skip
+# --tune: (N, K) of the decode GEMMs of both benchmark models
+TUNE_SHAPES = {
+    "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
+                   "down": (1024, 3072)},
+    "llama-3.1-8b": SHAPES,
+}  # fmt: skip
+TUNE_MARGIN = 0.03  # a tile must beat cuBLAS by this fraction to be kept
+COLD_BYTES = 192 << 20  # the weight copies of one timing: over 3x the H200's 60 MB of L2
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per row bucket
+TUNE_TILES = {
+    32: [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (32, 32, 256, 4, 4), (32, 64, 128, 4, 4),
+         (32, 64, 256, 4, 3), (32, 128, 128, 4, 3), (16, 16, 256, 4, 4)],
+    64: [(32, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 32, 256, 4, 3), (64, 64, 128, 4, 4),
+         (64, 64, 256, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (32, 128, 128, 4, 3)],
+    128: [(64, 64, 128, 4, 4), (64, 32, 256, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+          (128, 64, 64, 4, 4), (128, 64, 128, 8, 3), (128, 128, 64, 8, 4), (128, 32, 128, 4, 4)],
+    256: [(64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 64, 128, 8, 3),
+          (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4)],
+}  # fmt: skip
 
 
 def copy_gbps() -> float:
@@ -39,8 +70,71 @@ def copy_gbps() -> float:
     return 2 * src.numel() / bench_attention.bench(lambda: dst.copy_(src)) / 1e6
 
 
+def graph_us_per_gemm(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor]) -> float:
+    """Median microseconds of one GEMM in a CUDA graph of fn over every weight copy."""
+
+    def run() -> None:
+        for w in weights:
+            fn(w)
+
+    run()  # compile outside the capture
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
+    return 1e3 * ms / len(weights)
+
+
+def tune(path: str) -> None:
+    table: dict = {
+        "_comment": "bench_gemv.py --tune: per weight shape (N x K) and row bucket, the fastest "
+        "tile where it beat cuBLAS, else null; timed as CUDA graphs over cold weights, bf16",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shapes": {},
+        "timings_us": {},
+    }
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model, shapes in TUNE_SHAPES.items():
+        for name, (n, k) in shapes.items():
+            key = shape_key(n, k)
+            copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
+            table["shapes"][key], table["timings_us"][key] = {}, {}
+            for bucket in TUNED_BUCKETS:
+                x = torch.randn(bucket, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                cublas = graph_us_per_gemm(lambda w, x=x: F.linear(x, w), weights)
+                timed = []
+                for bm, bn, bk, warps, stages in TUNE_TILES[bucket]:
+                    cfg = GemvConfig(bn, bk, warps, stages, bm)
+                    try:
+                        us = graph_us_per_gemm(lambda w, x=x, c=cfg: gemv(x, w, c), weights)
+                    except triton.runtime.errors.OutOfResources:
+                        continue
+                    timed.append((us, cfg))
+                us, best = min(timed, key=lambda t: t[0])
+                keep = us < (1 - TUNE_MARGIN) * cublas
+                table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
+                table["timings_us"][key][str(bucket)] = {"cublas": cublas, "best": us}
+                print(f"{model:>12} {name:>7} {key:>10} rows {bucket:>3}: cuBLAS {cublas:6.1f} us, "
+                      f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}"
+                      f"{'' if keep else ' -> cuBLAS'}", flush=True)  # fmt: skip
+            del weights
+            torch.cuda.empty_cache()
+            with open(path, "w") as f:  # after each shape: a cut-short run keeps what it found
+                json.dump(table, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main() -> None:
-    out_path = sys.argv[1] if len(sys.argv) > 1 else "gemv_bench.json"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("--tune", action="store_true", help="sweep tiles, write the table")
+    args = parser.parse_args()
+    if args.tune:
+        tune(args.out or "gemv_configs.json")
+        return
+    out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}
     print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s", flush=True)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl host gc_full
+#                                           nopdl host gc_full tune_gemv gemv_ab
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -32,6 +32,10 @@
 #            8B's decode step goes against the roofline), the traces themselves when small
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
+#   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
+#            to atom/kernels/ for the stages after it
+#   gemv_ab  benchmark_throughput without and with that table, alternating, twice (Python's
+#            collections logged), then benchmark_latency without and with it
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
 #            splits per batch, then random batch order against longest context first, on the
 #            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4 minutes; TUNE_SECTIONS=
@@ -68,13 +72,34 @@ TAG=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" >>"$OUT/gpu.txt"
 
-# benchmark_throughput with Python's third collection threshold times argv[1] (1: as is).
-GC_WRAP='import gc, runpy, sys
+# benchmark_throughput with Python's third collection threshold times argv[1] (1: as is); at the
+# end it prints "gc:" with the collections per generation, their total ms, and each one of over
+# 1 ms (generation, ms, seconds since the start) in the last 10 s (the timed run; then all of
+# them): the stalls between steps that a trace shows.
+GC_WRAP='import gc, runpy, sys, time
 x = int(sys.argv[1])
 t = gc.get_threshold()
 gc.set_threshold(t[0], t[1], t[2] * x)
 sys.argv = ["benchmark_throughput"] + sys.argv[2:]
-runpy.run_module("atom.benchmarks.benchmark_throughput", run_name="__main__")'
+count, total, slow, began, t0 = [0, 0, 0], [0.0, 0.0, 0.0], [], [0.0], time.perf_counter()
+def timed(phase, info):
+    now = time.perf_counter()
+    if phase == "start":
+        began[0] = now
+        return
+    g, ms = info["generation"], 1e3 * (now - began[0])
+    count[g] += 1
+    total[g] += ms
+    if ms > 1:
+        slow.append((g, round(ms, 1), round(now - t0, 2)))
+gc.callbacks.append(timed)
+try:
+    runpy.run_module("atom.benchmarks.benchmark_throughput", run_name="__main__")
+finally:
+    end = time.perf_counter() - t0
+    print("gc:", count, [round(v, 1) for v in total], "over 1 ms in the last 10 s:",
+          [c for c in slow if c[2] > end - 10], flush=True)
+    print("gc over 1 ms, all:", slow, flush=True)'
 
 stage_stash() {
     mkdir -p ~/peer ~/smol
@@ -104,6 +129,34 @@ stage_tune_attention() {
     python3 benchmarks/tune_attention_decode.py "$OUT/attention_decode_tune.json" \
         --sections "${TUNE_SECTIONS:-configs,splits,order}" 2>&1 \
         | tee "$OUT/tune_attention.log"
+}
+
+stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after it
+    python3 benchmarks/bench_gemv.py --tune "$OUT/gemv_configs.json" 2>&1 | tee "$OUT/tune_gemv.log"
+    cp "$OUT/gemv_configs.json" atom/kernels/gemv_configs.json
+}
+
+# The throughput (GC_WRAP: garbage collections logged) and 8B latency benchmarks with gemv's
+# tuned table and without it (cuBLAS past 16 rows), alternating.
+stage_gemv_ab() {
+    local n table=atom/kernels/gemv_configs.json
+    [ -f "$table" ] || { echo "no $table"; return 1; }
+    cp "$table" /tmp/gemv_configs.json
+    for n in 1 2; do
+        for mode in cublas tuned; do
+            rm -f "$table"
+            [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
+            python3 -c "$GC_WRAP" 1 --tag "$TAG" --output-json "$OUT/throughput_${mode}_$n.json" \
+                >"$OUT/throughput_${mode}_$n.log" 2>&1
+            grep -h -e 'Throughput' -e '^gc:' "$OUT/throughput_${mode}_$n.log" | cut -c1-800 \
+                | sed "s/^/$mode: /"
+        done
+    done
+    for mode in cublas tuned; do
+        rm -f "$table"
+        [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
+        bench "latency_$mode" benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}"
+    done
 }
 
 stage_tune() {

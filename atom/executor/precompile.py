@@ -9,7 +9,8 @@ each power of two of KV splits (its reduce kernel's variants), one q-block per s
 short query lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
 cache dtype pick the variant; MLA layers, another kernel, are left to their first launch), then
 one gemv launch per distinct linear weight (the kernel of decode batches of at most 16 rows,
-kernels/gemv.py: one variant per weight shape, 3 s of a cold 8B start otherwise). The
+kernels/gemv.py: one variant per weight shape, 3 s of a cold 8B start otherwise), and one per
+row bucket its tuned table gives the weight a tile for. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.
@@ -38,6 +39,7 @@ import torch
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
 from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+from atom.kernels.gemv import tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
@@ -85,9 +87,11 @@ class Precompile:
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
                 for weight in distinct_weights(weights):
-                    x = torch.empty((1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
-                    ops.small_batch_linear(x, weight, None)
-                    self._calls += 1
+                    for rows in (1, *tuned_buckets(weight)):
+                        x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
+                                        device=weight.device)  # fmt: skip
+                        ops.small_batch_linear(x, weight, None)
+                        self._calls += 1
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
         self._seconds = time.perf_counter() - start

@@ -1,12 +1,20 @@
-"""Linear layers of a few rows (decode at small batches): y = x @ W^T read at the weights'
-bandwidth.
+"""Linear layers of few rows (decode): y = x @ W^T, read at the weights' bandwidth.
 
 At batch 1 an 8B decode step is its weights read once, and cuBLAS reads the smaller ones below the
 bandwidth (H200: qkv 3.3 TB/s, o_proj 3.1, against 4.1 for gate/up; RESULTS.md, tenth sitting).
-Here one program computes BLOCK_N output features of every row, streaming its [BLOCK_N, K] slab
-of W in [BLOCK_N, BLOCK_K] tiles through a pipelined tl.dot; rows are padded to BLOCK_M >= 16 for
-tl.dot, M <= MAX_M. The row count is not specialised: one variant per weight shape. The torch
-reference (`gemv_ref`) is float32.
+Here a program computes a [BLOCK_M, BLOCK_N] tile of y, streaming its [BLOCK_N, K] slab of W in
+[BLOCK_N, BLOCK_K] tiles through a pipelined tl.dot; row tiles run fastest in the grid, so the
+programs that share a slab of W run together and read it from L2 once. The row count is not
+specialised: one variant per weight shape and tile.
+
+Two regimes:
+- at most MAX_M rows (`gemv_config`): one row tile of BLOCK_M = max(16, rows) for tl.dot;
+- up to MAX_TUNED_M rows (`tuned_config`): cuBLAS launches too few programs for a small model's
+  weights at these counts (a Qwen3-0.6B GEMM of 128 rows is ~2 us of bytes and math, cuBLAS took
+  ~6.5 us), so `benchmarks/bench_gemv.py --tune` times tiles against cuBLAS per weight shape and
+  row bucket, as CUDA graphs over weights that L2 does not hold, and `gemv_configs.json` keeps
+  the tile where one beat cuBLAS; elsewhere F.linear runs.
+The torch reference (`gemv_ref`) is float32.
 
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
 dropped (eleventh sitting): their input loads feed arithmetic before the dot, which Triton does
@@ -15,7 +23,10 @@ not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they repl
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +37,11 @@ from torch import Tensor
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.launch import launch, pdl, pdl_start
 
-MAX_M = 16
+MAX_M = 16  # rows in one tile: gemv_config's regime
+MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
+TUNED_BUCKETS = (32, 64, 128, 256)  # a row count takes the table's entry of the next bucket
+TUNED_CONFIGS = Path(__file__).with_name("gemv_configs.json")
+TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of shared memory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +50,7 @@ class GemvConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 4
+    block_m: int = 0  # 0: all rows in one tile (at most MAX_M)
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
@@ -42,6 +58,49 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     at one row (H200, 2026-11-29): 64 output features for the wide ones (qkv, gate/up), 32 for
     4096; 512-element K tiles for a long K (down's 14336)."""
     return GemvConfig(64 if n >= 6144 else 32, 512 if k >= 8192 else 256, 4, 4)
+
+
+def row_bucket(rows: int) -> int:
+    """The tuned table's bucket of a row count in (MAX_M, MAX_TUNED_M]."""
+    return next(b for b in TUNED_BUCKETS if rows <= b)
+
+
+def shape_key(n: int, k: int) -> str:
+    return f"{n}x{k}"
+
+
+@functools.cache
+def _tuned_table() -> dict[str, dict[int, GemvConfig]]:
+    if not TUNED_CONFIGS.is_file():
+        return {}
+    shapes = json.loads(TUNED_CONFIGS.read_text())["shapes"]
+    return {
+        key: {int(b): GemvConfig(**cfg) for b, cfg in by_bucket.items() if cfg is not None}
+        for key, by_bucket in shapes.items()
+    }
+
+
+def tuned_config(rows: int, weight: Tensor) -> GemvConfig | None:
+    """The tuned tile for rows in (MAX_M, MAX_TUNED_M] of this weight, or None where cuBLAS was
+    faster, the shape was not tuned, or the table does not apply (16-bit weights on the
+    capability it was tuned on: a float32 tile or a smaller card's shared memory would not hold
+    every tuned tile)."""
+    if not MAX_M < rows <= MAX_TUNED_M or weight.element_size() != 2 or not weight.is_cuda:
+        return None
+    table = _tuned_table().get(shape_key(*weight.shape))
+    if not table or _capability(weight.device.index) != TUNED_CAPABILITY:
+        return None
+    return table.get(row_bucket(rows))
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def tuned_buckets(weight: Tensor) -> list[int]:
+    """The buckets the table gives this weight a tile for (the precompile launches each)."""
+    return [b for b in TUNED_BUCKETS if tuned_config(b, weight) is not None]
 
 
 def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
@@ -65,10 +124,9 @@ def _gemv_kernel(
     PDL: tl.constexpr,
 ):
     pdl_start(PDL)
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -81,16 +139,18 @@ def _gemv_kernel(
         x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(y_ptrs, y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
-    """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype, M <= MAX_M."""
+    """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
+    default, any M with a config of block_m > 0."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     (m, k), n = x.shape, weight.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"gemv takes at most {MAX_M} rows, got {m}")
+    if m > MAX_M and (config is None or not config.block_m):
+        raise ValueError(f"gemv takes at most {MAX_M} rows without a row tile, got {m}")
     if x.dtype != weight.dtype:
         raise ValueError(f"x {x.dtype} and weight {weight.dtype} differ")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -99,12 +159,13 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     if m == 0 or n == 0:
         return y
     cfg = config or gemv_config(n, k)
+    block_m = cfg.block_m or max(16, next_power_of_2(m))
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     launch(
-        _gemv_kernel, (cdiv(n, block_n),),
+        _gemv_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
         x, weight, y, m, n, k, x.stride(0), weight.stride(0),
-        BLOCK_M=max(16, next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 
 # Linear layers of at most gemv.MAX_M rows run gemv.py's kernel instead of cuBLAS on CUDA (0-6%
-# faster per GEMM alone; Llama-3.1-8B decode 1.7% faster at batch 1, 3.3% at 8 on an H200).
+# faster per GEMM alone; Llama-3.1-8B decode 1.7% faster at batch 1, 3.3% at 8 on an H200), and
+# up to gemv.MAX_TUNED_M rows where its tuned table has a tile that beat cuBLAS for the weight.
 # ATOM_GEMV=0: cuBLAS for every linear layer.
 GEMV_ENV = "ATOM_GEMV"
 _GEMV = os.environ.get(GEMV_ENV, "1") != "0"
@@ -53,12 +54,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """gemv for up to gemv.MAX_M rows (any device: the interpreter without a GPU), else F.linear."""
+    """gemv for up to gemv.MAX_M rows (any device: the interpreter without a GPU) and for the
+    row counts its tuned table covers for this weight (CUDA), else F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if not 0 < rows <= _gemv.MAX_M or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
+    if rows == 0 or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
-    y = _gemv.gemv(x.reshape(rows, k), weight).view(*x.shape[:-1], weight.shape[0])
+    config = None
+    if rows > _gemv.MAX_M and (config := _gemv.tuned_config(rows, weight)) is None:
+        return F.linear(x, weight, bias)
+    y = _gemv.gemv(x.reshape(rows, k), weight, config).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)
 
 

@@ -1,7 +1,8 @@
 """The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
-kernel (against cuBLAS, ATOM_GEMV=0) and programmatic dependent launch (against plain launches,
-ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows (run by
-benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+kernel (against cuBLAS, ATOM_GEMV=0), its row-tiled regime past 16 rows (a tile forced for every
+weight: the tuned table holds 16-bit tiles only) and programmatic dependent launch (against plain
+launches, ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows
+and of 40 (run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.kernels import launch, ops
+from atom.kernels.gemv import MAX_M, MAX_TUNED_M, GemvConfig
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -35,17 +37,15 @@ def checkpoint(save_random_model: Callable[[Any], Path]) -> Path:
     )
 
 
-def _tokens(checkpoint: Path) -> list[list[int]]:
-    llm = LLM(
-        str(checkpoint),
-        skip_tokenizer_init=True,
-        dtype="float32",
-        **SMALL_ENGINE,
-    )
+def _tokens(checkpoint: Path, num_prompts: int = 6) -> list[list[int]]:
+    engine = dict(SMALL_ENGINE)
+    if num_prompts > engine["max_num_seqs"]:
+        engine.update(max_num_seqs=48, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 32, 48])
+    llm = LLM(str(checkpoint), skip_tokenizer_init=True, dtype="float32", **engine)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-        prompts = [{"prompt_token_ids": [1 + (5 * j + i) % 900 for j in range(3 + 7 * i)]}
-                   for i in range(6)]  # fmt: skip
+        prompts = [{"prompt_token_ids": [1 + (5 * j + i) % 900 for j in range(3 + 7 * (i % 6))]}
+                   for i in range(num_prompts)]  # fmt: skip
         outs = llm.generate(prompts, params, use_tqdm=False)
         outs += llm.generate(prompts[:1], params, use_tqdm=False)  # batch 1: the eager layers
         return [o.outputs[0].token_ids for o in outs]
@@ -68,6 +68,28 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ops, "small_batch_linear", counted)
     assert _tokens(checkpoint) == baseline
     assert calls, "the small-batch path never ran"
+
+
+def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps of 40 rows (the graph of 48) and any step of 17-256 tokens through the
+    row-tiled kernel."""
+    rows_tiled = []
+    tile = GemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, block_m=32)
+
+    def forced(rows: int, weight: torch.Tensor) -> GemvConfig | None:
+        if launch._COMPILE_ONLY.get():
+            return None  # the precompile's stand-ins: the real launches compile it
+        if MAX_M < rows <= MAX_TUNED_M:
+            rows_tiled.append(rows)
+            return tile
+        return None
+
+    monkeypatch.setattr(ops, "_GEMV", False)
+    baseline = _tokens(checkpoint, num_prompts=40)
+    monkeypatch.setattr(ops, "_GEMV", True)
+    monkeypatch.setattr(ops._gemv, "tuned_config", forced)
+    assert _tokens(checkpoint, num_prompts=40) == baseline
+    assert 48 in rows_tiled, sorted(set(rows_tiled))
 
 
 def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

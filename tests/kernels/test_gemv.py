@@ -1,12 +1,28 @@
 """gemv (Triton; the interpreter without a GPU) against float32 torch: odd sizes, strided rows,
-row counts 1 to MAX_M."""
+row counts 1 to MAX_M, and past it in row tiles; the tuned table and where it applies."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from atom.kernels.gemv import MAX_M, GemvConfig, gemv, gemv_ref
+from atom.kernels import gemv as gemv_module
+from atom.kernels.gemv import (
+    MAX_M,
+    MAX_TUNED_M,
+    TUNED_BUCKETS,
+    TUNED_CAPABILITY,
+    TUNED_CONFIGS,
+    GemvConfig,
+    _tuned_table,
+    gemv,
+    gemv_ref,
+    row_bucket,
+    tuned_buckets,
+    tuned_config,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
@@ -43,7 +59,7 @@ def test_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
 
 def test_bad_shapes() -> None:
     w = _randn(8, 32, dtype=torch.float32, seed=0)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(ValueError, match="without a row tile"):
         gemv(_randn(MAX_M + 1, 32, dtype=torch.float32, seed=1), w)
     with pytest.raises(ValueError, match="do not fit"):
         gemv(_randn(2, 31, dtype=torch.float32, seed=1), w)
@@ -51,3 +67,54 @@ def test_bad_shapes() -> None:
         gemv(_randn(2, 32, dtype=torch.float16, seed=1), w)
     assert gemv(_randn(0, 32, dtype=torch.float32, seed=1), w).shape == (0, 8)
     assert gemv(_randn(2, 32, dtype=torch.float32, seed=1), w[:0]).shape == (2, 0)
+
+
+ROW_TILES = GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, block_m=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), [(MAX_M + 1, 40, 70), (45, 33, 129)])
+def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """Past MAX_M rows, with a row tile: several row tiles, the last partial."""
+    x = _randn(m, k + 3, dtype=dtype, seed=m)[:, 3:]
+    w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
+    out = gemv(x, w, ROW_TILES)
+    assert out.shape == (m, n)
+    torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
+
+
+def test_row_buckets() -> None:
+    assert [row_bucket(r) for r in (MAX_M + 1, 32, 33, 64, 100, 200, MAX_TUNED_M)] == [
+        32, 32, 64, 64, 128, 256, MAX_TUNED_M
+    ]  # fmt: skip
+
+
+def test_tuned_table_is_well_formed() -> None:
+    """The committed table: buckets of TUNED_BUCKETS, tiles the kernel takes (or null: cuBLAS)."""
+    table = json.loads(TUNED_CONFIGS.read_text())
+    assert table["device"].startswith("NVIDIA H")
+    for key, by_bucket in table["shapes"].items():
+        n, k = (int(v) for v in key.split("x"))
+        assert n > 0 and k > 0
+        assert {int(b) for b in by_bucket} <= set(TUNED_BUCKETS)
+        for cfg in by_bucket.values():
+            if cfg is not None:
+                tile = GemvConfig(**cfg)
+                assert tile.block_m >= 16 and tile.block_n >= 16 and tile.block_k >= 16
+    assert _tuned_table().keys() == table["shapes"].keys()
+
+
+def test_tuned_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    tile = GemvConfig(64, 128, 4, 4, 32)
+    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {"8x32": {64: tile}})
+    monkeypatch.setattr(gemv_module, "_capability", lambda index: TUNED_CAPABILITY)
+    w = torch.empty(8, 32, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    assert tuned_config(40, w) == tile and tuned_config(64, w) == tile
+    assert tuned_config(MAX_M, w) is None  # gemv_config's regime
+    assert tuned_config(65, w) is None and tuned_config(MAX_TUNED_M + 1, w) is None
+    assert tuned_config(40, w.float()) is None  # tuned for 16-bit weights
+    assert tuned_config(40, torch.empty(8, 48, dtype=torch.bfloat16)) is None  # not tuned
+    assert tuned_buckets(w) == [64]
+    monkeypatch.setattr(gemv_module, "_capability", lambda index: (8, 0))
+    assert tuned_config(40, w) is None
