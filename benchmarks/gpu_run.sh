@@ -134,6 +134,7 @@ stage_tune_attention() {
 stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after it
     python3 benchmarks/bench_gemv.py --tune "$OUT/gemv_configs.json" 2>&1 | tee "$OUT/tune_gemv.log"
     cp "$OUT/gemv_configs.json" atom/kernels/gemv_configs.json
+    cp "$OUT/gemv_configs.json" ~/gemv_configs.json  # for a later call of the lease
 }
 
 # The throughput (GC_WRAP: garbage collections logged) and 8B latency benchmarks with gemv's
