@@ -75,7 +75,8 @@ python3 -c "import torch, transformers, triton; print(torch.__version__, transfo
 # benchmark_throughput with Python's third collection threshold times argv[1] (1: as is); at the
 # end it prints "gc:" with the collections per generation, their total ms, and each one of over
 # 1 ms (generation, ms, seconds since the start) in the last 10 s (the timed run; then all of
-# them): the stalls between steps that a trace shows.
+# them): the stalls between steps that a trace shows. After each generate of over 100 steps it
+# prints the median period of the engine's steps by running requests.
 GC_WRAP='import gc, runpy, sys, time
 x = int(sys.argv[1])
 t = gc.get_threshold()
@@ -93,6 +94,23 @@ def timed(phase, info):
     if ms > 1:
         slow.append((g, round(ms, 1), round(now - t0, 2)))
 gc.callbacks.append(timed)
+import atom.engine.core as core, atom.engine.llm as llm
+steps, plain_step, plain_generate = [], core.EngineCore.step, llm.LLM.generate
+def step(self):
+    out = plain_step(self)
+    steps.append((len(self.scheduler.running), time.perf_counter()))
+    return out
+def generate(self, *args, **kwargs):
+    steps.clear()
+    out = plain_generate(self, *args, **kwargs)
+    by = {}
+    for (_, t1), (n, t2) in zip(steps, steps[1:]):
+        by.setdefault(n if n <= 16 else 32 * (n // 32), []).append(1e3 * (t2 - t1))
+    if len(steps) > 100:
+        print("step period, median ms by running requests:", {n: (len(v), round(sorted(v)[
+              len(v) // 2], 3)) for n, v in sorted(by.items())}, flush=True)
+    return out
+core.EngineCore.step, llm.LLM.generate = step, generate
 try:
     runpy.run_module("atom.benchmarks.benchmark_throughput", run_name="__main__")
 finally:
@@ -149,7 +167,7 @@ stage_gemv_ab() {
             [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
             python3 -c "$GC_WRAP" 1 --tag "$TAG" --output-json "$OUT/throughput_${mode}_$n.json" \
                 >"$OUT/throughput_${mode}_$n.log" 2>&1
-            grep -h -e 'Throughput' -e '^gc:' "$OUT/throughput_${mode}_$n.log" | cut -c1-800 \
+            grep -h -e 'Throughput' -e '^gc:' -e '^step period' "$OUT/throughput_${mode}_$n.log" | cut -c1-800 \
                 | sed "s/^/$mode: /"
         done
     done
@@ -248,7 +266,8 @@ stage_profile() {
         --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} \
         --output-json "$OUT/throughput_profiled.json" >"$OUT/throughput_profiled.log" 2>&1 \
         || tail -n 30 "$OUT/throughput_profiled.log"
-    grep -h -e 'ready in' -e 'captured' -e 'Throughput' "$OUT/throughput_profiled.log"
+    grep -h -e 'ready in' -e 'captured' -e 'Throughput' -e '^gc:' -e '^step period' \
+        "$OUT/throughput_profiled.log" | cut -c1-1200
     trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
     ls -la "$dir"/rank_0 "$dir"/capture_traces 2>/dev/null | head -n 8
     python3 tools/analyze_trace_summary.py "$trace" --output "$OUT/trace_summary.md"
