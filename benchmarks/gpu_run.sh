@@ -76,7 +76,7 @@ python3 -c "import torch, transformers, triton; print(torch.__version__, transfo
 # end it prints "gc:" with the collections per generation, their total ms, and each one of over
 # 1 ms (generation, ms, seconds since the start) in the last 10 s (the timed run; then all of
 # them): the stalls between steps that a trace shows. After each generate of over 100 steps it
-# prints the median period of the engine's steps by running requests.
+# prints the median period of the engine's steps by running requests, and the longest periods.
 GC_WRAP='import gc, runpy, sys, time
 x = int(sys.argv[1])
 t = gc.get_threshold()
@@ -109,6 +109,9 @@ def generate(self, *args, **kwargs):
     if len(steps) > 100:
         print("step period, median ms by running requests:", {n: (len(v), round(sorted(v)[
               len(v) // 2], 3)) for n, v in sorted(by.items())}, flush=True)
+        periods = [(round(1e3 * (t2 - t1), 2), i + 1, n) for i, ((_, t1), (n, t2)) in
+                   enumerate(zip(steps, steps[1:]))]
+        print("longest step periods (ms, step, running):", sorted(periods)[-8:], flush=True)
     return out
 core.EngineCore.step, llm.LLM.generate = step, generate
 try:
@@ -167,7 +170,8 @@ stage_gemv_ab() {
             [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
             python3 -c "$GC_WRAP" 1 --tag "$TAG" --output-json "$OUT/throughput_${mode}_$n.json" \
                 >"$OUT/throughput_${mode}_$n.log" 2>&1
-            grep -h -e 'Throughput' -e '^gc:' -e '^step period' "$OUT/throughput_${mode}_$n.log" | cut -c1-800 \
+            grep -h -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' "$OUT/throughput_${mode}_$n.log" \
+                | cut -c1-800 \
                 | sed "s/^/$mode: /"
         done
     done
@@ -248,8 +252,11 @@ stage_gc_full() {
     (cd "$OUT" && tar czf gc_full.tgz gc_full && rm -rf gc_full)  # one file back, trace included
 }
 
-stage_host() {
-    python3 benchmarks/profile_host.py "$OUT" 2>&1 | tee "$OUT/host_profile.log" | grep -v '^ '
+stage_host() {  # HOST_FLAGS: profile_host.py's workload (the bench's tail: --input-len 1024
+    # --temperature 0.6 --batch-sizes 4)
+    # shellcheck disable=SC2086
+    python3 benchmarks/profile_host.py "$OUT" ${HOST_FLAGS:-} 2>&1 | tee "$OUT/host_profile.log" \
+        | grep -v '^ '
 }
 
 stage_latency_warm() {  # after a stage that compiled the 8B model (serving): one warm start
@@ -266,7 +273,7 @@ stage_profile() {
         --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} \
         --output-json "$OUT/throughput_profiled.json" >"$OUT/throughput_profiled.log" 2>&1 \
         || tail -n 30 "$OUT/throughput_profiled.log"
-    grep -h -e 'ready in' -e 'captured' -e 'Throughput' -e '^gc:' -e '^step period' \
+    grep -h -e 'ready in' -e 'captured' -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' \
         "$OUT/throughput_profiled.log" | cut -c1-1200
     trace=$(ls "$dir"/rank_0/*.pt.trace.json.gz | head -n 1)
     ls -la "$dir"/rank_0 "$dir"/capture_traces 2>/dev/null | head -n 8

@@ -3,12 +3,12 @@ benchmarks/profile_host.py [OUT_DIR] [engine and workload flags of benchmark_lat
 
 `bench_host_overhead.py` times the engine's own phases with a stub forward; this one keeps the
 device work (CUDA graph replays, the LM head, the sampler, the uploads). Per batch size (default:
-Qwen3-0.6B's shape, batches 1 and 8, 256 tokens) one generate runs with perf_counter wrappers
-around the step's phases (inclusive times: `submit_model` holds the inputs, the forward and the
-sampler; `Event.synchronize`, the step's wait and the staging buffers' wait_writable, is the wait
-for the device; the rest of a step is the host's own work, which bounds the step whenever it
-outlasts the device's), then one under cProfile, whose
-pstats file goes to OUT_DIR/host_profile_bs<N>.prof with its listing by own and cumulative time
+Qwen3-0.6B's shape, batches 1 and 8, 256 tokens, greedy; --temperature draws) one generate runs
+with perf_counter wrappers around the step's phases (inclusive times: `submit_model` holds the
+inputs, the forward and the sampler; `Event.synchronize`, the step's wait and the staging
+buffers' wait_writable, is the wait for the device; the rest of a step is the host's own work,
+which bounds the step whenever it outlasts the device's), then one under cProfile, whose pstats
+file goes to OUT_DIR/host_profile_bs<N>.prof with its listing by own and cumulative time
 in host_profile_bs<N>.txt.
 """
 
@@ -64,6 +64,8 @@ def main(argv: list[str]) -> None:
     out = Path(argv[0]) if argv and not argv[0].startswith("-") else None
     parser = build_latency_parser()
     parser.set_defaults(model="qwen3-0.6b", batch_sizes=[1, 8])
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the throughput benchmark's is 0.6 (a draw)")  # fmt: skip
     args = parser.parse_args(argv[1:] if out else argv)
     llm, startup = start_engine(engine_args_from(args))
     print(f"engine ready in {startup:.1f} s")
@@ -72,7 +74,9 @@ def main(argv: list[str]) -> None:
     try:
         for bs in args.batch_sizes:
             prompts = prompts_for(bs, args.input_len)
-            params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=TOKENS)
+            params = SamplingParams(
+                temperature=args.temperature, ignore_eos=True, max_tokens=TOKENS
+            )
             llm.generate(prompts, params, use_tqdm=False)  # warm
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
