@@ -22,6 +22,7 @@ import zmq
 
 from atom.config import EngineConfig
 from atom.engine.core import EngineCore
+from atom.engine.gc_defer import collect_if_due
 from atom.engine.outputs import EngineCoreOutput
 from atom.engine.request import Request
 from atom.engine.scheduler import SchedulerStats
@@ -157,6 +158,8 @@ class _CoreLoop:
             elif self.running and self.stale_stats:  # an abort on an idle core freed blocks
                 self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
                 self.stale_stats = False
+            elif self.running:
+                collect_if_due()  # a full collection deferred while busy: nothing waits now
 
     def _handle(self, msg: CoreInput) -> None:
         core = self.core
