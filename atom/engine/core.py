@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from atom.config import EngineConfig
-from atom.engine.gc_defer import defer_full_collections, restore_full_collections
 from atom.engine.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from atom.engine.request import Request, RequestStatus
 from atom.engine.scheduler import Scheduler, SchedulerStats
@@ -170,14 +169,6 @@ class EngineCore:
         self.executor.stop_profile()
 
     def step(self) -> list[EngineCoreOutput]:
-        defer_full_collections()  # while requests run (gc_defer.py)
-        try:
-            return self._step()
-        finally:
-            if not self.has_work():
-                restore_full_collections()
-
-    def _step(self) -> list[EngineCoreOutput]:
         submit = getattr(self.executor, "submit_model", None)
         if submit is None:
             sched = self.scheduler.schedule()

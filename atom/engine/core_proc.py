@@ -22,7 +22,11 @@ import zmq
 
 from atom.config import EngineConfig
 from atom.engine.core import EngineCore
-from atom.engine.gc_defer import collect_if_due
+from atom.engine.gc_defer import (
+    collect_if_due,
+    defer_full_collections,
+    restore_full_collections,
+)
 from atom.engine.outputs import EngineCoreOutput
 from atom.engine.request import Request
 from atom.engine.scheduler import SchedulerStats
@@ -145,6 +149,11 @@ class _CoreLoop:
     def run(self) -> None:
         while self.running:
             busy = self.core.has_work()
+            if busy:
+                defer_full_collections()  # while requests run (gc_defer.py)
+            else:
+                restore_full_collections()
+                collect_if_due()  # a full collection deferred while busy: nothing waits now
             if self.inbox.poll(0 if busy else IDLE_POLL_MS):
                 while self.running and self.inbox.poll(0):
                     self._handle(self.decoder.decode(self.inbox.recv()))
@@ -158,8 +167,6 @@ class _CoreLoop:
             elif self.running and self.stale_stats:  # an abort on an idle core freed blocks
                 self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
                 self.stale_stats = False
-            elif self.running:
-                collect_if_due()  # a full collection deferred while busy: nothing waits now
 
     def _handle(self, msg: CoreInput) -> None:
         core = self.core

@@ -9,11 +9,11 @@ waited through each: the run's only stalls of over 4 ms. The first run after sta
 reached the old generation, and the last one kept all of start-up's), so the measured output
 rate did not show them; a server that runs for minutes meets them about once a second.
 
-While the engine has requests (`EngineCore.step`) Python's third threshold is DEFER times higher,
-so a full collection comes DEFER times more rarely; the young generations' collections (a few ms
-per bench run in all) are left as they are. An engine without requests restores it, and the
-engine-core process runs a full collection that came due while it waits for requests
-(`collect_if_due`).
+While requests run (`LLM.generate`'s loop; the engine-core process's loop while its engine has
+work) Python's third threshold is DEFER times higher, so a full collection comes DEFER times more
+rarely; the young generations' collections (a few ms per bench run in all) are left as they are.
+Leaving the loop, or an idle engine, restores it, and the engine-core process runs a full
+collection that came due while it waits for requests (`collect_if_due`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from atom.args import EngineArgs
 from atom.engine.core import EngineCore
+from atom.engine.gc_defer import defer_full_collections, restore_full_collections
 from atom.engine.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from atom.engine.output_processor import OutputProcessor
 from atom.model_source import load_tokenizer
@@ -180,6 +181,7 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
+        defer_full_collections()  # while the requests run (gc_defer.py)
         try:
             while self.engine.has_work():  # a step in flight is collected too
                 results, to_finish = self.output_processor.process(
@@ -200,5 +202,6 @@ class LLM:
                 self.engine.abort_requests(self.output_processor.abort(request_id))
             raise
         finally:
+            restore_full_collections()
             bar.close()
         return [done[r] for r in request_ids]

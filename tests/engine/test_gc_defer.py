@@ -1,6 +1,6 @@
-"""Full garbage collections wait while the engine has requests (gc_defer.py): the third
-threshold is raised while EngineCore steps and restored when it runs out of requests, and a
-collection that came due runs where nothing waits."""
+"""Full garbage collections wait while requests run (gc_defer.py): the third threshold is
+raised in LLM.generate's loop and restored after it (a failing step too), and a collection that
+came due runs where nothing waits."""
 
 from __future__ import annotations
 
@@ -62,17 +62,22 @@ def test_collect_if_due() -> None:
     assert gc.get_count()[2] == 0
 
 
-def test_raised_while_the_engine_steps(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raised_while_generate_steps(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    step = EngineCore._step
+    step = EngineCore.step
 
     def recorded(self: EngineCore) -> list:
         seen.append(gc.get_threshold()[2])
+        if len(seen) == 20:
+            raise RuntimeError("a failing step")
         return step(self)
 
-    monkeypatch.setattr(EngineCore, "_step", recorded)
+    monkeypatch.setattr(EngineCore, "step", recorded)
     llm = LLM(str(tiny), skip_tokenizer_init=True)
     prompts = [{"prompt_token_ids": [3, 4, 5]}, {"prompt_token_ids": [6, 7]}]
     llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert seen and set(seen) == {10 * gc_defer.DEFER}
-    assert gc.get_threshold() == (700, 10, 10)  # no requests left: restored
+    assert gc.get_threshold() == (700, 10, 10)  # the loop is over: restored
+    with pytest.raises(RuntimeError, match="a failing step"):
+        llm.generate(prompts, SamplingParams(max_tokens=30, ignore_eos=True), use_tqdm=False)
+    assert gc.get_threshold() == (700, 10, 10)  # also when a step fails
