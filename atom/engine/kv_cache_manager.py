@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from atom.engine.block_pool import BlockPool, KVBlock, hash_block_tokens
+from atom.engine.block_pool import BlockPool, KVBlock, hash_blocks
 from atom.engine.request import Request
 
 
@@ -123,16 +123,18 @@ class KVCacheManager:
         if num_full <= start:
             return
         hashes = self._block_hashes(req, num_full * bs)
+        tokens = req.token_ids_slice(start * bs, num_full * bs)
         for i in range(start, num_full):
-            tokens = req.token_ids_slice(i * bs, (i + 1) * bs)
-            self.pool.cache(blocks[i], hashes[i], tokens, hashes[i - 1] if i else None)
+            j = (i - start) * bs
+            self.pool.cache(blocks[i], hashes[i], tokens[j : j + bs], hashes[i - 1] if i else None)
         self._num_cached_blocks[req.request_id] = num_full
 
     def _block_hashes(self, req: Request, num_tokens: int) -> list[int]:
         """Extend the request's chained block hashes to cover its first `num_tokens` tokens."""
         bs = self.block_size
         hashes = req.block_hashes
-        for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, req.token_ids_slice(i * bs, (i + 1) * bs)))
+        start, end = len(hashes), num_tokens // bs
+        if end > start:
+            tokens = req.token_ids_slice(start * bs, end * bs)
+            hashes += hash_blocks(hashes[-1] if hashes else None, tokens, bs)
         return hashes

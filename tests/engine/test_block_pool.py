@@ -7,7 +7,7 @@ import struct
 import pytest
 import xxhash
 
-from atom.engine.block_pool import BlockPool, KVBlock, hash_block_tokens
+from atom.engine.block_pool import BlockPool, KVBlock, hash_block_tokens, hash_blocks
 
 TOKENS = [11, 12, 13, 14]
 
@@ -30,6 +30,18 @@ def test_hash_is_deterministic() -> None:
     assert hash_block_tokens(None, TOKENS) == hash_block_tokens(None, tuple(TOKENS))
     parent = hash_block_tokens(None, [1, 2, 3, 4])
     assert hash_block_tokens(parent, TOKENS) == hash_block_tokens(parent, TOKENS)
+
+
+@pytest.mark.parametrize("parent", [None, 0, 2**64 - 1])
+def test_hash_blocks_chains_hash_block_tokens(parent: int | None) -> None:
+    """Every full block of a run, chained from parent; a partial last block is not hashed."""
+    tokens = [(37 * i) % 151_936 for i in range(4 * 16 + 5)]
+    expected, h = [], parent
+    for i in range(4):
+        h = hash_block_tokens(h, tokens[16 * i : 16 * (i + 1)])
+        expected.append(h)
+    assert hash_blocks(parent, tokens, 16) == expected
+    assert hash_blocks(parent, tokens[:15], 16) == []
 
 
 def test_hash_chains_on_the_parent() -> None:
