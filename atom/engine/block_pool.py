@@ -20,25 +20,25 @@ import xxhash
 
 def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     """xxhash64 over the parent hash (8 bytes, little endian) and the int64 token ids."""
-    h = xxhash.xxh64()
-    if parent_hash is not None:
-        h.update(parent_hash.to_bytes(8, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return h.intdigest()
+    return _chained(parent_hash, np.asarray(token_ids, dtype=np.int64).tobytes())
 
 
 def hash_blocks(parent_hash: int | None, token_ids: Sequence[int], block_size: int) -> list[int]:
     """hash_block_tokens chained over each full block of token_ids, from one int64 conversion of
-    them all (a prefill chunk of 16k tokens hashes ~1,000 blocks: per block, the conversion and
-    the hasher object cost more than the hash)."""
+    them all (a prefill chunk of 16k tokens hashes ~1,000 blocks: per block, the conversion cost
+    more than the hash)."""
     data = np.asarray(token_ids, dtype=np.int64).tobytes()
     step = 8 * block_size
     hashes = []
     for start in range(0, len(data) - step + 1, step):
-        head = b"" if parent_hash is None else parent_hash.to_bytes(8, "little")
-        parent_hash = xxhash.xxh64_intdigest(head + data[start : start + step])
+        parent_hash = _chained(parent_hash, data[start : start + step])
         hashes.append(parent_hash)
     return hashes
+
+
+def _chained(parent_hash: int | None, tokens: bytes) -> int:
+    head = b"" if parent_hash is None else parent_hash.to_bytes(8, "little")
+    return xxhash.xxh64_intdigest(head + tokens)
 
 
 @dataclass(eq=False)
