@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl host gc_full tune_gemv gemv_ab
+#                                           nopdl host tune_gemv gemv_ab
 #                                           imports profile startup moe serving peer smol stash
 #                                           tune_attention
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
@@ -13,10 +13,6 @@
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
-#   gc_full  benchmark_throughput twice each with Python's collector as is and with full
-#            collections 10x rarer (its third threshold x 10, the whole process), alternating;
-#            then the profile stage with the latter ($OUT/gc_full.tgz; PROFILE_FLAGS="" and
-#            ATOM_TORCH_PROFILER_GPU_ONLY=1 for the GPU-only trace)
 #   host     benchmarks/profile_host.py: the host's time per decode step under cProfile (Qwen3-0.6B
 #            shape, batch 1 and 8; $OUT/host_profile_bs<N>.txt)
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
@@ -34,8 +30,9 @@
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
 #            to atom/kernels/ for the stages after it
-#   gemv_ab  benchmark_throughput without and with that table, alternating, twice (Python's
-#            collections logged), then benchmark_latency without and with it
+#   gemv_ab  benchmark_throughput without and with that table, alternating, twice
+#            (benchmarks/throughput_logged.py: step periods and Python's collections logged), then
+#            benchmark_latency without and with it
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
 #            splits per batch, then random batch order against longest context first, on the
 #            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4 minutes; TUNE_SECTIONS=
@@ -71,56 +68,6 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$HOME/.cache/atom/pycache}
 TAG=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)" >>"$OUT/gpu.txt"
-
-# benchmark_throughput with Python's third collection threshold times argv[1] (1: as is); at the
-# end it prints "gc:" with the collections per generation, their total ms, and each one of over
-# 1 ms (generation, ms, seconds since the start) in the last 10 s (the timed run; then all of
-# them): the stalls between steps that a trace shows. After each generate of over 100 steps it
-# prints the median period of the engine's steps by running requests, and the longest periods.
-GC_WRAP='import gc, runpy, sys, time
-x = int(sys.argv[1])
-t = gc.get_threshold()
-gc.set_threshold(t[0], t[1], t[2] * x)
-sys.argv = ["benchmark_throughput"] + sys.argv[2:]
-count, total, slow, began, t0 = [0, 0, 0], [0.0, 0.0, 0.0], [], [0.0], time.perf_counter()
-def timed(phase, info):
-    now = time.perf_counter()
-    if phase == "start":
-        began[0] = now
-        return
-    g, ms = info["generation"], 1e3 * (now - began[0])
-    count[g] += 1
-    total[g] += ms
-    if ms > 1:
-        slow.append((g, round(ms, 1), round(now - t0, 2)))
-gc.callbacks.append(timed)
-import atom.engine.core as core, atom.engine.llm as llm
-steps, plain_step, plain_generate = [], core.EngineCore.step, llm.LLM.generate
-def step(self):
-    out = plain_step(self)
-    steps.append((len(self.scheduler.running), time.perf_counter()))
-    return out
-def generate(self, *args, **kwargs):
-    steps.clear()
-    out = plain_generate(self, *args, **kwargs)
-    by = {}
-    for (_, t1), (n, t2) in zip(steps, steps[1:]):
-        by.setdefault(n if n <= 16 else 32 * (n // 32), []).append(1e3 * (t2 - t1))
-    if len(steps) > 100:
-        print("step period, median ms by running requests:", {n: (len(v), round(sorted(v)[
-              len(v) // 2], 3)) for n, v in sorted(by.items())}, flush=True)
-        periods = [(round(1e3 * (t2 - t1), 2), i + 1, n) for i, ((_, t1), (n, t2)) in
-                   enumerate(zip(steps, steps[1:]))]
-        print("longest step periods (ms, step, running):", sorted(periods)[-8:], flush=True)
-    return out
-core.EngineCore.step, llm.LLM.generate = step, generate
-try:
-    runpy.run_module("atom.benchmarks.benchmark_throughput", run_name="__main__")
-finally:
-    end = time.perf_counter() - t0
-    print("gc:", count, [round(v, 1) for v in total], "over 1 ms in the last 10 s:",
-          [c for c in slow if c[2] > end - 10], flush=True)
-    print("gc over 1 ms, all:", slow, flush=True)'
 
 stage_stash() {
     mkdir -p ~/peer ~/smol
@@ -158,8 +105,8 @@ stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after
     cp "$OUT/gemv_configs.json" ~/gemv_configs.json  # for a later call of the lease
 }
 
-# The throughput (GC_WRAP: garbage collections logged) and 8B latency benchmarks with gemv's
-# tuned table and without it (cuBLAS past 16 rows), alternating.
+# The throughput (throughput_logged.py) and 8B latency benchmarks with gemv's tuned table and
+# without it (cuBLAS past 16 rows), alternating.
 stage_gemv_ab() {
     local n table=atom/kernels/gemv_configs.json
     [ -f "$table" ] || { echo "no $table"; return 1; }
@@ -168,8 +115,8 @@ stage_gemv_ab() {
         for mode in cublas tuned; do
             rm -f "$table"
             [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
-            python3 -c "$GC_WRAP" 1 --tag "$TAG" --output-json "$OUT/throughput_${mode}_$n.json" \
-                >"$OUT/throughput_${mode}_$n.log" 2>&1
+            python3 benchmarks/throughput_logged.py --tag "$TAG" \
+                --output-json "$OUT/throughput_${mode}_$n.json" >"$OUT/throughput_${mode}_$n.log" 2>&1
             grep -h -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' "$OUT/throughput_${mode}_$n.log" \
                 | cut -c1-800 \
                 | sed "s/^/$mode: /"
@@ -238,20 +185,6 @@ stage_nopdl() {  # the throughput and latency benchmarks with ATOM_PDL=0 (compar
     ATOM_PDL=0 bench latency_nopdl benchmark_latency
 }
 
-stage_gc_full() {
-    local n x
-    for n in 1 2; do
-        for x in 1 10; do
-            python3 -c "$GC_WRAP" "$x" --tag "$TAG" --output-json \
-                "$OUT/throughput_gc2x${x}_$n.json" >"$OUT/throughput_gc2x${x}_$n.log" 2>&1
-            grep -h 'Throughput' "$OUT/throughput_gc2x${x}_$n.log" | sed "s/^/threshold2 x$x: /"
-        done
-    done
-    mkdir -p "$OUT/gc_full"
-    (OUT=$OUT/gc_full GC_FULL_X=10 stage_profile)
-    (cd "$OUT" && tar czf gc_full.tgz gc_full && rm -rf gc_full)  # one file back, trace included
-}
-
 stage_host() {  # HOST_FLAGS: profile_host.py's workload (the bench's tail: --input-len 1024
     # --temperature 0.6 --batch-sizes 4)
     # shellcheck disable=SC2086
@@ -269,7 +202,7 @@ stage_profile() {
     # PROFILE_FLAGS="" traces without module tags or shapes: less host overhead, truer GPU idle.
     # shellcheck disable=SC2086
     # Its own file names: the bench stage's untraced throughput.json stays.
-    timeout -s ABRT 400 python3 -c "$GC_WRAP" "${GC_FULL_X:-1}" --tag "$TAG" \
+    timeout -s ABRT 400 python3 benchmarks/throughput_logged.py --tag "$TAG" \
         --torch-profiler-dir "$dir" ${PROFILE_FLAGS---mark-trace} \
         --output-json "$OUT/throughput_profiled.json" >"$OUT/throughput_profiled.log" 2>&1 \
         || tail -n 30 "$OUT/throughput_profiled.log"
