@@ -10,6 +10,7 @@
 #            attention), bench_sampler.py (fused vs torch draw) and bench_gemv.py (the 8B's
 #            GEMMs at 1-8 rows vs cuBLAS); KERNEL_BENCHES= picks
 #   bench    benchmark_throughput (Qwen3-0.6B shape), then the latency stage
+#   throughput  benchmark_throughput alone (throughput_logged.py: step periods, collections)
 #   latency  benchmark_latency (Llama-3.1-8B shape), then a second start of the latency engine to
 #            time a warm compile cache; latency_warm: one start, batch 1 and 128, cache warm
 #   nopdl    benchmark_throughput and benchmark_latency with ATOM_PDL=0 (plain launches)
@@ -34,9 +35,9 @@
 #            (benchmarks/throughput_logged.py: step periods and Python's collections logged), then
 #            benchmark_latency without and with it
 #   tune_attention  tune_attention_decode.py: decode attention's tile x warps x stages, then KV
-#            splits per batch, then random batch order against longest context first, on the
-#            nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4 minutes; TUNE_SECTIONS=
-#            order picks the last, ~20 s)
+#            splits per batch, then random batch order against longest context first, then cache
+#            layouts, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4
+#            minutes; TUNE_SECTIONS= picks sections, e.g. layout)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
@@ -142,6 +143,13 @@ bench() {
     python3 -m "atom.benchmarks.$@" --tag "$TAG" --output-json "$OUT/$name.json" \
         >"$OUT/$name.log" 2>&1 || { echo "$name failed:"; tail -n 30 "$OUT/$name.log"; }
     grep -h -e '^{' -e 'ready in' -e 'captured' -e 'memory:' "$OUT/$name.log" | cut -c1-600
+}
+
+stage_throughput() {  # benchmark_throughput alone, its step periods and collections logged
+    python3 benchmarks/throughput_logged.py --tag "$TAG" --output-json "$OUT/throughput.json" \
+        >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
+    grep -h -e 'ready in' -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' \
+        "$OUT/throughput.log" | cut -c1-1200
 }
 
 stage_bench() {

@@ -1,6 +1,6 @@
 """Sweep the decode launch configuration of the unified attention kernel on the GPU.
 
-    python benchmarks/tune_attention_decode.py [out.json] [--sections configs,splits,order]
+    python benchmarks/tune_attention_decode.py [out.json] [--sections configs,splits,order,layout]
 
 The nano-vllm bench's attention (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, bf16,
 block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids shuffled):
@@ -10,6 +10,11 @@ The current choice (attention_config.launch_config) is marked; configurations th
 the GPU's shared memory are skipped. Then the current tiles with 1-16 KV splits at batches 8-256,
 choose_num_splits's pick marked. Then ("order") the current launch at batches 16-256 with the
 batch in random order against longest context first, as build_step_inputs orders a decode step.
+Then ("layout") the current launch over caches of other layouts, read through their strides:
+blocks of 16 / 32 / 64 tokens, token-major (the engine's [block, token, kv_head, dim]: a KV
+head's row of a token is 256 contiguous bytes) or head-major ([block, kv_head, token, dim]: a KV
+head's rows of a block are contiguous), beside a read-only pass over 2 GiB (the bandwidth
+attention could reach).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
@@ -32,15 +39,18 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 BATCHES = [64, 256]
 SPLIT_BATCHES, SPLITS = [8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16]
 ORDER_BATCHES = [16, 32, 64, 96, 128, 192, 256]
+LAYOUT_BATCHES, LAYOUT_BLOCKS = [64, 256], [16, 32, 64]
 TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
 
 
-def inputs(batch: int, longest_first: bool = False) -> dict:
+def inputs(
+    batch: int, longest_first: bool = False, block: int = BLOCK, head_major: bool = False
+) -> dict:
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(100, 2049, (batch,), generator=gen)
     if longest_first:
         lens = lens.sort(descending=True).values
-    blocks = (lens + BLOCK - 1) // BLOCK
+    blocks = (lens + block - 1) // block
     max_blocks = int(blocks.max())
     perm = torch.randperm(int(blocks.sum()), generator=gen)
     table = torch.zeros(batch, max_blocks, dtype=torch.int32)
@@ -48,7 +58,11 @@ def inputs(batch: int, longest_first: bool = False) -> dict:
     for i, n in enumerate(blocks.tolist()):
         table[i, :n] = perm[start : start + n]
         start += n
-    cache = torch.randn(2, start, BLOCK, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    kw = {"dtype": torch.bfloat16, "device": "cuda"}
+    if head_major:  # the kernel's view [2, blocks, block, kv_heads, dim] of other strides
+        cache = torch.randn(2, start, KV_HEADS, block, HEAD_DIM, **kw).transpose(2, 3)
+    else:
+        cache = torch.randn(2, start, block, KV_HEADS, HEAD_DIM, **kw)
     return {
         "query": torch.randn(batch, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda"),
         "kv_cache": cache,
@@ -84,6 +98,10 @@ def main() -> None:
         results["splits"] = sweep_splits()
     if "order" in sections:
         results["order"] = sweep_order()
+    if "layout" in sections:
+        results["read_GBps"] = read_gbps()
+        print(f"read-only pass {results['read_GBps']:.0f} GB/s", flush=True)
+        results["layout"] = sweep_layout()
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
@@ -159,6 +177,45 @@ def sweep_order() -> list[dict]:
             print(f"batch {batch} {order}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
             runs.append({"batch": batch, "longest_first": longest_first, "ms": ms,
                          "gb_per_s": gbps})  # fmt: skip
+    return runs
+
+
+@triton.jit
+def _read_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Each program sums its strided share of src: a pass that reads and writes nothing back."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(pid * BLOCK, n, programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(src_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+def read_gbps() -> float:
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
+    best = 0.0
+    for per_sm in (4, 8, 16):
+        programs = per_sm * num_sms(src.device)
+        out = torch.empty(programs, dtype=torch.float32, device="cuda")
+        grid = (programs,)
+        ms = bench_attention.bench(lambda: _read_kernel[grid](src, out, src.numel(), BLOCK=4096))  # noqa: B023
+        best = max(best, 2 * src.numel() / ms / 1e6)
+    return best
+
+
+def sweep_layout() -> list[dict]:
+    """The current launch over block sizes 16-64, token-major and head-major (module doc)."""
+    runs = []
+    for batch, block, head_major in itertools.product(LAYOUT_BATCHES, LAYOUT_BLOCKS, (False, True)):
+        inp = inputs(batch, True, block, head_major)
+        kv_bytes = inp.pop("kv_bytes")
+        out = torch.empty_like(inp["query"])
+        ms = bench_attention.bench(lambda: ua.unified_attention(**inp, out=out))  # noqa: B023
+        gbps = kv_bytes / ms / 1e6
+        layout = "head-major" if head_major else "token-major"
+        print(f"batch {batch} block {block} {layout}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
+        runs.append({"batch": batch, "block": block, "head_major": head_major, "ms": ms,
+                     "gb_per_s": gbps})  # fmt: skip
     return runs
 
 
