@@ -3,7 +3,8 @@ benchmarks/profile_host.py [OUT_DIR] [engine and workload flags of benchmark_lat
 
 `bench_host_overhead.py` times the engine's own phases with a stub forward; this one keeps the
 device work (CUDA graph replays, the LM head, the sampler, the uploads). Per batch size (default:
-Qwen3-0.6B's shape, batches 1 and 8, 256 tokens, greedy; --temperature draws) one generate runs
+Qwen3-0.6B's shape, batches 1 and 8, 256 tokens, greedy; --temperature draws; --max-tokens 1 with
+a batch of long prompts profiles chunked prefill steps instead) one generate runs
 with perf_counter wrappers around the step's phases (inclusive times: `submit_model` holds the
 inputs, the forward and the sampler; `Event.synchronize`, the step's wait and the staging
 buffers' wait_writable, is the wait for the device; the rest of a step is the host's own work,
@@ -66,35 +67,48 @@ def main(argv: list[str]) -> None:
     parser.set_defaults(model="qwen3-0.6b", batch_sizes=[1, 8])
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="the throughput benchmark's is 0.6 (a draw)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=TOKENS,
+                        help="tokens per request (1: prefill steps only)")  # fmt: skip
     args = parser.parse_args(argv[1:] if out else argv)
     llm, startup = start_engine(engine_args_from(args))
     print(f"engine ready in {startup:.1f} s")
     totals: dict[str, float] = collections.defaultdict(float)
+    steps = [0]
+    plain_step = core.EngineCore.step
+
+    def counted_step(self: core.EngineCore) -> Any:
+        steps[0] += 1
+        return plain_step(self)
+
+    core.EngineCore.step = counted_step  # type: ignore[method-assign]
     originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES]
     try:
         for bs in args.batch_sizes:
             prompts = prompts_for(bs, args.input_len)
             params = SamplingParams(
-                temperature=args.temperature, ignore_eos=True, max_tokens=TOKENS
+                temperature=args.temperature, ignore_eos=True, max_tokens=args.max_tokens
             )
             llm.generate(prompts, params, use_tqdm=False)  # warm
+            steps[0] = 0
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
-            plain = 1e3 * (time.perf_counter() - start) / TOKENS
+            n = max(steps[0], 1)  # steps of one generate
+            plain = 1e3 * (time.perf_counter() - start) / n
             for owner, name, fn in originals:
                 label = f"{owner.__name__.rsplit('.', 1)[-1]}.{name}"
                 setattr(owner, name, timed(fn, label, totals))
             totals.clear()
             start = time.perf_counter()
             llm.generate(prompts, params, use_tqdm=False)
-            phased = 1e3 * (time.perf_counter() - start) / TOKENS
+            phased = 1e3 * (time.perf_counter() - start) / n
             for owner, name, fn in originals:
                 setattr(owner, name, fn)
-            phases = {k: 1e3 * v / TOKENS for k, v in totals.items()}
+            phases = {k: 1e3 * v / n for k, v in totals.items()}
             waited = phases.get("Event.synchronize", 0.0)
             print(
-                f"batch {bs:4d}: {plain:.3f} ms/step; with phase timers {phased:.3f} ms/step, "
-                f"{waited:.3f} waiting on the device, {phased - waited:.3f} host"
+                f"batch {bs:4d}, {n} steps: {plain:.3f} ms/step; with phase timers "
+                f"{phased:.3f} ms/step, {waited:.3f} waiting on the device, "
+                f"{phased - waited:.3f} host"
             )
             print("  " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()))
             profiler = cProfile.Profile()
@@ -110,6 +124,7 @@ def main(argv: list[str]) -> None:
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
+        core.EngineCore.step = plain_step  # type: ignore[method-assign]
         llm.shutdown()
 
 
