@@ -145,8 +145,11 @@ bench() {
     grep -h -e '^{' -e 'ready in' -e 'captured' -e 'memory:' "$OUT/$name.log" | cut -c1-600
 }
 
-stage_throughput() {  # benchmark_throughput alone, its step periods and collections logged
-    python3 benchmarks/throughput_logged.py --tag "$TAG" --output-json "$OUT/throughput.json" \
+stage_throughput() {  # benchmark_throughput alone, its step periods and collections logged;
+    # PROFILE_STEPS=N: its first N steps under cProfile ($OUT/steps_profile.txt)
+    local -a prof=()
+    [ -n "${PROFILE_STEPS:-}" ] && prof=(--profile-steps "$PROFILE_STEPS" "$OUT/steps_profile.txt")
+    python3 benchmarks/throughput_logged.py "${prof[@]}" --tag "$TAG" --output-json "$OUT/throughput.json" \
         >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
     grep -h -e 'ready in' -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' \
         "$OUT/throughput.log" | cut -c1-1200

@@ -7,12 +7,19 @@ Python's garbage collections per generation with their total ms, and each one of
 (generation, ms, seconds since the start), those of the last 10 s first (the timed run, or the
 traced one when the profiler ran last). A trace shows a stall between two steps; these say whether
 a collection was in it (RESULTS.md, thirteenth sitting: the full collections were).
+
+`--profile-steps N FILE` (taken before the benchmark's own flags) runs the first N steps of each
+generate under cProfile and writes the last such generate's listing (own and cumulative time) to
+FILE: the chunked-prefill steps at the start of the bench.
 """
 
 from __future__ import annotations
 
+import cProfile
 import gc
+import io
 import itertools
+import pstats
 import runpy
 import sys
 import time
@@ -65,22 +72,45 @@ def step_report(steps: list[tuple[int, float]]) -> None:
     print("longest step periods (ms, step, running):", longest, flush=True)
 
 
+def write_profile(profiler: cProfile.Profile, path: str, top: int = 60) -> None:
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
 def main() -> None:
+    profile_steps, profile_out = 0, ""
+    if sys.argv[1:2] == ["--profile-steps"]:
+        profile_steps, profile_out = int(sys.argv[2]), sys.argv[3]
+        del sys.argv[1:4]
     collections = Collections()
     gc.callbacks.append(collections)
     steps: list[tuple[int, float]] = []
     plain_step, plain_generate = core.EngineCore.step, llm.LLM.generate
+    profiler = cProfile.Profile()
 
     def step(self: core.EngineCore) -> Any:
+        profiling = len(steps) < profile_steps
+        if profiling:
+            profiler.enable()
         out = plain_step(self)
+        if profiling:
+            profiler.disable()
         steps.append((len(self.scheduler.running), time.perf_counter()))
         return out
 
     def generate(self: llm.LLM, *args: Any, **kwargs: Any) -> Any:
+        nonlocal profiler
         steps.clear()
+        profiler = cProfile.Profile()
         out = plain_generate(self, *args, **kwargs)
         if len(steps) > 100:
             step_report(steps)
+            if profile_steps:
+                write_profile(profiler, profile_out)
         return out
 
     core.EngineCore.step, llm.LLM.generate = step, generate  # type: ignore[method-assign]
