@@ -144,7 +144,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
+@triton.jit(do_not_specialize=(*DO_NOT_SPECIALIZE, "split_tiles"))
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
@@ -162,6 +162,7 @@ def _unified_attention_kernel(
     v_scale,
     num_seqs,
     num_splits,
+    split_tiles,  # SPLIT: tiles per split at least (0: each sequence's tiles over num_splits)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -242,7 +243,7 @@ def _unified_attention_kernel(
     full_hi = tl.maximum(first + 1, 0) // TILE
     # This split's share of the tiles, then its masked head, unmasked middle and masked tail.
     n_tiles = tl.maximum(tile_hi - tile_lo, 0)
-    per_split = tl.cdiv(n_tiles, num_splits)
+    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), split_tiles)
     s_lo = tile_lo + tl.minimum(split * per_split, n_tiles)
     s_hi = tile_lo + tl.minimum(split * per_split + per_split, n_tiles)
     mid_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
@@ -366,6 +367,7 @@ def unified_attention(
     sinks: Tensor | None = None,  # [H] logits joining each softmax denominator, no value (GPT-OSS)
     *,
     num_splits: int | None = None,  # KV splits; None = choose_num_splits (tests force it)
+    split_tiles: int = 0,  # tiles per split at least (0: each sequence's own over num_splits)
 ) -> Tensor:
     """Causal attention of every query row over its sequence's paged K/V (its own K/V included).
 
@@ -406,7 +408,7 @@ def unified_attention(
         _unified_attention_kernel, grid,
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
-        scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
+        scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits, split_tiles,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
