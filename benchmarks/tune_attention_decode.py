@@ -91,13 +91,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", nargs="?", default="attention_decode_tune.json")
     parser.add_argument("--sections", default="configs,splits,order")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                        help="the configs section's batches")  # fmt: skip
     args = parser.parse_args()
     sections = args.sections.split(",")
     current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
     print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; current {current}", flush=True)
     if "configs" in sections:
-        results["runs"] = sweep_configs(current)
+        results["runs"] = sweep_configs(current, [int(b) for b in args.batches.split(",")])
     if "splits" in sections:
         results["splits"] = sweep_splits()
     if "order" in sections:
@@ -111,11 +113,11 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def sweep_configs(current: LaunchConfig) -> list[dict]:
+def sweep_configs(current: LaunchConfig, batches: list[int]) -> list[dict]:
     runs = []
     original = ua.launch_config
-    for batch in BATCHES:
-        inp = inputs(batch)
+    for batch in batches:
+        inp = inputs(batch, True)
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
         for tile, warps, stages in itertools.product(TILES, WARPS, STAGES):
