@@ -93,13 +93,17 @@ def main() -> None:
     parser.add_argument("--sections", default="configs,splits,order")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
+    parser.add_argument("--configs", default="",
+                        help="the configs section's tile:warps:stages,... (default: all)")  # fmt: skip
     args = parser.parse_args()
     sections = args.sections.split(",")
     current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
     print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; current {current}", flush=True)
     if "configs" in sections:
-        results["runs"] = sweep_configs(current, [int(b) for b in args.batches.split(",")])
+        configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",") if c]
+        batches = [int(b) for b in args.batches.split(",")]
+        results["runs"] = sweep_configs(current, batches, configs)
     if "splits" in sections:
         results["splits"] = sweep_splits()
     if "order" in sections:
@@ -113,14 +117,16 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
-def sweep_configs(current: LaunchConfig, batches: list[int]) -> list[dict]:
+def sweep_configs(
+    current: LaunchConfig, batches: list[int], configs: list[tuple[int, ...]]
+) -> list[dict]:
     runs = []
     original = ua.launch_config
     for batch in batches:
         inp = inputs(batch, True)
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
-        for tile, warps, stages in itertools.product(TILES, WARPS, STAGES):
+        for tile, warps, stages in configs or itertools.product(TILES, WARPS, STAGES):
             cfg = LaunchConfig(current.block_m, current.block_q, tile, True, warps, stages)
             ua.launch_config = lambda *_, cfg=cfg: cfg
             try:

@@ -97,14 +97,19 @@ def _attend_tiles(
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
+    # Each tile's block ids are loaded one iteration ahead: its K/V addresses then wait for no
+    # load of their own iteration, and the loads of consecutive tiles overlap.
+    j_next = tile_lo * TILE + offs_t
+    blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
     for t in range(tile_lo, tile_hi):
         j = t * TILE + offs_t  # [TILE] key positions
+        blk = blk_next
+        j_next = j + TILE
+        blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
         if MASKED:
             j_ok = j < kv_hi
-            blk = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
         else:
             j_ok = offs_t < TILE
-            blk = tl.load(bt_row + j // BLOCK_SIZE)
         off = blk.to(tl.int64) * stride_kb + (j % BLOCK_SIZE) * stride_ks  # [TILE]
         if MASKED or HEAD_DIM_P != HEAD_DIM:
             # Masked-out keys must load as 0, not as whatever a padded block holds: NaN * 0 = NaN.
