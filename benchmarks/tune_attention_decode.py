@@ -93,8 +93,7 @@ def main() -> None:
     parser.add_argument("--sections", default="configs,splits,order")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
-    parser.add_argument("--configs", default="",
-                        help="the configs section's tile:warps:stages,... (default: all)")  # fmt: skip
+    parser.add_argument("--configs", default="", help="tile:warps:stages,... (default all)")
     args = parser.parse_args()
     sections = args.sections.split(",")
     current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)

@@ -106,10 +106,7 @@ def _attend_tiles(
         blk = blk_next
         j_next = j + TILE
         blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
-        if MASKED:
-            j_ok = j < kv_hi
-        else:
-            j_ok = offs_t < TILE
+        j_ok = j < kv_hi if MASKED else offs_t < TILE
         off = blk.to(tl.int64) * stride_kb + (j % BLOCK_SIZE) * stride_ks  # [TILE]
         if MASKED or HEAD_DIM_P != HEAD_DIM:
             # Masked-out keys must load as 0, not as whatever a padded block holds: NaN * 0 = NaN.
