@@ -14,11 +14,7 @@ Then ("layout") the current launch over caches of other layouts, read through th
 blocks of 16 / 32 / 64 tokens, token-major (the engine's [block, token, kv_head, dim]: a KV
 head's row of a token is 256 contiguous bytes) or head-major ([block, kv_head, token, dim]: a KV
 head's rows of a block are contiguous), beside a read-only pass over 2 GiB (the bandwidth
-attention could reach). Then ("chunks") KV splits at batches 16-256, longest context first, each
-sequence's tiles divided over the splits (as the engine splits) against fixed chunks of
-ceil(max tiles / splits) tiles (longer sequences fill more splits, shorter ones leave theirs
-empty).
-"""
+attention could reach)."""
 
 from __future__ import annotations
 
@@ -43,7 +39,6 @@ BATCHES = [64, 256]
 SPLIT_BATCHES, SPLITS = [8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16]
 ORDER_BATCHES = [16, 32, 64, 96, 128, 192, 256]
 LAYOUT_BATCHES, LAYOUT_BLOCKS = [64, 256], [16, 32, 64]
-CHUNK_BATCHES, CHUNK_SPLITS = [16, 32, 48, 64, 96, 128, 192, 256], [1, 2, 3, 4, 6, 8]
 TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
 
 
@@ -111,8 +106,6 @@ def main() -> None:
         results["read_GBps"] = read_gbps()
         print(f"read-only pass {results['read_GBps']:.0f} GB/s", flush=True)
         results["layout"] = sweep_layout()
-    if "chunks" in sections:
-        results["chunks"] = sweep_chunks(current.tile)
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
@@ -229,30 +222,6 @@ def sweep_layout() -> list[dict]:
         print(f"batch {batch} block {block} {layout}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
         runs.append({"batch": batch, "block": block, "head_major": head_major, "ms": ms,
                      "gb_per_s": gbps})  # fmt: skip
-    return runs
-
-
-def sweep_chunks(tile: int) -> list[dict]:
-    """Per-sequence division against fixed chunks of the keys over 1-8 splits (module doc)."""
-    runs = []
-    for batch in CHUNK_BATCHES:
-        inp = inputs(batch, True)
-        kv_bytes = inp.pop("kv_bytes")
-        out = torch.empty_like(inp["query"])
-        max_tiles = -(-inp["max_seq_len"] // tile)
-        for splits, fixed in itertools.product(CHUNK_SPLITS, (False, True)):
-            if splits == 1 and fixed:
-                continue
-            chunk = -(-max_tiles // splits) if fixed else 0
-
-            ms = bench_attention.bench(
-                lambda: ua.unified_attention(**inp, out=out, num_splits=splits, split_tiles=chunk)  # noqa: B023
-            )
-            gbps = kv_bytes / ms / 1e6
-            mode = f"chunks of {chunk} tiles" if fixed else "per sequence"
-            print(f"batch {batch} splits {splits} {mode}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
-            runs.append({"batch": batch, "splits": splits, "split_tiles": chunk, "ms": ms,
-                         "gb_per_s": gbps})  # fmt: skip
     return runs
 
 

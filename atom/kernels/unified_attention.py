@@ -97,16 +97,14 @@ def _attend_tiles(
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
-    # Each tile's block ids are loaded one iteration ahead: its K/V addresses then wait for no
-    # load of their own iteration, and the loads of consecutive tiles overlap.
-    j_next = tile_lo * TILE + offs_t
-    blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
     for t in range(tile_lo, tile_hi):
         j = t * TILE + offs_t  # [TILE] key positions
-        blk = blk_next
-        j_next = j + TILE
-        blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
-        j_ok = j < kv_hi if MASKED else offs_t < TILE
+        if MASKED:
+            j_ok = j < kv_hi
+            blk = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
+        else:
+            j_ok = offs_t < TILE
+            blk = tl.load(bt_row + j // BLOCK_SIZE)
         off = blk.to(tl.int64) * stride_kb + (j % BLOCK_SIZE) * stride_ks  # [TILE]
         if MASKED or HEAD_DIM_P != HEAD_DIM:
             # Masked-out keys must load as 0, not as whatever a padded block holds: NaN * 0 = NaN.
@@ -146,7 +144,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=(*DO_NOT_SPECIALIZE, "split_tiles"))
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
@@ -164,7 +162,6 @@ def _unified_attention_kernel(
     v_scale,
     num_seqs,
     num_splits,
-    split_tiles,  # SPLIT: tiles per split at least (0: each sequence's tiles over num_splits)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -245,7 +242,7 @@ def _unified_attention_kernel(
     full_hi = tl.maximum(first + 1, 0) // TILE
     # This split's share of the tiles, then its masked head, unmasked middle and masked tail.
     n_tiles = tl.maximum(tile_hi - tile_lo, 0)
-    per_split = tl.maximum(tl.cdiv(n_tiles, num_splits), split_tiles)
+    per_split = tl.cdiv(n_tiles, num_splits)
     s_lo = tile_lo + tl.minimum(split * per_split, n_tiles)
     s_hi = tile_lo + tl.minimum(split * per_split + per_split, n_tiles)
     mid_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
@@ -369,7 +366,6 @@ def unified_attention(
     sinks: Tensor | None = None,  # [H] logits joining each softmax denominator, no value (GPT-OSS)
     *,
     num_splits: int | None = None,  # KV splits; None = choose_num_splits (tests force it)
-    split_tiles: int = 0,  # tiles per split at least (0: each sequence's own over num_splits)
 ) -> Tensor:
     """Causal attention of every query row over its sequence's paged K/V (its own K/V included).
 
@@ -410,7 +406,7 @@ def unified_attention(
         _unified_attention_kernel, grid,
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
         ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
-        scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits, split_tiles,
+        scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
