@@ -145,7 +145,7 @@ def sweep_configs(
 def sweep_splits() -> list[dict]:
     """The current tiles at each batch with 1..16 KV splits: where splitting each sequence
     evens out the programs' lengths (contexts of 100-2,048 tokens) beyond choose_num_splits's
-    rule (split only below one program per SM)."""
+    rule (two splits below two programs per SM, more below one)."""
     runs = []
     for batch in SPLIT_BATCHES:
         inp = inputs(batch)

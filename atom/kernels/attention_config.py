@@ -68,13 +68,15 @@ def choose_num_splits(
     """KV splits per (sequence, KV head) for flash-decoding.
 
     Only decode splits: a prefill has q-blocks enough to fill the GPU. A decode batch of
-    num_seqs * num_kv_heads programs that already covers every SM runs in one pass; otherwise
-    the splits aim at four programs per SM, each over at least MIN_TOKENS_PER_SPLIT keys
-    (H200, B=1 x 32k: 33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0).
+    num_seqs * num_kv_heads programs that covers every SM twice runs in one pass; one that
+    covers them once takes two splits (H200, the bench's contexts of 100-2,048 tokens: batch 32
+    x 8 KV heads reads 2.45-2.48 TB/s with two, 2.25 with one; RESULTS, fourteenth sitting);
+    fewer programs aim at four per SM, each over at least MIN_TOKENS_PER_SPLIT keys (B=1 x 32k:
+    33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0).
     """
     programs = num_seqs * num_kv_heads
-    if max_query_len != 1 or programs == 0 or programs >= num_sms:
+    if max_query_len != 1 or programs == 0 or programs >= 2 * num_sms:
         return 1
-    wanted = math.ceil(4 * num_sms / programs)
+    wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))

@@ -27,9 +27,10 @@ def test_small_batches_get_an_unsplit_graph() -> None:
     for size in sizes:
         splits = choose_num_splits(size, 8, 1, 4096, 132)
         assert caps[size] == ([UNSPLIT_CONTEXT, 4096] if splits > 1 else [4096]), size
-    assert caps[16] == [UNSPLIT_CONTEXT, 4096] and caps[32] == [4096]  # 16 x 8 heads < 132 SMs
+    # 32 x 8 heads < 2 x 132 SMs: two splits; 48 x 8 fill every SM twice
+    assert caps[32] == [UNSPLIT_CONTEXT, 4096] and caps[48] == [4096]
     # A model whose layers differ: a size splits if any layer kind does.
-    assert _caps(4096, [8, 1], [32])[32] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [8, 1], [48])[48] == [UNSPLIT_CONTEXT, 4096]
     # Contexts never long enough to split: one graph a size.
     assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
 
