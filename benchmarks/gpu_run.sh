@@ -148,13 +148,14 @@ bench() {
 }
 
 stage_throughput() {  # benchmark_throughput alone, its step periods and collections logged;
-    # PROFILE_STEPS=N: its first N steps under cProfile ($OUT/steps_profile.txt)
-    local -a prof=()
-    [ -n "${PROFILE_STEPS:-}" ] && prof=(--profile-steps "$PROFILE_STEPS" "$OUT/steps_profile.txt")
+    # PROFILE_STEPS=N: its first N steps under cProfile ($OUT/steps_profile.txt); GPU idle per
+    # decode step from CUDA events (benchmarks/gpu_idle.py)
+    local -a prof=(--gpu-idle)
+    [ -n "${PROFILE_STEPS:-}" ] && prof+=(--profile-steps "$PROFILE_STEPS" "$OUT/steps_profile.txt")
     python3 benchmarks/throughput_logged.py "${prof[@]}" --tag "$TAG" --output-json "$OUT/throughput.json" \
         >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
     grep -h -e 'ready in' -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' \
-        "$OUT/throughput.log" | cut -c1-1200
+        -e '^gpu ' "$OUT/throughput.log" | cut -c1-1200
 }
 
 stage_bench() {

@@ -10,7 +10,8 @@ a collection was in it (RESULTS.md, thirteenth sitting: the full collections wer
 
 `--profile-steps N FILE` (taken before the benchmark's own flags) runs the first N steps of each
 generate under cProfile and writes the last such generate's listing (own and cumulative time) to
-FILE: the chunked-prefill steps at the start of the bench.
+FILE: the chunked-prefill steps at the start of the bench. `--gpu-idle` (also before them)
+reports each generate's GPU idle per decode step from CUDA events (gpu_idle.py: no profiler).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import runpy
 import sys
 import time
 from typing import Any
+
+from gpu_idle import GpuIdle  # this script's folder is on sys.path
 
 import atom.engine.core as core
 import atom.engine.llm as llm
@@ -82,10 +85,15 @@ def write_profile(profiler: cProfile.Profile, path: str, top: int = 60) -> None:
 
 
 def main() -> None:
-    profile_steps, profile_out = 0, ""
-    if sys.argv[1:2] == ["--profile-steps"]:
-        profile_steps, profile_out = int(sys.argv[2]), sys.argv[3]
-        del sys.argv[1:4]
+    profile_steps, profile_out, idle = 0, "", None
+    while sys.argv[1:2] in (["--profile-steps"], ["--gpu-idle"]):
+        if sys.argv[1] == "--gpu-idle":
+            idle = GpuIdle()
+            idle.install()
+            del sys.argv[1]
+        else:
+            profile_steps, profile_out = int(sys.argv[2]), sys.argv[3]
+            del sys.argv[1:4]
     collections = Collections()
     gc.callbacks.append(collections)
     steps: list[tuple[int, float]] = []
@@ -111,6 +119,10 @@ def main() -> None:
             step_report(steps)
             if profile_steps:
                 write_profile(profiler, profile_out)
+        if idle is not None:
+            if len(steps) > 100:
+                idle.report()
+            idle.steps.clear()
         return out
 
     core.EngineCore.step, llm.LLM.generate = step, generate  # type: ignore[method-assign]
