@@ -277,6 +277,7 @@ stage_peer() {
     [ -f ~/qwen3-rand/model.safetensors ] || python3 $peer/make_dummy_qwen3.py ~/qwen3-rand
     PYTHONPATH=~/site-vllm python3 $peer/peer_bench.py vllm ~/qwen3-rand >"$OUT/peer_throughput.log" 2>&1
     grep '^{' "$OUT/peer_throughput.log"
+    [ "${PEER_LATENCY:-1}" = 0 ] && return  # PEER_LATENCY=0: the bench only
     PYTHONPATH=~/site-vllm python3 $peer/peer_latency.py ~/llama-dummy >"$OUT/peer_latency.log" 2>&1
     grep '^{' "$OUT/peer_latency.log"
 }
