@@ -2,7 +2,9 @@
 `python benchmarks/throughput_logged.py [benchmark_throughput flags]`.
 
 After each generate of over 100 steps: the median period of the engine's steps by running
-requests (1-16, then buckets of 32) and the longest periods with their step numbers. At the end:
+requests (1-16, then buckets of 32 keyed by their top: 32 is 17-32; the logs of RESULTS.md's
+thirteenth and fourteenth sittings key them by their bottom, 0 holding 17-31) and the longest
+periods with their step numbers. At the end:
 Python's garbage collections per generation with their total ms, and each one of over 1 ms
 (generation, ms, seconds since the start), those of the last 10 s first (the timed run, or the
 traced one when the profiler ran last). A trace shows a stall between two steps; these say whether
@@ -68,9 +70,9 @@ def step_report(steps: list[tuple[int, float]]) -> None:
     periods = [(1e3 * (t2 - t1), i + 1, n) for i, ((_, t1), (n, t2)) in pairs]
     by: dict[int, list[float]] = {}
     for ms, _, n in periods:
-        by.setdefault(n if n <= 16 else 32 * (n // 32), []).append(ms)
+        by.setdefault(n if n <= 16 else 32 * -(-n // 32), []).append(ms)
     medians = {n: (len(v), round(sorted(v)[len(v) // 2], 3)) for n, v in sorted(by.items())}
-    print("step period, median ms by running requests:", medians, flush=True)
+    print("step period, median ms by running requests (up to):", medians, flush=True)
     longest = [(round(ms, 2), i, n) for ms, i, n in sorted(periods)[-LONGEST:]]
     print("longest step periods (ms, step, running):", longest, flush=True)
 
