@@ -142,6 +142,15 @@ def sweep_configs(
     return runs
 
 
+def time_launch(inp: dict, **kwargs: object) -> tuple[float, float]:
+    """(ms, GB/s of KV read) of the engine's launch over inputs() (kwargs: forced settings)."""
+    inp = dict(inp)
+    kv_bytes = inp.pop("kv_bytes")
+    out = torch.empty_like(inp["query"])
+    ms = bench_attention.bench(lambda: ua.unified_attention(**inp, out=out, **kwargs))
+    return ms, kv_bytes / ms / 1e6
+
+
 def sweep_splits() -> list[dict]:
     """The current tiles at each batch with 1..16 KV splits: where splitting each sequence
     evens out the programs' lengths (contexts of 100-2,048 tokens) beyond choose_num_splits's
@@ -149,15 +158,11 @@ def sweep_splits() -> list[dict]:
     runs = []
     for batch in SPLIT_BATCHES:
         inp = inputs(batch)
-        kv_bytes = inp.pop("kv_bytes")
-        out = torch.empty_like(inp["query"])
         chosen = choose_num_splits(
             batch, KV_HEADS, 1, inp["max_seq_len"], num_sms(inp["query"].device)
         )
         for splits in SPLITS:
-            call = lambda: ua.unified_attention(**inp, out=out, num_splits=splits)  # noqa: B023, E731
-            ms = bench_attention.bench(call)
-            gbps = kv_bytes / ms / 1e6
+            ms, gbps = time_launch(inp, num_splits=splits)
             mark = " <- chosen" if splits == chosen else ""
             print(
                 f"batch {batch} splits {splits:2d}: {ms:.3f} ms {gbps:6.0f} GB/s{mark}", flush=True
@@ -174,11 +179,7 @@ def sweep_order() -> list[dict]:
     runs = []
     for batch in ORDER_BATCHES:
         for longest_first in (False, True):
-            inp = inputs(batch, longest_first)
-            kv_bytes = inp.pop("kv_bytes")
-            out = torch.empty_like(inp["query"])
-            ms = bench_attention.bench(lambda: ua.unified_attention(**inp, out=out))  # noqa: B023
-            gbps = kv_bytes / ms / 1e6
+            ms, gbps = time_launch(inputs(batch, longest_first))
             order = "longest first" if longest_first else "random order"
             print(f"batch {batch} {order}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
             runs.append({"batch": batch, "longest_first": longest_first, "ms": ms,
@@ -213,11 +214,7 @@ def sweep_layout() -> list[dict]:
     """The current launch over block sizes 16-64, token-major and head-major (module doc)."""
     runs = []
     for batch, block, head_major in itertools.product(LAYOUT_BATCHES, LAYOUT_BLOCKS, (False, True)):
-        inp = inputs(batch, True, block, head_major)
-        kv_bytes = inp.pop("kv_bytes")
-        out = torch.empty_like(inp["query"])
-        ms = bench_attention.bench(lambda: ua.unified_attention(**inp, out=out))  # noqa: B023
-        gbps = kv_bytes / ms / 1e6
+        ms, gbps = time_launch(inputs(batch, True, block, head_major))
         layout = "head-major" if head_major else "token-major"
         print(f"batch {batch} block {block} {layout}: {ms:.3f} ms {gbps:6.0f} GB/s", flush=True)
         runs.append({"batch": batch, "block": block, "head_major": head_major, "ms": ms,
