@@ -217,13 +217,15 @@ class Sampler(nn.Module):
 
     def _random(self, logits: Tensor, meta: SamplingMetadata) -> Tensor:
         temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature)
-        logits = apply_top_k_top_p_min_p(
+        scaled = apply_top_k_top_p_min_p(
             logits / temperature.unsqueeze(1), meta.top_k, meta.top_p, meta.min_p, meta.max_top_k
         )
-        if self._fused(logits):  # temperature already applied: 1 for every row
-            ones = torch.ones_like(temperature)
-            return gumbel_argmax(logits, ones, self._seeds(logits, meta))
-        probs = logits.softmax(dim=-1)
+        if self._fused(logits):
+            # The kept tokens' own logits at the rows' temperatures, as plain_draw scores them:
+            # a row whose filter keeps every token draws bit for bit what a plain step draws.
+            kept = logits.masked_fill(scaled == float("-inf"), float("-inf"))
+            return gumbel_argmax(kept, temperature, self._seeds(logits, meta))
+        probs = scaled.softmax(dim=-1)
         noise = exponential_noise(tuple(probs.shape), meta.generators, probs.device)
         return (probs / noise).argmax(dim=-1)
 

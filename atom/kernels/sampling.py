@@ -1,16 +1,20 @@
 """Sampling a token per row in one pass over the logits: the Gumbel-max trick.
 
-argmax(logits / T + G) with G = -log(-log U), U uniform, picks token i with probability
+argmax(logits / T + G) with G = -ln(-ln U), U uniform, picks token i with probability
 softmax(logits / T)_i (the exponential race of atom.executor.sampler, in log space), and T = 0
-rows take the plain argmax. U comes from Philox keyed by the row's seed and the token's index,
-so a row's draw depends on its seed alone, not on the batch around it: one Philox draw gives the
-four uniforms of tokens 4g..4g+3 (`tl.rand4x(seed, g)`), a quarter of the work of a draw per
-token.
+rows take the plain argmax. Divided by ln 2 (the argmax does not move), the score is
+logits / (T ln 2) - log2(-log2 U) up to a constant: on CUDA two hardware log2 approximations
+(`lg2.approx`, relative error ~2^-22) and a multiply by a per-row scale, where the natural-log form
+compiled to two ~20-instruction polynomials and an IEEE division per token. U comes from Philox
+keyed by the row's seed and the token's index, so a row's draw depends on its seed alone, not on
+the batch around it: one Philox draw gives the four uniforms of tokens 4g..4g+3
+(`tl.rand4x(seed, g)`), a quarter of the work of a draw per token.
 
 The torch sampler reads the logits about ten times per step (float copy, division, softmax, noise,
 ratio, two argmaxes: ~0.7 ms of kernels at batch 256 x 151,936 on an H200); this reads them once,
 and the noise makes it compute-bound: 123 us a step in the nano-vllm bench with a Philox draw per
-token (H200, eighth sitting; benchmarks/bench_sampler.py times it alone). The vocabulary is split
+token, 85 us with one per four tokens (H200, eighth and ninth sittings;
+benchmarks/bench_sampler.py times it alone). The vocabulary is split
 across programs so that small batches still fill the GPU; a tiny torch argmax merges the splits.
 NaN counts as the largest value, as in torch.argmax.
 """
@@ -27,15 +31,22 @@ from atom.kernels.grid import cdiv
 _BLOCK = 1024  # logits per loop iteration of a program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM a few times over
 _MAX_SPLITS = 64
+LN2 = 0.6931471805599453
+_LN2: tl.constexpr = tl.constexpr(LN2)  # the kernel's copy (a JIT function reads constexprs only)
+
+
+def gumbel_scores_ref(logits: Tensor, temperature: Tensor, uniform: Tensor) -> Tensor:
+    """The float32 reference's scores [B, V], whose argmax a row draws: logits [B, V],
+    temperature [B] (0 = greedy: the logits), uniform [B, V]."""
+    x = logits.float()
+    t = temperature.float().unsqueeze(1)
+    scale = 1.0 / (torch.where(t > 0, t, 1.0) * LN2)
+    return torch.where(t > 0, x * scale - torch.log2(-torch.log2(uniform.float())), x)
 
 
 def gumbel_argmax_ref(logits: Tensor, temperature: Tensor, uniform: Tensor) -> Tensor:
-    """The float32 reference: logits [B, V], temperature [B] (0 = greedy), uniform [B, V]."""
-    x = logits.float()
-    gumbel = -torch.log(-torch.log(uniform.float()))
-    t = temperature.float().unsqueeze(1)
-    y = torch.where(t > 0, x / torch.where(t > 0, t, 1.0) + gumbel, x)
-    return y.argmax(dim=-1)
+    """The float32 reference's draw: gumbel_scores_ref's argmax per row."""
+    return gumbel_scores_ref(logits, temperature, uniform).argmax(dim=-1)
 
 
 @triton.jit
@@ -50,6 +61,18 @@ def _uniform4(seed, first, BLOCK4: tl.constexpr):
 
 
 @triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2(x); FAST (CUDA): the hardware's approximation (MUFU, relative error ~2^-22), one
+    instruction where tl.log2 is a polynomial of ~20; the interpreter has no inline PTX."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
 def _gumbel_argmax_kernel(
     logits_ptr,  # [B, V], last dim contiguous
     temperature_ptr,  # [B] float32
@@ -61,10 +84,12 @@ def _gumbel_argmax_kernel(
     stride_row,
     num_splits,
     BLOCK: tl.constexpr,
+    FAST_LOG: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
     t = tl.load(temperature_ptr + row)
+    scale = 1.0 / (tl.where(t > 0, t, 1.0) * _LN2)  # Gumbel-max in base 2 (module doc)
     seed = tl.load(seed_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride_row
     start = split * chunk
@@ -77,7 +102,7 @@ def _gumbel_argmax_kernel(
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if t > 0:
             u = _uniform4(seed, start + offset, BLOCK // 4)
-            x = tl.math.div_rn(x, t) - tl.log(-tl.log(u))  # rounded as torch divides
+            x = x * scale - _log2(-_log2(u, FAST_LOG), FAST_LOG)
         x = tl.where(x != x, float("inf"), x)  # NaN wins, as torch.argmax has it
         x = tl.where(mask, x, float("-inf"))
         take = x > best  # strict: the first index of a tie stays
@@ -118,6 +143,7 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
             logits.stride(0),
             splits,
             BLOCK=_BLOCK,
+            FAST_LOG=logits.is_cuda,
             num_warps=4,
         )
     if splits == 1:

@@ -12,8 +12,9 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.sampler import Sampler, SamplingMetadata
-from atom.kernels.sampling import gumbel_argmax, gumbel_argmax_ref, philox_uniform
+from atom.kernels.sampling import gumbel_argmax, philox_uniform
 from tests.gpu.conftest import SMALL_ENGINE
+from tests.kernels.draws import assert_same_draw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -33,8 +34,8 @@ def test_matches_reference(rows: int, dtype: torch.dtype) -> None:
     logits = (torch.randn(rows, VOCAB, device="cuda", generator=gen) * 4).to(dtype)
     temperature = torch.tensor([0.0, 0.6, 1.0, 1.5] * rows, device="cuda")[:rows]
     seeds = torch.randint(0, 2**62, (rows,), device="cuda", generator=gen)
-    expected = gumbel_argmax_ref(logits, temperature, philox_uniform(seeds, VOCAB))
-    assert torch.equal(gumbel_argmax(logits, temperature, seeds), expected)
+    out = gumbel_argmax(logits, temperature, seeds)
+    assert_same_draw(out, logits, temperature, philox_uniform(seeds, VOCAB))
 
 
 def test_samples_the_softmax_distribution() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from atom.kernels import sampling
 from atom.kernels.sampling import gumbel_argmax, gumbel_argmax_ref, philox_uniform
+from tests.kernels.draws import assert_same_draw
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -29,8 +30,8 @@ def test_matches_reference(rows: int, vocab: int, dtype: torch.dtype) -> None:
     logits = _logits(rows, vocab, dtype, seed=vocab)
     temperature = torch.tensor([0.0, 0.5, 1.0, 2.0] * rows, device=DEVICE)[:rows]
     seeds = _seeds(rows, seed=rows)
-    expected = gumbel_argmax_ref(logits, temperature, philox_uniform(seeds, vocab))
-    assert torch.equal(gumbel_argmax(logits, temperature, seeds), expected)
+    out = gumbel_argmax(logits, temperature, seeds)
+    assert_same_draw(out, logits, temperature, philox_uniform(seeds, vocab))
 
 
 def test_greedy_rows_take_the_first_maximum() -> None:
@@ -93,8 +94,8 @@ def test_strided_rows_and_empty_batch() -> None:
     view = wide[:, 100:1300]  # row stride 1500
     temperature = torch.tensor([0.0, 1.0, 1.0, 0.3], device=DEVICE)
     seeds = _seeds(4, seed=5)
-    expected = gumbel_argmax_ref(view, temperature, philox_uniform(seeds, 1200))
-    assert torch.equal(gumbel_argmax(view, temperature, seeds), expected)
+    out = gumbel_argmax(view, temperature, seeds)
+    assert_same_draw(out, view, temperature, philox_uniform(seeds, 1200))
     empty = gumbel_argmax(wide[:0], temperature[:0], seeds[:0])
     assert empty.shape == (0,) and empty.dtype == torch.int64
 
@@ -105,3 +106,11 @@ def test_split_sizes_cover_the_vocabulary() -> None:
             splits, chunk = sampling._splits(rows, vocab)
             assert chunk % sampling._BLOCK == 0
             assert (splits - 1) * chunk < vocab <= splits * chunk
+
+
+def test_same_draw_check_rejects_another_token() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    temperature, uniform = torch.ones(1), torch.full((1, 3), 0.5)
+    assert_same_draw(torch.tensor([1]), logits, temperature, uniform)
+    with pytest.raises(AssertionError):
+        assert_same_draw(torch.tensor([2]), logits, temperature, uniform)
