@@ -8,7 +8,8 @@ before step N's forward: about zero when the host is ahead, the idle when it is 
 holds the step's uploads and pending-token copies, tens of us). The step's period is B(N) -
 B(N-1) on the GPU's clock. A step is idle above 10% when that wait is over a tenth of its period.
 It misses idle inside an eager forward (prefill), which a host slower than the GPU leaves between
-its launches; a decode step's forward is one graph replay.
+its launches; a decode step's forward is one graph replay. Its step numbers count the steps with a
+forward (throughput_logged.py's count every engine step: the two can differ by a few).
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default=False)
 PDL_ENV = "ATOM_PDL"
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-_PDL = os.environ.get(PDL_ENV, "1") != "0" and not _INTERPRET
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+_PDL = os.environ.get(PDL_ENV, "1") != "0" and not INTERPRET
 
 
 @functools.cache

@@ -3,9 +3,13 @@
 argmax(logits / T + G) with G = -ln(-ln U), U uniform, picks token i with probability
 softmax(logits / T)_i (the exponential race of atom.executor.sampler, in log space), and T = 0
 rows take the plain argmax. Divided by ln 2 (the argmax does not move), the score is
-logits / (T ln 2) - log2(-log2 U) up to a constant: on CUDA two hardware log2 approximations
-(`lg2.approx`, relative error ~2^-22) and a multiply by a per-row scale, where the natural-log form
-compiled to two ~20-instruction polynomials and an IEEE division per token. U comes from Philox
+logits / (T ln 2) - log2(-log2 U) up to a constant: a multiply by a per-row scale where the
+natural-log form took an IEEE division per token, and on NVIDIA GPUs the outer log2 is the
+hardware's `lg2.approx` (one instruction where a log compiles to a ~20-instruction polynomial).
+It has a small absolute error, which the outer log tolerates: a score is compared in absolute
+terms. The inner log2 stays exact: the winning token's U is near 1 (1 - U ~ 1e-5 at Qwen3's
+vocabulary), where an absolute error of 2^-22 in log2 U would be a relative one of percents in
+-log2 U, and could turn it to zero or negative. U comes from Philox
 keyed by the row's seed and the token's index, so a row's draw depends on its seed alone, not on
 the batch around it: one Philox draw gives the four uniforms of tokens 4g..4g+3
 (`tl.rand4x(seed, g)`), a quarter of the work of a draw per token.
@@ -27,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv
+from atom.kernels.launch import INTERPRET
 
 _BLOCK = 1024  # logits per loop iteration of a program
 _TARGET_PROGRAMS = 1024  # enough programs to cover every SM a few times over
@@ -62,8 +67,9 @@ def _uniform4(seed, first, BLOCK4: tl.constexpr):
 
 @triton.jit
 def _log2(x, FAST: tl.constexpr):
-    """log2(x); FAST (CUDA): the hardware's approximation (MUFU, relative error ~2^-22), one
-    instruction where tl.log2 is a polynomial of ~20; the interpreter has no inline PTX."""
+    """log2(x); FAST (NVIDIA): the hardware's approximation, one instruction where tl.log2 is a
+    polynomial of ~20, with an absolute error of ~2^-22 (module doc: for the outer log only);
+    the interpreter and ROCm have no PTX."""
     if FAST:
         return tl.inline_asm_elementwise(
             "lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
@@ -102,7 +108,7 @@ def _gumbel_argmax_kernel(
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if t > 0:
             u = _uniform4(seed, start + offset, BLOCK // 4)
-            x = x * scale - _log2(-_log2(u, FAST_LOG), FAST_LOG)
+            x = x * scale - _log2(-tl.log2(u), FAST_LOG)
         x = tl.where(x != x, float("inf"), x)  # NaN wins, as torch.argmax has it
         x = tl.where(mask, x, float("-inf"))
         take = x > best  # strict: the first index of a tie stays
@@ -120,6 +126,11 @@ def _splits(rows: int, vocab: int) -> tuple[int, int]:
     splits = max(1, min(_MAX_SPLITS, blocks, cdiv(_TARGET_PROGRAMS, max(rows, 1))))
     chunk = cdiv(blocks, splits) * _BLOCK
     return cdiv(vocab, chunk), chunk
+
+
+def _fast_log(t: Tensor) -> bool:
+    """Whether the draw over t may take the PTX log2: an NVIDIA GPU, not the interpreter."""
+    return t.is_cuda and torch.version.hip is None and not INTERPRET
 
 
 def gumbel_argmax(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
@@ -143,7 +154,7 @@ def gumbel_argmax(logits: Tensor, temperature: Tensor, seeds: Tensor) -> Tensor:
             logits.stride(0),
             splits,
             BLOCK=_BLOCK,
-            FAST_LOG=logits.is_cuda,
+            FAST_LOG=_fast_log(logits),
             num_warps=4,
         )
     if splits == 1:
