@@ -9,10 +9,10 @@ hardware's `lg2.approx` (one instruction where a log compiles to a ~20-instructi
 It has a small absolute error, which the outer log tolerates: a score is compared in absolute
 terms. The inner log2 stays exact: the winning token's U is near 1 (1 - U ~ 1e-5 at Qwen3's
 vocabulary), where an absolute error of 2^-22 in log2 U would be a relative one of percents in
--log2 U, and could turn it to zero or negative. U comes from Philox
-keyed by the row's seed and the token's index, so a row's draw depends on its seed alone, not on
-the batch around it: one Philox draw gives the four uniforms of tokens 4g..4g+3
-(`tl.rand4x(seed, g)`), a quarter of the work of a draw per token.
+-log2 U, and could turn it to zero or negative. U comes from Philox keyed by the row's seed and
+the token's index, so a row's draw depends on its seed alone, not on the batch around it: one
+Philox draw gives the four uniforms of tokens 4g..4g+3 (`tl.rand4x(seed, g)`), a quarter of the
+work of a draw per token.
 
 The torch sampler reads the logits about ten times per step (float copy, division, softmax, noise,
 ratio, two argmaxes: ~0.7 ms of kernels at batch 256 x 151,936 on an H200); this reads them once,
