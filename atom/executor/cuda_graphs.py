@@ -31,16 +31,20 @@ from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
 
 
 def context_caps(
-    sizes: list[int], max_model_len: int, kv_heads: set[int], num_sms: int
+    sizes: list[int], max_model_len: int, kinds: set[tuple[int, bool]], num_sms: int
 ) -> dict[int, list[int]]:
-    """Each capture size's context caps: max_model_len and, where decode attention (with any of
-    kv_heads KV heads) would split at it for that batch, also the longest context it never
-    splits, so a step of short contexts runs one program per (sequence, KV head) and no split
-    reduce (a graph for max_model_len splits a 272-token context 16 ways at batch 1)."""
+    """Each capture size's context caps: max_model_len and, where decode attention (any of the
+    layer kinds: (KV heads, choose_num_splits's fill_twice)) would split at it for that batch,
+    also the longest context it never splits, so a step of short contexts runs one program per
+    (sequence, KV head) and no split reduce (a graph for max_model_len splits a 272-token context
+    16 ways at batch 1)."""
     short = min(max_model_len, UNSPLIT_CONTEXT)
 
     def splits(size: int, cap: int) -> list[int]:
-        return [choose_num_splits(size, h, 1, cap, num_sms) for h in sorted(kv_heads)]
+        return [
+            choose_num_splits(size, h, 1, cap, num_sms, fill_twice=twice)
+            for h, twice in sorted(kinds)
+        ]
 
     return {
         size: [short, max_model_len] if splits(size, short) != splits(size, max_model_len)

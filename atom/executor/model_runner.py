@@ -235,7 +235,8 @@ class ModelRunner:
         caps = context_caps(
             self.capture_sizes,
             self.config.scheduler.max_model_len,
-            {layer.num_kv_heads for layer in self.attn_layers},  # MLA: one, splits no less
+            # MLA: one KV head, which splits no less than its head groups
+            {(layer.num_kv_heads, layer.SPLITS_FILL_TWICE) for layer in self.attn_layers},
             num_sms(self.device),
         )
         self.graphs = DecodeGraphs(caps)

@@ -63,7 +63,13 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(
-    num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, num_sms: int
+    num_seqs: int,
+    num_kv_heads: int,
+    max_query_len: int,
+    max_seq_len: int,
+    num_sms: int,
+    *,
+    fill_twice: bool = True,
 ) -> int:
     """KV splits per (sequence, KV head) for flash-decoding.
 
@@ -72,10 +78,12 @@ def choose_num_splits(
     covers them once takes two splits (H200, the bench's contexts of 100-2,048 tokens: batch 32
     x 8 KV heads reads 2.45-2.48 TB/s with two, 2.25 with one; RESULTS, fourteenth sitting);
     fewer programs aim at four per SM, each over at least MIN_TOKENS_PER_SPLIT keys (B=1 x 32k:
-    33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0).
+    33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0). fill_twice=False
+    (MLA's latent attention, not measured with two) leaves a batch that covers every SM once
+    unsplit.
     """
     programs = num_seqs * num_kv_heads
-    if max_query_len != 1 or programs == 0 or programs >= 2 * num_sms:
+    if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)

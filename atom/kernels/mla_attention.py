@@ -330,8 +330,9 @@ def mla_latent_attention(
     cfg = mla_launch_config(max_query_len, num_heads)
     if num_splits is None:
         num_splits = choose_num_splits(
-            num_seqs, cfg.num_head_groups, max_query_len, max_seq_len, num_sms(q_lat.device)
-        )
+            num_seqs, cfg.num_head_groups, max_query_len, max_seq_len, num_sms(q_lat.device),
+            fill_twice=False,
+        )  # fmt: skip
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split = num_splits > 1

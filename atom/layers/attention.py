@@ -38,6 +38,10 @@ def sliding_window_of(config: Any, layer_idx: int) -> int | None:
 
 
 class Attention(nn.Module):
+    # Its decode attention takes two KV splits where a batch covers each SM once but not twice
+    # (attention_config.choose_num_splits's fill_twice): the graphs' context caps follow it.
+    SPLITS_FILL_TWICE = True
+
     def __init__(
         self,
         num_heads: int,

@@ -26,6 +26,8 @@ from atom.layers.attention import Attention
 class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
 
+    SPLITS_FILL_TWICE = False  # mla_attention's split choice
+
     # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
     # it (tests/gpu/test_mla_gpu.py replays one).
 

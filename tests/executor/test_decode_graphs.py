@@ -17,8 +17,11 @@ from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
 from atom.layers.embedding import ParallelLMHead
 
 
-def _caps(max_model_len: int, kv_heads: list[int], sizes: list[int]) -> dict[int, list[int]]:
-    return context_caps(sizes, max_model_len, set(kv_heads), 132)  # an H100/H200's SMs
+def _caps(
+    max_model_len: int, kv_heads: list[int], sizes: list[int], fill_twice: bool = True
+) -> dict[int, list[int]]:
+    kinds = {(h, fill_twice) for h in kv_heads}
+    return context_caps(sizes, max_model_len, kinds, 132)  # an H100/H200's SMs
 
 
 def test_small_batches_get_an_unsplit_graph() -> None:
@@ -33,6 +36,9 @@ def test_small_batches_get_an_unsplit_graph() -> None:
     assert _caps(4096, [8, 1], [48])[48] == [UNSPLIT_CONTEXT, 4096]
     # Contexts never long enough to split: one graph a size.
     assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
+    # MLA's latent attention leaves a batch that covers every SM once unsplit: one graph.
+    assert _caps(4096, [1], [144], fill_twice=False)[144] == [4096]
+    assert _caps(4096, [1], [144])[144] == [UNSPLIT_CONTEXT, 4096]
 
 
 class _Graph:

@@ -244,6 +244,7 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(32, 8, 1, 32768, sms) == 2  # 256 programs: each SM's two
     assert choose_num_splits(32, 8, 1, 400, sms) == 1  # ... but too short to split
     assert choose_num_splits(33, 8, 1, 32768, sms) == 1  # 264 programs fill the GPU twice
+    assert choose_num_splits(32, 8, 1, 32768, sms, fill_twice=False) == 1  # MLA: once is enough
     assert choose_num_splits(1, 8, 512, 32768, sms) == 1  # prefill: q-blocks fill the GPU
 
 
