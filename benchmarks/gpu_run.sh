@@ -38,7 +38,7 @@
 #            splits per batch, then random batch order against longest context first, then cache
 #            layouts, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4
 #            minutes; TUNE_SECTIONS= picks sections, e.g. layout; TUNE_BATCHES= and
-#            TUNE_CONFIGS=tile:warps:stages,... the configs')
+#            TUNE_CONFIGS=tile:warps:stages,... the configs section)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL

@@ -79,8 +79,8 @@ def choose_num_splits(
     x 8 KV heads reads 2.45-2.48 TB/s with two, 2.25 with one; RESULTS, fourteenth sitting);
     fewer programs aim at four per SM, each over at least MIN_TOKENS_PER_SPLIT keys (B=1 x 32k:
     33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0). fill_twice=False
-    (MLA's latent attention, not measured with two) leaves a batch that covers every SM once
-    unsplit.
+    (MLA's latent attention, mla_attention.SPLITS_FILL_TWICE) leaves a batch that covers every SM
+    once unsplit.
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:

@@ -39,6 +39,11 @@ MAX_HEAD_GROUP = 16
 DECODE_ROWS, PREFILL_ROWS = 16, 32
 TILE = 32  # latent rows (1.1 KiB each at V3's shape) per loop iteration
 
+# choose_num_splits's fill_twice: the two-split band of the unified kernel was measured on it
+# alone (RESULTS, fourteenth sitting), so the latent kernel keeps a batch that covers every SM
+# once unsplit. MLAAttention reads it too, for the graphs' context caps.
+SPLITS_FILL_TWICE = False
+
 
 @dataclass(frozen=True, slots=True)
 class MLALaunchConfig:
@@ -331,7 +336,7 @@ def mla_latent_attention(
     if num_splits is None:
         num_splits = choose_num_splits(
             num_seqs, cfg.num_head_groups, max_query_len, max_seq_len, num_sms(q_lat.device),
-            fill_twice=False,
+            fill_twice=SPLITS_FILL_TWICE,
         )  # fmt: skip
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

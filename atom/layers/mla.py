@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from atom.executor.forward_context import get_forward_context
-from atom.kernels import ops
+from atom.kernels import mla_attention, ops
 from atom.kernels.mla_reference import mla_expanded_ref
 from atom.layers.attention import Attention
 
@@ -26,7 +26,7 @@ from atom.layers.attention import Attention
 class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
 
-    SPLITS_FILL_TWICE = False  # mla_attention's split choice
+    SPLITS_FILL_TWICE = mla_attention.SPLITS_FILL_TWICE
 
     # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
     # it (tests/gpu/test_mla_gpu.py replays one).
