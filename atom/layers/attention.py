@@ -57,8 +57,9 @@ class Attention(nn.Module):
         """num_heads / num_kv_heads: this rank's; sinks: a learned per-head logit [num_heads]
         joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor;
         rope (and qk_norm, Qwen3's per-head q/k RMSNorm, before it): the layer rotates q and k
-        itself, in the kernel that writes K/V into the cache (one launch where there were two),
-        so forward takes q and k unrotated, and the positions."""
+        itself, so forward takes them unrotated, and the positions. A decode step rotates, writes
+        the cache and attends in one kernel (kernels/decode_attention.py); other steps rotate in
+        the kernel that writes K/V into the cache, then attend."""
         super().__init__()
         # A plain tuple: the modules stay registered (and named) where the checkpoint has them.
         self.rope: tuple[RotaryEmbedding, RMSNorm | None, RMSNorm | None] | None = None
@@ -150,6 +151,15 @@ class Attention(nn.Module):
         else:
             rotary, q_norm, k_norm = self.rope
             assert positions is not None
+            if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
+                # A decode batch (a token for every row): rotary, cache write, attention in one.
+                norm, q, k = rotary.fusable_norms(q, k, q_norm, k_norm)
+                rope = (rotary.cos_sin_cache, rotary.rotary_dim, rotary.is_neox_style, norm)
+                ops.decode_attention(
+                    q, k, v, positions, kv_cache, meta, rope, self.scale, *scales,
+                    self.sliding_window, self.softcap, out, self.sinks,
+                )  # fmt: skip
+                return
             q = rotary.forward_into_cache(
                 positions, q, k, v, kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
             )

@@ -1,7 +1,8 @@
 """Attention through the paged KV cache: mixed steps (paged_steps.py) give what one causal pass
-over each whole sequence gives, with the layer's own rope (and
-Qwen3's q/k norms) fused into its cache write, and without a rope. Run with the CPU path (torch
-references) and with the CUDA path's rotary/cache kernels (the Triton interpreter on the CPU)."""
+over each whole sequence gives, with the layer's own rope (and Qwen3's q/k norms) fused into its
+cache write (into the whole attention on a decode batch), and without a rope. Run with the CPU
+path (torch references) and with the CUDA path's rotary/cache kernels and fused decode attention
+(the Triton interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 import transformers
 
-from atom.executor.forward_context import ForwardContext, set_forward_context
+from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from atom.kernels import decode_attention as decode_kernels
 from atom.kernels import ops
 from atom.kernels import reshape_and_cache as cache_kernels
 from atom.kernels import rotary as rotary_kernels
@@ -25,9 +27,18 @@ SCALE = HEAD_DIM**-0.5
 
 
 def _triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ops picks on CUDA for the cache writes, on CPU tensors (attention stays torch)."""
+    """What ops picks on CUDA for the cache writes and decode batches, on CPU tensors (other
+    steps' attention stays torch)."""
     monkeypatch.setattr(ops, "rotary_and_cache", rotary_kernels.rotary_and_cache)
     monkeypatch.setattr(ops, "reshape_and_cache", cache_kernels.reshape_and_cache)
+
+    def decode(q, k, v, positions, cache, meta: AttentionMetadata, rope, scale, *rest) -> None:
+        decode_kernels.decode_attention(
+            q, k, v, positions, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+            meta.query_start_loc, meta.max_seq_len, *rope, scale, *rest,
+        )  # fmt: skip
+
+    monkeypatch.setattr(ops, "decode_attention", decode)
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
