@@ -151,8 +151,9 @@ class Attention(nn.Module):
         else:
             rotary, q_norm, k_norm = self.rope
             assert positions is not None
-            if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
+            if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
                 # A decode batch (a token for every row): rotary, cache write, attention in one.
+                # (Not seq_lens_cpu: a graph's capture leaves the CPU lists empty.)
                 norm, q, k = rotary.fusable_norms(q, k, q_norm, k_norm)
                 rope = (rotary.cos_sin_cache, rotary.rotary_dim, rotary.is_neox_style, norm)
                 ops.decode_attention(

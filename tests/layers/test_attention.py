@@ -95,3 +95,22 @@ def test_positions_go_with_a_rope_only() -> None:
     norms = (RMSNorm(HEAD_DIM, 1e-6), RMSNorm(HEAD_DIM, 1e-6))
     normed = Attention(HEADS, HEAD_DIM, SCALE, KV_HEADS, rope=roped.rope[0], qk_norm=norms)
     assert not list(normed.parameters()) and not list(normed.buffers())
+
+
+def test_graph_capture_metadata_takes_the_fused_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA graph's capture passes decode metadata without the CPU lists: the one-token-a-row
+    batch still goes to the fused decode attention (the graphs would otherwise hold the two
+    kernels of other steps)."""
+    calls = []
+    monkeypatch.setattr(ops, "decode_attention", lambda *args: calls.append(len(args[0])))
+    config = transformers.LlamaConfig(head_dim=HEAD_DIM, max_position_embeddings=64)
+    layer = Attention(HEADS, HEAD_DIM, SCALE, KV_HEADS, rope=RotaryEmbedding(config, HEAD_DIM, 64))
+    layer.kv_cache = torch.zeros(layer.kv_cache_shape(NUM_BLOCKS, BLOCK))
+    meta = AttentionMetadata(
+        torch.full((3,), -1), torch.zeros(3, 2, dtype=torch.int32),
+        torch.zeros(3, dtype=torch.int32), torch.arange(4, dtype=torch.int32), [], [], 1, 32,
+    )  # fmt: skip
+    q, kv = torch.randn(3, HEADS, HEAD_DIM), torch.randn(3, KV_HEADS, HEAD_DIM)
+    with set_forward_context(ForwardContext([], meta)):
+        layer(q, kv, kv, torch.zeros(3, dtype=torch.int64))
+    assert calls == [3]
