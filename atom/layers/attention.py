@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import AttentionMetadata, get_forward_context
 from atom.kernels import ops
+from atom.kernels.attention_config import fuse_decode_rope, num_sms
 from atom.kernels.paged_attention import sdpa
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding
@@ -151,9 +152,7 @@ class Attention(nn.Module):
         else:
             rotary, q_norm, k_norm = self.rope
             assert positions is not None
-            if meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]:
-                # A decode batch (a token for every row): rotary, cache write, attention in one.
-                # (Not seq_lens_cpu: a graph's capture leaves the CPU lists empty.)
+            if self._fused_decode(q, meta):
                 norm, q, k = rotary.fusable_norms(q, k, q_norm, k_norm)
                 rope = (rotary.cos_sin_cache, rotary.rotary_dim, rotary.is_neox_style, norm)
                 ops.decode_attention(
@@ -176,6 +175,15 @@ class Attention(nn.Module):
             out,
             self.sinks,
         )
+
+    def _fused_decode(self, q: Tensor, meta: AttentionMetadata) -> bool:
+        """A decode batch (a token for every row; counted from seq_lens, since a graph's capture
+        leaves the CPU lists empty) small enough that rotary, cache write and attention run as
+        one kernel (attention_config.fuse_decode_rope)."""
+        num_seqs = meta.seq_lens.shape[0]
+        if meta.max_query_len != 1 or q.shape[0] != num_seqs:
+            return False
+        return fuse_decode_rope(num_seqs, self.num_kv_heads, num_sms(q.device))
 
     def set_kv_scales_from_amax(self, margin: float = 2.0) -> None:
         """fp8 scales from the calibrated maxima; the margin keeps unseen larger values unclipped

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from atom.kernels.attention_config import fuse_decode_rope
 from atom.kernels.decode_attention import decode_attention, decode_attention_ref
 from tests.kernels.block_tables import shuffled_block_tables
 
@@ -195,3 +196,10 @@ def test_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="int32"):
         bad = (args[0], seq_lens.long(), *args[2:])
         decode_attention(q, k, v, positions, cache, slots, *bad, 0.3)
+
+
+def test_fused_only_where_programs_fill_the_sms_at_most_twice() -> None:
+    """Larger decode batches keep the rotary kernel: the fused one's per-program start costs
+    more there than the launch it saves (attention_config.fuse_decode_rope)."""
+    assert fuse_decode_rope(32, 8, 132) and fuse_decode_rope(1, 1, 132)
+    assert not fuse_decode_rope(33, 8, 132) and not fuse_decode_rope(264, 1, 132)
