@@ -38,7 +38,7 @@ import torch
 
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
-from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, num_sms
+from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
 from atom.kernels.gemv import tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
@@ -159,27 +159,23 @@ def distinct_weights(weights: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
-    """The metadata of steps covering every launch configuration: one-sequence decode at
-    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits (the fused decode kernel's variants), a
-    decode batch of 2 x SMs sequences (large enough for the two-kernel path at any KV head
-    count, attention_config.fuse_decode_rope), then one sequence of each of QUERY_LENS. Slots
-    are -1 (nothing would be written) and the block tables zeros: nothing runs anyway."""
+    """The metadata of one-sequence steps covering every launch configuration: decode at
+    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, then each of QUERY_LENS. Slots are -1
+    (nothing would be written) and the block table zeros: nothing runs anyway."""
     splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
     # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
-    steps = [(1, 1, c) for c in contexts] + [(2 * num_sms(device), 1, 1)]
-    steps += [(1, q, q) for q in QUERY_LENS if q > 1]
-    for seqs, q, context in steps:
+    steps = [(1, c) for c in contexts] + [(q, q) for q in QUERY_LENS if q > 1]
+    for q, context in steps:
         blocks = -(-context // block_size)
-        tokens = seqs * q
         meta = AttentionMetadata(
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
-            block_tables=torch.zeros((seqs, blocks), dtype=torch.int32, device=device),
-            seq_lens=torch.full((seqs,), context, dtype=torch.int32, device=device),
-            query_start_loc=torch.arange(0, tokens + 1, q, dtype=torch.int32, device=device),
-            seq_lens_cpu=[context] * seqs,
-            query_start_loc_cpu=list(range(0, tokens + 1, q)),
+            slot_mapping=torch.full((q,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros((1, blocks), dtype=torch.int32, device=device),
+            seq_lens=torch.full((1,), context, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=device),
+            seq_lens_cpu=[context],
+            query_start_loc_cpu=[0, q],
             max_query_len=q,
             max_seq_len=context,
         )

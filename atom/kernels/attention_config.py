@@ -88,14 +88,3 @@ def choose_num_splits(
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))
-
-
-def fuse_decode_rope(num_seqs: int, num_kv_heads: int, num_sms: int) -> bool:
-    """Whether a decode batch runs the rotary embedding and cache write inside its attention
-    kernel (decode_attention.py) rather than as a kernel before it: where its programs fill the
-    SMs at most twice. Each program then starts with the rotation's loads (the cos/sin row after
-    the sequence length, q, the new k and v), a latency the tile loop waits behind; with many
-    waves of programs it costs more than the kernel it saves. H200, the nano-vllm bench (RESULTS,
-    fifteenth sitting): step periods at 1-32 running requests 1-2% shorter fused, at 64 3.7%
-    longer, at 256 6.7% longer."""
-    return num_seqs * num_kv_heads < 2 * num_sms

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from atom.kernels import decode_attention as _decode
 from atom.kernels import fused_moe as _moe
 from atom.kernels import gemv as _gemv
 from atom.kernels import latent_cache as _latent
@@ -241,41 +240,6 @@ def paged_attention(
             sinks,
         )
     )
-
-
-def decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    positions: Tensor,
-    kv_cache: Tensor,
-    meta: AttentionMetadata,
-    rope: tuple[Tensor, int, bool, _rotary.Norm | None],
-    scale: float,
-    k_scale: float,
-    v_scale: float,
-    sliding_window: int | None,
-    softcap: float | None,
-    out: Tensor,
-    sinks: Tensor | None = None,
-) -> None:
-    """A decode batch's attention (one token per sequence, unrotated q and k) with the rotary
-    embedding, rope = (cos_sin_cache, rotary_dim, is_neox_style, q/k norms), and the cache write
-    of k and v: one kernel on CUDA, the chain of references elsewhere."""
-    cos_sin, rotary_dim, is_neox, norm = rope
-    if q.is_cuda:
-        _decode.decode_attention(
-            q, k, v, positions, kv_cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-            meta.query_start_loc, meta.max_seq_len, cos_sin, rotary_dim, is_neox, norm, scale,
-            k_scale, v_scale, sliding_window, softcap, out, sinks,
-        )  # fmt: skip
-        return
-    args = (meta.slot_mapping, meta.block_tables, meta.seq_lens_cpu, cos_sin, rotary_dim, is_neox)
-    ref = _decode.decode_attention_ref(
-        q, k, v, positions, kv_cache, *args, norm, scale, k_scale, v_scale, sliding_window,
-        softcap, sinks,
-    )  # fmt: skip
-    out.copy_(ref)
 
 
 def write_latent_cache(

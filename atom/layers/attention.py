@@ -19,7 +19,6 @@ from torch.profiler import record_function
 from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import AttentionMetadata, get_forward_context
 from atom.kernels import ops
-from atom.kernels.attention_config import fuse_decode_rope, num_sms
 from atom.kernels.paged_attention import sdpa
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding
@@ -58,9 +57,8 @@ class Attention(nn.Module):
         """num_heads / num_kv_heads: this rank's; sinks: a learned per-head logit [num_heads]
         joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor;
         rope (and qk_norm, Qwen3's per-head q/k RMSNorm, before it): the layer rotates q and k
-        itself, so forward takes them unrotated, and the positions. A decode step rotates, writes
-        the cache and attends in one kernel (kernels/decode_attention.py); other steps rotate in
-        the kernel that writes K/V into the cache, then attend."""
+        itself, in the kernel that writes K/V into the cache (one launch where there were two),
+        so forward takes q and k unrotated, and the positions."""
         super().__init__()
         # A plain tuple: the modules stay registered (and named) where the checkpoint has them.
         self.rope: tuple[RotaryEmbedding, RMSNorm | None, RMSNorm | None] | None = None
@@ -152,14 +150,6 @@ class Attention(nn.Module):
         else:
             rotary, q_norm, k_norm = self.rope
             assert positions is not None
-            if self._fused_decode(q, meta):
-                norm, q, k = rotary.fusable_norms(q, k, q_norm, k_norm)
-                rope = (rotary.cos_sin_cache, rotary.rotary_dim, rotary.is_neox_style, norm)
-                ops.decode_attention(
-                    q, k, v, positions, kv_cache, meta, rope, self.scale, *scales,
-                    self.sliding_window, self.softcap, out, self.sinks,
-                )  # fmt: skip
-                return
             q = rotary.forward_into_cache(
                 positions, q, k, v, kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
             )
@@ -175,15 +165,6 @@ class Attention(nn.Module):
             out,
             self.sinks,
         )
-
-    def _fused_decode(self, q: Tensor, meta: AttentionMetadata) -> bool:
-        """A decode batch (a token for every row; counted from seq_lens, since a graph's capture
-        leaves the CPU lists empty) small enough that rotary, cache write and attention run as
-        one kernel (attention_config.fuse_decode_rope)."""
-        num_seqs = meta.seq_lens.shape[0]
-        if meta.max_query_len != 1 or q.shape[0] != num_seqs:
-            return False
-        return fuse_decode_rope(num_seqs, self.num_kv_heads, num_sms(q.device))
 
     def set_kv_scales_from_amax(self, margin: float = 2.0) -> None:
         """fp8 scales from the calibrated maxima; the margin keeps unseen larger values unclipped

@@ -62,7 +62,7 @@ class RotaryEmbedding(nn.Module):
         are fine) -> new (q, k); fp32 math, features past rotary_dim pass through. With q_norm
         and k_norm (Qwen3, GLM-4.5's per-head RMSNorm), q and k are normed first, in the same
         kernel."""
-        norm, q, k = self.fusable_norms(q, k, q_norm, k_norm)
+        norm, q, k = self._norms(q, k, q_norm, k_norm)
         args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style, norm)
         return ops.rotary_embedding(positions, q, k, *args)
 
@@ -81,12 +81,12 @@ class RotaryEmbedding(nn.Module):
     ) -> Tensor:
         """forward, with the rotated k and v written into the paged kv_cache at slot_mapping
         (the attention layer's cache write) instead of returned: the rotated q only."""
-        norm, q, k = self.fusable_norms(q, k, q_norm, k_norm)
+        norm, q, k = self._norms(q, k, q_norm, k_norm)
         args = (self.cos_sin_cache, self.rotary_dim, self.is_neox_style, k_scale, v_scale, norm)
         return ops.rotary_and_cache(positions, q, k, v, kv_cache, slot_mapping, *args)
 
     @staticmethod
-    def fusable_norms(
+    def _norms(
         q: Tensor, k: Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None
     ) -> tuple[tuple[Tensor, Tensor, float] | None, Tensor, Tensor]:
         """(weights and eps for the kernel to norm q and k itself, q, k); norms it cannot fuse

@@ -15,12 +15,7 @@ from atom.executor.precompile import (
     start_precompile,
 )
 from atom.kernels import launch as launch_module
-from atom.kernels.attention_config import (
-    DEFAULT_NUM_SMS,
-    choose_num_splits,
-    fuse_decode_rope,
-    launch_config,
-)
+from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits, launch_config
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import compile_only, launch, pdl
 from atom.layers.attention import Attention
@@ -84,9 +79,8 @@ def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatc
     ("heads", "kv_heads", "head_dim"), [(32, 8, 128), (16, 16, 64), (64, 1, 256)]
 )
 def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: int) -> None:
-    """Every tile configuration of query lengths 1-300, every reduce variant (splits padded to a
-    power of two) of decode batches 1-600 at contexts up to 128k, and decode batches of both
-    the fused and the two-kernel path are among the stand-ins'."""
+    """Every tile configuration of query lengths 1-300, and every reduce variant (splits padded to
+    a power of two) of decode batches 1-600 at contexts up to 128k, is among the stand-ins'."""
     group = heads // kv_heads
     steps = list(stand_in_steps(16, CPU))
     configs = {launch_config(m.max_query_len, group, head_dim) for m in steps}
@@ -101,16 +95,11 @@ def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: 
         for context in (1, 17, 255, 256, 700, 4096, 32768, 131072):
             s = choose_num_splits(batch, kv_heads, 1, context, DEFAULT_NUM_SMS)
             assert next_power_of_2(s) in splits, (batch, context, s)
-    # Decode batches of both paths: the fused kernel's and the two kernels' (large batches).
-    decode = [m.seq_lens.shape[0] for m in steps if m.max_query_len == 1]
-    assert {fuse_decode_rope(n, kv_heads, DEFAULT_NUM_SMS) for n in decode} == {True, False}
-    for m in steps:  # metadata consistent with itself
-        seqs, tokens = m.seq_lens.shape[0], m.query_start_loc_cpu[-1]
-        assert m.slot_mapping.shape == (tokens,) and (m.slot_mapping == -1).all()
-        assert m.block_tables.shape == (seqs, -(-m.max_seq_len // 16))
-        assert m.seq_lens.tolist() == [m.max_seq_len] * seqs == m.seq_lens_cpu
-        assert tokens == seqs * m.max_query_len and m.max_query_len <= m.max_seq_len
-        assert m.query_start_loc.tolist() == m.query_start_loc_cpu
+    for m in steps:  # one sequence each, metadata consistent with itself
+        q = m.query_start_loc_cpu[-1]
+        assert m.slot_mapping.shape == (q,) and (m.slot_mapping == -1).all()
+        assert m.block_tables.shape == (1, -(-m.max_seq_len // 16))
+        assert m.seq_lens.tolist() == [m.max_seq_len] and m.max_query_len == q <= m.max_seq_len
 
 
 def test_one_layer_per_kind_and_no_thread_on_the_cpu() -> None:

@@ -14,19 +14,16 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
-from atom.kernels.attention_parts import _reduce_splits_kernel
-from atom.kernels.decode_attention import _decode_attention_kernel
 from atom.kernels.gemv import _gemv_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
-from atom.kernels.unified_attention import _unified_attention_kernel
+from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 KERNELS = {
     "attention": _unified_attention_kernel,
-    "decode": _decode_attention_kernel,
     "reduce": _reduce_splits_kernel,
     "rotary": _rotary_embedding_kernel,
     "cache": _reshape_and_cache_kernel,

@@ -1,13 +1,11 @@
 """Mixed steps through a paged KV cache for the attention layers' tests: prompts (one in two
 chunks), then decode rows; the last sequence is a padding row (seq_len 0, slot -1) as in a
-CUDA-graph batch. Block ids are shuffled across sequences. Step 3 is a decode batch as the runner
-builds one (a token for every row): the attention layer's fused decode path.
+CUDA-graph batch. Block ids are shuffled across sequences.
 
     sequence:  0              1                    2     3 (padding)
     step 0:    17 tokens      23 tokens            1     0
     step 1:    1 (decode)     17 (second chunk)    1     0
     step 2:    1              1                    -     1
-    step 3:    1              1                    1     1
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ from torch import Tensor
 from atom.executor.forward_context import AttentionMetadata
 
 BLOCK = 16
-STEPS = [[17, 23, 1, 0], [1, 17, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1]]
-LENGTHS = [20, 42, 3, 0]  # each sequence's context after the last step
+STEPS = [[17, 23, 1, 0], [1, 17, 1, 0], [1, 1, 0, 1]]
+LENGTHS = [19, 41, 2, 0]  # each sequence's context after the last step
 TABLES = torch.tensor([[7, 2, 0], [1, 9, 4], [11, 0, 0], [0, 0, 0]], dtype=torch.int32)
 NUM_BLOCKS = 12
 

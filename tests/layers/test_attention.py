@@ -1,8 +1,7 @@
 """Attention through the paged KV cache: mixed steps (paged_steps.py) give what one causal pass
-over each whole sequence gives, with the layer's own rope (and Qwen3's q/k norms) fused into its
-cache write (into the whole attention on a decode batch), and without a rope. Run with the CPU
-path (torch references) and with the CUDA path's rotary/cache kernels and fused decode attention
-(the Triton interpreter on the CPU)."""
+over each whole sequence gives, with the layer's own rope (and
+Qwen3's q/k norms) fused into its cache write, and without a rope. Run with the CPU path (torch
+references) and with the CUDA path's rotary/cache kernels (the Triton interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ import pytest
 import torch
 import transformers
 
-from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
-from atom.kernels import decode_attention as decode_kernels
+from atom.executor.forward_context import ForwardContext, set_forward_context
 from atom.kernels import ops
 from atom.kernels import reshape_and_cache as cache_kernels
 from atom.kernels import rotary as rotary_kernels
@@ -27,18 +25,9 @@ SCALE = HEAD_DIM**-0.5
 
 
 def _triton_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What ops picks on CUDA for the cache writes and decode batches, on CPU tensors (other
-    steps' attention stays torch)."""
+    """What ops picks on CUDA for the cache writes, on CPU tensors (attention stays torch)."""
     monkeypatch.setattr(ops, "rotary_and_cache", rotary_kernels.rotary_and_cache)
     monkeypatch.setattr(ops, "reshape_and_cache", cache_kernels.reshape_and_cache)
-
-    def decode(q, k, v, positions, cache, meta: AttentionMetadata, rope, scale, *rest) -> None:
-        decode_kernels.decode_attention(
-            q, k, v, positions, cache, meta.slot_mapping, meta.block_tables, meta.seq_lens,
-            meta.query_start_loc, meta.max_seq_len, *rope, scale, *rest,
-        )  # fmt: skip
-
-    monkeypatch.setattr(ops, "decode_attention", decode)
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
@@ -95,22 +84,3 @@ def test_positions_go_with_a_rope_only() -> None:
     norms = (RMSNorm(HEAD_DIM, 1e-6), RMSNorm(HEAD_DIM, 1e-6))
     normed = Attention(HEADS, HEAD_DIM, SCALE, KV_HEADS, rope=roped.rope[0], qk_norm=norms)
     assert not list(normed.parameters()) and not list(normed.buffers())
-
-
-def test_graph_capture_metadata_takes_the_fused_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CUDA graph's capture passes decode metadata without the CPU lists: the one-token-a-row
-    batch still goes to the fused decode attention (the graphs would otherwise hold the two
-    kernels of other steps)."""
-    calls = []
-    monkeypatch.setattr(ops, "decode_attention", lambda *args: calls.append(len(args[0])))
-    config = transformers.LlamaConfig(head_dim=HEAD_DIM, max_position_embeddings=64)
-    layer = Attention(HEADS, HEAD_DIM, SCALE, KV_HEADS, rope=RotaryEmbedding(config, HEAD_DIM, 64))
-    layer.kv_cache = torch.zeros(layer.kv_cache_shape(NUM_BLOCKS, BLOCK))
-    meta = AttentionMetadata(
-        torch.full((3,), -1), torch.zeros(3, 2, dtype=torch.int32),
-        torch.zeros(3, dtype=torch.int32), torch.arange(4, dtype=torch.int32), [], [], 1, 32,
-    )  # fmt: skip
-    q, kv = torch.randn(3, HEADS, HEAD_DIM), torch.randn(3, KV_HEADS, HEAD_DIM)
-    with set_forward_context(ForwardContext([], meta)):
-        layer(q, kv, kv, torch.zeros(3, dtype=torch.int64))
-    assert calls == [3]
