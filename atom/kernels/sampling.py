@@ -17,9 +17,10 @@ work of a draw per token.
 The torch sampler reads the logits about ten times per step (float copy, division, softmax, noise,
 ratio, two argmaxes: ~0.7 ms of kernels at batch 256 x 151,936 on an H200); this reads them once,
 and the noise makes it compute-bound: 123 us a step in the nano-vllm bench with a Philox draw per
-token, 85 us with one per four tokens (H200, eighth and ninth sittings; benchmarks/bench_sampler.py
-times it alone). The vocabulary is split across programs so that small batches still fill the GPU;
-a tiny torch argmax merges the splits. NaN counts as the largest value, as in torch.argmax.
+token, 85 us with one per four tokens, 62 us in base 2 (H200, eighth, ninth and fifteenth sittings;
+benchmarks/bench_sampler.py times it alone). The vocabulary is split across programs so that
+small batches still fill the GPU; a tiny torch argmax merges the splits. NaN counts as the largest
+value, as in torch.argmax.
 """
 
 from __future__ import annotations
