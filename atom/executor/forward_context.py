@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +40,6 @@ class ForwardContext:
     # knows its layer only by its index here (Attention.layer_index).
     layers: Sequence[Any]
     attn: AttentionMetadata | None  # None: a forward with no KV cache (memory profile, calibration)
-    # Entered around each attention kernel's launch: micro_batch.AttentionTurns orders the
-    # attentions of micro-batches on two streams.
-    attention_turn: Callable[[], AbstractContextManager[None]] | None = None
 
 
 _CONTEXT: ContextVar[ForwardContext | None] = ContextVar("atom_forward_context", default=None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.memory_profile import free_memory_for_kv
-from atom.executor.micro_batch import AttentionTurns, MicroBatch, forward_micro_batches, split_rows
 from atom.executor.precompile import StandIn, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
@@ -103,16 +101,6 @@ class ModelRunner:
         self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
         self._graph_logits = torch.empty(0)  # the graphs' shared logits, made with them
-        # Decode graphs of at least this many rows run two micro-batches on two streams
-        # (micro_batch.py): levels 0 and 3 only (the runner calls the layers), one rank.
-        overlap = os.environ.get("ATOM_DECODE_OVERLAP", "0")
-        self._overlap_min = (
-            int(os.environ.get("ATOM_DECODE_OVERLAP_MIN", "64"))
-            if overlap != "0" and comp.level in (0, 3) and config.parallel.world_size == 1
-            else 0
-        )
-        self._chain_attention = overlap == "chain"
-        self._side_stream: torch.cuda.Stream | None = None
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
         )
@@ -280,45 +268,19 @@ class ModelRunner:
         graph writes its logits into one buffer (a step reads them before the next replay, in
         stream order): [size, vocab] logits of their own would cost GiBs."""
         b = self.buffers
-        logits = self._graph_logits[:size]
-        if not self._overlap_min or size < self._overlap_min:
-            meta = self._decode_metadata(0, size, max_seq_len)
-            with set_forward_context(ForwardContext(self.attn_layers, meta)):
-                hidden = self.forward(b.input_ids[:size], b.positions[:size])
-            return self.model.compute_logits(hidden, out=logits)
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
-        turns = AttentionTurns() if self._chain_attention else None
-        batches = [
-            MicroBatch(
-                b.input_ids[start:end],
-                b.positions[start:end],
-                ForwardContext(
-                    self.attn_layers, self._decode_metadata(start, end, max_seq_len), turns
-                ),
-                logits[start:end],
-            )
-            for start, end in split_rows(size)
-        ]
-        forward_micro_batches(
-            self.model, batches, [torch.cuda.current_stream(self.device), self._side_stream]
-        )
-        return logits
-
-    def _decode_metadata(self, start: int, end: int, max_seq_len: int) -> AttentionMetadata:
-        """Decode rows [start, end) of the step buffers. Their query_start_loc is the first
-        end - start + 1 entries: a graph's step writes 0, 1, 2, ... into every row it replays."""
-        b = self.buffers
-        return AttentionMetadata(
-            slot_mapping=b.slot_mapping[start:end],
-            block_tables=b.block_tables[start:end],
-            seq_lens=b.seq_lens[start:end],
-            query_start_loc=b.query_start_loc[: end - start + 1],
+        meta = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:size],
+            block_tables=b.block_tables[:size],
+            seq_lens=b.seq_lens[:size],
+            query_start_loc=b.query_start_loc[: size + 1],
             seq_lens_cpu=[],
             query_start_loc_cpu=[],
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
+        with set_forward_context(ForwardContext(self.attn_layers, meta)):
+            hidden = self.forward(b.input_ids[:size], b.positions[:size])
+        return self.model.compute_logits(hidden, out=self._graph_logits[:size])
 
     def _decode_sample(self, size: int) -> Tensor:
         """The plain draw over `size` rows of the graphs' logits, from the sampling buffers

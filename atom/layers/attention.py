@@ -9,7 +9,6 @@ a tensor is an input, so all layers of a class share one compiled graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -118,7 +117,8 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor
     ) -> None:
         context = get_forward_context()
-        if context is None or context.attn is None or self.kv_cache.numel() == 0:
+        meta = None if context is None else context.attn
+        if meta is None or self.kv_cache.numel() == 0:
             # A forward with no cache (memory profile, fp8 calibration): one causal sequence.
             if self.rope is not None:
                 rotary, q_norm, k_norm = self.rope
@@ -130,7 +130,7 @@ class Attention(nn.Module):
                 )
             out.copy_(sdpa(q, k, v, self.scale, self.sliding_window, self.softcap, self.sinks))
             return
-        self.attend(q, k, v, positions, out, self.kv_cache, context.attn, context.attention_turn)
+        self.attend(q, k, v, positions, out, self.kv_cache, meta)
 
     def attend(
         self,
@@ -141,11 +141,9 @@ class Attention(nn.Module):
         out: Tensor,
         kv_cache: Tensor,
         meta: AttentionMetadata,
-        turn: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         """This step's K/V into kv_cache (rotated, with a rope), then paged attention over it:
-        the layer's own cache in a step, a stand-in in the start-up precompile. turn: entered
-        around the attention launch (the forward context's attention_turn)."""
+        the layer's own cache in a step, a stand-in in the start-up precompile."""
         scales = (self.k_scale, self.v_scale)
         if self.rope is None:
             ops.reshape_and_cache(k, v, kv_cache, meta.slot_mapping, *scales)
@@ -155,19 +153,18 @@ class Attention(nn.Module):
             q = rotary.forward_into_cache(
                 positions, q, k, v, kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
             )
-        with nullcontext() if turn is None else turn():
-            ops.paged_attention(
-                q,
-                kv_cache,
-                meta,
-                self.scale,
-                self.k_scale,
-                self.v_scale,
-                self.sliding_window,
-                self.softcap,
-                out,
-                self.sinks,
-            )
+        ops.paged_attention(
+            q,
+            kv_cache,
+            meta,
+            self.scale,
+            self.k_scale,
+            self.v_scale,
+            self.sliding_window,
+            self.softcap,
+            out,
+            self.sinks,
+        )
 
     def set_kv_scales_from_amax(self, margin: float = 2.0) -> None:
         """fp8 scales from the calibrated maxima; the margin keeps unseen larger values unclipped

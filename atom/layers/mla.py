@@ -14,8 +14,6 @@ with the context up-projected (atom/kernels/mla_reference.py).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import Tensor
 
@@ -62,19 +60,17 @@ class MLAAttention(Attention):
 
     def forward_into(self, q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor) -> None:  # type: ignore[override]
         context = get_forward_context()
-        if context is None or context.attn is None or self.kv_cache.numel() == 0:
+        meta = None if context is None else context.attn
+        if meta is None or self.kv_cache.numel() == 0:
             if self.kv_amax is not None:  # fp8 calibration: one scale for the whole row
                 amax = max(self.kv_amax[0], latent.abs().max().item())
                 self.kv_amax = (amax, amax)
             out.copy_(mla_expanded_ref(q, latent, w_kv_b, self.nope_dim, self.v_dim, self.scale))
             return
-        meta = context.attn
         ops.write_latent_cache(latent, self.kv_cache, meta.slot_mapping, self.k_scale)
-        with nullcontext() if context.attention_turn is None else context.attention_turn():
-            ops.mla_attention(
-                q, self.kv_cache, meta, w_kv_b, self.nope_dim, self.v_dim, self.scale,
-                self.k_scale, out,
-            )  # fmt: skip
+        ops.mla_attention(
+            q, self.kv_cache, meta, w_kv_b, self.nope_dim, self.v_dim, self.scale, self.k_scale, out
+        )
 
 
 @torch.library.custom_op("atom::mla_attention", mutates_args=("out",))
