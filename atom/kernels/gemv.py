@@ -51,6 +51,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 0  # 0: all rows in one tile (at most MAX_M)
+    split_k: int = 1  # programs per output tile, each over a share of K (the last adds them)
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
@@ -112,6 +113,8 @@ def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
     w_ptr,  # [N, K], last dim contiguous
     y_ptr,  # [M, N] contiguous
+    ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
+    count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
     M,
     N,
     K,
@@ -120,6 +123,7 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -129,18 +133,49 @@ def _gemv_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    # Split s of SPLIT_K sums K tiles [s * per, (s + 1) * per)
+    per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = tl.program_id(2) * per
+    k_end = tl.minimum(k_start + per, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    for k0 in range(0, K, BLOCK_K):  # the compiler pipelines both loads into the dot
+    for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
         kk = k0 + offs_k
-        k_ok = kk < K
+        k_ok = kk < k_end
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    y = acc.to(y_ptr.dtype.element_ty)
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(y_ptrs, y, mask=m_ok[:, None] & n_ok[None, :])
+    tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:
+        # Each split stores its partial sum; the last of a tile's splits to arrive adds them in
+        # split order (the same result whatever the arrival order) and rearms the counter.
+        tl.store(ws_ptr + tl.program_id(2) * M * N + tile, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for split in range(SPLIT_K):
+                acc += tl.load(ws_ptr + split * M * N + tile, mask=ok, other=0.0, volatile=True)
+            tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    else:
+        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> Tensor:
+    """At least n zeroed int32 tile counters, one buffer per device that split-K launches share
+    (each launch leaves its counters at 0; stream order keeps two launches apart). Grown outside
+    CUDA-graph captures: the engine's warm-up forward of each graph launches the same tiles."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
@@ -162,10 +197,16 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     block_m = cfg.block_m or max(16, next_power_of_2(m))
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
+    split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
+    grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
+    ws = counters = y  # unused pointers when unsplit
+    if split_k > 1:
+        ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
-        _gemv_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
-        x, weight, y, m, n, k, x.stride(0), weight.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        _gemv_kernel, grid,
+        x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

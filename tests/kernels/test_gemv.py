@@ -57,6 +57,23 @@ def test_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k", "block_m"),
+    [(1, 67, 300, 2, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (37, 40, 200, 2, 16)],
+)
+def test_split_k(m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype) -> None:
+    """Splits of K (uneven ones, and one with fewer K tiles than asked: 300 / 64 = 5 tiles in 2;
+    129 in 3 of 64; 640 in 4), each tile's last split adding them; twice, since each launch
+    rearms the tile counters the next one reuses."""
+    cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
+    for seed in (0, 1):
+        x = _randn(m, k + 5, dtype=dtype, seed=k + seed)[:, 5:]
+        w = _randn(n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
+        torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
+    assert not gemv_module._COUNTERS[x.device].any()
+
+
 def test_bad_shapes() -> None:
     w = _randn(8, 32, dtype=torch.float32, seed=0)
     with pytest.raises(ValueError, match="without a row tile"):
