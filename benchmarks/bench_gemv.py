@@ -10,11 +10,12 @@ reads its weight once), beside the copy bandwidth of the same run; times as benc
 takes them (L2 flushed, median of 20).
 
 --tune times, for the decode GEMMs of Qwen3-0.6B and Llama-3.1-8B at each of gemv.TUNED_BUCKETS
-rows, cuBLAS and every candidate tile as CUDA graphs (the engine replays decode steps as graphs,
-with PDL between the kernels) of one GEMM over each of enough copies of the weight that L2 holds
-none of them when its turn comes (the engine's layers each read their own weights). It writes the
-table gemv.py reads: per weight shape and bucket, the fastest tile where it beat cuBLAS by at
-least TUNE_MARGIN, else null (copy it to atom/kernels/gemv_configs.json), with both times.
+rows (bucket 16: the mean of 1 and 16 rows, with splits of K), cuBLAS and every candidate tile as
+CUDA graphs (the engine replays decode steps as graphs, with PDL between the kernels) of one GEMM
+over each of enough copies of the weight that L2 holds none of them when its turn comes (the
+engine's layers each read their own weights). It writes the table gemv.py reads: per weight shape
+and bucket, the fastest tile where it beat cuBLAS by at least TUNE_MARGIN, else null (copy it to
+atom/kernels/gemv_configs.json), with both times.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import TUNED_BUCKETS, GemvConfig, gemv, shape_key
+from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, GemvConfig, gemv, shape_key
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -51,8 +52,11 @@ TUNE_SHAPES = {
 }  # fmt: skip
 TUNE_MARGIN = 0.03  # a tile must beat cuBLAS by this fraction to be kept
 COLD_BYTES = 192 << 20  # the weight copies of one timing: over 3x the H200's 60 MB of L2
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per row bucket
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) per row bucket; bucket 16 (rows
+# 1-16: BLOCK_M 0, one tile of the rows) is timed at 1 and 16 rows, their mean
 TUNE_TILES = {
+    16: [(0, n, k, 4, 4, s) for n, k, s in itertools.product((16, 32, 64), (128, 256, 512),
+                                                             (1, 2, 4))],
     32: [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (32, 32, 256, 4, 4), (32, 64, 128, 4, 4),
          (32, 64, 256, 4, 3), (32, 128, 128, 4, 3), (16, 16, 256, 4, 4)],
     64: [(32, 64, 128, 4, 4), (32, 32, 256, 4, 4), (64, 32, 256, 4, 3), (64, 64, 128, 4, 4),
@@ -83,6 +87,15 @@ def graph_us_per_gemm(fn: Callable[[torch.Tensor], object], weights: list[torch.
     return 1e3 * ms / len(weights)
 
 
+def mean_us(
+    fn: Callable[[torch.Tensor, torch.Tensor], object],
+    xs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+) -> float:
+    """graph_us_per_gemm of fn(x, w), averaged over the inputs xs."""
+    return sum(graph_us_per_gemm(lambda w, x=x: fn(x, w), weights) for x in xs) / len(xs)
+
+
 def tune(path: str) -> None:
     table: dict = {
         "_comment": "bench_gemv.py --tune: per weight shape (N x K) and row bucket, the fastest "
@@ -102,13 +115,14 @@ def tune(path: str) -> None:
                        .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
             table["shapes"][key], table["timings_us"][key] = {}, {}
             for bucket in TUNED_BUCKETS:
-                x = torch.randn(bucket, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                cublas = graph_us_per_gemm(lambda w, x=x: F.linear(x, w), weights)
+                xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                      for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
+                cublas = mean_us(F.linear, xs, weights)
                 timed = []
-                for bm, bn, bk, warps, stages in TUNE_TILES[bucket]:
-                    cfg = GemvConfig(bn, bk, warps, stages, bm)
+                for bm, bn, bk, warps, stages, *split in TUNE_TILES[bucket]:
+                    cfg = GemvConfig(bn, bk, warps, stages, bm, *split)
                     try:
-                        us = graph_us_per_gemm(lambda w, x=x, c=cfg: gemv(x, w, c), weights)
+                        us = mean_us(lambda x, w, c=cfg: gemv(x, w, c), xs, weights)
                     except triton.runtime.errors.OutOfResources:
                         continue
                     timed.append((us, cfg))

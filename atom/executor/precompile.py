@@ -39,7 +39,7 @@ import torch
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
 from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
-from atom.kernels.gemv import tuned_buckets
+from atom.kernels.gemv import linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
@@ -88,6 +88,8 @@ class Precompile:
                         self._calls += 1
                 for weight in distinct_weights(weights):
                     for rows in (1, *tuned_buckets(weight)):
+                        if linear_config(rows, weight) is None:
+                            continue  # cuBLAS
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip
                         ops.small_batch_linear(x, weight, None)

@@ -8,12 +8,15 @@ programs that share a slab of W run together and read it from L2 once. The row c
 specialised: one variant per weight shape and tile.
 
 Two regimes:
-- at most MAX_M rows (`gemv_config`): one row tile of BLOCK_M = max(16, rows) for tl.dot;
-- up to MAX_TUNED_M rows (`tuned_config`): cuBLAS launches too few programs for a small model's
-  weights at these counts (a Qwen3-0.6B GEMM of 128 rows is ~2 us of bytes and math, cuBLAS took
-  ~6.5 us), so `benchmarks/bench_gemv.py --tune` times tiles against cuBLAS per weight shape and
-  row bucket, as CUDA graphs over weights that L2 does not hold, and `gemv_configs.json` keeps
-  the tile where one beat cuBLAS; elsewhere F.linear runs.
+- at most MAX_M rows: one row tile of BLOCK_M = max(16, rows) for tl.dot, streaming the weights
+  at batch 1; a tile and a split of K per weight shape (`GemvConfig.split_k`: programs enough to
+  keep every SM streaming where a shape has few output tiles) from the tuned table's bucket
+  MAX_M, else `gemv_config`'s rule;
+- up to MAX_TUNED_M rows: cuBLAS launches too few programs for a small model's weights at these
+  counts (a Qwen3-0.6B GEMM of 128 rows is ~2 us of bytes and math, cuBLAS took ~6.5 us).
+`benchmarks/bench_gemv.py --tune` times tiles against cuBLAS per weight shape and row bucket, as
+CUDA graphs over weights that L2 does not hold, and `gemv_configs.json` keeps the tile where one
+beat cuBLAS, else null: there F.linear runs (`linear_config`).
 The torch reference (`gemv_ref`) is float32.
 
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
@@ -39,7 +42,7 @@ from atom.kernels.launch import launch, pdl, pdl_start
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
-TUNED_BUCKETS = (32, 64, 128, 256)  # a row count takes the table's entry of the next bucket
+TUNED_BUCKETS = (MAX_M, 32, 64, 128, 256)  # a row count takes the table's entry of the next one
 TUNED_CONFIGS = Path(__file__).with_name("gemv_configs.json")
 TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of shared memory)
 
@@ -62,7 +65,7 @@ def gemv_config(n: int, k: int) -> GemvConfig:
 
 
 def row_bucket(rows: int) -> int:
-    """The tuned table's bucket of a row count in (MAX_M, MAX_TUNED_M]."""
+    """The tuned table's bucket of a row count in [1, MAX_TUNED_M]."""
     return next(b for b in TUNED_BUCKETS if rows <= b)
 
 
@@ -71,27 +74,38 @@ def shape_key(n: int, k: int) -> str:
 
 
 @functools.cache
-def _tuned_table() -> dict[str, dict[int, GemvConfig]]:
+def _tuned_table() -> dict[str, dict[int, GemvConfig | None]]:
+    """Per weight shape and bucket, a tile, or None where cuBLAS won."""
     if not TUNED_CONFIGS.is_file():
         return {}
     shapes = json.loads(TUNED_CONFIGS.read_text())["shapes"]
     return {
-        key: {int(b): GemvConfig(**cfg) for b, cfg in by_bucket.items() if cfg is not None}
+        key: {int(b): None if cfg is None else GemvConfig(**cfg) for b, cfg in by_bucket.items()}
         for key, by_bucket in shapes.items()
     }
 
 
-def tuned_config(rows: int, weight: Tensor) -> GemvConfig | None:
-    """The tuned tile for rows in (MAX_M, MAX_TUNED_M] of this weight, or None where cuBLAS was
-    faster, the shape was not tuned, or the table does not apply (16-bit weights on the
-    capability it was tuned on: a float32 tile or a smaller card's shared memory would not hold
-    every tuned tile)."""
-    if not MAX_M < rows <= MAX_TUNED_M or weight.element_size() != 2 or not weight.is_cuda:
-        return None
-    table = _tuned_table().get(shape_key(*weight.shape))
+def _tuned(rows: int, weight: Tensor) -> dict[int, GemvConfig | None]:
+    """The table's buckets for this weight where it applies (16-bit weights on the capability
+    it was tuned on: a float32 tile or a smaller card's shared memory would not hold every
+    tuned tile), else none."""
+    if not 0 < rows <= MAX_TUNED_M or weight.element_size() != 2 or not weight.is_cuda:
+        return {}
+    table = _tuned_table().get(shape_key(*weight.shape), {})
     if not table or _capability(weight.device.index) != TUNED_CAPABILITY:
-        return None
-    return table.get(row_bucket(rows))
+        return {}
+    return table
+
+
+def linear_config(rows: int, weight: Tensor) -> GemvConfig | None:
+    """gemv's tile for `rows` rows of this weight, or None for F.linear (cuBLAS): the tuned
+    table's entry for the rows' bucket where it has one (None: cuBLAS won), else up to MAX_M
+    rows gemv_config's rule, past it cuBLAS."""
+    table = _tuned(rows, weight)
+    bucket = row_bucket(rows) if table else None
+    if bucket in table:
+        return table[bucket]
+    return gemv_config(*weight.shape) if rows <= MAX_M else None
 
 
 @functools.cache
@@ -101,7 +115,8 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 def tuned_buckets(weight: Tensor) -> list[int]:
     """The buckets the table gives this weight a tile for (the precompile launches each)."""
-    return [b for b in TUNED_BUCKETS if tuned_config(b, weight) is not None]
+    table = _tuned(1, weight)
+    return [b for b in TUNED_BUCKETS if table.get(b) is not None]
 
 
 def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:

@@ -60,8 +60,7 @@ def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     rows = x.numel() // k if k else 0
     if rows == 0 or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
-    config = None
-    if rows > _gemv.MAX_M and (config := _gemv.tuned_config(rows, weight)) is None:
+    if (config := _gemv.linear_config(rows, weight)) is None:
         return F.linear(x, weight, bias)
     y = _gemv.gemv(x.reshape(rows, k), weight, config).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)

@@ -18,10 +18,11 @@ from atom.kernels.gemv import (
     GemvConfig,
     _tuned_table,
     gemv,
+    gemv_config,
     gemv_ref,
+    linear_config,
     row_bucket,
     tuned_buckets,
-    tuned_config,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,8 +102,8 @@ def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> None:
 
 
 def test_row_buckets() -> None:
-    assert [row_bucket(r) for r in (MAX_M + 1, 32, 33, 64, 100, 200, MAX_TUNED_M)] == [
-        32, 32, 64, 64, 128, 256, MAX_TUNED_M
+    assert [row_bucket(r) for r in (1, MAX_M, MAX_M + 1, 32, 33, 64, 100, 200, MAX_TUNED_M)] == [
+        MAX_M, MAX_M, 32, 32, 64, 64, 128, 256, MAX_TUNED_M
     ]  # fmt: skip
 
 
@@ -114,24 +115,32 @@ def test_tuned_table_is_well_formed() -> None:
         n, k = (int(v) for v in key.split("x"))
         assert n > 0 and k > 0
         assert {int(b) for b in by_bucket} <= set(TUNED_BUCKETS)
-        for cfg in by_bucket.values():
+        for bucket, cfg in by_bucket.items():
             if cfg is not None:
                 tile = GemvConfig(**cfg)
-                assert tile.block_m >= 16 and tile.block_n >= 16 and tile.block_k >= 16
+                assert tile.block_n >= 16 and tile.block_k >= 16 and tile.split_k >= 1
+                # rows 1-16: one tile of all rows; past them row tiles
+                assert tile.block_m == 0 if int(bucket) == MAX_M else tile.block_m >= 16
     assert _tuned_table().keys() == table["shapes"].keys()
 
 
-def test_tuned_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
-    tile = GemvConfig(64, 128, 4, 4, 32)
-    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {"8x32": {64: tile}})
+def test_linear_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
+    tile, small = GemvConfig(64, 128, 4, 4, 32), GemvConfig(32, 128, 4, 4, 0, 2)
+    monkeypatch.setattr(
+        gemv_module, "_tuned_table", lambda: {"8x32": {MAX_M: small, 64: tile, 128: None}}
+    )
     monkeypatch.setattr(gemv_module, "_capability", lambda index: TUNED_CAPABILITY)
     w = torch.empty(8, 32, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-    assert tuned_config(40, w) == tile and tuned_config(64, w) == tile
-    assert tuned_config(MAX_M, w) is None  # gemv_config's regime
-    assert tuned_config(65, w) is None and tuned_config(MAX_TUNED_M + 1, w) is None
-    assert tuned_config(40, w.float()) is None  # tuned for 16-bit weights
-    assert tuned_config(40, torch.empty(8, 48, dtype=torch.bfloat16)) is None  # not tuned
-    assert tuned_buckets(w) == [64]
+    assert linear_config(1, w) == small and linear_config(MAX_M, w) == small
+    assert linear_config(40, w) == tile and linear_config(64, w) == tile
+    assert linear_config(65, w) is None and linear_config(MAX_TUNED_M + 1, w) is None  # cuBLAS
+    assert linear_config(17, w) is None  # bucket 32 not in the table: cuBLAS
+    assert linear_config(40, w.float()) is None  # tuned for 16-bit weights ...
+    assert linear_config(1, w.float()) == gemv_config(8, 32)  # ... else the rule up to MAX_M
+    assert linear_config(1, torch.empty(8, 48, dtype=torch.bfloat16)) == gemv_config(8, 48)
+    assert tuned_buckets(w) == [MAX_M, 64]
+    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {"8x32": {MAX_M: None}})
+    assert linear_config(1, w) is None  # cuBLAS won at 1-16 rows
     monkeypatch.setattr(gemv_module, "_capability", lambda index: (8, 0))
-    assert tuned_config(40, w) is None
+    assert linear_config(40, w) is None and linear_config(1, w) == gemv_config(8, 32)
