@@ -36,7 +36,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, GemvConfig, gemv, shape_key
+from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, TUNED_CONFIGS, GemvConfig, gemv, shape_key
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -96,7 +96,19 @@ def mean_us(
     return sum(graph_us_per_gemm(lambda w, x=x: fn(x, w), weights) for x in xs) / len(xs)
 
 
-def tune(path: str) -> None:
+def candidates(bucket: int, n: int, num_sms: int) -> list[GemvConfig]:
+    """TUNE_TILES of the bucket, and past 16 rows each tile split 2 and 4 ways along K where its
+    output tiles are too few to give every SM two programs."""
+    tiles = [GemvConfig(bn, bk, w, st, bm, *sp) for bm, bn, bk, w, st, *sp in TUNE_TILES[bucket]]
+    if bucket > MAX_M:
+        few = [t for t in tiles if math.ceil(n / t.block_n) * math.ceil(bucket / t.block_m)
+               < 2 * num_sms]  # fmt: skip
+        tiles += [dataclasses.replace(t, split_k=split) for t in few for split in (2, 4)]
+    return tiles
+
+
+def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS) -> None:
+    """Writes the table to path; tuning only some buckets keeps the committed table's others."""
     table: dict = {
         "_comment": "bench_gemv.py --tune: per weight shape (N x K) and row bucket, the fastest "
         "tile where it beat cuBLAS, else null; timed as CUDA graphs over cold weights, bf16",
@@ -106,6 +118,10 @@ def tune(path: str) -> None:
         "shapes": {},
         "timings_us": {},
     }
+    if buckets != TUNED_BUCKETS:
+        kept = json.loads(TUNED_CONFIGS.read_text())
+        table["shapes"], table["timings_us"] = kept["shapes"], kept["timings_us"]
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, shapes in TUNE_SHAPES.items():
         for name, (n, k) in shapes.items():
@@ -113,14 +129,14 @@ def tune(path: str) -> None:
             copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                        .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
-            table["shapes"][key], table["timings_us"][key] = {}, {}
-            for bucket in TUNED_BUCKETS:
+            table["shapes"].setdefault(key, {})
+            table["timings_us"].setdefault(key, {})
+            for bucket in buckets:
                 xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                       for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
                 cublas = mean_us(F.linear, xs, weights)
                 timed = []
-                for bm, bn, bk, warps, stages, *split in TUNE_TILES[bucket]:
-                    cfg = GemvConfig(bn, bk, warps, stages, bm, *split)
+                for cfg in candidates(bucket, n, num_sms):
                     try:
                         us = mean_us(lambda x, w, c=cfg: gemv(x, w, c), xs, weights)
                     except triton.runtime.errors.OutOfResources:
@@ -192,12 +208,15 @@ def main() -> None:
     parser.add_argument(
         "--sweep-small", action="store_true", help="rows 1 and 16: tiles x K splits vs cuBLAS"
     )
+    parser.add_argument("--buckets", help="--tune: these buckets only (e.g. 32,64), the others "
+                        "kept from the committed table")  # fmt: skip
     args = parser.parse_args()
     if args.sweep_small:
         sweep_small(args.out or "gemv_small_sweep.json")
         return
     if args.tune:
-        tune(args.out or "gemv_configs.json")
+        buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
+        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS)
         return
     out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}
