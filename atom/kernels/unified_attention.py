@@ -47,7 +47,7 @@ from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
-# Experiment: ATOM_ATTN_SMALL=tile:warps:stages for unsplit decode batches of at most one program an SM.
+# Experiment: ATOM_ATTN_SMALL=tile:warps for unsplit decode batches of at most one program an SM.
 _SMALL = (
     tuple(int(v) for v in os.environ["ATOM_ATTN_SMALL"].split(":"))
     if os.environ.get("ATOM_ATTN_SMALL")
@@ -407,7 +407,7 @@ def unified_attention(
         and head_dim_p <= 128
         and num_seqs * num_kv_heads <= num_sms(query.device)
     ):
-        cfg = dataclasses.replace(cfg, tile=_SMALL[0], num_warps=_SMALL[1], num_stages=_SMALL[2])
+        cfg = dataclasses.replace(cfg, tile=_SMALL[0], num_warps=_SMALL[1])
     split = num_splits > 1
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
