@@ -28,9 +28,6 @@ every row of the q-block sees completely skip the mask arithmetic.
 
 from __future__ import annotations
 
-import dataclasses
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -47,12 +44,6 @@ from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.paged_attention import FP8_DTYPES
 
 LOG2E = 1.4426950408889634
-# Experiment: ATOM_ATTN_SMALL=tile:warps for unsplit decode batches of at most one program an SM.
-_SMALL = (
-    tuple(int(v) for v in os.environ["ATOM_ATTN_SMALL"].split(":"))
-    if os.environ.get("ATOM_ATTN_SMALL")
-    else ()
-)
 
 
 @triton.jit
@@ -400,14 +391,6 @@ def unified_attention(
         )
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    if (
-        _SMALL
-        and cfg.one_block_per_seq
-        and num_splits == 1
-        and head_dim_p <= 128
-        and num_seqs * num_kv_heads <= num_sms(query.device)
-    ):
-        cfg = dataclasses.replace(cfg, tile=_SMALL[0], num_warps=_SMALL[1])
     split = num_splits > 1
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
