@@ -33,10 +33,9 @@ if TYPE_CHECKING:
     from atom.executor.forward_context import AttentionMetadata
 
 
-# Linear layers of at most gemv.MAX_M rows run gemv.py's kernel instead of cuBLAS on CUDA (0-6%
-# faster per GEMM alone; Llama-3.1-8B decode 1.7% faster at batch 1, 3.3% at 8 on an H200), and
-# up to gemv.MAX_TUNED_M rows where its tuned table has a tile that beat cuBLAS for the weight.
-# ATOM_GEMV=0: cuBLAS for every linear layer.
+# Linear layers of up to gemv.MAX_TUNED_M rows run gemv.py's kernel instead of cuBLAS on CUDA where
+# its tuned table has a tile that beat cuBLAS for the weight and row count, and at most gemv.MAX_M
+# rows of weights the table lacks (gemv.linear_config). ATOM_GEMV=0: cuBLAS for every linear layer.
 GEMV_ENV = "ATOM_GEMV"
 _GEMV = os.environ.get(GEMV_ENV, "1") != "0"
 _GEMV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,7 +43,7 @@ _GEMV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear; on CUDA (unless ATOM_GEMV=0), through the `atom::linear` op, which runs the
-    small-batch kernel for inputs of at most gemv.MAX_M rows. An opaque op under torch.compile:
+    small-batch kernel where gemv.linear_config picks it. An opaque op under torch.compile:
     its row test is no guard on the symbolic token count."""
     if not _GEMV or not x.is_cuda:
         return F.linear(x, weight, bias)
@@ -54,8 +53,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """gemv for up to gemv.MAX_M rows (any device: the interpreter without a GPU) and for the
-    row counts its tuned table covers for this weight (CUDA), else F.linear."""
+    """gemv where gemv.linear_config gives a tile (the tuned table's on CUDA; up to gemv.MAX_M
+    rows its rule, on any device: the interpreter without a GPU), else F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if rows == 0 or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
