@@ -216,6 +216,8 @@ def main() -> None:
         return
     if args.tune:
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
+        if buckets and not set(buckets) <= set(TUNED_BUCKETS):
+            parser.error(f"--buckets: each of {TUNED_BUCKETS}")
         tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS)
         return
     out_path = args.out or "gemv_bench.json"

@@ -8,9 +8,10 @@ Here a thread makes, with stand-in tensors, every attention launch those will ma
 each power of two of KV splits (its reduce kernel's variants), one q-block per sequence for the
 short query lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
 cache dtype pick the variant; MLA layers, another kernel, are left to their first launch), then
-one gemv launch per distinct linear weight (the kernel of decode batches of at most 16 rows,
-kernels/gemv.py: one variant per weight shape, 3 s of a cold 8B start otherwise), and one per
-row bucket its tuned table gives the weight a tile for. The
+for each distinct linear weight one gemv launch per row bucket its tuned table gives the weight a
+tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
+(kernels/gemv.py: one variant per weight shape and tile, 3 s of a cold 8B start otherwise;
+none where cuBLAS runs). The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.
@@ -39,7 +40,7 @@ import torch
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
 from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
-from atom.kernels.gemv import linear_config, tuned_buckets
+from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
@@ -87,7 +88,8 @@ class Precompile:
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
                 for weight in distinct_weights(weights):
-                    for rows in (1, *tuned_buckets(weight)):
+                    buckets = tuned_buckets(weight)  # 16 compiles the variant of 1-16 rows
+                    for rows in buckets if MAX_M in buckets else (1, *buckets):
                         if linear_config(rows, weight) is None:
                             continue  # cuBLAS
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,

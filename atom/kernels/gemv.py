@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import launch, pdl, pdl_start
+from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
@@ -166,13 +166,14 @@ def _gemv_kernel(
     if SPLIT_K > 1:
         # Each split stores its partial sum; the last of a tile's splits to arrive adds them in
         # split order (the same result whatever the arrival order) and rearms the counter.
-        tl.store(ws_ptr + tl.program_id(2) * M * N + tile, acc, mask=ok)
+        tl.store(ws_ptr + tl.program_id(2).to(tl.int64) * M * N + tile, acc, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the release below
         counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for split in range(SPLIT_K):
-                acc += tl.load(ws_ptr + split * M * N + tile, mask=ok, other=0.0, volatile=True)
+                part = ws_ptr + tl.full([], split, tl.int64) * M * N + tile
+                acc += tl.load(part, mask=ok, other=0.0, volatile=True)
             tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
@@ -180,14 +181,18 @@ def _gemv_kernel(
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}
+_OUTGROWN: list[Tensor] = []  # counters a captured CUDA graph may still point at: never freed
 
 
 def _split_counters(device: torch.device, n: int) -> Tensor:
     """At least n zeroed int32 tile counters, one buffer per device that split-K launches share
-    (each launch leaves its counters at 0; stream order keeps two launches apart). Grown outside
-    CUDA-graph captures: the engine's warm-up forward of each graph launches the same tiles."""
+    (each launch leaves its counters at 0; stream order keeps two launches apart). A buffer that
+    grows stays allocated: graphs captured before point at it (the tuned table's largest split
+    needs 64 counters, so the first buffer has served every launch so far)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < n:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     return counters
@@ -215,7 +220,10 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     ws = counters = y  # unused pointers when unsplit
-    if split_k > 1:
+    if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
+        ws = torch.empty(1, dtype=torch.float32, device=x.device)
+        counters = torch.empty(1, dtype=torch.int32, device=x.device)
+    elif split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device, grid[0] * grid[1])
     launch(

@@ -66,10 +66,16 @@ def pdl_start(PDL: tl.constexpr):
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     if kwargs.get("PDL"):
         kwargs["launch_pdl"] = True
-    if not torch.compiler.is_dynamo_compiling() and _COMPILE_ONLY.get():
+    if compiling_only():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def compiling_only() -> bool:
+    """Whether launches on this thread only compile (inside compile_only(), not under Dynamo):
+    a launcher may then skip the buffers only a real launch needs."""
+    return not torch.compiler.is_dynamo_compiling() and _COMPILE_ONLY.get()
 
 
 @contextmanager

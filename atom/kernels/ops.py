@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 # Linear layers of up to gemv.MAX_TUNED_M rows run gemv.py's kernel instead of cuBLAS on CUDA where
 # its tuned table has a tile that beat cuBLAS for the weight and row count, and at most gemv.MAX_M
-# rows of weights the table lacks (gemv.linear_config). ATOM_GEMV=0: cuBLAS for every linear layer.
+# rows where the table has no entry or does not apply (float32 weights, another GPU generation:
+# gemv.linear_config). ATOM_GEMV=0: cuBLAS for every linear layer.
 GEMV_ENV = "ATOM_GEMV"
 _GEMV = os.environ.get(GEMV_ENV, "1") != "0"
 _GEMV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -61,12 +61,20 @@ def test_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("m", "n", "k", "split_k", "block_m"),
-    [(1, 67, 300, 2, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (37, 40, 200, 2, 16)],
+    [
+        (1, 67, 300, 2, 0),
+        (3, 40, 129, 3, 0),
+        (MAX_M, 33, 640, 4, 0),
+        (37, 40, 200, 2, 16),
+        (1, 40, 300, 4, 0),
+        (2, 40, 100, 8, 0),
+    ],
 )
 def test_split_k(m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype) -> None:
-    """Splits of K (uneven ones, and one with fewer K tiles than asked: 300 / 64 = 5 tiles in 2;
-    129 in 3 of 64; 640 in 4), each tile's last split adding them; twice, since each launch
-    rearms the tile counters the next one reuses."""
+    """Splits of K in 64-element tiles, each tile's last split adding them: uneven (5 tiles in
+    2, 3 in 3 with a last of one element, 10 in 4), an empty last split (5 tiles in 4: 2, 2, 1,
+    0) and more splits than tiles (2 tiles: 2 splits, not 8); twice, since each launch rearms
+    the tile counters the next one reuses."""
     cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
     for seed in (0, 1):
         x = _randn(m, k + 5, dtype=dtype, seed=k + seed)[:, 5:]

@@ -1,6 +1,7 @@
-"""The small-batch linear path (CUDA, unless ATOM_GEMV=0): gemv for up to gemv.MAX_M rows, F.linear
-past them, bias added, any leading shape; an opaque op under torch.compile whose row test is no
-guard (the kernel in the interpreter without a GPU; the engine on a GPU: tests/gpu)."""
+"""The small-batch linear path (CUDA, unless ATOM_GEMV=0): gemv where gemv.linear_config gives
+a tile (up to gemv.MAX_M rows without a tuned table), else F.linear; bias added, any leading
+shape; an opaque op under torch.compile whose row test is no guard (the kernel in the
+interpreter without a GPU; the engine on a GPU: tests/gpu)."""
 
 from __future__ import annotations
 
