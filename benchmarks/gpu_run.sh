@@ -48,6 +48,11 @@
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
+#   ab       the bench (AB_WHAT=bench, the default) and/or the 8B latency (AB_WHAT="bench latency",
+#            LATENCY_BATCHES=) under each of AB_VARIANTS in turn, AB_ROUNDS (2) rounds: a variant is
+#            NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment (ATOM_PDL=0) or a file
+#            swapped in for its runs (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
+#            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log}
 # Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT; on exit, whatever the
 # stages left there except traces (*.gz) is packed into $OUT/results.tgz (the device tool returns
 # at most 8 files: one sitting's logs and JSONs are more, and the rest were dropped).
@@ -130,6 +135,49 @@ stage_gemv_ab() {
         [ "$mode" = tuned ] && cp /tmp/gemv_configs.json "$table"
         bench "latency_$mode" benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}"
     done
+}
+
+stage_ab() {  # variants alternating in one lease (module doc: ab); the last thing in a call
+    local round spec
+    [ -n "${AB_VARIANTS:-}" ] || { echo "ab: set AB_VARIANTS"; return 1; }
+    for round in $(seq "${AB_ROUNDS:-2}"); do
+        for spec in $AB_VARIANTS; do
+            ab_variant "$spec" "$round"
+        done
+    done
+}
+
+ab_variant() {  # NAME[:VAR=VALUE,...,PATH<SOURCE,...] ROUND, in a subshell: its exports end there
+    (
+        local name=${1%%:*} item what out
+        local -a items=() copied=()
+        [[ $1 == *:* ]] && IFS=, read -ra items <<<"${1#*:}"
+        for item in "${items[@]}"; do
+            if [[ $item == *"<"* ]]; then
+                cp "${item%%<*}" "${item%%<*}.ab-saved" && cp "${item#*<}" "${item%%<*}" \
+                    && copied+=("${item%%<*}")
+            else
+                export "${item?}"
+            fi
+        done
+        for what in ${AB_WHAT:-bench}; do
+            out="$OUT/ab_${name}_$2_$what"
+            if [ "$what" = latency ]; then
+                python3 -m atom.benchmarks.benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}" \
+                    --tag "$TAG-$name" --output-json "$out.json" >"$out.log" 2>&1 || tail -n 20 "$out.log"
+                python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if k.endswith(("_ms_per_step", "_roofline_pct"))})' \
+                    "$out.json" "$name $2:" 2>/dev/null
+            else
+                python3 benchmarks/throughput_logged.py --gpu-idle --tag "$TAG-$name" --output-json "$out.json" \
+                    >"$out.log" 2>&1 || tail -n 20 "$out.log"
+                grep -h -e 'Throughput' -e '^step period' -e '^gpu idle' "$out.log" | cut -c1-900 \
+                    | sed "s/^/$name $2: /"
+            fi
+        done
+        for item in "${copied[@]}"; do
+            mv "$item.ab-saved" "$item"
+        done
+    )
 }
 
 stage_tune() {
