@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           nopdl host tune_gemv gemv_ab
 #                                           imports profile startup moe serving peer smol stash
-#                                           tune_attention
+#                                           tune_attention ab
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
