@@ -156,64 +156,13 @@ def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS) -> None:
     print(f"wrote {path}")
 
 
-SMALL_ROWS = (1, 16)
-SMALL_SPLITS = (1, 2, 3, 4, 6, 8)
-
-
-def sweep_small(path: str) -> None:
-    """Rows 1 and 16 (gemv_config's regime): cuBLAS, the current rule's tile and every tile x
-    K split of the sweep, timed as --tune times them, for both models' decode GEMMs."""
-    from atom.kernels.gemv import gemv_config
-
-    rows_out: list[dict] = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for model, shapes in TUNE_SHAPES.items():
-        for name, (n, k) in shapes.items():
-            copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                       .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
-            block_ks = (256, 512) if k >= 4096 else (128, 256)
-            for rows in SMALL_ROWS:
-                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                cublas = graph_us_per_gemm(lambda w, x=x: F.linear(x, w), weights)
-                rule = gemv_config(n, k)
-                current = graph_us_per_gemm(lambda w, x=x, c=rule: gemv(x, w, c), weights)
-                timed = []
-                for bn, bk, split in itertools.product((16, 32, 64), block_ks, SMALL_SPLITS):
-                    cfg = GemvConfig(bn, bk, 4, 4, 0, split)
-                    try:
-                        us = graph_us_per_gemm(lambda w, x=x, c=cfg: gemv(x, w, c), weights)
-                    except triton.runtime.errors.OutOfResources:
-                        continue
-                    timed.append((us, cfg))
-                timed.sort(key=lambda t: t[0])
-                gbps = 2 * n * k / 1e3 / timed[0][0]
-                nxt = [(round(u, 1), c.block_n, c.block_k, c.split_k) for u, c in timed[1:5]]
-                print(f"{model:>12} {name:>7} {n}x{k} rows {rows:>2}: cuBLAS {cublas:6.1f} us, "
-                      f"rule {current:6.1f} {rule}, best {timed[0][0]:6.1f} ({gbps:.0f} GB/s) "
-                      f"{timed[0][1]}; next {nxt}", flush=True)  # fmt: skip
-                tiles = [(u, dataclasses.asdict(c)) for u, c in timed]
-                rows_out.append({"model": model, "gemm": name, "n": n, "k": k, "rows": rows,
-                                 "cublas_us": cublas, "rule_us": current,
-                                 "tiles": tiles})  # fmt: skip
-            del weights
-            torch.cuda.empty_cache()
-    Path(path).write_text(json.dumps(rows_out, indent=1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?")
     parser.add_argument("--tune", action="store_true", help="sweep tiles, write the table")
-    parser.add_argument(
-        "--sweep-small", action="store_true", help="rows 1 and 16: tiles x K splits vs cuBLAS"
-    )
     parser.add_argument("--buckets", help="--tune: these buckets only (e.g. 32,64), the others "
                         "kept from the committed table")  # fmt: skip
     args = parser.parse_args()
-    if args.sweep_small:
-        sweep_small(args.out or "gemv_small_sweep.json")
-        return
     if args.tune:
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
         if buckets and not set(buckets) <= set(TUNED_BUCKETS):

@@ -85,11 +85,11 @@ def _tuned_table() -> dict[str, dict[int, GemvConfig | None]]:
     }
 
 
-def _tuned(rows: int, weight: Tensor) -> dict[int, GemvConfig | None]:
+def _tuned(weight: Tensor) -> dict[int, GemvConfig | None]:
     """The table's buckets for this weight where it applies (16-bit weights on the capability
     it was tuned on: a float32 tile or a smaller card's shared memory would not hold every
     tuned tile), else none."""
-    if not 0 < rows <= MAX_TUNED_M or weight.element_size() != 2 or not weight.is_cuda:
+    if weight.element_size() != 2 or not weight.is_cuda:
         return {}
     table = _tuned_table().get(shape_key(*weight.shape), {})
     if not table or _capability(weight.device.index) != TUNED_CAPABILITY:
@@ -101,9 +101,7 @@ def linear_config(rows: int, weight: Tensor) -> GemvConfig | None:
     """gemv's tile for `rows` rows of this weight, or None for F.linear (cuBLAS): the tuned
     table's entry for the rows' bucket where it has one (None: cuBLAS won), else up to MAX_M
     rows gemv_config's rule, past it cuBLAS."""
-    table = _tuned(rows, weight)
-    bucket = row_bucket(rows) if table else None
-    if bucket in table:
+    if 0 < rows <= MAX_TUNED_M and (bucket := row_bucket(rows)) in (table := _tuned(weight)):
         return table[bucket]
     return gemv_config(*weight.shape) if rows <= MAX_M else None
 
@@ -115,7 +113,7 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 def tuned_buckets(weight: Tensor) -> list[int]:
     """The buckets the table gives this weight a tile for (the precompile launches each)."""
-    table = _tuned(1, weight)
+    table = _tuned(weight)
     return [b for b in TUNED_BUCKETS if table.get(b) is not None]
 
 
