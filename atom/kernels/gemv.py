@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,15 +38,12 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import compiling_only, launch, pdl, pdl_start, prefetch_l2
+from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
 TUNED_BUCKETS = (MAX_M, 32, 64, 128, 256)  # a row count takes the table's entry of the next one
 TUNED_CONFIGS = Path(__file__).with_name("gemv_configs.json")
-PREFETCH_ENV = "ATOM_GEMV_PREFETCH_MB"
-# L2 bytes a launch asks for before its PDL wait (H100/H200: 50 MB of L2)
-PREFETCH_BYTES = int(float(os.environ.get(PREFETCH_ENV, "32")) * 2**20)
 TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of shared memory)
 
 
@@ -125,20 +121,7 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.float(), weight.float())
 
 
-@triton.jit
-def _prefetch_slab(rows, k, row_ok, CHUNKS: tl.constexpr = 4):
-    """L2 prefetch of the first k elements (rounded down to 16 bytes) of each row, in CHUNKS
-    pieces a row: with BLOCK_N x CHUNKS = the program's threads, one piece a thread."""
-    bits: tl.constexpr = rows.dtype.element_ty.primitive_bitwidth
-    align: tl.constexpr = 128 // bits  # elements in 16 bytes
-    k = k // align * align
-    chunk = tl.cdiv(k, CHUNKS * align) * align
-    start = tl.arange(0, CHUNKS)[None, :] * chunk
-    n = tl.where(row_ok, tl.maximum(tl.minimum(chunk, k - start), 0), 0)
-    prefetch_l2(rows + start, n * (bits // 8))
-
-
-@triton.jit(do_not_specialize=["M", "prefetch_k"])
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
     w_ptr,  # [N, K], last dim contiguous
@@ -150,30 +133,25 @@ def _gemv_kernel(
     K,
     stride_xm,
     stride_wn,
-    prefetch_k,  # PREFETCH: elements of each weight row's share to ask L2 for before the wait
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
+    pdl_start(PDL)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
     # Split s of SPLIT_K sums K tiles [s * per, (s + 1) * per)
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    if PREFETCH:  # the first row tile's program asks for the slab its row tiles share
-        first = n_ok[:, None] & (tl.program_id(0) == 0)
-        _prefetch_slab(w_rows + k_start, tl.minimum(prefetch_k, k_end - k_start), first)
-    pdl_start(PDL)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
         kk = k0 + offs_k
@@ -218,17 +196,6 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return counters
 
 
-def _prefetch_k(weight: Tensor, block_k: int, split_k: int) -> int:
-    """Elements of each weight row's share of K that a program asks L2 for before its PDL wait:
-    all of the weight up to PREFETCH_BYTES, else the same leading fraction of every share
-    (0 where the rows are not 16-byte aligned, as the bulk prefetch needs)."""
-    size = weight.element_size()
-    if PREFETCH_BYTES <= 0 or weight.data_ptr() % 16 or weight.stride(0) * size % 16:
-        return 0
-    per = cdiv(cdiv(weight.shape[1], block_k), split_k) * block_k
-    return min(per, PREFETCH_BYTES * per // (weight.numel() * size))
-
-
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
     default, any M with a config of block_m > 0."""
@@ -257,14 +224,11 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     elif split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device, grid[0] * grid[1])
-    use_pdl = pdl(x)
-    prefetch_k = _prefetch_k(weight, block_k, split_k) if use_pdl else 0
     launch(
         _gemv_kernel, grid,
-        x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0), prefetch_k,
+        x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        PREFETCH=prefetch_k > 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

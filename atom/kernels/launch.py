@@ -63,23 +63,6 @@ def pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Ask L2 for nbytes (a multiple of 16; 0: none) at each of ptrs (16-byte aligned): sm90's bulk
-    prefetch, which holds no register and is not waited for. A PDL kernel issues it before its
-    wait for data no kernel writes (its weights), so the bytes stream in while the kernel before
-    it runs: a short kernel leaves HBM idle (attention at batch 1 reads ~1 MB a layer)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2;"
-        " mov.u32 $0, 0; }",
-        "=r,l,r",
-        [ptrs.to(tl.int64), nbytes.to(tl.uint32)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     if kwargs.get("PDL"):
         kwargs["launch_pdl"] = True

@@ -83,42 +83,6 @@ def test_split_k(m: int, n: int, k: int, split_k: int, block_m: int, dtype: torc
     assert not gemv_module._COUNTERS[x.device].any()
 
 
-@pytest.mark.skipif(not gemv_module.pdl(torch.empty(0, device=DEVICE)), reason="PDL GPUs only")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("budget", [0, 4096, 2**30])
-@pytest.mark.parametrize(
-    ("m", "n", "k", "split_k", "block_m"), [(1, 67, 300, 1, 0), (37, 40, 1000, 3, 16)]
-)
-def test_prefetch_changes_nothing(
-    monkeypatch: pytest.MonkeyPatch, m: int, n: int, k: int, split_k: int, block_m: int,
-    budget: int, dtype: torch.dtype,
-) -> None:  # fmt: skip
-    """The L2 prefetch before the PDL wait (none, a part of each share, all of it) gives the same
-    result bit for bit; a row stride that is not a multiple of 16 bytes turns it off."""
-    cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
-    x = _randn(m, k, dtype=dtype, seed=k)
-    w = _randn(n, k + 3, dtype=dtype, seed=n, scale=k**-0.5)
-    monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", 0)
-    plain = gemv(x, w[:, :k], cfg)
-    monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", budget)
-    for weight in (w[:, :k].contiguous(), w[:, :k]):
-        torch.testing.assert_close(gemv(x, weight, cfg), plain, atol=0, rtol=0)
-
-
-def test_prefetch_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A launch asks for its whole weight up to the budget, else that fraction of each share."""
-    w = torch.empty(64, 1024, dtype=torch.float16)  # 128 KiB
-    monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", 2**20)
-    assert gemv_module._prefetch_k(w, 256, 1) == 1024
-    assert gemv_module._prefetch_k(w, 256, 2) == 512
-    monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", 2**15)  # a quarter
-    assert gemv_module._prefetch_k(w, 256, 1) == 256
-    assert gemv_module._prefetch_k(w, 128, 3) == 384 // 4
-    assert gemv_module._prefetch_k(torch.empty(64, 1025, dtype=torch.float16)[:, 1:], 256, 1) == 0
-    monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", 0)
-    assert gemv_module._prefetch_k(w, 256, 1) == 0
-
-
 def test_bad_shapes() -> None:
     w = _randn(8, 32, dtype=torch.float32, seed=0)
     with pytest.raises(ValueError, match="without a row tile"):
