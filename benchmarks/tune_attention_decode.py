@@ -1,6 +1,7 @@
 """Sweep the decode launch configuration of the unified attention kernel on the GPU.
 
     python benchmarks/tune_attention_decode.py [out.json] [--sections configs,splits,order,layout]
+        [--heads 32 --context 256,300 --batches 1,8,32,128 --split-batches 1,8,32,128]
 
 The nano-vllm bench's attention (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, bf16,
 block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids shuffled):
@@ -14,7 +15,9 @@ Then ("layout") the current launch over caches of other layouts, read through th
 blocks of 16 / 32 / 64 tokens, token-major (the engine's [block, token, kv_head, dim]: a KV
 head's row of a token is 256 contiguous bytes) or head-major ([block, kv_head, token, dim]: a KV
 head's rows of a block are contiguous), beside a plain read-only Triton pass over 2 GiB for
-comparison (it read less than attention does at batch 256: RESULTS, fourteenth sitting)."""
+comparison (it read less than attention does at batch 256: RESULTS, fourteenth sitting).
+`--heads` and `--context` give other shapes: the 8B latency benchmark's is 32 query heads over
+contexts of 129-384 tokens (`--heads 32 --context 129,384`)."""
 
 from __future__ import annotations
 
@@ -40,13 +43,14 @@ SPLIT_BATCHES, SPLITS = [8, 16, 32, 64, 128, 256], [1, 2, 4, 8, 16]
 ORDER_BATCHES = [16, 32, 64, 96, 128, 192, 256]
 LAYOUT_BATCHES, LAYOUT_BLOCKS = [64, 256], [16, 32, 64]
 TILES, WARPS, STAGES = [64, 128, 256], [2, 4, 8], [1, 2, 3, 4]
+CONTEXT = (100, 2048)  # each sequence's context, uniform in [lo, hi]
 
 
 def inputs(
     batch: int, longest_first: bool = False, block: int = BLOCK, head_major: bool = False
 ) -> dict:
     gen = torch.Generator().manual_seed(batch)
-    lens = torch.randint(100, 2049, (batch,), generator=gen)
+    lens = torch.randint(CONTEXT[0], CONTEXT[1] + 1, (batch,), generator=gen)
     if longest_first:
         lens = lens.sort(descending=True).values
     blocks = (lens + block - 1) // block
@@ -89,7 +93,16 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
     parser.add_argument("--configs", default="", help="tile:warps:stages,... (default all)")
+    parser.add_argument("--heads", type=int, default=HEADS, help="query heads (8 KV heads)")
+    parser.add_argument("--context", default="", help="LO,HI: contexts uniform in [LO, HI]")
+    parser.add_argument("--split-batches", default="", help="the splits section's batches")
     args = parser.parse_args()
+    global HEADS, CONTEXT, SPLIT_BATCHES
+    HEADS = args.heads
+    if args.context:
+        CONTEXT = tuple(int(v) for v in args.context.split(","))
+    if args.split_batches:
+        SPLIT_BATCHES = [int(b) for b in args.split_batches.split(",")]
     sections = args.sections.split(",")
     current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
