@@ -87,6 +87,7 @@ def copy_gbps() -> float:
 
 
 def main() -> None:
+    global HEADS, CONTEXT, SPLIT_BATCHES
     parser = argparse.ArgumentParser()
     parser.add_argument("out", nargs="?", default="attention_decode_tune.json")
     parser.add_argument("--sections", default="configs,splits,order")
@@ -97,7 +98,6 @@ def main() -> None:
     parser.add_argument("--context", default="", help="LO,HI: contexts uniform in [LO, HI]")
     parser.add_argument("--split-batches", default="", help="the splits section's batches")
     args = parser.parse_args()
-    global HEADS, CONTEXT, SPLIT_BATCHES
     HEADS = args.heads
     if args.context:
         CONTEXT = tuple(int(v) for v in args.context.split(","))
