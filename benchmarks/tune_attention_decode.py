@@ -104,9 +104,9 @@ def main() -> None:
     if args.split_batches:
         SPLIT_BATCHES = [int(b) for b in args.split_batches.split(",")]
     sections = args.sections.split(",")
-    current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)
+    current = launch_config(1, HEADS // KV_HEADS, HEAD_DIM)  # at long contexts
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
-    print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; current {current}", flush=True)
+    print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; long contexts {current}", flush=True)
     if "configs" in sections:
         configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",") if c]
         batches = [int(b) for b in args.batches.split(",")]
@@ -123,16 +123,20 @@ def main() -> None:
 
 
 def sweep_configs(
-    current: LaunchConfig, batches: list[int], configs: list[tuple[int, ...]]
+    base: LaunchConfig, batches: list[int], configs: list[tuple[int, ...]]
 ) -> list[dict]:
     runs = []
     original = ua.launch_config
     for batch in batches:
         inp = inputs(batch, True)
+        current = original(
+            1, HEADS // KV_HEADS, HEAD_DIM, batch * KV_HEADS, inp["max_seq_len"],
+            num_sms(inp["query"].device),
+        )  # fmt: skip
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
         for tile, warps, stages in configs or itertools.product(TILES, WARPS, STAGES):
-            cfg = LaunchConfig(current.block_m, current.block_q, tile, True, warps, stages)
+            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages)
             ua.launch_config = lambda *_, cfg=cfg: cfg
             try:
                 call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731

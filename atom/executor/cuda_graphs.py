@@ -27,27 +27,27 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
-from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
+from atom.kernels.attention_config import SHORT_CONTEXT, decode_variant
 
 
 def context_caps(
-    sizes: list[int], max_model_len: int, kinds: set[tuple[int, bool]], num_sms: int
+    sizes: list[int], max_model_len: int, kinds: set[tuple[int, bool, bool]], num_sms: int
 ) -> dict[int, list[int]]:
     """Each capture size's context caps: max_model_len and, where decode attention (any of the
-    layer kinds: (KV heads, choose_num_splits's fill_twice)) would split at it for that batch,
-    also the longest context it never splits, so a step of short contexts runs one program per
-    (sequence, KV head) and no split reduce (a graph for max_model_len splits a 272-token context
-    16 ways at batch 1)."""
-    short = min(max_model_len, UNSPLIT_CONTEXT)
+    layer kinds: (KV heads, fill_twice, short_tiles) of attention_config.decode_variant) would
+    launch differently at SHORT_CONTEXT, also that: a step of short contexts then runs one program
+    per (sequence, KV head) and no split reduce (a graph for max_model_len splits a 272-token
+    context 16 ways at batch 1), in the short tiles."""
+    short = min(max_model_len, SHORT_CONTEXT)
 
-    def splits(size: int, cap: int) -> list[int]:
+    def variants(size: int, cap: int) -> list[tuple[int, tuple[int, int] | None]]:
         return [
-            choose_num_splits(size, h, 1, cap, num_sms, fill_twice=twice)
-            for h, twice in sorted(kinds)
+            decode_variant(size, h, cap, num_sms, fill_twice=twice, short_tiles=tiles)
+            for h, twice, tiles in sorted(kinds)
         ]
 
     return {
-        size: [short, max_model_len] if splits(size, short) != splits(size, max_model_len)
+        size: [short, max_model_len] if variants(size, short) != variants(size, max_model_len)
         else [max_model_len]
         for size in sizes
     }  # fmt: skip

@@ -236,7 +236,10 @@ class ModelRunner:
             self.capture_sizes,
             self.config.scheduler.max_model_len,
             # MLA: one KV head, which splits no less than its head groups
-            {(layer.num_kv_heads, layer.SPLITS_FILL_TWICE) for layer in self.attn_layers},
+            {
+                (layer.num_kv_heads, layer.SPLITS_FILL_TWICE, layer.SHORT_DECODE_TILES)
+                for layer in self.attn_layers
+            },
             num_sms(self.device),
         )
         self.graphs = DecodeGraphs(caps)

@@ -39,7 +39,7 @@ import torch
 
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
-from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT
+from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, num_sms
 from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
@@ -163,23 +163,28 @@ def distinct_weights(weights: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
-    """The metadata of one-sequence steps covering every launch configuration: decode at
-    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, then each of QUERY_LENS. Slots are -1
-    (nothing would be written) and the block table zeros: nothing runs anyway."""
+    """The metadata of steps covering every launch configuration: one-sequence decodes at
+    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, a decode of short contexts whose
+    programs cover every SM twice (attention_config.short_decode_tiles), then one sequence of
+    each of QUERY_LENS. Slots are -1 (nothing would be written) and the block tables zeros:
+    nothing runs anyway."""
     splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
     # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
-    steps = [(1, c) for c in contexts] + [(q, q) for q in QUERY_LENS if q > 1]
-    for q, context in steps:
+    many = 2 * num_sms(device)  # sequences: programs enough at any number of KV heads
+    steps = [(1, 1, c) for c in contexts] + [(many, 1, 1)]
+    steps += [(1, q, q) for q in QUERY_LENS if q > 1]
+    for seqs, q, context in steps:
         blocks = -(-context // block_size)
+        tokens = seqs * q
         meta = AttentionMetadata(
-            slot_mapping=torch.full((q,), -1, dtype=torch.int64, device=device),
-            block_tables=torch.zeros((1, blocks), dtype=torch.int32, device=device),
-            seq_lens=torch.full((1,), context, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor([0, q], dtype=torch.int32, device=device),
-            seq_lens_cpu=[context],
-            query_start_loc_cpu=[0, q],
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros((seqs, blocks), dtype=torch.int32, device=device),
+            seq_lens=torch.full((seqs,), context, dtype=torch.int32, device=device),
+            query_start_loc=torch.arange(0, tokens + 1, q, dtype=torch.int32, device=device),
+            seq_lens_cpu=[context] * seqs,
+            query_start_loc_cpu=list(range(0, tokens + 1, q)),
             max_query_len=q,
             max_seq_len=context,
         )

@@ -22,6 +22,7 @@ DO_NOT_SPECIALIZE = ("num_seqs", "num_splits", "stride_bt")
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
 MAX_SPLITS = 64
 UNSPLIT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # the longest context choose_num_splits never splits
+SHORT_CONTEXT = UNSPLIT_CONTEXT  # decode contexts up to this take short_decode_tiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +35,20 @@ class LaunchConfig:
     num_stages: int
 
 
-def launch_config(max_query_len: int, group: int, head_dim_p: int) -> LaunchConfig:
+def launch_config(
+    max_query_len: int,
+    group: int,
+    head_dim_p: int,
+    programs: int = 0,
+    max_seq_len: int | None = None,
+    num_sms: int = DEFAULT_NUM_SMS,
+) -> LaunchConfig:
     """Tile sizes from the Python ints only (so a captured CUDA graph sees the same launch).
 
     Measured on an H200 (bf16, H=32, H_kv=8, D=128): decode reads 3.9-4.4 TB/s of KV at
     B >= 32 with 128-token tiles (64: 3.3-3.7); prefill reaches 260-305 TFLOP/s with 64 x 64 tiles
-    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276).
+    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276). A decode's programs are
+    num_seqs x KV heads; contexts of at most SHORT_CONTEXT tokens take short_decode_tiles.
     """
     rows = max(max_query_len, 1) * group
     if rows <= 64:
@@ -48,11 +57,44 @@ def launch_config(max_query_len: int, group: int, head_dim_p: int) -> LaunchConf
         # stages read 1-2.5% more in tune_attention_decode.py, but the bench's attention time
         # per step did not move: 3,604 -> 3,615 us, H200, 2026-11-29).
         block_m = max(16, next_power_of_2(rows))
-        return LaunchConfig(block_m, block_m // group, 128 if head_dim_p <= 128 else 64, True, 4, 2)
+        block_q = block_m // group
+        if max_seq_len is not None and max_seq_len <= SHORT_CONTEXT and head_dim_p <= 128:
+            tile, stages = short_decode_tiles(programs, num_sms)
+            return LaunchConfig(block_m, block_q, tile, True, 4, stages)
+        return LaunchConfig(block_m, block_q, 128 if head_dim_p <= 128 else 64, True, 4, 2)
     # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
     tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
     block_m = max(64, next_power_of_2(group))
     return LaunchConfig(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
+
+
+def decode_variant(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    num_sms: int,
+    *,
+    fill_twice: bool = True,
+    short_tiles: bool = True,
+) -> tuple[int, tuple[int, int] | None]:
+    """What a decode launch takes from its longest context (a CUDA graph's context cap): the KV
+    splits and, with short_tiles (the unified kernel), short_decode_tiles up to SHORT_CONTEXT."""
+    splits = choose_num_splits(
+        num_seqs, num_kv_heads, 1, max_seq_len, num_sms, fill_twice=fill_twice
+    )
+    short = short_tiles and max_seq_len <= SHORT_CONTEXT
+    return splits, short_decode_tiles(num_seqs * num_kv_heads, num_sms) if short else None
+
+
+def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
+    """(tile, stages) of a decode over contexts of at most SHORT_CONTEXT tokens: a program runs a
+    few tiles, so its fixed costs (the query, the output) weigh, and one stage of K/V in shared
+    memory lets more programs share an SM. Where the programs cover every SM twice, 64-token
+    tiles put up to seven on one (H200, Llama-3.1-8B's heads over contexts of 144-400 tokens,
+    tune_attention_decode.py: batch 128 2,847 GB/s against 2,420 with 128-token tiles and two
+    stages; batch 1 / 8 88 / 650 GB/s with one stage of 128-token tiles against 81 / 595 with
+    two; RESULTS, seventeenth sitting)."""
+    return (64, 1) if programs >= 2 * num_sms else (128, 1)
 
 
 @functools.lru_cache(maxsize=16)

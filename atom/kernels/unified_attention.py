@@ -384,11 +384,10 @@ def unified_attention(
         return out
     group = num_heads // num_kv_heads
     head_dim_p = max(16, next_power_of_2(head_dim))
-    cfg = launch_config(max_query_len, group, head_dim_p)
+    sms = num_sms(query.device)
+    cfg = launch_config(max_query_len, group, head_dim_p, num_seqs * num_kv_heads, max_seq_len, sms)
     if num_splits is None:
-        num_splits = choose_num_splits(
-            num_seqs, num_kv_heads, max_query_len, max_seq_len, num_sms(query.device)
-        )
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split = num_splits > 1

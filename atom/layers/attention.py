@@ -41,6 +41,8 @@ class Attention(nn.Module):
     # Its decode attention takes two KV splits where a batch covers each SM once but not twice
     # (attention_config.choose_num_splits's fill_twice): the graphs' context caps follow it.
     SPLITS_FILL_TWICE = True
+    # Its decode over contexts of at most SHORT_CONTEXT takes other tiles (short_decode_tiles).
+    SHORT_DECODE_TILES = True
 
     def __init__(
         self,

@@ -27,6 +27,7 @@ class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
 
     SPLITS_FILL_TWICE = mla_attention.SPLITS_FILL_TWICE
+    SHORT_DECODE_TILES = False  # its own kernel's tiles do not depend on the context
 
     # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
     # it (tests/gpu/test_mla_gpu.py replays one).

@@ -13,32 +13,47 @@ import torch.nn.functional as F
 from atom.executor.cuda_graphs import DecodeGraphs, context_caps
 from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
-from atom.kernels.attention_config import UNSPLIT_CONTEXT, choose_num_splits
+from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, choose_num_splits
 from atom.layers.embedding import ParallelLMHead
 
 
 def _caps(
-    max_model_len: int, kv_heads: list[int], sizes: list[int], fill_twice: bool = True
+    max_model_len: int,
+    kv_heads: list[int],
+    sizes: list[int],
+    fill_twice: bool = True,
+    short_tiles: bool = True,
 ) -> dict[int, list[int]]:
-    kinds = {(h, fill_twice) for h in kv_heads}
+    kinds = {(h, fill_twice, short_tiles) for h in kv_heads}
     return context_caps(sizes, max_model_len, kinds, 132)  # an H100/H200's SMs
 
 
 def test_small_batches_get_an_unsplit_graph() -> None:
+    """A kind that keeps its tiles at short contexts (short_tiles=False) gets a short graph where
+    the splits differ."""
     sizes = [1, 2, 4, 8, 16, 32, 48, 512]
-    caps = _caps(4096, [8], sizes)
+    caps = _caps(4096, [8], sizes, short_tiles=False)
     for size in sizes:
         splits = choose_num_splits(size, 8, 1, 4096, 132)
         assert caps[size] == ([UNSPLIT_CONTEXT, 4096] if splits > 1 else [4096]), size
     # 32 x 8 heads < 2 x 132 SMs: two splits; 48 x 8 fill every SM twice
     assert caps[32] == [UNSPLIT_CONTEXT, 4096] and caps[48] == [4096]
     # A model whose layers differ: a size splits if any layer kind does.
-    assert _caps(4096, [8, 1], [48])[48] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [8, 1], [48], short_tiles=False)[48] == [UNSPLIT_CONTEXT, 4096]
     # Contexts never long enough to split: one graph a size.
     assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
     # MLA's latent attention leaves a batch that covers every SM once unsplit: one graph.
-    assert _caps(4096, [1], [144], fill_twice=False)[144] == [4096]
-    assert _caps(4096, [1], [144])[144] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [1], [144], fill_twice=False, short_tiles=False)[144] == [4096]
+    assert _caps(4096, [1], [144], short_tiles=False)[144] == [UNSPLIT_CONTEXT, 4096]
+
+
+def test_short_contexts_get_their_tiles() -> None:
+    """The unified kernel's decode takes other tiles up to SHORT_CONTEXT: every size gets a
+    graph for it, where contexts can be longer."""
+    sizes = [1, 48, 256, 512]
+    assert _caps(4096, [8], sizes) == {size: [SHORT_CONTEXT, 4096] for size in sizes}
+    assert _caps(SHORT_CONTEXT, [8], sizes) == {size: [SHORT_CONTEXT] for size in sizes}
+    assert _caps(300, [8], [48]) == {48: [300]}
 
 
 class _Graph:

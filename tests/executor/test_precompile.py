@@ -15,7 +15,12 @@ from atom.executor.precompile import (
     start_precompile,
 )
 from atom.kernels import launch as launch_module
-from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits, launch_config
+from atom.kernels.attention_config import (
+    DEFAULT_NUM_SMS,
+    LaunchConfig,
+    choose_num_splits,
+    launch_config,
+)
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import compile_only, launch, pdl
 from atom.layers.attention import Attention
@@ -79,27 +84,33 @@ def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatc
     ("heads", "kv_heads", "head_dim"), [(32, 8, 128), (16, 16, 64), (64, 1, 256)]
 )
 def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: int) -> None:
-    """Every tile configuration of query lengths 1-300, and every reduce variant (splits padded to
-    a power of two) of decode batches 1-600 at contexts up to 128k, is among the stand-ins'."""
-    group = heads // kv_heads
+    """Every tile configuration of query lengths 1-300 (decode: batches 1-600 at contexts up to
+    128k, short and long), and every reduce variant (splits padded to a power of two) of those
+    decode batches, is among the stand-ins'."""
+    group, sms = heads // kv_heads, DEFAULT_NUM_SMS
     steps = list(stand_in_steps(16, CPU))
-    configs = {launch_config(m.max_query_len, group, head_dim) for m in steps}
+
+    def config(q: int, seqs: int, context: int) -> LaunchConfig:
+        return launch_config(q, group, head_dim, seqs * kv_heads, context, sms)
+
+    configs = {config(m.max_query_len, len(m.seq_lens_cpu), m.max_seq_len) for m in steps}
     splits = {
-        next_power_of_2(
-            choose_num_splits(1, kv_heads, m.max_query_len, m.max_seq_len, DEFAULT_NUM_SMS)
-        )
+        next_power_of_2(choose_num_splits(1, kv_heads, m.max_query_len, m.max_seq_len, sms))
         for m in steps
     }
-    assert all(launch_config(q, group, head_dim) in configs for q in range(1, 301))
+    assert all(config(q, 1, q) in configs for q in range(2, 301))
     for batch in range(1, 601):
-        for context in (1, 17, 255, 256, 700, 4096, 32768, 131072):
-            s = choose_num_splits(batch, kv_heads, 1, context, DEFAULT_NUM_SMS)
+        for context in (1, 17, 255, 256, 511, 512, 700, 4096, 32768, 131072):
+            assert config(1, batch, context) in configs, (batch, context)
+            s = choose_num_splits(batch, kv_heads, 1, context, sms)
             assert next_power_of_2(s) in splits, (batch, context, s)
-    for m in steps:  # one sequence each, metadata consistent with itself
-        q = m.query_start_loc_cpu[-1]
-        assert m.slot_mapping.shape == (q,) and (m.slot_mapping == -1).all()
-        assert m.block_tables.shape == (1, -(-m.max_seq_len // 16))
-        assert m.seq_lens.tolist() == [m.max_seq_len] and m.max_query_len == q <= m.max_seq_len
+    for m in steps:  # metadata consistent with itself
+        seqs, q = len(m.seq_lens_cpu), m.max_query_len
+        assert m.query_start_loc_cpu == list(range(0, seqs * q + 1, q))
+        assert m.slot_mapping.shape == (seqs * q,) and (m.slot_mapping == -1).all()
+        assert m.block_tables.shape == (seqs, -(-m.max_seq_len // 16))
+        assert m.seq_lens.tolist() == [m.max_seq_len] * seqs and q <= m.max_seq_len
+        assert m.query_start_loc.tolist() == m.query_start_loc_cpu
 
 
 def test_one_layer_per_kind_and_no_thread_on_the_cpu() -> None:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from atom.kernels.attention_config import DEFAULT_NUM_SMS, choose_num_splits
+from atom.kernels.attention_config import (
+    DEFAULT_NUM_SMS,
+    SHORT_CONTEXT,
+    choose_num_splits,
+    launch_config,
+)
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import unified_attention
 from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
@@ -233,6 +238,34 @@ def test_padding_rows_and_out_in_place(num_splits: int | None) -> None:
     torch.testing.assert_close(out[:3].cpu(), expected[:3], atol=1e-5, rtol=1e-5)
     assert torch.equal(out[1].cpu(), torch.zeros(4, 64))  # seq_len 0: zeros, no memory touched
     assert torch.equal(out[3:].cpu(), torch.full((3, 4, 64), 7.0))  # not owned: untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_many_short_decodes(dtype: torch.dtype) -> None:
+    """Programs enough to cover every SM twice over short contexts: 64-token tiles, one stage
+    (attention_config.short_decode_tiles); contexts of one to three such tiles."""
+    seqs = [(1 + 53 * i % 190, 1) for i in range(2 * DEFAULT_NUM_SMS // 8 + 1)]
+    cfg = launch_config(1, 1, 64, len(seqs) * 8, max(s for s, _ in seqs), DEFAULT_NUM_SMS)
+    assert (cfg.tile, cfg.num_stages) == (64, 1)
+    check(make_batch(seqs, 8, 8, 64), dtype)
+
+
+def test_decode_tiles_by_context() -> None:
+    """Decode tiles: short contexts take one stage, 64-token tiles once the programs cover every
+    SM twice; longer contexts, head dims past 128 and prefill keep theirs."""
+    sms = DEFAULT_NUM_SMS
+
+    def tiles(q: int, head_dim: int, programs: int, context: int | None) -> tuple[int, int]:
+        cfg = launch_config(q, 4, head_dim, programs, context, sms)
+        return cfg.tile, cfg.num_stages
+
+    assert tiles(1, 128, 8, SHORT_CONTEXT) == (128, 1)
+    assert tiles(1, 128, 2 * sms - 1, 100) == (128, 1)
+    assert tiles(1, 128, 2 * sms, 100) == (64, 1)
+    assert tiles(1, 128, 2 * sms, SHORT_CONTEXT + 1) == (128, 2)
+    assert tiles(1, 128, 8, None) == (128, 2)  # no context given
+    assert tiles(1, 256, 2 * sms, 100) == (64, 2)
+    assert tiles(512, 128, 2 * sms, 100) == (64, 2)  # prefill
 
 
 def test_choose_num_splits() -> None:
