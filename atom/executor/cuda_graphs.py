@@ -89,13 +89,16 @@ class DecodeGraphs:
         forward: Callable[[int, int], Tensor],
         trace: Callable[[int], AbstractContextManager[None]] | None = None,
         sample: Callable[[int], Tensor] | None = None,
+        warm_attention: Callable[[int, int], None] | None = None,
     ) -> None:
         """forward(size, cap) runs one decode batch of `size` rows whose attention is set up for
-        contexts up to cap, and returns its output tensor. trace(size), when given, profiles a
-        second warm-up forward of the size's longest cap: the same kernels, in the same order,
-        as the graph then captured (the first may compile and autotune), then the draw.
-        sample(size), when given, draws from the size's forward output (every cap's output
-        must be one tensor) and returns the sampled ids."""
+        contexts up to cap, and returns its output tensor; a warm-up forward before each capture
+        compiles, autotunes and loads what the graph will launch. trace(size), when given,
+        profiles a second warm-up forward of the size's longest cap: the same kernels, in the
+        same order, as the graph then captured, then the draw. sample(size), when given, draws
+        from the size's forward output (every cap's output must be one tensor) and returns the
+        sampled ids. warm_attention(size, cap), when given, replaces the warm-up forward of a
+        size's shorter caps: their graphs differ from the longest cap's in attention alone."""
         pool = None
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
@@ -105,7 +108,10 @@ class DecodeGraphs:
                 for cap in reversed(self._caps[size]):
                     key = (size, cap)
                     start = time.perf_counter()
-                    forward(size, cap)  # warm-up: compiles, autotunes, allocates outside capture
+                    if warm_attention is not None and cap != self._caps[size][-1]:
+                        warm_attention(size, cap)
+                    else:
+                        forward(size, cap)  # warm-up: compiles, autotunes, allocates
                     if trace is not None and cap == self._caps[size][-1]:
                         with trace(size):  # the kernels the size's replays run, in their order
                             forward(size, cap)

@@ -32,7 +32,7 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.memory_profile import free_memory_for_kv
-from atom.executor.precompile import StandIn, start_precompile
+from atom.executor.precompile import StandIn, attend_stand_in, distinct_kinds, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
@@ -244,7 +244,9 @@ class ModelRunner:
         )
         self.graphs = DecodeGraphs(caps)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
-        self.graphs.capture(self._decode_forward, trace, self._decode_sample)
+        self.graphs.capture(
+            self._decode_forward, trace, self._decode_sample, self._warm_decode_attention
+        )
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
@@ -271,7 +273,15 @@ class ModelRunner:
         graph writes its logits into one buffer (a step reads them before the next replay, in
         stream order): [size, vocab] logits of their own would cost GiBs."""
         b = self.buffers
-        meta = AttentionMetadata(
+        with set_forward_context(
+            ForwardContext(self.attn_layers, self._decode_meta(size, max_seq_len))
+        ):
+            hidden = self.forward(b.input_ids[:size], b.positions[:size])
+        return self.model.compute_logits(hidden, out=self._graph_logits[:size])
+
+    def _decode_meta(self, size: int, max_seq_len: int) -> AttentionMetadata:
+        b = self.buffers
+        return AttentionMetadata(
             slot_mapping=b.slot_mapping[:size],
             block_tables=b.block_tables[:size],
             seq_lens=b.seq_lens[:size],
@@ -281,9 +291,18 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
-        with set_forward_context(ForwardContext(self.attn_layers, meta)):
-            hidden = self.forward(b.input_ids[:size], b.positions[:size])
-        return self.model.compute_logits(hidden, out=self._graph_logits[:size])
+
+    def _warm_decode_attention(self, size: int, max_seq_len: int) -> None:
+        """Each attention layer kind's launches of a decode graph of `size` rows for contexts up
+        to max_seq_len, on stand-ins and the graphs' step buffers (padding rows: nothing is read
+        or written): the Triton variants such a graph launches get loaded before its capture at
+        the cost of a few launches, not of a forward."""
+        shapes = StandIn(
+            self.device, self.dtype, kv_cache_torch_dtype(self.config), self.block_size
+        )
+        meta = self._decode_meta(size, max_seq_len)
+        for layer in distinct_kinds(self.attn_layers):
+            attend_stand_in(layer, meta, shapes)
 
     def _decode_sample(self, size: int) -> Tensor:
         """The plain draw over `size` rows of the graphs' logits, from the sampling buffers

@@ -195,7 +195,7 @@ def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) 
     """The layer's step path on stand-ins shaped as a real step's: q, k and v views of one fused
     projection output, as the models split it, and a one-block cache of the real dtype."""
     h, h_kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    tokens, device = meta.query_start_loc_cpu[-1], shapes.device
+    tokens, device = meta.slot_mapping.shape[0], shapes.device
     qkv = torch.empty((tokens, (h + 2 * h_kv) * d), dtype=shapes.dtype, device=device)
     q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], -1)
     q, k, v = q.view(-1, h, d), k.view(-1, h_kv, d), v.view(-1, h_kv, d)
