@@ -235,9 +235,14 @@ class ModelRunner:
         caps = context_caps(
             self.capture_sizes,
             self.config.scheduler.max_model_len,
-            # MLA: one KV head, which splits no less than its head groups
+            # MLA: one KV head, which splits no less than its head groups; short-context tiles
+            # for head dims up to 128 (attention_config.launch_config)
             {
-                (layer.num_kv_heads, layer.SPLITS_FILL_TWICE, layer.SHORT_DECODE_TILES)
+                (
+                    layer.num_kv_heads,
+                    layer.SPLITS_FILL_TWICE,
+                    layer.SHORT_DECODE_TILES and layer.head_dim <= 128,
+                )
                 for layer in self.attn_layers
             },
             num_sms(self.device),
