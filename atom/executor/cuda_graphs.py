@@ -27,24 +27,26 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor
 
-from atom.kernels.attention_config import SHORT_CONTEXT, decode_variant
+from atom.kernels.attention_config import (
+    SHORT_CONTEXT,
+    DecodeKind,
+    LaunchConfig,
+    decode_variant,
+)
 
 
 def context_caps(
-    sizes: list[int], max_model_len: int, kinds: set[tuple[int, bool, bool]], num_sms: int
+    sizes: list[int], max_model_len: int, kinds: set[DecodeKind], num_sms: int
 ) -> dict[int, list[int]]:
     """Each capture size's context caps: max_model_len and, where decode attention (any of the
-    layer kinds: (KV heads, fill_twice, short_tiles) of attention_config.decode_variant) would
-    launch differently at SHORT_CONTEXT, also that: a step of short contexts then runs one program
-    per (sequence, KV head) and no split reduce (a graph for max_model_len splits a 272-token
-    context 16 ways at batch 1), in the short tiles."""
+    model's layer kinds) would launch differently at SHORT_CONTEXT (decode_variant: its KV splits
+    or its tiles), also that: a step of short contexts then runs one program per (sequence, KV
+    head), no split reduce (a graph for max_model_len splits a 272-token context 16 ways at batch
+    1), and the short-context tiles."""
     short = min(max_model_len, SHORT_CONTEXT)
 
-    def variants(size: int, cap: int) -> list[tuple[int, tuple[int, int] | None]]:
-        return [
-            decode_variant(size, h, cap, num_sms, fill_twice=twice, short_tiles=tiles)
-            for h, twice, tiles in sorted(kinds)
-        ]
+    def variants(size: int, cap: int) -> list[tuple[int, LaunchConfig | None]]:
+        return [decode_variant(kind, size, cap, num_sms) for kind in sorted(kinds)]
 
     return {
         size: [short, max_model_len] if variants(size, short) != variants(size, max_model_len)
@@ -63,7 +65,7 @@ class DecodeGraphs:
         self._outputs: dict[tuple[int, int], Tensor] = {}
         self._samplers: dict[int, torch.cuda.CUDAGraph] = {}
         self._sampled: dict[int, Tensor] = {}
-        # The last capture()'s seconds: each graph's warm-up forward, then the captures together.
+        # The last capture()'s seconds: each graph's warm-up, then the captures together.
         self.warmup_seconds: dict[tuple[int, int], float] = {}
         self.capture_seconds = 0.0
 

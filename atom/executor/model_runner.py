@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -235,28 +236,21 @@ class ModelRunner:
         caps = context_caps(
             self.capture_sizes,
             self.config.scheduler.max_model_len,
-            # MLA: one KV head, which splits no less than its head groups; short-context tiles
-            # for head dims up to 128 (attention_config.launch_config)
-            {
-                (
-                    layer.num_kv_heads,
-                    layer.SPLITS_FILL_TWICE,
-                    layer.SHORT_DECODE_TILES and layer.head_dim <= 128,
-                )
-                for layer in self.attn_layers
-            },
+            {layer.decode_kind() for layer in self.attn_layers},
             num_sms(self.device),
         )
         self.graphs = DecodeGraphs(caps)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
-        self.graphs.capture(
-            self._decode_forward, trace, self._decode_sample, self._warm_decode_attention
-        )
+        # A size's shorter caps differ from its longest in attention alone: their warm-up need
+        # only launch that (the stand-ins cover the unified kernel, not MLA's).
+        plain = all(type(layer) is Attention for layer in self.attn_layers)
+        warm_attention = self._warm_decode_attention if plain else None
+        self.graphs.capture(self._decode_forward, trace, self._decode_sample, warm_attention)
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
             "captured %d CUDA graphs (decode batch %d..%d) and %d of the draw in %.1f s, %.2f GiB; "
-            "warm-up forwards %.1f s (median %.0f ms, slowest %s), captures %.1f s",
+            "warm-ups %.1f s (median %.0f ms, slowest %s), captures %.1f s",
             len(self.graphs),
             self.capture_sizes[0],
             n,
@@ -299,13 +293,17 @@ class ModelRunner:
 
     def _warm_decode_attention(self, size: int, max_seq_len: int) -> None:
         """Each attention layer kind's launches of a decode graph of `size` rows for contexts up
-        to max_seq_len, on stand-ins and the graphs' step buffers (padding rows: nothing is read
-        or written): the Triton variants such a graph launches get loaded before its capture at
-        the cost of a few launches, not of a forward."""
+        to max_seq_len, on stand-ins: the Triton variants such a graph launches get loaded before
+        its capture at the cost of a few launches, not of a forward. Every row is padding (no
+        key read, no slot written); the block table is the graphs' (its stride picks nothing)."""
         shapes = StandIn(
             self.device, self.dtype, kv_cache_torch_dtype(self.config), self.block_size
         )
-        meta = self._decode_meta(size, max_seq_len)
+        meta = dataclasses.replace(
+            self._decode_meta(size, max_seq_len),
+            slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=self.device),
+            seq_lens=torch.zeros(size, dtype=torch.int32, device=self.device),
+        )
         for layer in distinct_kinds(self.attn_layers):
             attend_stand_in(layer, meta, shapes)
 

@@ -5,8 +5,9 @@ Triton compiles a kernel variant on its first launch, on the launching thread, o
 A cold start of the Llama-3.1-8B shape spent 13.5 s in 19 such compiles, 10.5 s of it in five
 attention variants met by the CUDA-graph warm-up and the warm-up requests (H200, 2026-11-29).
 Here a thread makes, with stand-in tensors, every attention launch those will make: decode with
-each power of two of KV splits (its reduce kernel's variants), one q-block per sequence for the
-short query lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
+each power of two of KV splits (its reduce kernel's variants), decode of many sequences over
+short and longer contexts (their tiles differ), one q-block per sequence for the short query
+lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
 cache dtype pick the variant; MLA layers, another kernel, are left to their first launch), then
 for each distinct linear weight one gemv launch per row bucket its tuned table gives the weight a
 tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
@@ -39,7 +40,12 @@ import torch
 
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import ops
-from atom.kernels.attention_config import MAX_SPLITS, MIN_TOKENS_PER_SPLIT, num_sms
+from atom.kernels.attention_config import (
+    MAX_SPLITS,
+    MIN_TOKENS_PER_SPLIT,
+    SHORT_CONTEXT,
+    num_sms,
+)
 from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
@@ -164,16 +170,16 @@ def distinct_weights(weights: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
     """The metadata of steps covering every launch configuration: one-sequence decodes at
-    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, a decode of short contexts whose
-    programs cover every SM twice (attention_config.short_decode_tiles), then one sequence of
-    each of QUERY_LENS. Slots are -1 (nothing would be written) and the block tables zeros:
-    nothing runs anyway."""
+    contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, decodes whose programs cover every SM
+    twice (never split) over short and longer contexts (attention_config.short_decode_tiles),
+    then one sequence of each of QUERY_LENS. Slots are -1 (nothing would be written) and the
+    block tables zeros: nothing runs anyway."""
     splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
     # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
     many = 2 * num_sms(device)  # sequences: programs enough at any number of KV heads
-    steps = [(1, 1, c) for c in contexts] + [(many, 1, 1)]
+    steps = [(1, 1, c) for c in contexts] + [(many, 1, 1), (many, 1, SHORT_CONTEXT + 1)]
     steps += [(1, q, q) for q in QUERY_LENS if q > 1]
     for seqs, q, context in steps:
         blocks = -(-context // block_size)
@@ -193,7 +199,8 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
 
 def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) -> None:
     """The layer's step path on stand-ins shaped as a real step's: q, k and v views of one fused
-    projection output, as the models split it, and a one-block cache of the real dtype."""
+    projection output, as the models split it, and a one-block cache of the real dtype. A real
+    launch (the graphs' warm-up) must pass padding rows only: seq_lens 0, slots -1."""
     h, h_kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     tokens, device = meta.slot_mapping.shape[0], shapes.device
     qkv = torch.empty((tokens, (h + 2 * h_kv) * d), dtype=shapes.dtype, device=device)

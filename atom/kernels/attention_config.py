@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -47,8 +48,9 @@ def launch_config(
 
     Measured on an H200 (bf16, H=32, H_kv=8, D=128): decode reads 3.9-4.4 TB/s of KV at
     B >= 32 with 128-token tiles (64: 3.3-3.7); prefill reaches 260-305 TFLOP/s with 64 x 64 tiles
-    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276). A decode's programs are
-    num_seqs x KV heads; contexts of at most SHORT_CONTEXT tokens take short_decode_tiles.
+    and 4 warps (128 x 128 with 8 warps: 240-307, 128 x 64: 233-276). A decode (one query a
+    sequence) over contexts of at most SHORT_CONTEXT tokens takes short_decode_tiles, by its
+    programs: num_seqs x KV heads (a CUDA graph's padding rows included).
     """
     rows = max(max_query_len, 1) * group
     if rows <= 64:
@@ -58,7 +60,8 @@ def launch_config(
         # per step did not move: 3,604 -> 3,615 us, H200, 2026-11-29).
         block_m = max(16, next_power_of_2(rows))
         block_q = block_m // group
-        if max_seq_len is not None and max_seq_len <= SHORT_CONTEXT and head_dim_p <= 128:
+        short = max_seq_len is not None and max_seq_len <= SHORT_CONTEXT
+        if max_query_len == 1 and short and head_dim_p <= 128:
             tile, stages = short_decode_tiles(programs, num_sms)
             return LaunchConfig(block_m, block_q, tile, True, 4, stages)
         return LaunchConfig(block_m, block_q, 128 if head_dim_p <= 128 else 64, True, 4, 2)
@@ -68,22 +71,33 @@ def launch_config(
     return LaunchConfig(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
 
 
+class DecodeKind(NamedTuple):
+    """What picks an attention layer's decode launches besides the batch and its longest context
+    (decode_variant): one per distinct layer of a model."""
+
+    num_kv_heads: int
+    group: int  # query heads per KV head
+    head_dim_p: int  # padded_head_dim
+    fill_twice: bool = True  # choose_num_splits's
+    unified: bool = True  # launch_config picks the tiles (MLA's latent kernel has its own)
+
+
 def decode_variant(
-    num_seqs: int,
-    num_kv_heads: int,
-    max_seq_len: int,
-    num_sms: int,
-    *,
-    fill_twice: bool = True,
-    short_tiles: bool = True,
-) -> tuple[int, tuple[int, int] | None]:
-    """What a decode launch takes from its longest context (a CUDA graph's context cap): the KV
-    splits and, with short_tiles (the unified kernel), short_decode_tiles up to SHORT_CONTEXT."""
+    kind: DecodeKind, num_seqs: int, max_seq_len: int, num_sms: int
+) -> tuple[int, LaunchConfig | None]:
+    """The KV splits and (unified kernel) the tiles of a decode of num_seqs sequences whose
+    longest context is max_seq_len: what a CUDA graph captured for that context cap fixes."""
     splits = choose_num_splits(
-        num_seqs, num_kv_heads, 1, max_seq_len, num_sms, fill_twice=fill_twice
+        num_seqs, kind.num_kv_heads, 1, max_seq_len, num_sms, fill_twice=kind.fill_twice
     )
-    short = short_tiles and max_seq_len <= SHORT_CONTEXT
-    return splits, short_decode_tiles(num_seqs * num_kv_heads, num_sms) if short else None
+    if not kind.unified:
+        return splits, None
+    programs = num_seqs * kind.num_kv_heads
+    return splits, launch_config(1, kind.group, kind.head_dim_p, programs, max_seq_len, num_sms)
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return max(16, next_power_of_2(head_dim))
 
 
 def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from atom.kernels.attention_config import (
     choose_num_splits,
     launch_config,
     num_sms,
+    padded_head_dim,
 )
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import launch, pdl, pdl_start
@@ -383,7 +384,7 @@ def unified_attention(
     if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
-    head_dim_p = max(16, next_power_of_2(head_dim))
+    head_dim_p = padded_head_dim(head_dim)
     sms = num_sms(query.device)
     cfg = launch_config(max_query_len, group, head_dim_p, num_seqs * num_kv_heads, max_seq_len, sms)
     if num_splits is None:

@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import AttentionMetadata, get_forward_context
 from atom.kernels import ops
+from atom.kernels.attention_config import DecodeKind, padded_head_dim
 from atom.kernels.paged_attention import sdpa
 from atom.layers.norm import RMSNorm
 from atom.layers.rotary import RotaryEmbedding
@@ -38,12 +39,6 @@ def sliding_window_of(config: Any, layer_idx: int) -> int | None:
 
 
 class Attention(nn.Module):
-    # Its decode attention takes two KV splits where a batch covers each SM once but not twice
-    # (attention_config.choose_num_splits's fill_twice): the graphs' context caps follow it.
-    SPLITS_FILL_TWICE = True
-    # Its decode over contexts of at most SHORT_CONTEXT takes other tiles (short_decode_tiles).
-    SHORT_DECODE_TILES = True
-
     def __init__(
         self,
         num_heads: int,
@@ -99,6 +94,12 @@ class Attention(nn.Module):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """This layer's cache tensor; layers with another layout (MLA latents) override it."""
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def decode_kind(self) -> DecodeKind:
+        """What picks this layer's decode launches (the graphs' context caps follow it); MLA's
+        latent kernel overrides it."""
+        group = self.num_heads // self.num_kv_heads
+        return DecodeKind(self.num_kv_heads, group, padded_head_dim(self.head_dim))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None = None) -> Tensor:
         """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] (views are fine), positions [T]

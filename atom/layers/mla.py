@@ -19,15 +19,13 @@ from torch import Tensor
 
 from atom.executor.forward_context import get_forward_context
 from atom.kernels import mla_attention, ops
+from atom.kernels.attention_config import DecodeKind
 from atom.kernels.mla_reference import mla_expanded_ref
 from atom.layers.attention import Attention
 
 
 class MLAAttention(Attention):
     """An `Attention` for the runner (cache allocation, forward context) with a latent cache."""
-
-    SPLITS_FILL_TWICE = mla_attention.SPLITS_FILL_TWICE
-    SHORT_DECODE_TILES = False  # its own kernel's tiles do not depend on the context
 
     # CUDA runs the Triton kernel on device lengths only: no host sync, CUDA graphs can capture
     # it (tests/gpu/test_mla_gpu.py replays one).
@@ -48,6 +46,11 @@ class MLAAttention(Attention):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (1, num_blocks, block_size, 1, self.head_dim)
+
+    def decode_kind(self) -> DecodeKind:
+        """One KV head (splits no less than its head groups), its own split rule, and tiles of
+        its own kernel (mla_attention.mla_launch_config) that no context changes."""
+        return DecodeKind(1, self.num_heads, self.head_dim, mla_attention.SPLITS_FILL_TWICE, False)
 
     def forward(self, q: Tensor, latent: Tensor, w_kv_b: Tensor) -> Tensor:  # type: ignore[override]
         """q [T, H, nope + rope], latent [T, rank + rope] (c_kv | roped k_pe), w_kv_b the local

@@ -13,8 +13,15 @@ import torch.nn.functional as F
 from atom.executor.cuda_graphs import DecodeGraphs, context_caps
 from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
-from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, choose_num_splits
+from atom.kernels.attention_config import (
+    SHORT_CONTEXT,
+    UNSPLIT_CONTEXT,
+    DecodeKind,
+    choose_num_splits,
+)
+from atom.layers.attention import Attention
 from atom.layers.embedding import ParallelLMHead
+from atom.layers.mla import MLAAttention
 
 
 def _caps(
@@ -22,29 +29,30 @@ def _caps(
     kv_heads: list[int],
     sizes: list[int],
     fill_twice: bool = True,
-    short_tiles: bool = True,
+    unified: bool = True,
+    head_dim: int = 128,
 ) -> dict[int, list[int]]:
-    kinds = {(h, fill_twice, short_tiles) for h in kv_heads}
+    kinds = {DecodeKind(h, 4, head_dim, fill_twice, unified) for h in kv_heads}
     return context_caps(sizes, max_model_len, kinds, 132)  # an H100/H200's SMs
 
 
 def test_small_batches_get_an_unsplit_graph() -> None:
-    """A kind that keeps its tiles at short contexts (short_tiles=False) gets a short graph where
-    the splits differ."""
+    """A kind whose tiles no context changes (MLA's kernel, unified=False; head dims past 128)
+    gets a short graph where the splits differ."""
     sizes = [1, 2, 4, 8, 16, 32, 48, 512]
-    caps = _caps(4096, [8], sizes, short_tiles=False)
+    caps = _caps(4096, [8], sizes, unified=False)
     for size in sizes:
         splits = choose_num_splits(size, 8, 1, 4096, 132)
         assert caps[size] == ([UNSPLIT_CONTEXT, 4096] if splits > 1 else [4096]), size
     # 32 x 8 heads < 2 x 132 SMs: two splits; 48 x 8 fill every SM twice
     assert caps[32] == [UNSPLIT_CONTEXT, 4096] and caps[48] == [4096]
     # A model whose layers differ: a size splits if any layer kind does.
-    assert _caps(4096, [8, 1], [48], short_tiles=False)[48] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [8, 1], [48], unified=False)[48] == [UNSPLIT_CONTEXT, 4096]
     # Contexts never long enough to split: one graph a size.
     assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
     # MLA's latent attention leaves a batch that covers every SM once unsplit: one graph.
-    assert _caps(4096, [1], [144], fill_twice=False, short_tiles=False)[144] == [4096]
-    assert _caps(4096, [1], [144], short_tiles=False)[144] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [1], [144], fill_twice=False, unified=False)[144] == [4096]
+    assert _caps(4096, [1], [144], unified=False)[144] == [UNSPLIT_CONTEXT, 4096]
 
 
 def test_short_contexts_get_their_tiles() -> None:
@@ -54,6 +62,18 @@ def test_short_contexts_get_their_tiles() -> None:
     assert _caps(4096, [8], sizes) == {size: [SHORT_CONTEXT, 4096] for size in sizes}
     assert _caps(SHORT_CONTEXT, [8], sizes) == {size: [SHORT_CONTEXT] for size in sizes}
     assert _caps(300, [8], [48]) == {48: [300]}
+    # Head dims past 128 keep their tiles: only the split sizes get one.
+    assert _caps(4096, [8], [1, 48], head_dim=256) == {1: [SHORT_CONTEXT, 4096], 48: [4096]}
+
+
+def test_decode_kinds_of_the_layers() -> None:
+    """The kinds the runner's caps follow: the unified kernel's (heads per KV head, head dim
+    padded) and MLA's (its own tiles and split rule); only plain layers warm shorter caps up
+    with attention launches alone."""
+    assert Attention(32, 128, 0.1, 8).decode_kind() == DecodeKind(8, 4, 128)
+    assert Attention(8, 80, 0.1, 8).decode_kind() == DecodeKind(8, 1, 128)
+    mla = MLAAttention(16, 64, 16, 16, 16, 0.1)
+    assert mla.decode_kind() == DecodeKind(1, 16, 80, False, False)
 
 
 class _Graph:
@@ -114,3 +134,40 @@ def test_sample_replays_the_draw_graph_only_for_a_plain_step_after_a_replay() ->
     )
     out = ModelRunner._sample(runner, logits, logprobs, 4)  # type: ignore[arg-type]
     assert out.sampled.tolist() == greedy and out.logprobs is not None and replays == [4]
+
+
+def test_warm_decode_attention_launches_padding_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shorter cap's warm-up: one attention launch per layer kind, shaped as the graph's
+    (its rows, its cap), over padding rows of its own: the live step buffers are not read."""
+    import atom.executor.model_runner as runner_module
+
+    seen: list[tuple[object, object]] = []
+    real = runner_module.attend_stand_in
+
+    def attend_stand_in(layer: Attention, meta: object, shapes: object) -> None:
+        seen.append((layer, meta))
+        real(layer, meta, shapes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner_module, "attend_stand_in", attend_stand_in)
+    buffers = SimpleNamespace(
+        slot_mapping=torch.arange(8),
+        block_tables=torch.zeros((8, 4), dtype=torch.int32),
+        seq_lens=torch.full((8,), 50, dtype=torch.int32),
+        query_start_loc=torch.arange(9, dtype=torch.int32),
+    )
+    layers = [Attention(4, 64, 0.125, 2), Attention(4, 64, 0.125, 2)]
+    config = SimpleNamespace(
+        cache=SimpleNamespace(kv_cache_dtype="auto"), model=SimpleNamespace(dtype="float32")
+    )
+    runner = SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, config=config, block_size=16,
+        attn_layers=layers, buffers=buffers,
+    )  # fmt: skip
+    runner._decode_meta = lambda size, cap: ModelRunner._decode_meta(runner, size, cap)  # type: ignore[arg-type]
+    ModelRunner._warm_decode_attention(runner, 4, SHORT_CONTEXT)  # type: ignore[arg-type]
+    assert len(seen) == 1 and seen[0][0] is layers[0]  # one layer kind
+    meta = seen[0][1]
+    assert meta.max_seq_len == SHORT_CONTEXT and meta.max_query_len == 1  # type: ignore[attr-defined]
+    assert (meta.slot_mapping == -1).all() and meta.slot_mapping.shape == (4,)  # type: ignore[attr-defined]
+    assert (meta.seq_lens == 0).all() and meta.seq_lens.shape == (4,)  # type: ignore[attr-defined]
+    assert buffers.seq_lens.eq(50).all() and buffers.slot_mapping.tolist() == list(range(8))

@@ -3,6 +3,8 @@ and compile-only launches compile without running (the compiles themselves: test
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import transformers
@@ -84,26 +86,31 @@ def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatc
     ("heads", "kv_heads", "head_dim"), [(32, 8, 128), (16, 16, 64), (64, 1, 256)]
 )
 def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: int) -> None:
-    """Every tile configuration of query lengths 1-300 (decode: batches 1-600 at contexts up to
-    128k, short and long), and every reduce variant (splits padded to a power of two) of those
-    decode batches, is among the stand-ins'."""
+    """Every (tile configuration, split or not) pair of batches 1-600 at query lengths 1-300
+    and contexts up to 128k, short and long, and every reduce variant (splits padded to a power
+    of two) of their decodes, is among the stand-ins'."""
     group, sms = heads // kv_heads, DEFAULT_NUM_SMS
     steps = list(stand_in_steps(16, CPU))
 
-    def config(q: int, seqs: int, context: int) -> LaunchConfig:
-        return launch_config(q, group, head_dim, seqs * kv_heads, context, sms)
+    def variant(q: int, seqs: int, context: int) -> tuple[LaunchConfig, bool]:
+        splits = choose_num_splits(seqs, kv_heads, q, context, sms)
+        return launch_config(q, group, head_dim, seqs * kv_heads, context, sms), splits > 1
 
-    configs = {config(m.max_query_len, len(m.seq_lens_cpu), m.max_seq_len) for m in steps}
+    variants = {variant(m.max_query_len, len(m.seq_lens_cpu), m.max_seq_len) for m in steps}
     splits = {
         next_power_of_2(choose_num_splits(1, kv_heads, m.max_query_len, m.max_seq_len, sms))
         for m in steps
     }
-    assert all(config(q, 1, q) in configs for q in range(2, 301))
+    contexts = (1, 17, 255, 256, 511, 512, 700, 4096, 32768, 131072)
     for batch in range(1, 601):
-        for context in (1, 17, 255, 256, 511, 512, 700, 4096, 32768, 131072):
-            assert config(1, batch, context) in configs, (batch, context)
+        for context in contexts:
+            assert variant(1, batch, context) in variants, (batch, context)
             s = choose_num_splits(batch, kv_heads, 1, context, sms)
             assert next_power_of_2(s) in splits, (batch, context, s)
+    for q in range(2, 301):
+        for batch, context in itertools.product((1, 7, 300), contexts):
+            if context >= q:
+                assert variant(q, batch, context) in variants, (q, batch, context)
     for m in steps:  # metadata consistent with itself
         seqs, q = len(m.seq_lens_cpu), m.max_query_len
         assert m.query_start_loc_cpu == list(range(0, seqs * q + 1, q))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.cuda_graphs import DecodeGraphs
-from atom.kernels.attention_config import UNSPLIT_CONTEXT
+from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, short_decode_tiles
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -71,6 +72,44 @@ def test_cuda_graphs_change_no_token(checkpoint: Path, monkeypatch: pytest.Monke
     assert graphs == eager
     # Steps of short contexts (unsplit attention) and of long ones (split) both ran in graphs.
     assert short_graph == {True, False}
+
+
+def test_short_context_tiles_change_no_token(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose programs cover every SM twice replays its size's graph for short contexts,
+    in 64-token tiles of one stage (attention_config.short_decode_tiles): tokens as eager."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    size = 16 * -(-sms // 16)  # 2 KV heads: 2 x size programs >= 2 x SMs
+    assert short_decode_tiles(2 * size, sms) == (64, 1)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [
+        {"prompt_token_ids": torch.randint(3, 1000, (int(k),), generator=gen).tolist()}
+        for k in torch.randint(1, 200, (size,), generator=gen)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine = {"max_num_seqs": size, "kv_cache_memory_bytes": 1 << 30, "dtype": "float32"}
+
+    def tokens(**kwargs: Any) -> list[list[int]]:
+        llm = LLM(str(checkpoint), skip_tokenizer_init=True, device="cuda", **engine, **kwargs)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        return [o.outputs[0].token_ids for o in outs]
+
+    replayed: list[tuple[int, int]] = []
+    replay = DecodeGraphs.replay
+
+    def spy(self: DecodeGraphs, rows: int, max_seq_len: int) -> torch.Tensor:
+        caps = self._caps[rows]
+        replayed.append((rows, caps[min(bisect.bisect_left(caps, max_seq_len), len(caps) - 1)]))
+        return replay(self, rows, max_seq_len)
+
+    eager = tokens(enforce_eager=True)
+    monkeypatch.setattr(DecodeGraphs, "replay", spy)
+    assert tokens(level=0, cudagraph_capture_sizes=[size]) == eager
+    assert (size, SHORT_CONTEXT) in replayed
 
 
 def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
