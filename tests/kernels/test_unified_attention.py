@@ -266,6 +266,7 @@ def test_decode_tiles_by_context() -> None:
     assert tiles(1, 128, 8, None) == (128, 2)  # no context given
     assert tiles(1, 256, 2 * sms, 100) == (64, 2)
     assert tiles(512, 128, 2 * sms, 100) == (64, 2)  # prefill
+    assert tiles(2, 128, 2 * sms, 100) == (128, 2)  # short queries keep theirs
 
 
 def test_choose_num_splits() -> None:
