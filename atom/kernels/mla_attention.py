@@ -31,7 +31,7 @@ from torch import Tensor
 from atom.kernels.attention_config import DO_NOT_SPECIALIZE, choose_num_splits, num_sms
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
-from atom.kernels.unified_attention import _find_seq
+from atom.kernels.unified_attention import _find_seq, _store_rows
 
 # The fp32 accumulator is [BLOCK_M, R]: at R = 512, 16 rows fill 64 registers of each of 4 warps'
 # threads, 32 rows those of 8 warps. Untuned: no GPU measurement of this kernel yet.
@@ -245,19 +245,10 @@ def _mla_attention_kernel(
     )  # fmt: skip
     acc = acc * kv_scale  # the values are the same scaled rows as the keys
 
-    if SPLIT:
-        # Partials stay unnormalised: an empty split (l = 0, m = -inf) then weighs nothing.
-        ws_row = (tok * NUM_HEADS + head) * num_splits + split
-        tl.store(ws_m_ptr + ws_row, m_i, mask=row_ok)
-        tl.store(ws_l_ptr + ws_row, l_i, mask=row_ok)
-        tl.store(ws_acc_ptr + ws_row[:, None] * RANK_P + offs_r[None, :], acc, mask=row_ok[:, None])
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row with no keys writes zeros
-        tl.store(
-            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_r[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & r_ok[None, :],
-        )
+    _store_rows(
+        out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_i, l_i, tok, head, offs_r, row_ok, r_ok,
+        split, num_splits, stride_ot, stride_oh, NUM_HEADS, RANK_P, SPLIT,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])

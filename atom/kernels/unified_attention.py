@@ -272,26 +272,56 @@ def _unified_attention_kernel(
     )  # fmt: skip
     acc = acc * v_scale  # an fp8 cache's V scale, applied once instead of per loaded element
 
+    if USE_SINKS:  # unsplit only: a split's sinks join in the reduce
+        # The sink joins the denominator once, after every key: it has no value, so it only
+        # rescales. It is a raw logit (not times the softmax scale), hence just * log2(e).
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        # A -inf sink on a row with no keys: as in _attend_tiles, avoid inf - inf.
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_exp)
+        l_i = l_i * alpha + tl.exp2(sink - m_exp)
+        acc = acc * alpha[:, None]
+    _store_rows(
+        out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_i, l_i, tok, head, offs_d, row_ok, d_ok,
+        split, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, SPLIT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _store_rows(
+    out_ptr,
+    ws_acc_ptr,
+    ws_m_ptr,
+    ws_l_ptr,
+    acc,  # [BLOCK_M, WIDTH_P] fp32, unnormalised
+    m_i,
+    l_i,
+    tok,  # [BLOCK_M] int64 query row of each program row
+    head,  # [BLOCK_M] its query head
+    offs_d,  # [WIDTH_P]
+    row_ok,
+    d_ok,
+    split,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    WIDTH_P: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A program's rows (this kernel's and MLA's latent one): a split's partials, unnormalised
+    (an empty split, l = 0 and m = -inf, then weighs nothing in the reduce), or the output
+    normalised (a row with no keys writes zeros)."""
     if SPLIT:
-        # Partials stay unnormalised: an empty split (l = 0, m = -inf) then weighs nothing.
         ws_row = (tok * NUM_HEADS + head) * num_splits + split
         tl.store(ws_m_ptr + ws_row, m_i, mask=row_ok)
         tl.store(ws_l_ptr + ws_row, l_i, mask=row_ok)
         tl.store(
-            ws_acc_ptr + ws_row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None]
+            ws_acc_ptr + ws_row[:, None] * WIDTH_P + offs_d[None, :], acc, mask=row_ok[:, None]
         )
     else:
-        if USE_SINKS:
-            # The sink joins the denominator once, after every key: it has no value, so it only
-            # rescales. It is a raw logit (not times the softmax scale), hence just * log2(e).
-            sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
-            m_new = tl.maximum(m_i, sink)
-            # A -inf sink on a row with no keys: as in _attend_tiles, avoid inf - inf.
-            m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_exp)
-            l_i = l_i * alpha + tl.exp2(sink - m_exp)
-            acc = acc * alpha[:, None]
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row with no keys writes zeros
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
