@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import statistics
@@ -33,7 +32,7 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.memory_profile import free_memory_for_kv
-from atom.executor.precompile import StandIn, attend_stand_in, distinct_kinds, start_precompile
+from atom.executor.precompile import StandIn, attend_padding_rows, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
@@ -118,12 +117,13 @@ class ModelRunner:
         # input of a decode whose token is still pending (async scheduling).
         self._last_sampled: Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        # The shapes of the precompile's launches and of the graphs' attention warm-ups.
+        self._stand_in = StandIn(
+            self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size
+        )
         # Last: attention's and gemv's Triton variants compile on other threads until
         # allocate_kv_cache.
-        self._precompile = start_precompile(
-            self.model,
-            StandIn(self.device, self.dtype, kv_cache_torch_dtype(config), self.block_size),
-        )
+        self._precompile = start_precompile(self.model, self._stand_in)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Hidden states of the model (inside a forward context). One token runs the eager model:
@@ -244,8 +244,12 @@ class ModelRunner:
         # A size's shorter caps differ from its longest in attention alone: their warm-up need
         # only launch that (the stand-ins cover the unified kernel, not MLA's).
         plain = all(type(layer) is Attention for layer in self.attn_layers)
-        warm_attention = self._warm_decode_attention if plain else None
-        self.graphs.capture(self._decode_forward, trace, self._decode_sample, warm_attention)
+
+        def warm_attention(size: int, cap: int) -> None:
+            attend_padding_rows(self.attn_layers, self._decode_meta(size, cap), self._stand_in)
+
+        warm = warm_attention if plain else None
+        self.graphs.capture(self._decode_forward, trace, self._decode_sample, warm)
         warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
         slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
         logger.info(
@@ -290,22 +294,6 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
-
-    def _warm_decode_attention(self, size: int, max_seq_len: int) -> None:
-        """Each attention layer kind's launches of a decode graph of `size` rows for contexts up
-        to max_seq_len, on stand-ins: the Triton variants such a graph launches get loaded before
-        its capture at the cost of a few launches, not of a forward. Every row is padding (no
-        key read, no slot written); the block table is the graphs' (its stride picks nothing)."""
-        shapes = StandIn(
-            self.device, self.dtype, kv_cache_torch_dtype(self.config), self.block_size
-        )
-        meta = dataclasses.replace(
-            self._decode_meta(size, max_seq_len),
-            slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=self.device),
-            seq_lens=torch.zeros(size, dtype=torch.int32, device=self.device),
-        )
-        for layer in distinct_kinds(self.attn_layers):
-            attend_stand_in(layer, meta, shapes)
 
     def _decode_sample(self, size: int) -> Tensor:
         """The plain draw over `size` rows of the graphs' logits, from the sampling buffers

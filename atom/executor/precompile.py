@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -213,3 +213,20 @@ def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) 
     cache = torch.empty(shape, dtype=shapes.kv_dtype, device=device)
     out = torch.empty(q.shape, dtype=shapes.dtype, device=device)
     layer.attend(q, k, v, positions, out, cache, meta)
+
+
+def attend_padding_rows(
+    layers: Iterable[Attention], meta: AttentionMetadata, shapes: StandIn
+) -> None:
+    """Real launches, one per layer kind, of a step shaped as meta (its rows, its longest context),
+    every row padding (no key read, no slot written): the variants a CUDA graph of such a step
+    launches get loaded before its capture (DecodeGraphs.capture's warm_attention). The block
+    table is meta's (its stride picks no variant)."""
+    rows, seqs = meta.slot_mapping.shape[0], meta.seq_lens.shape[0]
+    padding = replace(
+        meta,
+        slot_mapping=torch.full((rows,), -1, dtype=torch.int64, device=shapes.device),
+        seq_lens=torch.zeros(seqs, dtype=torch.int32, device=shapes.device),
+    )
+    for layer in distinct_kinds(layers):
+        attend_stand_in(layer, padding, shapes)

@@ -9,8 +9,11 @@ import pytest
 import torch
 import transformers
 
+from atom.executor import precompile as precompile_module
+from atom.executor.forward_context import AttentionMetadata
 from atom.executor.precompile import (
     StandIn,
+    attend_padding_rows,
     distinct_kinds,
     distinct_weights,
     stand_in_steps,
@@ -19,6 +22,7 @@ from atom.executor.precompile import (
 from atom.kernels import launch as launch_module
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
+    SHORT_CONTEXT,
     LaunchConfig,
     choose_num_splits,
     launch_config,
@@ -139,3 +143,36 @@ def test_one_gemv_launch_per_weight_shape() -> None:
     assert list(distinct_weights(weights)) == [weights[0], weights[2]]
     half = linears[1].weight.data.half()
     assert list(distinct_weights([weights[0], half])) == [weights[0], half]
+
+
+def test_attend_padding_rows_launches_padding_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph's shorter cap's warm-up: one attention launch per layer kind, shaped as the
+    graph's (its rows, its cap), over padding rows of its own: the live step buffers are not
+    read."""
+    seen: list[tuple[Attention, AttentionMetadata]] = []
+    real = precompile_module.attend_stand_in
+
+    def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) -> None:
+        seen.append((layer, meta))
+        real(layer, meta, shapes)
+
+    monkeypatch.setattr(precompile_module, "attend_stand_in", attend_stand_in)
+    slots, seq_lens = torch.arange(8), torch.full((8,), 50, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=slots[:4],
+        block_tables=torch.zeros((8, 4), dtype=torch.int32)[:4],
+        seq_lens=seq_lens[:4],
+        query_start_loc=torch.arange(5, dtype=torch.int32),
+        seq_lens_cpu=[],
+        query_start_loc_cpu=[],
+        max_query_len=1,
+        max_seq_len=SHORT_CONTEXT,
+    )
+    layers = [Attention(4, 64, 0.125, 2), Attention(4, 64, 0.125, 2)]
+    attend_padding_rows(layers, meta, StandIn(CPU, torch.float32, torch.float32, 16))
+    assert len(seen) == 1 and seen[0][0] is layers[0]  # one layer kind
+    warm = seen[0][1]
+    assert warm.max_seq_len == SHORT_CONTEXT and warm.max_query_len == 1
+    assert (warm.slot_mapping == -1).all() and warm.slot_mapping.shape == (4,)
+    assert (warm.seq_lens == 0).all() and warm.seq_lens.shape == (4,)
+    assert seq_lens.eq(50).all() and slots.tolist() == list(range(8))
