@@ -31,7 +31,8 @@ from torch import Tensor
 from atom.kernels.attention_config import DO_NOT_SPECIALIZE, choose_num_splits, num_sms
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.paged_attention import FP8_DTYPES
-from atom.kernels.unified_attention import _find_seq, _store_rows
+from atom.kernels.split_kv import split_workspace, store_rows
+from atom.kernels.unified_attention import _find_seq
 
 # The fp32 accumulator is [BLOCK_M, R]: at R = 512, 16 rows fill 64 registers of each of 4 warps'
 # threads, 32 rows those of 8 warps. Untuned: no GPU measurement of this kernel yet.
@@ -245,7 +246,7 @@ def _mla_attention_kernel(
     )  # fmt: skip
     acc = acc * kv_scale  # the values are the same scaled rows as the keys
 
-    _store_rows(
+    store_rows(
         out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_i, l_i, tok, head, offs_r, row_ok, r_ok,
         split, num_splits, stride_ot, stride_oh, NUM_HEADS, RANK_P, SPLIT,
     )  # fmt: skip
@@ -334,11 +335,7 @@ def mla_latent_attention(
     split = num_splits > 1
     rank_p, rope_p = (max(16, next_power_of_2(d)) for d in (rank, rope))
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
-    f32 = {"dtype": torch.float32, "device": q_lat.device}
-    ws_shape = (num_tokens, num_heads, num_splits) if split else (1,)
-    ws_m = torch.empty(ws_shape, **f32)
-    ws_l = torch.empty_like(ws_m)
-    ws_acc = torch.empty((*ws_shape, rank_p) if split else (1,), **f32)
+    ws_acc, ws_m, ws_l = split_workspace(num_tokens, num_heads, num_splits, rank_p, q_lat)
     q_blocks = num_seqs if cfg.one_block_per_seq else num_tokens // cfg.block_q + num_seqs
     _mla_attention_kernel[(q_blocks, cfg.num_head_groups, num_splits)](
         out, q_lat, q_pe, kv_cache, block_tables, seq_lens, query_start_loc, ws_acc, ws_m, ws_l,

@@ -43,6 +43,7 @@ from atom.kernels.attention_config import (
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.paged_attention import FP8_DTYPES
+from atom.kernels.split_kv import split_workspace, store_rows
 
 LOG2E = 1.4426950408889634
 
@@ -282,51 +283,10 @@ def _unified_attention_kernel(
         alpha = tl.exp2(m_i - m_exp)
         l_i = l_i * alpha + tl.exp2(sink - m_exp)
         acc = acc * alpha[:, None]
-    _store_rows(
+    store_rows(
         out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_i, l_i, tok, head, offs_d, row_ok, d_ok,
         split, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, SPLIT,
     )  # fmt: skip
-
-
-@triton.jit
-def _store_rows(
-    out_ptr,
-    ws_acc_ptr,
-    ws_m_ptr,
-    ws_l_ptr,
-    acc,  # [BLOCK_M, WIDTH_P] fp32, unnormalised
-    m_i,
-    l_i,
-    tok,  # [BLOCK_M] int64 query row of each program row
-    head,  # [BLOCK_M] its query head
-    offs_d,  # [WIDTH_P]
-    row_ok,
-    d_ok,
-    split,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    NUM_HEADS: tl.constexpr,
-    WIDTH_P: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """A program's rows (this kernel's and MLA's latent one): a split's partials, unnormalised
-    (an empty split, l = 0 and m = -inf, then weighs nothing in the reduce), or the output
-    normalised (a row with no keys writes zeros)."""
-    if SPLIT:
-        ws_row = (tok * NUM_HEADS + head) * num_splits + split
-        tl.store(ws_m_ptr + ws_row, m_i, mask=row_ok)
-        tl.store(ws_l_ptr + ws_row, l_i, mask=row_ok)
-        tl.store(
-            ws_acc_ptr + ws_row[:, None] * WIDTH_P + offs_d[None, :], acc, mask=row_ok[:, None]
-        )
-    else:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(
-            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
-        )
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
@@ -424,10 +384,7 @@ def unified_attention(
     split = num_splits > 1
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
-    ws_shape = (num_tokens, num_heads, num_splits) if split else (1,)
-    ws_m = torch.empty(ws_shape, dtype=torch.float32, device=query.device)
-    ws_l = torch.empty_like(ws_m)
-    ws_acc = torch.empty((*ws_shape, head_dim_p) if split else (1,), **_f32(query))
+    ws_acc, ws_m, ws_l = split_workspace(num_tokens, num_heads, num_splits, head_dim_p, query)
     if cfg.one_block_per_seq:
         grid = (num_seqs * num_kv_heads, 1, num_splits)
     else:
@@ -457,10 +414,6 @@ def unified_attention(
             num_warps=4,
         )  # fmt: skip
     return out
-
-
-def _f32(like: Tensor) -> dict:
-    return {"dtype": torch.float32, "device": like.device}
 
 
 def _check_inputs(
