@@ -14,10 +14,12 @@ forward (throughput_logged.py's count every engine step: the two can differ by a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton
 
 import atom.executor.model_runner as model_runner
 
@@ -30,6 +32,10 @@ class _Step:
     decode: bool
     forward: torch.cuda.Event
     end: torch.cuda.Event | None = None
+    # Host clock (ms): submit's start, the forward's call, submit's return; the wait for the
+    # step before (the engine's output wait that ran between the two submits); Triton compiles
+    host: list[float] = field(default_factory=list)
+    compiles: list[str] = field(default_factory=list)
 
 
 class GpuIdle:
@@ -40,26 +46,49 @@ class GpuIdle:
     def install(self) -> None:
         runner = model_runner.ModelRunner
         plain_forward, plain_submit = runner._forward, runner.submit_model
+        plain_hook = getattr(triton.knobs.runtime, "jit_cache_hook", None)
         steps = self.steps
+        began = [0.0]
+        waited = [0.0]
 
         def forward(self: Any, inputs: Any, graph: bool, sample: bool) -> Any:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            steps.append(_Step(len(inputs.req_ids), inputs.is_decode_only, event))
+            step = _Step(len(inputs.req_ids), inputs.is_decode_only, event)
+            step.host = [began[0], _ms(), 0.0, waited[0]]
+            steps.append(step)
             return plain_forward(self, inputs, graph, sample)
 
         def submit(self: Any, sched: Any) -> Any:
+            began[0] = _ms()
             wait = plain_submit(self, sched)
             if steps and steps[-1].end is None:
                 steps[-1].end = torch.cuda.Event(enable_timing=True)
                 steps[-1].end.record()
-            return wait
+                steps[-1].host[2] = _ms()
+
+            def timed_wait() -> Any:
+                start = _ms()
+                try:
+                    return wait()
+                finally:
+                    waited[0] = _ms() - start
+
+            return timed_wait
+
+        def compiling(*args: Any, **kwargs: Any) -> Any:
+            """Triton's hook before a launch compiles a variant (or loads it from disk)."""
+            if steps:
+                steps[-1].compiles.append(str(kwargs.get("repr", "?"))[:80])
+            return plain_hook(*args, **kwargs) if plain_hook else None
 
         self._originals = [
             (runner, "_forward", plain_forward),
             (runner, "submit_model", plain_submit),
+            (triton.knobs.runtime, "jit_cache_hook", plain_hook),
         ]
         runner._forward, runner.submit_model = forward, submit  # type: ignore[method-assign]
+        triton.knobs.runtime.jit_cache_hook = compiling
 
     def uninstall(self) -> None:
         for owner, name, fn in self._originals:
@@ -75,6 +104,9 @@ class GpuIdle:
             idle = max(prev.end.elapsed_time(step.forward), 0.0)
             period = prev.end.elapsed_time(step.end)
             rows.append((idle, period, i, step.batch, step.decode))
+        pairs = zip(self.steps, self.steps[1:], strict=False)
+        host = {i: pair for i, pair in enumerate(pairs, 1)}
+        compiled = [(i, s.compiles) for i, s in enumerate(self.steps) if s.compiles]
         self.steps.clear()
         decode = [r for r in rows if r[4]]
         if not decode:
@@ -97,10 +129,27 @@ class GpuIdle:
         print("gpu idle % by batch (up to):", shares, flush=True)
         worst = sorted(decode, key=lambda r: r[0] / r[1])[-WORST:]
         print("gpu idle, worst decode steps (idle ms, period ms, step, batch):", _rounded(worst))
+        print("  their host ms (since the last submit returned: the engine's part, of it the wait "
+              "for a step's output; submit to forward; forward to submit's return):",
+              [(s, *_host(*host[s])) for _, _, s, _, _ in worst], flush=True)  # fmt: skip
+        if compiled:
+            print("Triton compiles inside steps (step, kernels):", compiled[:20], flush=True)
         prefill = [r for r in rows if not r[4]]
         if prefill:
             print("gpu wait before eager steps (idle ms, period ms, step, batch):",
                   _rounded(prefill[:12]), flush=True)  # fmt: skip
+
+
+def _ms() -> float:
+    return 1e3 * time.perf_counter()
+
+
+def _host(prev: _Step, step: _Step) -> tuple[float, ...]:
+    if len(prev.host) < 3 or len(step.host) < 4:
+        return ()
+    began, forward, returned, waited = step.host
+    return tuple(round(t, 3) for t in (began - prev.host[2], waited, forward - began,
+                                       returned - forward))  # fmt: skip
 
 
 Row = tuple[float, float, int, int, bool]  # idle ms, period ms, step, batch, decode-only

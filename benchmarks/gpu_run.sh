@@ -203,7 +203,7 @@ stage_throughput() {  # benchmark_throughput alone, its step periods and collect
     python3 benchmarks/throughput_logged.py "${prof[@]}" --tag "$TAG" --output-json "$OUT/throughput.json" \
         >"$OUT/throughput.log" 2>&1 || tail -n 30 "$OUT/throughput.log"
     grep -h -e 'ready in' -e 'Throughput' -e '^gc:' -e '^step period' -e '^longest' \
-        -e '^gpu ' "$OUT/throughput.log" | cut -c1-1200
+        -e '^gpu ' -e 'their host ms' -e '^Triton compiles' "$OUT/throughput.log" | cut -c1-1600
 }
 
 stage_bench() {
