@@ -12,7 +12,9 @@ a collection was in it (RESULTS.md, thirteenth sitting: the full collections wer
 
 `--profile-steps N FILE` (taken before the benchmark's own flags) runs the first N steps of each
 generate under cProfile and writes the last such generate's listing (own and cumulative time) to
-FILE: the chunked-prefill steps at the start of the bench. `--gpu-idle` (also before them)
+FILE: the chunked-prefill steps at the start of the bench. `--profile-steps A:B FILE` profiles
+steps A to B-1 instead, the host's work between them included (the output processing, the
+next schedule): a stall between two decode steps. `--gpu-idle` (also before them)
 reports each generate's GPU idle per decode step from CUDA events (gpu_idle.py: no profiler).
 """
 
@@ -87,14 +89,16 @@ def write_profile(profiler: cProfile.Profile, path: str, top: int = 60) -> None:
 
 
 def main() -> None:
-    profile_steps, profile_out, idle = 0, "", None
+    profile_from, profile_to, profile_out, idle = 0, 0, "", None
     while sys.argv[1:2] in (["--profile-steps"], ["--gpu-idle"]):
         if sys.argv[1] == "--gpu-idle":
             idle = GpuIdle()
             idle.install()
             del sys.argv[1]
         else:
-            profile_steps, profile_out = int(sys.argv[2]), sys.argv[3]
+            span, profile_out = sys.argv[2], sys.argv[3]
+            first, _, last = span.rpartition(":")
+            profile_from, profile_to = int(first or 0), int(last)
             del sys.argv[1:4]
     collections = Collections()
     gc.callbacks.append(collections)
@@ -103,11 +107,15 @@ def main() -> None:
     profiler = cProfile.Profile()
 
     def step(self: core.EngineCore) -> Any:
-        profiling = len(steps) < profile_steps
-        if profiling:
+        # The first N steps: each step's own time; a span A:B: everything from step A to step B
+        span = profile_from > 0
+        if len(steps) == profile_to and span:
+            profiler.disable()
+        profiling = profile_from <= len(steps) < profile_to
+        if profiling and (not span or len(steps) == profile_from):
             profiler.enable()
         out = plain_step(self)
-        if profiling:
+        if profiling and not span:
             profiler.disable()
         steps.append((len(self.scheduler.running), time.perf_counter()))
         return out
@@ -119,7 +127,8 @@ def main() -> None:
         out = plain_generate(self, *args, **kwargs)
         if len(steps) > 100:
             step_report(steps)
-            if profile_steps:
+            if profile_to:
+                profiler.disable()  # a span not ended by its last step
                 write_profile(profiler, profile_out)
         if idle is not None:
             if len(steps) > 100:
