@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
 import xxhash
 
-from atom.engine.block_pool import BlockPool, KVBlock, hash_block_tokens, hash_blocks
+from atom.engine.block_pool import (
+    BlockPool,
+    FreeQueue,
+    KVBlock,
+    hash_block_tokens,
+    hash_blocks,
+)
 
 TOKENS = [11, 12, 13, 14]
 
@@ -283,3 +290,42 @@ def test_reset_prefix_cache_only_when_all_free() -> None:
 def test_kv_block_identity() -> None:
     # Blocks compare by identity: two blocks with equal fields are not interchangeable.
     assert KVBlock(0) != KVBlock(0)
+
+
+# ---- the free queue ----
+def test_free_queue_matches_an_ordered_reference() -> None:
+    """Random pops, appends and removals from the middle (cache hits), against a list."""
+    rng = random.Random(0)
+    blocks = [KVBlock(i) for i in range(50)]
+    queue = FreeQueue(blocks)
+    ref = list(blocks)
+    taken: list[KVBlock] = []
+    for _ in range(2000):
+        op = rng.random()
+        if op < 0.35 and ref:
+            block = queue.popleft()
+            assert block is ref.pop(0)
+            taken.append(block)
+        elif op < 0.5 and ref:
+            block = rng.choice(ref)
+            queue.remove(block)
+            ref.remove(block)
+            taken.append(block)
+        elif taken:
+            block = taken.pop(rng.randrange(len(taken)))
+            queue.append(block)
+            ref.append(block)
+        assert len(queue) == len(ref)
+    assert list(queue) == ref
+    assert all(b.prev_free is None and b.next_free is None for b in taken)
+
+
+def test_free_queue_pop_from_empty_and_remove_of_a_taken_block() -> None:
+    queue = FreeQueue([KVBlock(0)])
+    block = queue.popleft()
+    with pytest.raises(IndexError, match="empty free queue"):
+        queue.popleft()
+    with pytest.raises(AssertionError, match="block 0 is not free"):
+        queue.remove(block)
+    queue.append(block)
+    assert list(queue) == [block] and len(queue) == 1
