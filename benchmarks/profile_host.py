@@ -76,9 +76,9 @@ def main(argv: list[str]) -> None:
     steps = [0]
     plain_step = core.EngineCore.step
 
-    def counted_step(self: core.EngineCore) -> Any:
+    def counted_step(self: core.EngineCore, *args: Any) -> Any:
         steps[0] += 1
-        return plain_step(self)
+        return plain_step(self, *args)
 
     core.EngineCore.step = counted_step  # type: ignore[method-assign]
     originals = [(owner, name, getattr(owner, name)) for owner, name in PHASES]

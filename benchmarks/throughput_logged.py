@@ -106,7 +106,7 @@ def main() -> None:
     plain_step, plain_generate = core.EngineCore.step, llm.LLM.generate
     profiler = cProfile.Profile()
 
-    def step(self: core.EngineCore) -> Any:
+    def step(self: core.EngineCore, *args: Any) -> Any:
         # The first N steps: each step's own time; a span A:B: everything from step A to step B
         span = profile_from > 0
         if len(steps) == profile_to and span:
@@ -114,7 +114,7 @@ def main() -> None:
         profiling = profile_from <= len(steps) < profile_to
         if profiling and (not span or len(steps) == profile_from):
             profiler.enable()
-        out = plain_step(self)
+        out = plain_step(self, *args)
         if profiling and not span:
             profiler.disable()
         steps.append((len(self.scheduler.running), time.perf_counter()))

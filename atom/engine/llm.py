@@ -181,23 +181,32 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
+
+        def collect_finished() -> None:
+            """Build the outputs of the requests finished so far (decoding their text) while
+            the device runs a step: at small batches the host has no time to spare between
+            steps (RESULTS.md, eighteenth sitting)."""
+            nonlocal tokens_in, tokens_out
+            for out in self.output_processor.take_finished():
+                done[out.request_id] = out
+                tokens_in += len(out.prompt_token_ids)
+                tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                elapsed = time.perf_counter() - start
+                rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
+                bar.set_postfix_str(f"{rates} tok/s", refresh=False)
+                bar.update(1)
+
         defer_full_collections()  # while the requests run (gc_defer.py)
         try:
             while self.engine.has_work():  # a step in flight is collected too
-                results, to_finish = self.output_processor.process(
-                    self.engine.step(), final_only=True
+                _, to_finish = self.output_processor.process(
+                    self.engine.step(collect_finished), final_only=True, defer=True
                 )
                 if to_finish:
                     self.engine.finish_requests(to_finish)
-                for out in (o for o in results if o.finished):
-                    done[out.request_id] = out
-                    tokens_in += len(out.prompt_token_ids)
-                    tokens_out += sum(len(c.token_ids) for c in out.outputs)
-                    elapsed = time.perf_counter() - start
-                    rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
-                    bar.set_postfix_str(f"{rates} tok/s", refresh=False)
-                    bar.update(1)
+            collect_finished()
         except BaseException:
+            self.output_processor.drop_finished()
             for request_id in request_ids:  # leave the engine clean for the next call
                 self.engine.abort_requests(self.output_processor.abort(request_id))
             raise

@@ -59,6 +59,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
+        self._finished: list[_RequestState] = []  # process(defer=True)'s, for take_finished
 
     def add_request(
         self,
@@ -120,10 +121,13 @@ class OutputProcessor:
         return ids
 
     def process(
-        self, outputs: list[EngineCoreOutput], final_only: bool = False
+        self, outputs: list[EngineCoreOutput], final_only: bool = False, defer: bool = False
     ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the updated RequestOutputs (with final_only, those of finished requests
-        alone: a snapshot copies every token so far) and the core ids ended by a stop string."""
+        alone: a snapshot copies every token so far) and the core ids ended by a stop string.
+        defer (with final_only): finished requests are kept for take_finished instead, which
+        builds their outputs (and decodes their text) when the caller has time to spare."""
+        assert final_only or not defer, "only final outputs can be deferred"
         now = time.time()
         touched: dict[str, _RequestState] = {}  # with final_only: those a completion of ended
         to_finish: list[str] = []
@@ -145,10 +149,22 @@ class OutputProcessor:
             if state.finished:
                 state.metrics.finished_time = now
                 del self._requests[state.request_id]
+                if defer:
+                    self._finished.append(state)
+                    continue
             elif final_only:
                 continue
             results.append(self._make_output(state))
         return results, to_finish
+
+    def take_finished(self) -> list[RequestOutput]:
+        """The outputs of the finished requests process(defer=True) kept, built now."""
+        finished, self._finished = self._finished, []
+        return [self._make_output(state) for state in finished]
+
+    def drop_finished(self) -> None:
+        """Forget the finished requests process(defer=True) kept (their generate failed)."""
+        self._finished.clear()
 
     def _apply(
         self, state: _RequestState, comp: _Completion, out: EngineCoreOutput, now: float

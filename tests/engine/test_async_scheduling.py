@@ -244,3 +244,42 @@ def test_a_failed_submit_sends_its_new_requests_again(tiny: Path) -> None:
 
     expected = run(fail=False)
     assert len(expected) == 6 and run(fail=True) == expected
+
+
+def test_while_running_runs_between_the_next_submit_and_the_wait(tiny: Path) -> None:
+    """step(while_running): the host work runs once step N+1 is queued, before step N's wait;
+    when it raises, the scheduler still collects step N (the request runs on to its end; that
+    step's token is lost to the caller, which aborts its requests on an error)."""
+    from atom.engine.request import Request
+
+    llm = LLM(str(tiny), skip_tokenizer_init=True)
+    core, runner = llm.engine, llm.engine.executor
+    submit, events = runner.submit_model, []
+
+    def logged(sched: Any) -> Any:
+        wait = submit(sched)
+        events.append("submit")
+
+        def logged_wait() -> Any:
+            events.append("wait")
+            return wait()
+
+        return logged_wait
+
+    def work() -> None:
+        events.append("work")
+        if events.count("work") == 3:
+            raise RuntimeError("host work failed")
+
+    runner.submit_model = logged
+    core.add_request(Request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6)))
+    tokens, failures = [], 0
+    while core.has_work():
+        try:
+            tokens += [t for o in core.step(work) for t in o.new_token_ids]
+        except RuntimeError:
+            failures += 1
+    assert failures == 1 and len(tokens) == 5 and not core.has_work()
+    # From the second step on (one in flight): submit N+1, the work, then N's wait
+    assert events[:7] == ["submit", "work", "submit", "work", "wait", "submit", "work"]
+    llm.shutdown()

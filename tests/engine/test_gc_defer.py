@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,11 +67,11 @@ def test_raised_while_generate_steps(tiny: Path, monkeypatch: pytest.MonkeyPatch
     seen = []
     step = EngineCore.step
 
-    def recorded(self: EngineCore) -> list:
+    def recorded(self: EngineCore, *args: Any) -> list:
         seen.append(gc.get_threshold()[2])
         if len(seen) == 20:
             raise RuntimeError("a failing step")
-        return step(self)
+        return step(self, *args)
 
     monkeypatch.setattr(EngineCore, "step", recorded)
     llm = LLM(str(tiny), skip_tokenizer_init=True)

@@ -41,3 +41,25 @@ def test_final_only_returns_finished_requests_alone() -> None:
         for s in _steps()
     ]
     assert seen == [[], [("a", [7, 9], True)], [("b", [8, 10, 11], True)]]
+
+
+def test_deferred_final_outputs_are_built_by_take_finished() -> None:
+    """defer=True keeps finished requests; take_finished builds what final_only would have."""
+    plain, deferred = _processor(), _processor()
+    expected = [o for s in _steps() for o in plain.process(s, True)[0]]
+    taken = []
+    for s in _steps():
+        assert deferred.process(s, True, defer=True)[0] == []
+        taken += deferred.take_finished()
+    assert deferred.take_finished() == []
+    assert [(o.request_id, o.outputs, o.finished) for o in taken] == [
+        (o.request_id, o.outputs, o.finished) for o in expected
+    ]
+
+
+def test_drop_finished_forgets_deferred_requests() -> None:
+    processor = _processor()
+    for s in _steps():
+        processor.process(s, True, defer=True)
+    processor.drop_finished()
+    assert processor.take_finished() == []
