@@ -157,10 +157,17 @@ class OutputProcessor:
             results.append(self._make_output(state))
         return results, to_finish
 
-    def take_finished(self) -> list[RequestOutput]:
-        """The outputs of the finished requests process(defer=True) kept, built now."""
-        finished, self._finished = self._finished, []
+    def take_finished(self, limit: int | None = None) -> list[RequestOutput]:
+        """The outputs of the finished requests process(defer=True) kept (at most `limit`, the
+        first finished first), built now."""
+        count = len(self._finished) if limit is None else min(limit, len(self._finished))
+        finished, self._finished = self._finished[:count], self._finished[count:]
         return [self._make_output(state) for state in finished]
+
+    @property
+    def num_finished(self) -> int:
+        """Finished requests process(defer=True) kept, not yet taken."""
+        return len(self._finished)
 
     def drop_finished(self) -> None:
         """Forget the finished requests process(defer=True) kept (their generate failed)."""

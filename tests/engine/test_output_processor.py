@@ -63,3 +63,14 @@ def test_drop_finished_forgets_deferred_requests() -> None:
         processor.process(s, True, defer=True)
     processor.drop_finished()
     assert processor.take_finished() == []
+
+
+def test_take_finished_takes_the_first_finished_first() -> None:
+    processor = _processor()
+    for s in _steps():
+        processor.process(s, True, defer=True)
+    assert processor.num_finished == 2
+    assert [o.request_id for o in processor.take_finished(1)] == ["a"]
+    assert processor.num_finished == 1
+    assert [o.request_id for o in processor.take_finished(5)] == ["b"]
+    assert processor.take_finished(1) == [] and processor.num_finished == 0
