@@ -11,8 +11,8 @@ The free queue is a doubly linked list threaded through the blocks (`FreeQueue`)
 head, appending and taking a cache hit out of the middle are O(1) every time. An OrderedDict
 did the same on average, but under allocate/free churn it rebuilt its table of ~70k blocks every
 ~17k frees: one free() then took ~2.5 ms, which at small batches left the GPU idle for a step
-(RESULTS.md, eighteenth sitting). The prefix-cache map stays a dict: it is rebuilt the same way,
-but only by evictions once the pool has been used through, and the lookups need a hash map.
+(RESULTS.md, eighteenth sitting). The prefix-cache map stays a dict, which its lookups need: it
+resizes too (while it grows, then under eviction churn), ~1-2 ms at ~50k cached blocks.
 """
 
 from __future__ import annotations

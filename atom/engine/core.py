@@ -171,7 +171,8 @@ class EngineCore:
     def step(self, while_running: Callable[[], object] | None = None) -> list[EngineCoreOutput]:
         """One step's outputs. while_running, when given, is host work to hide behind the
         device: it runs once the next step is queued, before the wait for the one before it
-        (LLM.generate builds its finished requests' outputs there)."""
+        (LLM.generate builds its finished requests' outputs there); with an executor that
+        cannot queue a step, before the step runs."""
         submit = getattr(self.executor, "submit_model", None)
         if submit is None:
             sched = self.scheduler.schedule()
