@@ -32,10 +32,13 @@ class _Step:
     decode: bool
     forward: torch.cuda.Event
     end: torch.cuda.Event | None = None
-    # Host clock (ms): submit's start, the forward's call, submit's return; the wait for the
-    # step before (the engine's output wait that ran between the two submits); Triton compiles
-    host: list[float] = field(default_factory=list)
-    compiles: list[str] = field(default_factory=list)
+    # Host clock (ms): submit's start, the forward's call, submit's return; the output wait
+    # that ran before this submit (the engine's, between the two submits)
+    began: float = 0.0
+    called: float = 0.0
+    returned: float = 0.0
+    waited: float = 0.0
+    compiles: list[str] = field(default_factory=list)  # Triton compiles inside the step
 
 
 class GpuIdle:
@@ -54,9 +57,10 @@ class GpuIdle:
         def forward(self: Any, inputs: Any, graph: bool, sample: bool) -> Any:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            step = _Step(len(inputs.req_ids), inputs.is_decode_only, event)
-            step.host = [began[0], _ms(), 0.0, waited[0]]
-            steps.append(step)
+            steps.append(
+                _Step(len(inputs.req_ids), inputs.is_decode_only, event, None, began[0], _ms(),
+                      waited=waited[0])
+            )  # fmt: skip
             return plain_forward(self, inputs, graph, sample)
 
         def submit(self: Any, sched: Any) -> Any:
@@ -65,7 +69,7 @@ class GpuIdle:
             if steps and steps[-1].end is None:
                 steps[-1].end = torch.cuda.Event(enable_timing=True)
                 steps[-1].end.record()
-                steps[-1].host[2] = _ms()
+                steps[-1].returned = _ms()
 
             def timed_wait() -> Any:
                 start = _ms()
@@ -145,11 +149,10 @@ def _ms() -> float:
 
 
 def _host(prev: _Step, step: _Step) -> tuple[float, ...]:
-    if len(prev.host) < 3 or len(step.host) < 4:
-        return ()
-    began, forward, returned, waited = step.host
-    return tuple(round(t, 3) for t in (began - prev.host[2], waited, forward - began,
-                                       returned - forward))  # fmt: skip
+    """(the engine's part, of it the output wait, submit to forward, forward to return) ms."""
+    parts = (step.began - prev.returned, step.waited, step.called - step.began,
+             step.returned - step.called)  # fmt: skip
+    return tuple(round(t, 3) for t in parts)
 
 
 Row = tuple[float, float, int, int, bool]  # idle ms, period ms, step, batch, decode-only

@@ -197,8 +197,7 @@ bench() {
 
 stage_throughput() {  # benchmark_throughput alone, its step periods and collections logged;
     # PROFILE_STEPS=N (or A:B, steps A..B-1 and the host between them): under cProfile
-    # ($OUT/steps_profile.txt); GPU idle per
-    # decode step from CUDA events (benchmarks/gpu_idle.py)
+    # ($OUT/steps_profile.txt); GPU idle per decode step from CUDA events (benchmarks/gpu_idle.py)
     local -a prof=(--gpu-idle)
     [ -n "${PROFILE_STEPS:-}" ] && prof+=(--profile-steps "$PROFILE_STEPS" "$OUT/steps_profile.txt")
     python3 benchmarks/throughput_logged.py "${prof[@]}" --tag "$TAG" --output-json "$OUT/throughput.json" \

@@ -168,16 +168,15 @@ class EngineCore:
     def stop_profile(self) -> None:
         self.executor.stop_profile()
 
-    def step(self, while_running: Callable[[], object] | None = None) -> list[EngineCoreOutput]:
-        """One step's outputs. while_running, when given, is host work to hide behind the
-        device: it runs once the next step is queued, before the wait for the one before it
-        (LLM.generate builds its finished requests' outputs there); with an executor that
-        cannot queue a step, before the step runs."""
+    def step(self, while_running: Callable[[], object] = lambda: None) -> list[EngineCoreOutput]:
+        """One step's outputs. while_running is host work to hide behind the device: it runs
+        once the next step is queued, before the wait for the one before it (LLM.generate
+        builds its finished requests' outputs there); with an executor that cannot queue a
+        step, before the step runs."""
         submit = getattr(self.executor, "submit_model", None)
         if submit is None:
             sched = self.scheduler.schedule()
-            if while_running is not None:
-                while_running()
+            while_running()
             return self._update(sched, lambda: self.executor.execute_model(sched))
         if self._in_flight is not None and self._schedule_ahead():
             previous, self._in_flight = self._in_flight, None
@@ -187,15 +186,13 @@ class EngineCore:
                 self._in_flight = previous  # step N still runs: the next step() collects it
                 raise
             try:
-                if while_running is not None:
-                    while_running()
+                while_running()
             finally:  # step N is collected even when while_running raised
                 outputs = self._update(*previous)
             return outputs
         outputs = self._collect()
         self._submit(submit)
-        if while_running is not None:
-            while_running()
+        while_running()
         return outputs
 
     def _schedule_ahead(self) -> bool:

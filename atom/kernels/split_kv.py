@@ -51,9 +51,8 @@ def store_rows(
     SPLIT: tl.constexpr,
 ):
     """A paged-attention program's rows (unified_attention.py, mla_attention.py): a split's
-    partials, unnormalised
-    (an empty split, l = 0 and m = -inf, then weighs nothing in the reduce), or the output
-    normalised (a row with no keys writes zeros)."""
+    partials, unnormalised (an empty split, l = 0 and m = -inf, then weighs nothing in the
+    reduce), or the output normalised (a row with no keys writes zeros)."""
     if SPLIT:
         ws_row = (tok * NUM_HEADS + head) * num_splits + split
         tl.store(ws_m_ptr + ws_row, m_i, mask=row_ok)
