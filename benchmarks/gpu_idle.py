@@ -110,6 +110,11 @@ class GpuIdle:
             rows.append((idle, period, i, step.batch, step.decode))
         pairs = zip(self.steps, self.steps[1:], strict=False)
         host = {i: pair for i, pair in enumerate(pairs, 1)}
+        gpu = {
+            i: round(s.forward.elapsed_time(s.end), 3)
+            for i, s in enumerate(self.steps)
+            if s.end is not None
+        }
         compiled = [(i, s.compiles) for i, s in enumerate(self.steps) if s.compiles]
         self.steps.clear()
         decode = [r for r in rows if r[4]]
@@ -138,10 +143,13 @@ class GpuIdle:
               [(s, *_host(*host[s])) for _, _, s, _, _ in worst], flush=True)  # fmt: skip
         if compiled:
             print("Triton compiles inside steps (step, kernels):", compiled[:20], flush=True)
-        prefill = [r for r in rows if not r[4]]
+        prefill = [r for r in rows if not r[4]][:12]
         if prefill:
             print("gpu wait before eager steps (idle ms, period ms, step, batch):",
-                  _rounded(prefill[:12]), flush=True)  # fmt: skip
+                  _rounded(prefill), flush=True)  # fmt: skip
+            print("  their host ms (as above), then the GPU's ms from the forward's event to the "
+                  "step's end:", [(s, *_host(*host[s]), gpu[s]) for _, _, s, _, _ in prefill],
+                  flush=True)  # fmt: skip
 
 
 def _ms() -> float:

@@ -25,8 +25,10 @@
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv;
 #            ATOM_TORCH_PROFILER_GPU_ONLY=1 (with PROFILE_FLAGS="") traces GPU activity only
 #   profile_latency  benchmark_latency at batch 1 and 128 (LATENCY_BATCHES=), each then traced for 32
-#            tokens (a prefill, 31 decode steps): $OUT/latency_summary_bs<N>.md per batch (where the
-#            8B's decode step goes against the roofline), the traces themselves when small
+#            tokens (a prefill, 31 decode steps): $OUT/latency_summary_bs<N>.md per batch (where
+#            the 8B's decode step goes against the roofline) and .csv (parse_trace.py's kernels),
+#            the traces themselves when small; LATENCY_FLAGS= adds benchmark_latency flags
+#            (--model qwen3-0.6b --input-len 600)
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
@@ -282,7 +284,9 @@ stage_profile_latency() {
     local dir=/tmp/atom-lprof batches=${LATENCY_BATCHES:-1,128} trace summary
     local -a sizes
     rm -rf "$dir"
-    bench latency_profiled benchmark_latency --batch-sizes "$batches" --torch-profiler-dir "$dir"
+    # shellcheck disable=SC2086
+    bench latency_profiled benchmark_latency --batch-sizes "$batches" --torch-profiler-dir "$dir" \
+        ${LATENCY_FLAGS:-}
     IFS=, read -r -a sizes <<<"$batches"
     for trace in "$dir"/rank_0/*.pt.trace.json.gz; do  # named by time: in the batches' order
         [ -f "$trace" ] || { echo "no latency trace"; return 1; }
@@ -290,6 +294,7 @@ stage_profile_latency() {
         sizes=("${sizes[@]:1}")
         python3 tools/analyze_trace_summary.py "$trace" --output "$summary"
         grep -e '^\*\*Mean GPU idle' -e '^| GPU span' "$summary"
+        python3 tools/parse_trace.py "$trace" --output "${summary%.md}.csv" >/dev/null 2>&1
         if [ "$(stat -c %s "$trace")" -lt 8000000 ]; then cp "$trace" "$OUT/"; fi
     done
 }
