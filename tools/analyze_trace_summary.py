@@ -16,6 +16,11 @@ Per step, from the runner's labels (atom/executor/trace_labels.py):
             its longest GPU gap and the GPU work on either side (the next step's first work
             closes the last gap), which tells a host that fell behind within the step's
             submission from one that started it late
+  blocked host  every CUDA runtime or driver call of over BLOCK_LIMIT us (longest first, up to
+            BLOCK_ROWS): where the host stood still, with its step and the op around it. One
+            wait a step for its sampled ids is expected; a launch that waits is a full launch
+            queue (~1,000 launches deep on an H200: benchmarks/RESULTS.md, nineteenth sitting),
+            and a copy or allocation that waits is an implicit sync
 A CPU trace has no GPU columns ("no GPU events"): its step time is the host range. A GPU-only
 trace (ATOM_TORCH_PROFILER_GPU_ONLY=1) has no host columns: its steps, `step[bs=N]`, are found
 by their sampled-token copies (trace_events.py) and reported with the decode steps.
@@ -37,6 +42,8 @@ from trace_events import GPU_ONLY_KIND, Span, StepTiming, Trace, step_timings
 FIRST_ITERATIONS = 10
 IDLE_LIMIT = 10.0  # percent: decode steps idler than this are counted
 IDLE_ROWS = 40  # idle steps listed
+BLOCK_LIMIT = 1000.0  # us: host calls into CUDA at least this long are listed
+BLOCK_ROWS = 30
 
 
 def fmt_us(us: float | None) -> str:
@@ -172,6 +179,29 @@ def idle_section(trace: Trace, timings: list[StepTiming]) -> list[str]:
     return [*lines, ""]
 
 
+def blocked_section(trace: Trace, timings: list[StepTiming]) -> list[str]:
+    calls = trace.long_host_calls(BLOCK_LIMIT)
+    if not calls:
+        return []
+    number = {id(t.step): i for i, t in enumerate(timings)}
+    total = sum(c.dur for c, _, _ in calls)
+    lines = [
+        f"## Host calls into CUDA over {fmt_us(BLOCK_LIMIT)}",
+        "",
+        f"{len(calls)} calls, {fmt_us(total)} in all; longest first (up to {BLOCK_ROWS}); step "
+        "numbers as above.",
+        "",
+        "| step | kind | call | duration | inside |",
+        "|---|---|---|---|---|",
+    ]
+    for call, step, op in sorted(calls, key=lambda c: -c[0].dur)[:BLOCK_ROWS]:
+        where = ("-", "-") if step is None else (str(number[id(step)]), step.kind)
+        lines.append(
+            f"| {where[0]} | {where[1]} | `{call.name}` | {fmt_us(call.dur)} | `{op[:60]}` |"
+        )
+    return [*lines, ""]
+
+
 def iterations(timings: list[StepTiming]) -> list[tuple[StepTiming, list[StepTiming]]]:
     """Each decode step with the draft steps that follow it."""
     result: list[tuple[StepTiming, list[StepTiming]]] = []
@@ -250,6 +280,7 @@ def report(trace: Trace, name: str) -> str:
     lines += decode_section(decodes, gpu, host_columns=not trace.gpu_only)
     if gpu:
         lines += idle_section(trace, timings)
+        lines += blocked_section(trace, timings)
     drafts = [t for t in timings if t.step.kind == "draft"]
     if drafts:
         lines += draft_section(drafts)

@@ -212,6 +212,12 @@ class Trace:
         self.host_waits = merge_intervals(
             (s.ts, s.end) for s in spans if s.cat in LAUNCH_CATS and "Synchronize" in s.name
         )
+        self._calls = [s for s in spans if s.cat in LAUNCH_CATS]  # the host's calls into CUDA
+        # Host ops and module tags per thread: what a call into CUDA was made inside
+        self._ops: dict[Thread, list[Span]] = defaultdict(list)
+        for s in spans:
+            if s.cat == "cpu_op" or (s.cat == "user_annotation" and is_tag(s.name)):
+                self._ops[s.thread].append(s)
         host: dict[Thread, list[Span]] = defaultdict(list)
         device_ranges: dict[Thread, list[Span]] = defaultdict(list)
         for s in spans:
@@ -243,6 +249,25 @@ class Trace:
     @classmethod
     def from_file(cls, path: str | Path, kinds: Sequence[str] = RUN_KINDS) -> Trace:
         return cls(load_events(path), kinds)
+
+    def long_host_calls(self, min_us: float) -> list[tuple[Span, Step | None, str]]:
+        """CUDA runtime and driver calls of at least min_us, in time order, where the host stood
+        still: a sync, a launch into a full queue, an allocation that waits for the device. Each
+        with its step (None outside any) and the innermost host op or module tag around it ("")."""
+        by_thread: dict[Thread, list[Span]] = defaultdict(list)
+        for call in self._calls:
+            if call.dur >= min_us:
+                by_thread[call.thread].append(call)
+        found: list[tuple[Span, Step | None, str]] = []
+        for thread, calls in by_thread.items():
+            points = [c.ts for c in calls]
+            step_ranges = [st.cpu for st in self.steps if st.cpu.thread == thread]
+            steps = innermost(step_ranges, points)
+            ops = innermost(self._ops.get(thread, []), points)
+            for call, st, op in zip(calls, steps, ops, strict=True):
+                step = None if st is None else self._step_of.get(id(st))
+                found.append((call, step, "" if op is None else op.name))
+        return sorted(found, key=lambda f: f[0].ts)
 
     def _place(
         self, ranges: dict[Thread, list[Span]], queries: dict[Thread, list[tuple[float, Any]]]

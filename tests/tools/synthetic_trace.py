@@ -35,10 +35,14 @@ class TraceBuilder:
     def device_range(self, name: str, ts: float, dur: float, ext: int) -> None:
         self._add("gpu_user_annotation", name, ts, dur, GPU, {"External id": ext})
 
-    def launch(self, name: str, ts: float, cat: str = "cuda_runtime") -> int:
+    def launch(self, name: str, ts: float, cat: str = "cuda_runtime", dur: float = 1.0) -> int:
         corr = next(self._ids)
-        self._add(cat, name, ts, 1.0, CPU, {"correlation": corr})
+        self._add(cat, name, ts, dur, CPU, {"correlation": corr})
         return corr
+
+    def op(self, name: str, ts: float, dur: float) -> None:
+        """A host op (aten::mm and the like)."""
+        self._add("cpu_op", name, ts, dur, CPU, {})
 
     def sync(self, ts: float, dur: float) -> None:
         """The host waiting on the GPU (no launch: no correlation id)."""
@@ -150,4 +154,21 @@ def overlapping_trace(path: Path) -> Path:
         ("Memcpy DtoH (Device -> Pinned)", 26, 1, "gpu_memcpy", {"bytes": 24}),
     ):
         t._add(cat, name, ts, dur, GPU, {"correlation": 0, **args})
+    return t.write(path)
+
+
+def blocked_trace(path: Path) -> Path:
+    """A prefill whose GEMM launch waits 3 ms (a full launch queue) inside aten::mm in layer 0's
+    MLP, then a decode whose host waits 1.5 ms for its ids, and a 2 ms copy before any step."""
+    t = TraceBuilder()
+    t.kernel("memcpy_h2d", 0, 10, 1, cat="gpu_memcpy")
+    t.gpu("Memcpy HtoD (Pageable -> Device)", 20, 5, t.launch("cudaMemcpyAsync", 10, dur=2000))
+    t.host("prefill[bs=1 tok=4 ctx=4]", 3000, 5000)
+    t.host("model.layers.0.mlp", 3100, 3500)
+    t.op("aten::mm", 3200, 3200)
+    t.gpu("gemm_a", 3300, 4000, t.launch("cudaLaunchKernel", 3250, dur=3000))
+    t.kernel("attn_kernel", 6300, 7300, 50)
+    t.host("decode[bs=1/1 tok=1]", 8100, 1700)
+    t.kernel("gemm_b", 8110, 8120, 100)
+    t.sync(8200, 1500)
     return t.write(path)

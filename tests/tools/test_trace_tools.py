@@ -23,7 +23,13 @@ import openpyxl
 import pytest
 import torch
 import transformers
-from synthetic_trace import capture_trace, gpu_only_trace, overlapping_trace, run_trace
+from synthetic_trace import (
+    blocked_trace,
+    capture_trace,
+    gpu_only_trace,
+    overlapping_trace,
+    run_trace,
+)
 
 from atom import LLM, SamplingParams
 
@@ -333,3 +339,19 @@ def test_unlabelled_cpu_and_gpu_trace_is_not_gpu_only(
     trace = Trace(events)
     assert not trace.gpu_only and trace.steps == []
     assert len(Trace(load(tmp_path / "g.json.gz")).steps) == 2
+
+
+def test_summary_lists_host_calls_that_blocked(tmp_path: Path) -> None:
+    """Calls into CUDA of over a millisecond, longest first, with their step and the innermost op
+    or module tag around them; short launches are left out."""
+    trace = blocked_trace(tmp_path / "b.json.gz")
+    run_tool("analyze_trace_summary.py", trace, "--output", tmp_path / "s.md")
+    text = (tmp_path / "s.md").read_text()
+    assert "## Host calls into CUDA over 1.000 ms" in text
+    assert "3 calls, 6.500 ms in all" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "`cuda" in line]
+    assert rows == [
+        "| 0 | prefill | `cudaLaunchKernel` | 3.000 ms | `aten::mm` |",
+        "| - | - | `cudaMemcpyAsync` | 2.000 ms | `` |",
+        "| 1 | decode | `cudaEventSynchronize` | 1.500 ms | `` |",
+    ]
