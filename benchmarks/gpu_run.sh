@@ -51,7 +51,8 @@
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
 #   ab       the bench (AB_WHAT=bench, the default) and/or the 8B latency (AB_WHAT="bench latency",
-#            LATENCY_BATCHES=) under each of AB_VARIANTS in turn, AB_ROUNDS (2) rounds: a variant is
+#            LATENCY_BATCHES=, LATENCY_FLAGS=) under each of AB_VARIANTS in turn, AB_ROUNDS (2)
+#            rounds: a variant is
 #            NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment (ATOM_PDL=0) or a file
 #            swapped in for its runs (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
 #            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log}
@@ -165,8 +166,10 @@ ab_variant() {  # NAME[:VAR=VALUE,...,PATH<SOURCE,...] ROUND, in a subshell: its
         for what in ${AB_WHAT:-bench}; do
             out="$OUT/ab_${name}_$2_$what"
             if [ "$what" = latency ]; then
+                # shellcheck disable=SC2086
                 python3 -m atom.benchmarks.benchmark_latency --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}" \
-                    --tag "$TAG-$name" --output-json "$out.json" >"$out.log" 2>&1 || tail -n 20 "$out.log"
+                    ${LATENCY_FLAGS:-} --tag "$TAG-$name" --output-json "$out.json" >"$out.log" 2>&1 \
+                    || tail -n 20 "$out.log"
                 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if k.endswith(("_ms_per_step", "_roofline_pct"))})' \
                     "$out.json" "$name $2:" 2>/dev/null
             else
