@@ -52,9 +52,9 @@
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
 #   ab       the bench (AB_WHAT=bench, the default) and/or the 8B latency (AB_WHAT="bench latency",
 #            LATENCY_BATCHES=, LATENCY_FLAGS=) under each of AB_VARIANTS in turn, AB_ROUNDS (2)
-#            rounds: a variant is
-#            NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment (ATOM_PDL=0) or a file
-#            swapped in for its runs (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
+#            rounds: a variant is NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment
+#            (ATOM_PDL=0) or a file swapped in for its runs
+#            (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
 #            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log}
 # Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT; on exit, whatever the
 # stages left there except traces (*.gz) is packed into $OUT/results.tgz (the device tool returns

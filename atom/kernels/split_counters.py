@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-MIN_COUNTERS = 4096  # a decode of 512 sequences x 8 KV heads
+MIN_COUNTERS = 4096  # past any split launch: attention splits below 2 x SMs programs
 _COUNTERS: dict[torch.device, Tensor] = {}
 _OUTGROWN: list[Tensor] = []  # counters a captured CUDA graph may still point at: never freed
 

@@ -92,8 +92,9 @@ def combine_rows(
     USE_SINKS: tl.constexpr,
 ):
     """Every split's partials of these rows (store_rows's, by other programs of the same launch:
-    read past the caches) combined in split order, and the rows written normalised, as the reduce
-    kernels write them; a sink joins the denominator once, after the splits."""
+    read past the caches) combined in split order and the rows written normalised: the reduce
+    kernels' sum, as a loop over the splits (not bit for bit their tree sum); a sink joins the
+    denominator once, after the splits."""
     base = (tok * NUM_HEADS + head) * num_splits
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(num_splits):

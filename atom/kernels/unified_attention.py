@@ -173,7 +173,7 @@ def _unified_attention_kernel(
     ws_m_ptr,  # [T, H, num_splits] fp32
     ws_l_ptr,  # [T, H, num_splits] fp32
     count_ptr,  # int32 per (q-block, KV head), 0 between launches (LAST_REDUCES only)
-    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS or LAST_REDUCES with SINKS)
+    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS or SPLIT_SINKS only)
     qk_scale,  # softmax scale * k_scale
     softcap,
     v_scale,
@@ -201,7 +201,7 @@ def _unified_attention_kernel(
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    SINKS: tl.constexpr,  # LAST_REDUCES with sinks: combine_rows joins them
+    SPLIT_SINKS: tl.constexpr,  # LAST_REDUCES with sinks: combine_rows joins them
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -312,7 +312,7 @@ def _unified_attention_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             combine_rows(
                 out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, sinks_ptr, tok, head, offs_d, row_ok,
-                d_ok, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, BLOCK_M, SINKS,
+                d_ok, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, BLOCK_M, SPLIT_SINKS,
             )  # fmt: skip
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
@@ -433,7 +433,7 @@ def unified_attention(
         ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split, LAST_REDUCES=last_reduces,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None and not split,  # split: where the splits are combined
-        SINKS=sinks is not None and last_reduces, KV_FP8=kv_fp8,
+        SPLIT_SINKS=sinks is not None and last_reduces, KV_FP8=kv_fp8,
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
