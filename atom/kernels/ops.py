@@ -76,17 +76,58 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+# Under torch.compile the RMSNorm and SiLU-and-mul launchers are traced into the compiled pieces,
+# whose code launches their Triton kernels plainly. ATOM_OPAQUE_NORMS=1 keeps them opaque ops
+# (`atom::rms_norm`, `atom::fused_add_rms_norm`, `atom::silu_and_mul`): the pieces call the
+# launchers, which use programmatic dependent launch (kernels/launch.py), so at the batches where
+# gemv runs the linear layers a layer's kernels overlap end to end. Not yet measured on a GPU.
+OPAQUE_NORMS_ENV = "ATOM_OPAQUE_NORMS"
+_OPAQUE_NORMS = os.environ.get(OPAQUE_NORMS_ENV, "0") == "1"
+
+
+def _opaque() -> bool:
+    return _OPAQUE_NORMS and torch.compiler.is_dynamo_compiling()
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    fn = _norm.rms_norm if x.is_cuda else _norm.rms_norm_ref
-    return fn(x, weight, eps)
+    if not x.is_cuda:
+        return _norm.rms_norm_ref(x, weight, eps)
+    if _opaque():
+        return torch.ops.atom.rms_norm(x, weight, eps)
+    return _norm.rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     """(rms_norm(x + residual), x + residual)."""
-    fn = _norm.fused_add_rms_norm if x.is_cuda else _norm.fused_add_rms_norm_ref
-    return fn(x, residual, weight, eps)
+    if not x.is_cuda:
+        return _norm.fused_add_rms_norm_ref(x, residual, weight, eps)
+    if _opaque():
+        return torch.ops.atom.fused_add_rms_norm(x, residual, weight, eps)
+    return _norm.fused_add_rms_norm(x, residual, weight, eps)
+
+
+@torch.library.custom_op("atom::rms_norm", mutates_args=())
+def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _norm.rms_norm(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("atom::fused_add_rms_norm", mutates_args=())
+def _fused_add_rms_norm_op(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    return _norm.fused_add_rms_norm(x, residual, weight, eps)
+
+
+@_fused_add_rms_norm_op.register_fake
+def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 def rotary_embedding(
@@ -127,8 +168,23 @@ def rotary_and_cache(
 
 def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
-    fn = _silu.silu_and_mul if x.is_cuda else _silu.silu_and_mul_ref
-    return fn(x)
+    if not x.is_cuda:
+        return _silu.silu_and_mul_ref(x)
+    if _opaque():
+        return torch.ops.atom.silu_and_mul(x)
+    return _silu.silu_and_mul(x)
+
+
+@torch.library.custom_op("atom::silu_and_mul", mutates_args=())
+def _silu_and_mul_op(x: Tensor) -> Tensor:
+    return _silu.silu_and_mul(x)
+
+
+@_silu_and_mul_op.register_fake
+def _(x: Tensor) -> Tensor:
+    if x.shape[-1] % 2:
+        raise ValueError(f"last dim of silu_and_mul input must be even, got {x.shape[-1]}")
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
 def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
