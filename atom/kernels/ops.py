@@ -3,7 +3,9 @@
 Layers call these functions; each looks at its input's device, so a model built on the CPU runs the
 references and the same model on a GPU runs the Triton kernels, with no flag threaded through.
 Pattern for a new op: kernels/<op>.py holds `<op>` (Triton launcher) and `<op>_ref` with the same
-signature; here, one function that picks between them on the main input's `is_cuda`.
+signature; here, one function that picks between them on the main input's `is_cuda`. An op that
+compiled code must call rather than trace (`atom::linear`; the norms with ATOM_OPAQUE_NORMS) is also
+a torch.library custom op whose fake returns exactly the launcher's shapes, strides and dtypes.
 """
 
 from __future__ import annotations
@@ -86,7 +88,17 @@ _OPAQUE_NORMS = os.environ.get(OPAQUE_NORMS_ENV, "0") == "1"
 
 
 def _opaque() -> bool:
+    """Whether Dynamo is tracing with ATOM_OPAQUE_NORMS on: then the op, not its launcher."""
     return _OPAQUE_NORMS and torch.compiler.is_dynamo_compiling()
+
+
+def _norm_like(x: Tensor, weight: Tensor) -> Tensor:
+    """What the RMSNorm launchers return for x: its shape, contiguous, in the promoted dtype of
+    x and the weight (a float32 weight over bf16 rows gives float32). Inductor trusts a fake's
+    dtype: a wrong one would have the next kernel misread the output."""
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size")
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -110,24 +122,28 @@ def fused_add_rms_norm(
 
 @torch.library.custom_op("atom::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
     return _norm.rms_norm(x, weight, eps)
 
 
 @_rms_norm_op.register_fake
 def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return x.new_empty(x.shape)
+    return _norm_like(x, weight)
 
 
 @torch.library.custom_op("atom::fused_add_rms_norm", mutates_args=())
 def _fused_add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
+    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
     return _norm.fused_add_rms_norm(x, residual, weight, eps)
 
 
 @_fused_add_rms_norm_op.register_fake
 def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return x.new_empty(x.shape), x.new_empty(x.shape)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
+    return _norm_like(x, weight), x.new_empty(x.shape)  # the sum keeps x's dtype
 
 
 def rotary_embedding(
@@ -177,6 +193,7 @@ def silu_and_mul(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("atom::silu_and_mul", mutates_args=())
 def _silu_and_mul_op(x: Tensor) -> Tensor:
+    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
     return _silu.silu_and_mul(x)
 
 

@@ -4,6 +4,7 @@ fp8 KV cache writes; the ops under torch.compile with a dynamic token count."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -263,7 +264,9 @@ def test_ops_compile_with_dynamic_tokens(opaque: bool, monkeypatch: pytest.Monke
                 torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
     graphs: list[torch.fx.GraphModule] = []
 
-    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+    def record(
+        gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]
+    ) -> Callable[..., object]:
         graphs.append(gm)
         return gm.forward
 
