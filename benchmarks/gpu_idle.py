@@ -110,11 +110,6 @@ class GpuIdle:
             rows.append((idle, period, i, step.batch, step.decode))
         pairs = zip(self.steps, self.steps[1:], strict=False)
         host = {i: pair for i, pair in enumerate(pairs, 1)}
-        gpu = {
-            i: round(s.forward.elapsed_time(s.end), 3)
-            for i, s in enumerate(self.steps)
-            if s.end is not None
-        }
         compiled = [(i, s.compiles) for i, s in enumerate(self.steps) if s.compiles]
         self.steps.clear()
         decode = [r for r in rows if r[4]]
@@ -147,13 +142,19 @@ class GpuIdle:
         if prefill:
             print("gpu wait before eager steps (idle ms, period ms, step, batch):",
                   _rounded(prefill), flush=True)  # fmt: skip
+            rows_ms = [(s, *_host(*host[s]), _gpu_ms(host[s][1])) for _, _, s, _, _ in prefill]
             print("  their host ms (as above), then the GPU's ms from the forward's event to the "
-                  "step's end:", [(s, *_host(*host[s]), gpu[s]) for _, _, s, _, _ in prefill],
-                  flush=True)  # fmt: skip
+                  "step's end:", rows_ms, flush=True)  # fmt: skip
 
 
 def _ms() -> float:
     return 1e3 * time.perf_counter()
+
+
+def _gpu_ms(step: _Step) -> float:
+    """The GPU's ms from the step's forward event to its end event."""
+    assert step.end is not None
+    return round(step.forward.elapsed_time(step.end), 3)
 
 
 def _host(prev: _Step, step: _Step) -> tuple[float, ...]:

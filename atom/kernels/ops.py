@@ -92,15 +92,6 @@ def _opaque() -> bool:
     return _OPAQUE_NORMS and torch.compiler.is_dynamo_compiling()
 
 
-def _norm_like(x: Tensor, weight: Tensor) -> Tensor:
-    """What the RMSNorm launchers return for x: its shape, contiguous, in the promoted dtype of
-    x and the weight (a float32 weight over bf16 rows gives float32). Inductor trusts a fake's
-    dtype: a wrong one would have the next kernel misread the output."""
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size")
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-
-
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if not x.is_cuda:
         return _norm.rms_norm_ref(x, weight, eps)
@@ -128,7 +119,7 @@ def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @_rms_norm_op.register_fake
 def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return _norm_like(x, weight)
+    return _norm.norm_outputs(x, None, weight)[0]
 
 
 @torch.library.custom_op("atom::fused_add_rms_norm", mutates_args=())
@@ -141,9 +132,9 @@ def _fused_add_rms_norm_op(
 
 @_fused_add_rms_norm_op.register_fake
 def _(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
-    return _norm_like(x, weight), x.new_empty(x.shape)  # the sum keeps x's dtype
+    out, res_out = _norm.norm_outputs(x, residual, weight)
+    assert res_out is not None
+    return out, res_out
 
 
 def rotary_embedding(
@@ -199,9 +190,7 @@ def _silu_and_mul_op(x: Tensor) -> Tensor:
 
 @_silu_and_mul_op.register_fake
 def _(x: Tensor) -> Tensor:
-    if x.shape[-1] % 2:
-        raise ValueError(f"last dim of silu_and_mul input must be even, got {x.shape[-1]}")
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+    return _silu.silu_output(x)
 
 
 def softmax_topk(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:

@@ -88,24 +88,36 @@ def _rows_view(x: Tensor) -> tuple[Tensor, int, int, int]:
     return x, 1, 0, 0  # 1-D: a single row
 
 
-def _launch(
-    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+def norm_outputs(
+    x: Tensor, residual: Tensor | None, weight: Tensor
 ) -> tuple[Tensor, Tensor | None]:
+    """The launchers' outputs, after checking their inputs: the normalised rows, contiguous in
+    the promoted dtype of x and the weight (a float32 weight over bf16 rows gives float32), and
+    with a residual the contiguous sum in x's dtype. Also the opaque ops' fakes (ops.py): the
+    dtype a compiled graph assumes must be the one the kernel writes."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n}")
-    num_rows = x.numel() // n if n else 0
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     res_out = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     )
+    return out, res_out
+
+
+def _launch(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor | None]:
+    out, res_out = norm_outputs(x, residual, weight)
+    n = x.shape[-1]
+    num_rows = x.numel() // n if n else 0
     if num_rows == 0:
         return out, res_out
     xv, inner, xs0, xs1 = _rows_view(x)
     rv, rs0, rs1 = xv, xs0, xs1
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual {residual.shape}/{residual.dtype} != x {x.shape}/{x.dtype}")
         rv, r_inner, rs0, rs1 = _rows_view(residual)
         if r_inner != inner:  # differing layouts: give both the flat [rows, n] layout
             xv, rv = xv.reshape(-1, n).contiguous(), rv.reshape(-1, n).contiguous()

@@ -39,12 +39,18 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * d + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: Tensor) -> Tensor:
-    """x [..., 2 * d] -> new contiguous [..., d]."""
+def silu_output(x: Tensor) -> Tensor:
+    """The launcher's output for x [..., 2 * d], after checking it: new contiguous [..., d] in
+    x's dtype (also the opaque op's fake, ops.py)."""
     if x.shape[-1] % 2:
         raise ValueError(f"last dim of silu_and_mul input must be even, got {x.shape[-1]}")
-    d = x.shape[-1] // 2
-    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
+    return torch.empty(*x.shape[:-1], x.shape[-1] // 2, dtype=x.dtype, device=x.device)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x [..., 2 * d] -> new contiguous [..., d]."""
+    out = silu_output(x)
+    d = out.shape[-1]
     if out.numel() == 0:
         return out
     rows = x.reshape(-1, 2 * d)  # a view for the usual [T, 2d] GEMM output

@@ -120,9 +120,7 @@ def combine_rows(
         acc += w[:, None] * part
     if USE_SINKS:
         denom += tl.exp2(sink - m_exp)
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(
-        out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    store_rows(
+        out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_max, denom, tok, head, offs_d, row_ok,
+        d_ok, 0, 1, stride_ot, stride_oh, NUM_HEADS, WIDTH_P, False,
+    )  # fmt: skip
