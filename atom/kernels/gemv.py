@@ -39,7 +39,6 @@ from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
-from atom.kernels.split_counters import split_counters
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
@@ -179,6 +178,24 @@ def _gemv_kernel(
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+_COUNTERS: dict[torch.device, Tensor] = {}
+_OUTGROWN: list[Tensor] = []  # counters a captured CUDA graph may still point at: never freed
+
+
+def _split_counters(device: torch.device, n: int) -> Tensor:
+    """At least n zeroed int32 tile counters, one buffer per device that split-K launches share
+    (each launch leaves its counters at 0; stream order keeps two launches apart). A buffer that
+    grows stays allocated: graphs captured before point at it (the tuned table's largest split
+    needs 64 counters, so the first buffer has served every launch so far)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
     default, any M with a config of block_m > 0."""
@@ -206,7 +223,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         counters = torch.empty(1, dtype=torch.int32, device=x.device)
     elif split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[1])
+        counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
         x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0),

@@ -4,7 +4,7 @@ Layers call these functions; each looks at its input's device, so a model built 
 references and the same model on a GPU runs the Triton kernels, with no flag threaded through.
 Pattern for a new op: kernels/<op>.py holds `<op>` (Triton launcher) and `<op>_ref` with the same
 signature; here, one function that picks between them on the main input's `is_cuda`. An op that
-compiled code must call rather than trace (`atom::linear`; the norms with ATOM_OPAQUE_NORMS) is also
+compiled code must call rather than trace (`atom::linear`, the norms, SiLU-and-mul) is also
 a torch.library custom op whose fake returns exactly the launcher's shapes, strides and dtypes.
 """
 
@@ -78,24 +78,18 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# Under torch.compile the RMSNorm and SiLU-and-mul launchers are traced into the compiled pieces,
-# whose code launches their Triton kernels plainly. ATOM_OPAQUE_NORMS=1 keeps them opaque ops
-# (`atom::rms_norm`, `atom::fused_add_rms_norm`, `atom::silu_and_mul`): the pieces call the
-# launchers, which use programmatic dependent launch (kernels/launch.py), so at the batches where
-# gemv runs the linear layers a layer's kernels overlap end to end. Not yet measured on a GPU.
-OPAQUE_NORMS_ENV = "ATOM_OPAQUE_NORMS"
-_OPAQUE_NORMS = os.environ.get(OPAQUE_NORMS_ENV, "0") == "1"
-
-
-def _opaque() -> bool:
-    """Whether Dynamo is tracing with ATOM_OPAQUE_NORMS on: then the op, not its launcher."""
-    return _OPAQUE_NORMS and torch.compiler.is_dynamo_compiling()
+# Under torch.compile RMSNorm, the fused add + RMSNorm and SiLU-and-mul stay opaque ops
+# (`atom::rms_norm`, `atom::fused_add_rms_norm`, `atom::silu_and_mul`): the compiled pieces call
+# their launchers, which use programmatic dependent launch (kernels/launch.py), so at the batches
+# where gemv runs the linear layers a layer's kernels overlap end to end. Traced in instead, their
+# Triton kernels launched plainly: the 0.6B's decode steps took 5-9% longer at batches 8-32 and the
+# nano-vllm bench 0.75% (twentieth sitting, benchmarks/RESULTS.md).
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if not x.is_cuda:
         return _norm.rms_norm_ref(x, weight, eps)
-    if _opaque():
+    if torch.compiler.is_dynamo_compiling():
         return torch.ops.atom.rms_norm(x, weight, eps)
     return _norm.rms_norm(x, weight, eps)
 
@@ -106,14 +100,14 @@ def fused_add_rms_norm(
     """(rms_norm(x + residual), x + residual)."""
     if not x.is_cuda:
         return _norm.fused_add_rms_norm_ref(x, residual, weight, eps)
-    if _opaque():
+    if torch.compiler.is_dynamo_compiling():
         return torch.ops.atom.fused_add_rms_norm(x, residual, weight, eps)
     return _norm.fused_add_rms_norm(x, residual, weight, eps)
 
 
 @torch.library.custom_op("atom::rms_norm", mutates_args=())
 def _rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
+    """The launcher, called at run time by compiled code."""
     return _norm.rms_norm(x, weight, eps)
 
 
@@ -126,7 +120,7 @@ def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _fused_add_rms_norm_op(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
-    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
+    """The launcher, called at run time by compiled code."""
     return _norm.fused_add_rms_norm(x, residual, weight, eps)
 
 
@@ -177,14 +171,14 @@ def silu_and_mul(x: Tensor) -> Tensor:
     """[..., 2d] -> silu(x[..., :d]) * x[..., d:]."""
     if not x.is_cuda:
         return _silu.silu_and_mul_ref(x)
-    if _opaque():
+    if torch.compiler.is_dynamo_compiling():
         return torch.ops.atom.silu_and_mul(x)
     return _silu.silu_and_mul(x)
 
 
 @torch.library.custom_op("atom::silu_and_mul", mutates_args=())
 def _silu_and_mul_op(x: Tensor) -> Tensor:
-    """The launcher, called at run time by compiled code (ATOM_OPAQUE_NORMS)."""
+    """The launcher, called at run time by compiled code."""
     return _silu.silu_and_mul(x)
 
 

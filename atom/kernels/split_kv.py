@@ -2,8 +2,6 @@
 mla_attention.py): each program over a split of a sequence's keys stores its rows unnormalised,
 (acc, m, l) in the log2 domain, and a reduce kernel of its own file combines the splits as
 sum_s 2^(m_s - m) acc_s / sum_s 2^(m_s - m) l_s; an unsplit program stores its rows normalised.
-`combine_rows` is the same sum inside the attention kernel, by the last of a q-block's split
-programs to store its partials (split_counters.py), in place of the reduce kernel.
 """
 
 from __future__ import annotations
@@ -69,58 +67,3 @@ def store_rows(
             out.to(out_ptr.dtype.element_ty),
             mask=row_ok[:, None] & d_ok[None, :],
         )
-
-
-@triton.jit
-def combine_rows(
-    out_ptr,
-    ws_acc_ptr,
-    ws_m_ptr,
-    ws_l_ptr,
-    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS only)
-    tok,  # [BLOCK_M] int64 query row of each program row
-    head,  # [BLOCK_M] its query head
-    offs_d,  # [WIDTH_P]
-    row_ok,
-    d_ok,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    NUM_HEADS: tl.constexpr,
-    WIDTH_P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    USE_SINKS: tl.constexpr,
-):
-    """Every split's partials of these rows (store_rows's, by other programs of the same launch:
-    read past the caches) combined in split order and the rows written normalised: the reduce
-    kernels' sum, as a loop over the splits (not bit for bit their tree sum); a sink joins the
-    denominator once, after the splits."""
-    base = (tok * NUM_HEADS + head) * num_splits
-    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        m_s = tl.load(ws_m_ptr + base + s, mask=row_ok, other=float("-inf"), volatile=True)
-        m_max = tl.maximum(m_max, m_s)
-    if USE_SINKS:  # a raw logit, not times the softmax scale: log2 domain by * log2(e)
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=float("-inf")).to(tl.float32)
-        sink = sink * 1.4426950408889634
-        m_max = tl.maximum(m_max, sink)
-    m_exp = tl.where(m_max == float("-inf"), 0.0, m_max)  # a row with no keys: no inf - inf
-    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, WIDTH_P], dtype=tl.float32)
-    for s in range(num_splits):
-        m_s = tl.load(ws_m_ptr + base + s, mask=row_ok, other=float("-inf"), volatile=True)
-        w = tl.exp2(m_s - m_exp)
-        denom += w * tl.load(ws_l_ptr + base + s, mask=row_ok, other=0.0, volatile=True)
-        part = tl.load(
-            ws_acc_ptr + (base + s)[:, None] * WIDTH_P + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-            volatile=True,
-        )
-        acc += w[:, None] * part
-    if USE_SINKS:
-        denom += tl.exp2(sink - m_exp)
-    store_rows(
-        out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_max, denom, tok, head, offs_d, row_ok,
-        d_ok, 0, 1, stride_ot, stride_oh, NUM_HEADS, WIDTH_P, False,
-    )  # fmt: skip

@@ -24,15 +24,9 @@ A K/V tile is TILE tokens, i.e. several pages: each token's block id comes from 
 
 Tiles past a q-block's last causal position or before its sliding window are never visited; tiles
 every row of the q-block sees completely skip the mask arithmetic.
-
-A split decode's partials are combined by `_reduce_splits_kernel`, or with
-ATOM_ATTN_SPLIT_REDUCE=last by the last of each q-block's split programs to store its own
-(split_kv.combine_rows, split_counters.py), which saves the second launch a layer.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -47,19 +41,11 @@ from atom.kernels.attention_config import (
     padded_head_dim,
 )
 from atom.kernels.grid import next_power_of_2
-from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
+from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.paged_attention import FP8_DTYPES
-from atom.kernels.split_counters import split_counters
-from atom.kernels.split_kv import combine_rows, split_workspace, store_rows
+from atom.kernels.split_kv import split_workspace, store_rows
 
 LOG2E = 1.4426950408889634
-# Who combines a split decode's partials: "kernel", a reduce kernel launched after the attention
-# kernel; "last", the last of each q-block's split programs to finish, in the attention kernel
-# (split_counters.py: one launch fewer a layer). Not yet measured against each other on a GPU.
-SPLIT_REDUCE_ENV = "ATOM_ATTN_SPLIT_REDUCE"
-SPLIT_REDUCE = os.environ.get(SPLIT_REDUCE_ENV, "kernel")
-if SPLIT_REDUCE not in ("kernel", "last"):
-    raise ValueError(f"{SPLIT_REDUCE_ENV} must be 'kernel' or 'last', got {SPLIT_REDUCE!r}")
 
 
 @triton.jit
@@ -172,8 +158,7 @@ def _unified_attention_kernel(
     ws_acc_ptr,  # [T, H, num_splits, HEAD_DIM_P] fp32 (SPLIT only)
     ws_m_ptr,  # [T, H, num_splits] fp32
     ws_l_ptr,  # [T, H, num_splits] fp32
-    count_ptr,  # int32 per (q-block, KV head), 0 between launches (LAST_REDUCES only)
-    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS or SPLIT_SINKS only)
+    sinks_ptr,  # [H] fp32 sink logits (USE_SINKS only)
     qk_scale,  # softmax scale * k_scale
     softcap,
     v_scale,
@@ -197,11 +182,9 @@ def _unified_attention_kernel(
     TILE: tl.constexpr,
     ONE_BLOCK_PER_SEQ: tl.constexpr,
     SPLIT: tl.constexpr,
-    LAST_REDUCES: tl.constexpr,  # SPLIT: the q-block's last split program combines the splits
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    SPLIT_SINKS: tl.constexpr,  # LAST_REDUCES with sinks: combine_rows joins them
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
@@ -304,17 +287,6 @@ def _unified_attention_kernel(
         out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, acc, m_i, l_i, tok, head, offs_d, row_ok, d_ok,
         split, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, SPLIT,
     )  # fmt: skip
-    if LAST_REDUCES:
-        # The q-block's splits share a counter; the last to store its partials combines them
-        # all (in split order: the same result whatever the arrival order) and rearms it.
-        tl.debug_barrier()  # every thread's partials stored before the release below
-        counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            combine_rows(
-                out_ptr, ws_acc_ptr, ws_m_ptr, ws_l_ptr, sinks_ptr, tok, head, offs_d, row_ok,
-                d_ok, num_splits, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM_P, BLOCK_M, SPLIT_SINKS,
-            )  # fmt: skip
-            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
@@ -410,7 +382,6 @@ def unified_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     split = num_splits > 1
-    last_reduces = split and SPLIT_REDUCE == "last"
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
     ws_acc, ws_m, ws_l = split_workspace(num_tokens, num_heads, num_splits, head_dim_p, query)
@@ -418,26 +389,22 @@ def unified_attention(
         grid = (num_seqs * num_kv_heads, 1, num_splits)
     else:
         grid = (num_tokens // cfg.block_q + num_seqs, num_kv_heads, num_splits)
-    counters = seq_lens  # any int32 pointer when unused
-    if last_reduces and not compiling_only():  # a compile-only launch touches no shared buffer
-        counters = split_counters(query.device, grid[0] * grid[1])
     launch(
         _unified_attention_kernel, grid,
         out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-        ws_acc, ws_m, ws_l, counters, ws_m if sinks is None else sinks,  # any fp32 if unused
+        ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
         scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE=cfg.tile,
-        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split, LAST_REDUCES=last_reduces,
+        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
-        USE_SINKS=sinks is not None and not split,  # split: where the splits are combined
-        SPLIT_SINKS=sinks is not None and last_reduces, KV_FP8=kv_fp8,
+        USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split and not last_reduces:
+    if split:
         launch(
             _reduce_splits_kernel, (num_tokens, num_heads),
             out, ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks, query_start_loc,

@@ -1,6 +1,6 @@
-"""The opaque ops that ATOM_OPAQUE_NORMS=1 puts in compiled pieces (`atom::rms_norm`,
-`atom::fused_add_rms_norm`, `atom::silu_and_mul`): schema, fake (meta) functions and results
-against the references, by torch.library.opcheck (the Triton interpreter without a GPU)."""
+"""The opaque ops that compiled pieces call (`atom::rms_norm`, `atom::fused_add_rms_norm`,
+`atom::silu_and_mul`): schema, fake (meta) functions and results against the references, by
+torch.library.opcheck (the Triton interpreter without a GPU)."""
 
 from __future__ import annotations
 

@@ -7,14 +7,11 @@ step's q_len tokens; (0, 0) is a padding row of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from atom.kernels import split_counters
-from atom.kernels import unified_attention as attention_module
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
     SHORT_CONTEXT,
@@ -145,44 +142,16 @@ def test_softcap(window: int | None) -> None:
     check(batch, torch.float32, scale=0.5, softcap=3.0, sliding_window=window)
 
 
-@pytest.fixture(params=["kernel", "last"])
-def split_reduce(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Both ways of combining split partials: a reduce kernel, or the last split program of each
-    q-block (which must leave every tile counter at 0 for the next launch). An unsplit case has
-    nothing to combine: it runs once."""
-    callspec = getattr(request.node, "callspec", None)
-    if request.param == "last" and callspec and callspec.params.get("num_splits", 2) in (1, None):
-        pytest.skip("unsplit: nothing to combine")
-    monkeypatch.setattr(attention_module, "SPLIT_REDUCE", request.param)
-    yield request.param
-    for counters in split_counters._COUNTERS.values():
-        assert not counters.any()
-
-
 @pytest.mark.parametrize("num_splits", [2, 7])  # 7: more splits than tiles, empty splits
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
-def test_split_kv_decode(num_splits: int, heads: int, kv_heads: int, split_reduce: str) -> None:
+def test_split_kv_decode(num_splits: int, heads: int, kv_heads: int) -> None:
     seqs = [(1, 1), (16, 1), (0, 0), (300, 1), (129, 1)]
     check(make_batch(seqs, heads, kv_heads, 64), torch.float32, num_splits=num_splits)
 
 
-def test_split_kv_mixed_batch(split_reduce: str) -> None:
+def test_split_kv_mixed_batch() -> None:
     # Splits are general (any q-block); the heuristic only picks them for decode.
     check(make_batch([(17, 1), (40, 7), (33, 17), (0, 0)], 4, 2, 64), torch.float16, num_splits=3)
-
-
-def test_last_split_reduces_twice_in_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each launch rearms the counters the next one reuses: two launches of other split counts,
-    each equal to the reduce kernel's result (to fp32 rounding: a loop over the splits, not the
-    kernel's tree sum)."""
-    batch = make_batch([(300, 1), (1, 1), (129, 1), (64, 1)], 8, 2, 64)
-    for num_splits in (3, 5):
-        monkeypatch.setattr(attention_module, "SPLIT_REDUCE", "kernel")
-        separate = batch.run(torch.float32, num_splits=num_splits)
-        monkeypatch.setattr(attention_module, "SPLIT_REDUCE", "last")
-        last = batch.run(torch.float32, num_splits=num_splits)
-        torch.testing.assert_close(last, separate, atol=1e-6, rtol=1e-6)
-    assert not split_counters._COUNTERS[last.device].any()
 
 
 def _on_device(kw: dict) -> dict:
@@ -204,11 +173,7 @@ def _sinks(heads: int) -> torch.Tensor:
 @pytest.mark.parametrize("seqs", [DECODE, MIXED], ids=["decode", "mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sinks(
-    seqs: list[tuple[int, int]],
-    window: int | None,
-    num_splits: int,
-    dtype: torch.dtype,
-    split_reduce: str,
+    seqs: list[tuple[int, int]], window: int | None, num_splits: int, dtype: torch.dtype
 ) -> None:
     batch = make_batch(seqs, 8, 2, 32)
     sinks = _sinks(8)
@@ -225,7 +190,7 @@ def test_sinks(
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_sinks_padding_rows_write_zeros(num_splits: int, split_reduce: str) -> None:
+def test_sinks_padding_rows_write_zeros(num_splits: int) -> None:
     seqs = [(20, 1), (0, 0), (0, 1), (33, 1)]
     batch = make_batch(seqs, 4, 2, 32)
     sinks = _sinks(4)
@@ -239,7 +204,7 @@ def test_sinks_padding_rows_write_zeros(num_splits: int, split_reduce: str) -> N
 @pytest.mark.parametrize(
     ("num_splits", "sinks"), [(None, False), (2, False), (None, True), (2, True)]
 )
-def test_fp8_cache(num_splits: int | None, sinks: bool, split_reduce: str) -> None:
+def test_fp8_cache(num_splits: int | None, sinks: bool) -> None:
     batch = make_batch([(17, 1), (40, 7), (0, 0), (16, 16)], 8, 2, 64)
     scales: dict = {"k_scale": 0.5, "v_scale": 2.0}
     if sinks:  # the sink is not scaled by k_scale: the fp8 path folds that into the query
@@ -254,7 +219,7 @@ def test_fp8_cache(num_splits: int | None, sinks: bool, split_reduce: str) -> No
 
 
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_padding_rows_and_out_in_place(num_splits: int | None, split_reduce: str) -> None:
+def test_padding_rows_and_out_in_place(num_splits: int | None) -> None:
     # (0, 1): a padded decode slot of a CUDA graph batch; 3 tokens after the last sequence.
     seqs = [(20, 1), (0, 0), (0, 1), (33, 1), (0, 0)]
     batch = make_batch(seqs, 4, 2, 64, extra_tokens=3)
