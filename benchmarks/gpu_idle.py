@@ -58,8 +58,8 @@ class GpuIdle:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             steps.append(
-                _Step(len(inputs.req_ids), inputs.is_decode_only, event, None, began[0], _ms(),
-                      waited=waited[0])
+                _Step(len(inputs.req_ids), inputs.is_decode_only, event,
+                      began=began[0], called=_ms(), waited=waited[0])
             )  # fmt: skip
             return plain_forward(self, inputs, graph, sample)
 
