@@ -71,14 +71,7 @@ class GpuIdle:
                 steps[-1].end.record()
                 steps[-1].returned = _ms()
 
-            def timed_wait() -> Any:
-                start = _ms()
-                try:
-                    return wait()
-                finally:
-                    waited[0] = _ms() - start
-
-            return timed_wait
+            return _TimedWait(wait, waited)
 
         def compiling(*args: Any, **kwargs: Any) -> Any:
             """Triton's hook before a launch compiles a variant (or loads it from disk)."""
@@ -145,6 +138,25 @@ class GpuIdle:
             rows_ms = [(s, *_host(*host[s]), _gpu_ms(host[s][1])) for _, _, s, _, _ in prefill]
             print("  their host ms (as above), then the GPU's ms from the forward's event to the "
                   "step's end:", rows_ms, flush=True)  # fmt: skip
+
+
+class _TimedWait:
+    """A queued step's wait that records its length; done() as the step's own (the engine's
+    busy() asks it)."""
+
+    def __init__(self, wait: Any, waited: list[float]) -> None:
+        self.wait, self.waited = wait, waited
+
+    def __call__(self) -> Any:
+        start = _ms()
+        try:
+            return self.wait()
+        finally:
+            self.waited[0] = _ms() - start
+
+    def done(self) -> bool:
+        done = getattr(self.wait, "done", None)
+        return True if done is None else done()
 
 
 def _ms() -> float:

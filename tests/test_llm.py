@@ -349,3 +349,40 @@ def test_warm_up_leaves_a_clean_engine(tiny: Path) -> None:
     after = llm.generate(_ids(5, 21), GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in before]
     llm.shutdown()
+
+
+def test_generate_decodes_finished_text_in_pieces(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """generate() decodes a finished request's text a piece (DECODE_PIECE ids) per step, more
+    while the device is busy, the rest after the last step: the texts of one piece a request."""
+    import shutil
+
+    import atom.engine.llm as llm_module
+    from tests.engine.test_detokenizer_stream import llama3_tokenizer
+
+    shutil.copytree(tiny, tmp_path, dirs_exist_ok=True)
+    llama3_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), kv_cache_memory_bytes=4 << 20)
+    prompts = _ids(3, 5, 7, 9)
+    params = [GREEDY.clone(max_tokens=n, seed=n) for n in (5, 40, 17, 60)]
+
+    def texts() -> list[tuple[str, list[int]]]:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [(o.outputs[0].text, o.outputs[0].token_ids) for o in outs]
+
+    monkeypatch.setattr(llm_module, "DECODE_PIECE", 10**6)
+    whole = texts()
+    monkeypatch.setattr(llm_module, "DECODE_PIECE", 3)
+    taken = []
+    plain_take = llm.output_processor.take_finished
+
+    def take(max_ids: int | None = None) -> Any:
+        taken.append(max_ids)
+        return plain_take(max_ids)
+
+    monkeypatch.setattr(llm.output_processor, "take_finished", take)
+    assert texts() == whole and any(t for t, _ in whole)
+    assert set(taken) == {3} and len(taken) >= sum(len(ids) for _, ids in whole) // 3
+    _assert_clean(llm)
+    llm.shutdown()

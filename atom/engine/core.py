@@ -47,8 +47,22 @@ class Executor(Protocol):
 
 class AsyncExecutor(Executor, Protocol):
     def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
-        """Queue the step on the device; the returned function waits for its output."""
+        """Queue the step on the device; the returned function waits for its output. It may
+        have a done() that says, without waiting, whether the output is ready."""
         ...
+
+
+HostWork = Callable[[Callable[[], bool]], object]  # step()'s while_running: given busy()
+
+
+def _not_busy() -> bool:
+    return False
+
+
+def _busy_while(wait: Callable[[], ModelRunnerOutput]) -> Callable[[], bool]:
+    """busy() of a queued step: True until its output is ready (False where none can tell)."""
+    done = getattr(wait, "done", None)
+    return _not_busy if done is None else lambda: not done()
 
 
 def create_executor(config: EngineConfig) -> Executor:
@@ -168,15 +182,16 @@ class EngineCore:
     def stop_profile(self) -> None:
         self.executor.stop_profile()
 
-    def step(self, while_running: Callable[[], object] = lambda: None) -> list[EngineCoreOutput]:
-        """One step's outputs. while_running is host work to hide behind the device: it runs
-        once the next step is queued, before the wait for the one before it (LLM.generate
-        builds its finished requests' outputs there); with an executor that cannot queue a
-        step, before the step runs."""
+    def step(self, while_running: HostWork = lambda busy: None) -> list[EngineCoreOutput]:
+        """One step's outputs. while_running(busy) is host work to hide behind the device: it
+        runs once the next step is queued, before the wait for the one before it, and busy()
+        says whether the device still runs that one (LLM.generate builds its finished requests'
+        outputs there, piece by piece while busy() holds); with an executor that cannot queue a
+        step, before the step runs, busy() always False."""
         submit = getattr(self.executor, "submit_model", None)
         if submit is None:
             sched = self.scheduler.schedule()
-            while_running()
+            while_running(_not_busy)
             return self._update(sched, lambda: self.executor.execute_model(sched))
         if self._in_flight is not None and self._schedule_ahead():
             previous, self._in_flight = self._in_flight, None
@@ -186,13 +201,13 @@ class EngineCore:
                 self._in_flight = previous  # step N still runs: the next step() collects it
                 raise
             try:
-                while_running()
+                while_running(_busy_while(previous[1]))
             finally:  # step N is collected even when while_running raised
                 outputs = self._update(*previous)
             return outputs
         outputs = self._collect()
         self._submit(submit)
-        while_running()
+        while_running(_not_busy if self._in_flight is None else _busy_while(self._in_flight[1]))
         return outputs
 
     def _schedule_ahead(self) -> bool:

@@ -12,12 +12,14 @@ on with the Python window, whose offsets are kept in step. Everything else (slow
 `tokenizers`, a prompt that ends inside a character) takes the Python window from the start.
 
 A completion nobody reads before it ends (LLM.generate) and without stop strings is deferred: its
-ids are collected and decoded in one window when the text is first read. On a GPU a step's host
-work overlaps the next step's kernels, and a decode per token per step (0.3-0.5 ms a step at
-batch 256) was a part of that host work large enough to leave the GPU waiting. The text is the
-same for valid text, a final unfinished character included; on invalid byte sequences that a
-byte-fallback decoder rewrites, one decode gives that decoder's own text for the whole window, so
-there LLM.generate's replacement characters can differ from a streamed completion's.
+ids are collected and decoded in one window when the text is first read, or before that in pieces
+(`decode_deferred`: LLM.generate decodes a finished completion's text while the GPU runs a step,
+a piece at a time). On a GPU a step's host work overlaps the next step's kernels, and a decode per
+token per step (0.3-0.5 ms a step at batch 256) was a part of that host work large enough to leave
+the GPU waiting. The text is the same for valid text, a final unfinished character included; on
+invalid byte sequences that a byte-fallback decoder rewrites, one decode gives that decoder's own
+text for the whole window, so there LLM.generate's replacement characters can differ from a
+streamed completion's.
 """
 
 from __future__ import annotations
@@ -103,17 +105,27 @@ class IncrementalDetokenizer:
 
     @property
     def output_text(self) -> str:
-        if self._pending:
-            self._decode_pending()
+        self.decode_deferred()
         return self._text
 
-    def _decode_pending(self) -> None:
-        """The deferred ids' text in one decode of the window (what the token-by-token updates
-        add up to); when it ends inside a character, token by token after all, which keeps back
-        the unfinished character exactly as they do."""
-        pending, self._pending = self._pending, []
-        start = len(self._ids)
-        self._ids.extend(pending)
+    @property
+    def num_deferred(self) -> int:
+        """Ids a deferred detokenizer holds whose text is not decoded yet."""
+        return len(self._pending)
+
+    def decode_deferred(self, limit: int | None = None) -> int:
+        """Decodes up to `limit` of the deferred ids (None: all) in one decode of the window;
+        returns how many it took. Piece by piece the text is what the token-by-token updates add
+        up to, as it is in one piece: a piece that ends inside a character stays in the window
+        for the next, and when the last one does, it goes token by token after all, which keeps
+        back the unfinished character exactly as they do. A piece's window starts where the one
+        before ended cleanly (a byte-fallback decoder turns a run of byte tokens cut at its start
+        into replacement characters), so it costs a decode of both pieces."""
+        take = len(self._pending) if limit is None else min(max(limit, 0), len(self._pending))
+        if take == 0:
+            return 0
+        piece, self._pending = self._pending[:take], self._pending[take:]
+        self._ids.extend(piece)
         self._stream = None  # it has not seen these ids: the Python window goes on from here
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         text = self._decode(self._ids[self._prefix_offset :])
@@ -121,15 +133,20 @@ class IncrementalDetokenizer:
             if len(text) > len(prefix):  # else (special tokens skipped, say) nothing to add
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
                 self._text += text[len(prefix) :]
-            return
+            return take
+        if text.startswith(prefix) and self._pending:
+            return take  # inside a character: the next piece may complete it
         # Token by token from the window as it was: a stream primed with it where one can be.
-        self._ids = self._ids[self._prefix_offset : start]
+        rest = self._ids[self._read_offset :] + self._pending
+        self._pending = []
+        self._ids = self._ids[self._prefix_offset : self._read_offset]
         self._read_offset -= self._prefix_offset
         self._prefix_offset = 0
         self._deferred = False
         if self._use_decode_stream:
             self._open_stream()
-        self.update(pending, len(pending))
+        self.update(rest, len(rest))
+        return take
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:  # the same text without transformers' per-id checks

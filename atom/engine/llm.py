@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -24,6 +24,10 @@ from atom.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
+# Deferred token ids whose text generate() decodes in one piece of host work (with the piece
+# before as context: ~45 us on an H200 host's CPU), at most this much past the end of the step it
+# hides behind.
+DECODE_PIECE = 64
 
 
 class LLM:
@@ -182,22 +186,24 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
 
-        def collect_finished(everything: bool = False) -> None:
-            """Build the outputs of finished requests (decoding their text) while the device
-            runs a step, half of those waiting (at least one) a step: at batch 1 a step is ~1.1
-            ms of the device and its host work ~0.8 ms, so two outputs of 1,000 tokens each
-            (~0.35 ms each) in one step left the GPU idle (RESULTS.md, eighteenth sitting)."""
+        def collect_finished(busy: Callable[[], bool] = lambda: False) -> None:
+            """Build the outputs of finished requests, decoding their text DECODE_PIECE ids at
+            a time: one piece, then more while the device still runs the step the engine waits
+            for. At batch 1 a step is ~1.1 ms of the device and its host work ~0.8 ms, so even
+            one output of 1,000 tokens (~0.35 ms) built at once left the GPU idle (RESULTS.md,
+            eighteenth and twentieth sittings)."""
             nonlocal tokens_in, tokens_out
-            waiting = self.output_processor.num_finished
-            limit = None if everything else -(-waiting // 2)
-            for out in self.output_processor.take_finished(limit):
-                done[out.request_id] = out
-                tokens_in += len(out.prompt_token_ids)
-                tokens_out += sum(len(c.token_ids) for c in out.outputs)
-                elapsed = time.perf_counter() - start
-                rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
-                bar.set_postfix_str(f"{rates} tok/s", refresh=False)
-                bar.update(1)
+            while self.output_processor.num_finished:
+                for out in self.output_processor.take_finished(DECODE_PIECE):
+                    done[out.request_id] = out
+                    tokens_in += len(out.prompt_token_ids)
+                    tokens_out += sum(len(c.token_ids) for c in out.outputs)
+                    elapsed = time.perf_counter() - start
+                    rates = f"input {tokens_in / elapsed:.1f}, output {tokens_out / elapsed:.1f}"
+                    bar.set_postfix_str(f"{rates} tok/s", refresh=False)
+                    bar.update(1)
+                if not busy():
+                    return
 
         defer_full_collections()  # while the requests run (gc_defer.py)
         try:
@@ -207,7 +213,7 @@ class LLM:
                 )
                 if to_finish:
                     self.engine.finish_requests(to_finish)
-            collect_finished(everything=True)
+            collect_finished(busy=lambda: True)  # all that is left
         except BaseException:
             self.output_processor.drop_finished()
             for request_id in request_ids:  # leave the engine clean for the next call

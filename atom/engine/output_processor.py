@@ -8,6 +8,7 @@ request: the ids returned by `process` must be finished in the core.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._requests: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[str, int]] = {}
-        self._finished: list[_RequestState] = []  # process(defer=True)'s, for take_finished
+        self._finished: deque[_RequestState] = deque()  # process(defer=True)'s, for take_finished
 
     def add_request(
         self,
@@ -157,12 +158,25 @@ class OutputProcessor:
             results.append(self._make_output(state))
         return results, to_finish
 
-    def take_finished(self, limit: int | None = None) -> list[RequestOutput]:
-        """The outputs of the finished requests process(defer=True) kept (at most `limit`, the
-        first finished first), built now."""
-        count = len(self._finished) if limit is None else min(limit, len(self._finished))
-        finished, self._finished = self._finished[:count], self._finished[count:]
-        return [self._make_output(state) for state in finished]
+    def take_finished(self, max_ids: int | None = None) -> list[RequestOutput]:
+        """The outputs of the finished requests process(defer=True) kept, the first finished
+        first, built now. max_ids (None: no bound) bounds the deferred token ids whose text this
+        call decodes: a request whose text is not all decoded yet waits for a later call, which
+        goes on where this one stopped."""
+        built: list[RequestOutput] = []
+        left = max_ids
+        while self._finished and (left is None or left > 0):
+            state = self._finished[0]
+            detoks = [c.detokenizer for c in state.completions if c.detokenizer is not None]
+            for detok in detoks:
+                if detok.num_deferred and (left is None or left > 0):
+                    taken = detok.decode_deferred(left)
+                    left = None if left is None else left - taken
+            if any(detok.num_deferred for detok in detoks):
+                break
+            self._finished.popleft()
+            built.append(self._make_output(state))
+        return built
 
     @property
     def num_finished(self) -> int:

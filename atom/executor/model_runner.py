@@ -399,7 +399,7 @@ class ModelRunner:
             self._record_samples(inputs, rows, sampled.tolist(), result, out)
             return out
 
-        return wait
+        return QueuedStep(wait, done)
 
     def _sample(
         self, logits: Tensor, sampling: SamplingMetadata, graph_rows: int | None
@@ -485,6 +485,22 @@ class ModelRunner:
             k = state.sampling_params.logprobs
             if k is not None and lp_ids is not None and lps is not None and ranks is not None:
                 out.logprobs[i] = TokenLogprobs(lp_ids[j][: k + 1], lps[j][: k + 1], ranks[j])
+
+
+class QueuedStep:
+    """A step on the device: calling it waits for the output (the step's one host sync); done()
+    asks without waiting (EngineCore.step's busy())."""
+
+    __slots__ = ("_event", "_wait")
+
+    def __init__(self, wait: Callable[[], ModelRunnerOutput], event: torch.cuda.Event | None):
+        self._wait, self._event = wait, event
+
+    def __call__(self) -> ModelRunnerOutput:
+        return self._wait()
+
+    def done(self) -> bool:
+        return self._event is None or self._event.query()
 
 
 def _to_host(t: Tensor | None) -> Tensor | None:

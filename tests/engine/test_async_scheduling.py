@@ -266,7 +266,7 @@ def test_while_running_runs_between_the_next_submit_and_the_wait(tiny: Path) -> 
 
         return logged_wait
 
-    def work() -> None:
+    def work(busy: Any) -> None:
         events.append("work")
         if events.count("work") == 3:
             raise RuntimeError("host work failed")
@@ -282,4 +282,47 @@ def test_while_running_runs_between_the_next_submit_and_the_wait(tiny: Path) -> 
     assert failures == 1 and len(tokens) == 5 and not core.has_work()
     # From the second step on (one in flight): submit N+1, the work, then N's wait
     assert events[:7] == ["submit", "work", "submit", "work", "wait", "submit", "work"]
+    llm.shutdown()
+
+
+def test_while_running_asks_about_the_step_it_hides_behind(tiny: Path) -> None:
+    """busy() in step(while_running) asks the step the engine waits for next (step N, not the
+    N+1 just queued) whether it still runs, and is False where none can tell."""
+    from atom.engine.request import Request
+
+    llm = LLM(str(tiny), skip_tokenizer_init=True)
+    core, runner = llm.engine, llm.engine.executor
+    submit, asked = runner.submit_model, []
+
+    class Step:
+        def __init__(self, wait: Any, number: int) -> None:
+            self.wait, self.number = wait, number
+
+        def __call__(self) -> Any:
+            return self.wait()
+
+        def done(self) -> bool:
+            asked.append(self.number)
+            return self.number % 2 == 0
+
+    count = [0]
+
+    def numbered(sched: Any) -> Any:
+        count[0] += 1
+        return Step(submit(sched), count[0])
+
+    runner.submit_model = numbered
+    core.add_request(Request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=5)))
+    seen = []
+    while core.has_work():
+        core.step(lambda busy: seen.append((count[0], busy())))
+    # The first step() queues step 1 and asks it; each later one queues N+1 and asks N
+    assert seen[:4] == [(1, True), (2, True), (3, False), (4, True)]
+    assert asked[:4] == [1, 1, 2, 3]
+    runner.submit_model = lambda sched: submit(sched).__call__  # a plain function: no done()
+    core.add_request(Request("b", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3)))
+    busy = []
+    while core.has_work():
+        core.step(lambda b: busy.append(b()))
+    assert busy and not any(busy)
     llm.shutdown()

@@ -305,19 +305,30 @@ def test_smollm2_random_ids_match_python_window(smollm2: Any) -> None:
         both_paths(smollm2, prompt, output, params, random_chunks(rng, len(output)))
 
 
-def deferred_text(tokenizer: Any, prompt: list[int], output: list[int], params: Any) -> str:
+def deferred_text(
+    tokenizer: Any, prompt: list[int], output: list[int], params: Any, pieces: bool = False
+) -> str:
+    """The text of a deferred detokenizer fed `output` in random chunks; with `pieces`, decoded
+    a random 1-6 ids at a time (decode_deferred) before the text is read."""
     detok = IncrementalDetokenizer(tokenizer, prompt, params, deferred=True)
-    fed = 0
-    for size in random_chunks(random.Random(len(output)), len(output)):
+    rng, fed = random.Random(len(output)), 0
+    for size in random_chunks(rng, len(output)):
         fed += size
         assert detok.update(output[fed - size : fed], fed) is None
+    while pieces and detok.num_deferred:
+        before = detok.num_deferred
+        assert detok.decode_deferred(rng.randint(1, 6)) >= 1 and detok.num_deferred < before
     return detok.output_text
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_deferred_text_equals_token_by_token(tokenizer: PreTrainedTokenizerFast, seed: int) -> None:
-    """Decoded once at the end: the text token-by-token updates give, for valid text with
-    special tokens, and for output cut inside a character (its unfinished bytes held back)."""
+def test_deferred_text_equals_token_by_token(
+    tokenizer: PreTrainedTokenizerFast, seed: int, pieces: bool
+) -> None:
+    """Decoded once at the end, or piece by piece: the text token-by-token updates give, for
+    valid text with special tokens, and for output cut inside a character (its unfinished bytes
+    held back)."""
     rng = random.Random(seed)
     specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
     output: list[int] = []
@@ -328,13 +339,17 @@ def test_deferred_text_equals_token_by_token(tokenizer: PreTrainedTokenizerFast,
     prompt = tokenizer.encode(random_text(rng, rng.randint(0, 8)), add_special_tokens=False)
     params = SamplingParams(skip_special_tokens=bool(seed % 2))
     _, trace = run(tokenizer, prompt, output, params, [1] * len(output), True)
-    assert deferred_text(tokenizer, prompt, output, params) == trace[-1][1]
+    assert deferred_text(tokenizer, prompt, output, params, pieces) == trace[-1][1]
 
 
-def test_deferred_random_ids_match_token_by_token(llama3: PreTrainedTokenizerFast) -> None:
-    """Any ids of a byte-level BPE. (A byte-fallback decoder on random byte tokens rewrites
-    earlier text; there one decode of the whole window and the token-by-token window, which
-    froze what it had emitted, can differ in the replacement characters of invalid bytes.)"""
+@pytest.mark.parametrize("pieces", [False, True])
+def test_deferred_random_ids_match_token_by_token(
+    llama3: PreTrainedTokenizerFast, pieces: bool
+) -> None:
+    """Any ids of a byte-level BPE, pieces ending inside characters among them. (A
+    byte-fallback decoder on random byte tokens rewrites earlier text; there one decode of the
+    whole window and the token-by-token window, which froze what it had emitted, can differ in
+    the replacement characters of invalid bytes.)"""
     tokenizer, rng = llama3, random.Random(5)
     same = 0
     for _ in range(100):
@@ -342,8 +357,18 @@ def test_deferred_random_ids_match_token_by_token(llama3: PreTrainedTokenizerFas
         output = [rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 40))]
         params = SamplingParams(skip_special_tokens=rng.random() < 0.5)
         _, trace = run(tokenizer, prompt, output, params, [1] * len(output), False)
-        same += deferred_text(tokenizer, prompt, output, params) == trace[-1][1]
+        same += deferred_text(tokenizer, prompt, output, params, pieces) == trace[-1][1]
     assert same == 100
+
+
+@pytest.mark.slow
+def test_smollm2_deferred_pieces_equal_full_decode(smollm2: Any) -> None:
+    """A real tokenizer's text decoded in pieces, multi-byte characters split between them."""
+    texts = ["Hi there! 😀🎉 Ça va? 你好，世界。", "def f(x):\n    return x ** 2  # ß€"]
+    for text in texts:
+        output = smollm2.encode(text, add_special_tokens=False)
+        params = SamplingParams()
+        assert deferred_text(smollm2, [1, 2], output, params, pieces=True) == text
 
 
 def test_stop_strings_are_never_deferred(llama3: PreTrainedTokenizerFast) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from atom.engine.output_processor import OutputProcessor
 from atom.engine.outputs import EngineCoreOutput
 from atom.sampling_params import SamplingParams
+from tests.engine.test_detokenizer_stream import llama3_tokenizer
 
 
 def _processor() -> OutputProcessor:
@@ -70,7 +71,31 @@ def test_take_finished_takes_the_first_finished_first() -> None:
     for s in _steps():
         processor.process(s, True, defer=True)
     assert processor.num_finished == 2
-    assert [o.request_id for o in processor.take_finished(1)] == ["a"]
-    assert processor.num_finished == 1
-    assert [o.request_id for o in processor.take_finished(5)] == ["b"]
-    assert processor.take_finished(1) == [] and processor.num_finished == 0
+    assert [o.request_id for o in processor.take_finished()] == ["a", "b"]
+    assert processor.take_finished() == [] and processor.num_finished == 0
+
+
+def test_take_finished_decodes_at_most_max_ids_a_call() -> None:
+    """A bounded call decodes that many deferred ids of the first finished requests and builds
+    those whose text is complete; the next call goes on where it stopped. The text is what an
+    unbounded call gives."""
+    tokenizer = llama3_tokenizer()
+    ids = {r: tokenizer.encode(f"request {r}: héllo wörld 😀 " * 3) for r in "ab"}
+
+    def finished() -> OutputProcessor:
+        processor = OutputProcessor(tokenizer)
+        for r, out in ids.items():
+            params = SamplingParams(max_tokens=len(out))
+            processor.add_request(r, None, [1, 2, 3], params, 0.0, streamed=False)
+            last = [EngineCoreOutput(r, out, finish_reason="length")]
+            assert processor.process(last, True, defer=True)[0] == []
+        return processor
+
+    whole = {o.request_id: o.outputs[0].text for o in finished().take_finished()}
+    assert whole == {r: tokenizer.decode(out) for r, out in ids.items()}
+    processor, calls, taken = finished(), 0, []
+    while processor.num_finished:
+        calls += 1
+        taken += [(o.request_id, o.outputs[0].text) for o in processor.take_finished(5)]
+    assert taken == list(whole.items())
+    assert calls == -(-sum(map(len, ids.values())) // 5)
