@@ -137,30 +137,35 @@ class StepBuffers:
         self._copied = torch.cuda.Event() if pin else None
 
     def wait_writable(self) -> None:
-        """The host side may be rewritten once the last upload has left it (a step with nothing
-        to sample has no host sync of its own)."""
+        """The host side may be rewritten once the last step's uploads have left it (a step
+        with nothing to sample has no host sync of its own)."""
         if self._copied is not None:
             self._copied.synchronize()
+
+    def staged(self) -> None:
+        """Marks the end of a step's uploads (upload, then any put): wait_writable waits for
+        them. One event a step: a record costs the host ~10 us, most of it finding the stream."""
+        if self._copied is not None:
+            self._copied.record()
 
     def put(
         self, staged: tuple[np.ndarray, Tensor, Tensor], values: Sequence | np.ndarray
     ) -> Tensor:
         """values on the device in one of the persistent pairs (no pinned allocation, no sync):
-        written on the host, their upload queued after the step's inputs."""
+        written on the host, their upload queued after the step's inputs (before `staged`)."""
         array, host, dev = staged
         n = len(values)
         array[:n] = values
         if self._copied is not None:
             dev[:n].copy_(host[:n], non_blocking=True)
-            self._copied.record()  # wait_writable now waits for this copy too
         return dev[:n]
 
     def upload(
         self, num_tokens: int, num_seqs: int, num_blocks: int, num_samples: int, graph: bool
     ) -> Tensor:
-        """Queues the step's inputs (written on the host) to the device; returns its block
-        table [num_seqs, num_blocks]: the static buffer's rows for a graph replay, else the
-        compact upload."""
+        """Queues the step's inputs (written on the host) to the device (`staged` marks the end
+        of the step's uploads); returns its block table [num_seqs, num_blocks]: the static
+        buffer's rows for a graph replay, else the compact upload."""
         compact = self._tables_dev[: num_seqs * num_blocks].view(num_seqs, num_blocks)
         if self._copied is not None:  # on the CPU host and device are the same tensors
 
@@ -174,7 +179,6 @@ class StepBuffers:
             up(self._qsl_host, self.query_start_loc, num_seqs + 1)
             up(self._logits_host, self.logits_indices, num_samples)
             up(self._tables_host, self._tables_dev, num_seqs * num_blocks)
-            self._copied.record()
         if not graph:
             return compact
         table = self.block_tables[:num_seqs, :num_blocks]

@@ -342,6 +342,7 @@ class ModelRunner:
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
         # Built before the forward is queued: its small host-to-device copies then wait for nothing.
         sampling = build_sampling_metadata(rows, self.buffers) if rows else None
+        self.buffers.staged()
         num_rows = inputs.input_ids.shape[0]
         graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
         # The step's device work, from the forward to the copy of the sampled ids, labelled
