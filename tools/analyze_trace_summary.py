@@ -16,8 +16,9 @@ Per step, from the runner's labels (atom/executor/trace_labels.py):
             its longest GPU gap and the GPU work on either side (the next step's first work
             closes the last gap), which tells a host that fell behind within the step's
             submission from one that started it late
-  blocked host  every CUDA runtime or driver call of over BLOCK_LIMIT us (longest first, up to
-            BLOCK_ROWS): where the host stood still, with its step and the op around it. One
+  blocked host  the CUDA runtime and driver calls of over BLOCK_LIMIT us, by call name (count,
+            total, longest), then the longest (up to BLOCK_ROWS, at most BLOCK_PER_CALL of a
+            name): where the host stood still, with its step and the op around it. One
             wait a step for its sampled ids is expected; a launch that waits is a full launch
             queue (~1,000 launches deep on an H200: benchmarks/RESULTS.md, nineteenth sitting),
             and a copy or allocation that waits is an implicit sync
@@ -44,6 +45,7 @@ IDLE_LIMIT = 10.0  # percent: decode steps idler than this are counted
 IDLE_ROWS = 40  # idle steps listed
 BLOCK_LIMIT = 1000.0  # us: host calls into CUDA at least this long are listed
 BLOCK_ROWS = 30
+BLOCK_PER_CALL = 5  # rows of one call name in that list
 
 
 def fmt_us(us: float | None) -> str:
@@ -185,20 +187,38 @@ def blocked_section(trace: Trace, timings: list[StepTiming]) -> list[str]:
         return []
     number = {id(t.step): i for i, t in enumerate(timings)}
     total = sum(c.dur for c, _, _ in calls)
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for call, _, _ in calls:
+        by_name[call.name].append(call.dur)
     lines = [
         f"## Host calls into CUDA over {fmt_us(BLOCK_LIMIT)}",
         "",
-        f"{len(calls)} calls, {fmt_us(total)} in all; longest first (up to {BLOCK_ROWS}); step "
-        "numbers as above.",
+        f"{len(calls)} calls, {fmt_us(total)} in all.",
+        "",
+        "| call | calls | total | longest |",
+        "|---|---|---|---|",
+    ]
+    for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| `{name}` | {len(durs)} | {fmt_us(sum(durs))} | {fmt_us(max(durs))} |")
+    lines += [
+        "",
+        f"Longest first (up to {BLOCK_ROWS}, at most {BLOCK_PER_CALL} of one call: the waits for "
+        "each step's sampled ids would crowd out the rest); step numbers as above.",
         "",
         "| step | kind | call | duration | inside |",
         "|---|---|---|---|---|",
     ]
-    for call, step, op in sorted(calls, key=lambda c: -c[0].dur)[:BLOCK_ROWS]:
+    shown: dict[str, int] = defaultdict(int)
+    for call, step, op in sorted(calls, key=lambda c: -c[0].dur):
+        if shown[call.name] == BLOCK_PER_CALL:
+            continue
+        shown[call.name] += 1
         where = ("-", "-") if step is None else (str(number[id(step)]), step.kind)
         lines.append(
             f"| {where[0]} | {where[1]} | `{call.name}` | {fmt_us(call.dur)} | `{op[:60]}` |"
         )
+        if sum(shown.values()) == BLOCK_ROWS:
+            break
     return [*lines, ""]
 
 

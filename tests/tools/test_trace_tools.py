@@ -24,6 +24,7 @@ import pytest
 import torch
 import transformers
 from synthetic_trace import (
+    TraceBuilder,
     blocked_trace,
     capture_trace,
     gpu_only_trace,
@@ -341,6 +342,13 @@ def test_unlabelled_cpu_and_gpu_trace_is_not_gpu_only(
     assert len(Trace(load(tmp_path / "g.json.gz")).steps) == 2
 
 
+def blocked_rows(text: str) -> list[str]:
+    """The rows of the summary's list of the longest host calls into CUDA."""
+    section = text.split("## Host calls into CUDA")[1].split("\n## ")[0]
+    table = section.split("| step | kind | call | duration | inside |\n|---|---|---|---|---|\n")[1]
+    return [line for line in table.splitlines() if line.startswith("| ")]
+
+
 def test_summary_lists_host_calls_that_blocked(tmp_path: Path) -> None:
     """Calls into CUDA of over a millisecond, longest first, with their step and the innermost op
     or module tag around them; short launches are left out."""
@@ -349,9 +357,29 @@ def test_summary_lists_host_calls_that_blocked(tmp_path: Path) -> None:
     text = (tmp_path / "s.md").read_text()
     assert "## Host calls into CUDA over 1.000 ms" in text
     assert "3 calls, 6.500 ms in all" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "`cuda" in line]
+    assert "| `cudaLaunchKernel` | 1 | 3.000 ms | 3.000 ms |" in text
+    rows = blocked_rows(text)
     assert rows == [
         "| 0 | prefill | `cudaLaunchKernel` | 3.000 ms | `aten::mm` |",
         "| - | - | `cudaMemcpyAsync` | 2.000 ms | `` |",
         "| 1 | decode | `cudaEventSynchronize` | 1.500 ms | `` |",
     ]
+
+
+def test_blocked_calls_of_one_name_do_not_crowd_out_the_rest(tmp_path: Path) -> None:
+    """Many per-step waits longer than one launch that blocked: all counted by name, at most
+    BLOCK_PER_CALL of them listed, and the launch still listed."""
+    t = TraceBuilder()
+    t.host("prefill[bs=1 tok=4 ctx=4]", 0, 3000)
+    t.gpu("gemm_a", 100, 500, t.launch("cudaLaunchKernel", 50, dur=1200))
+    for i in range(40):
+        start = 4000 + 3000 * i
+        t.host("decode[bs=1/1 tok=1]", start, 2900)
+        t.kernel("gemm_b", start + 10, start + 20, 100)
+        t.sync(start + 100, 2000 + i)
+    run_tool("analyze_trace_summary.py", t.write(tmp_path / "w.json.gz"), "--output",
+             tmp_path / "s.md")  # fmt: skip
+    text = (tmp_path / "s.md").read_text()
+    assert "| `cudaEventSynchronize` | 40 | 80.780 ms | 2.039 ms |" in text
+    rows = blocked_rows(text)
+    assert len(rows) == 6 and rows[-1] == "| 0 | prefill | `cudaLaunchKernel` | 1.200 ms | `` |"
