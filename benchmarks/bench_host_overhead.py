@@ -40,7 +40,7 @@ PHASES = [
     (model_runner, "build_step_inputs"),
     (model_runner, "build_sampling_metadata"),
     (model_runner.ModelRunner, "_update_states"),
-    (model_runner.ModelRunner, "_record_samples"),
+    (model_runner, "record_samples"),
     (model_runner.ModelRunner, "_forward"),
 ]
 STUB_IDS = 64  # the stub forward's logits width

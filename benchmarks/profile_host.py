@@ -55,7 +55,7 @@ PHASES: list[tuple[Any, str]] = [
     (cuda_graphs.DecodeGraphs, "replay"),
     (cuda_graphs.DecodeGraphs, "replay_sample"),
     (sampler.Sampler, "forward"),
-    (model_runner.ModelRunner, "_record_samples"),
+    (model_runner, "record_samples"),
     (torch.cuda.Event, "synchronize"),
 ]
 

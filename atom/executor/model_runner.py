@@ -15,11 +15,7 @@ from torch.profiler import record_function
 
 from atom.config import EngineConfig
 from atom.distributed import all_reduce_min, broadcast_from_first
-from atom.engine.outputs import (
-    ModelRunnerOutput,
-    SchedulerOutput,
-    TokenLogprobs,
-)
+from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.compile import compile_forward
 from atom.executor.cuda_graphs import DecodeGraphs, context_caps
 from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
@@ -40,6 +36,7 @@ from atom.executor.sampler import (
     SamplingMetadata,
     prompt_logprob_entries,
 )
+from atom.executor.step_output import QueuedStep, record_samples, to_host
 from atom.executor.trace_labels import step_label
 from atom.kernels.attention_config import num_sms
 from atom.layers.attention import Attention
@@ -386,9 +383,9 @@ class ModelRunner:
                 # step queued after this one.
                 result = SamplerOutput(
                     result.sampled,
-                    _to_host(result.logprob_token_ids),
-                    _to_host(result.logprobs),
-                    _to_host(result.ranks),
+                    to_host(result.logprob_token_ids),
+                    to_host(result.logprobs),
+                    to_host(result.ranks),
                 )
             done = torch.cuda.Event() if self.device.type == "cuda" else None
             if done is not None:
@@ -397,7 +394,7 @@ class ModelRunner:
         def wait() -> ModelRunnerOutput:
             if done is not None:
                 done.synchronize()
-            self._record_samples(inputs, rows, sampled.tolist(), result, out)
+            record_samples(inputs, rows, sampled.tolist(), result, out)
             return out
 
         return QueuedStep(wait, done)
@@ -467,47 +464,3 @@ class ModelRunner:
             state = self.states[cached.req_id]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens  # before this step
-
-    def _record_samples(
-        self,
-        inputs: StepInputs,
-        rows: list[CachedRequestState],
-        sampled: list[int],
-        result: SamplerOutput,
-        out: ModelRunnerOutput,
-    ) -> None:
-        lp_ids = result.logprob_token_ids.tolist() if result.logprob_token_ids is not None else None
-        lps = result.logprobs.tolist() if result.logprobs is not None else None
-        ranks = result.ranks.tolist() if result.ranks is not None else None
-        for j, (i, state) in enumerate(zip(inputs.sample_rows, rows, strict=True)):
-            state.num_pending -= 1
-            state.append_output(sampled[j])
-            out.sampled_token_ids[i] = [sampled[j]]
-            k = state.sampling_params.logprobs
-            if k is not None and lp_ids is not None and lps is not None and ranks is not None:
-                out.logprobs[i] = TokenLogprobs(lp_ids[j][: k + 1], lps[j][: k + 1], ranks[j])
-
-
-class QueuedStep:
-    """A step on the device: calling it waits for the output (the step's one host sync); done()
-    asks without waiting (EngineCore.step's busy())."""
-
-    __slots__ = ("_event", "_wait")
-
-    def __init__(self, wait: Callable[[], ModelRunnerOutput], event: torch.cuda.Event | None):
-        self._wait, self._event = wait, event
-
-    def __call__(self) -> ModelRunnerOutput:
-        return self._wait()
-
-    def done(self) -> bool:
-        return self._event is None or self._event.query()
-
-
-def _to_host(t: Tensor | None) -> Tensor | None:
-    """A device tensor's copy in pinned host memory, queued (read it after the step's event)."""
-    if t is None or t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host
