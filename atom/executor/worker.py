@@ -3,12 +3,23 @@
 Rank 0 broadcasts each command (a typed message, pickled over a gloo group) to the worker ranks;
 every rank then runs the same ModelRunner call on its shard, so the collectives inside the model
 (all-reduce after row-parallel layers, all-gather of logits, broadcast of sampled ids) line up.
+
+Steps are queued as on one device (async scheduling): rank 0 sends step N+1 and queues it before
+it waits for step N. A step's wait records its sampled ids into the runner's request states, and
+the next step's inputs are built from those states, so a worker must interleave waits and submits
+as rank 0 did: each ExecuteModel says how many of its steps rank 0 had waited for before queuing
+it, and the worker first waits for as many of its own.
+
+    rank 0   submit 1 | submit 2 | wait 1 | submit 3 (waited=1) | wait 2 | ...
+    worker   recv 1: submit 1 | recv 2: submit 2 | recv 3: wait 1, submit 3 | ...
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -29,6 +40,7 @@ class AllocateKVCache:
 @dataclass(frozen=True, slots=True)
 class ExecuteModel:
     sched: SchedulerOutput
+    waited: int  # rank 0's steps waited for before this one was queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,26 +73,64 @@ class _Channel:
         return box[0]
 
 
+class _QueuedSteps:
+    """A worker's steps on the device, waited for in rank 0's order (module doc)."""
+
+    def __init__(self) -> None:
+        self.waits: deque[Callable[[], ModelRunnerOutput]] = deque()
+        self.waited = 0
+
+    def wait_until(self, waited: int) -> None:
+        while self.waits and self.waited < waited:
+            self.waited += 1
+            self.waits.popleft()()
+
+    def wait_all(self) -> None:
+        self.wait_until(self.waited + len(self.waits))
+
+
 def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
     init_tensor_parallel(rank, config.parallel.world_size, port, config.device)
     channel = _Channel()
     runner = ModelRunner(config, rank)
     runner.determine_num_kv_blocks()  # a collective: every rank takes part
+    steps = _QueuedSteps()
     while True:
         command = channel.recv()
-        if isinstance(command, Shutdown):
-            break
         try:
+            if isinstance(command, ExecuteModel):
+                steps.wait_until(command.waited)
+                steps.waits.append(runner.submit_model(command.sched))
+                continue
+            steps.wait_all()
+            if isinstance(command, Shutdown):
+                break
             if isinstance(command, AllocateKVCache):
                 runner.allocate_kv_cache(command.num_blocks)
-            elif isinstance(command, Profile):
-                runner.start_profile() if command.start else runner.stop_profile()
             else:
-                runner.execute_model(command.sched)
+                runner.start_profile() if command.start else runner.stop_profile()
         except Exception:
             # Input-dependent failures hit every rank alike; rank 0 reports them, we go on.
             logger.exception("rank %d: %s failed", rank, type(command).__name__)
     dist.destroy_process_group()
+
+
+class _CountedWait:
+    """Rank 0's wait for a queued step, counted for the workers (ExecuteModel.waited); done()
+    asks the step without waiting, as EngineCore.step's busy() does."""
+
+    __slots__ = ("_executor", "_wait")
+
+    def __init__(self, wait: Callable[[], ModelRunnerOutput], executor: MultiprocExecutor):
+        self._wait, self._executor = wait, executor
+
+    def __call__(self) -> ModelRunnerOutput:
+        self._executor.waited += 1
+        return self._wait()
+
+    def done(self) -> bool:
+        done = getattr(self._wait, "done", None)
+        return True if done is None else done()
 
 
 class MultiprocExecutor:
@@ -97,6 +147,7 @@ class MultiprocExecutor:
         for p in self.workers:
             p.start()
         self._closed = False
+        self.waited = 0  # rank 0's steps waited for (ExecuteModel.waited)
         try:
             init_tensor_parallel(0, world, port, config.device)
             self.channel = _Channel()
@@ -120,8 +171,13 @@ class MultiprocExecutor:
         return self.runner.needs_warmup
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        self.channel.send(ExecuteModel(sched))
-        return self.runner.execute_model(sched)
+        return self.submit_model(sched)()
+
+    def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
+        """Queues the step on every rank (ModelRunner.submit_model); the workers queue theirs
+        once they have waited for the steps rank 0 waited for before it."""
+        self.channel.send(ExecuteModel(sched, self.waited))
+        return _CountedWait(self.runner.submit_model(sched), self)
 
     def start_profile(self) -> None:
         self.channel.send(Profile(start=True))

@@ -46,6 +46,42 @@ def test_tp2_matches_tp1(tmp_path: Path, cls: Any, num_kv_heads: int) -> None:
     assert _tokens(tmp_path, tensor_parallel_size=2) == _tokens(tmp_path)
 
 
+def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
+    """Steps queued ahead (async scheduling) and steps waited for first (a penalty needs every
+    output on the host) in one run: the workers interleave their waits as rank 0 does, so seeded
+    draws, penalties and greedy rows give tp=1's tokens."""
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    prompts = [{"prompt_token_ids": [(3 * i + n) % 90 + 3 for i in range(n)]} for n in (5, 9, 30)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=9, ignore_eos=True),
+        SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=14, ignore_eos=True),
+    ]
+
+    def tokens(**kwargs: Any) -> list[list[int]]:
+        llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=8 << 20, **kwargs)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.shutdown()
+
+    want = tokens()
+    assert [len(t) for t in want] == [20, 9, 14]
+    assert tokens(tensor_parallel_size=2) == want
+
+
 def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:
     config = transformers.LlamaConfig(
         hidden_size=32,

@@ -167,6 +167,33 @@ def test_bf16_fast_path_close_to_eager(checkpoint: Path) -> None:
     assert same_first >= len(fast) - 1
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
+    """tp=2 over NCCL with CUDA graphs and level-3 compilation (the all-reduces inside the
+    graphs and the compiled pieces) against tp=2 eager, float32: two ranks' sum is one addition,
+    whichever algorithm NCCL picks for a (padded) size, so the tokens are the same. Steps are
+    queued ahead on both ranks (async scheduling)."""
+
+    def tokens(**kwargs: Any) -> list[list[int]]:
+        llm = LLM(
+            str(checkpoint),
+            skip_tokenizer_init=True,
+            device="cuda",
+            tensor_parallel_size=2,
+            **{**SMALL_ENGINE, **kwargs},
+        )
+        try:
+            outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.shutdown()
+
+    eager = tokens(dtype="float32", enforce_eager=True)
+    assert tokens(dtype="float32", level=3) == eager
+    bf16 = tokens()  # the default fast path: bf16, level 3, graphs
+    assert sum(a[0] == b[0] for a, b in zip(bf16, eager, strict=True)) >= len(eager) - 1
+
+
 def test_fp8_kv_agreement_with_bf16(checkpoint: Path) -> None:
     """Reported: greedy agreement and prompt-logprob error of fp8 KV (calibrated scales)."""
     bf16 = _tokens(checkpoint, kv_cache_dtype="bf16")
