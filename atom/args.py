@@ -79,6 +79,7 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0
     async_scheduling: bool = True
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False
     enforce_eager: bool = False
     level: int = 3
     cudagraph_capture_sizes: list[int] | None = None
@@ -139,6 +140,12 @@ class EngineArgs:
         )
         a("--long-prefill-token-threshold", type=int, default=0)
         a("--tensor-parallel-size", "-tp", type=int, default=1)
+        a(
+            "--disable-custom-all-reduce",
+            action="store_true",
+            help="NCCL for every all-reduce; by default a decode step's small ones go through "
+            "symmetric memory (GPUs)",
+        )
         a("--enforce-eager", action="store_true")
         a("--level", type=int, default=d.level, choices=[0, 1, 2, 3])
         a("--cudagraph-capture-sizes", type=ast.literal_eval, default=None, help='e.g. "[1,2,4,8]"')
@@ -211,7 +218,7 @@ class EngineArgs:
                 long_prefill_token_threshold=self.long_prefill_token_threshold,
                 async_scheduling=self.async_scheduling,
             ),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, self.disable_custom_all_reduce),
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
             torch_profiler_dir=self.torch_profiler_dir,
             mark_trace=self.mark_trace,

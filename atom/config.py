@@ -119,6 +119,7 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (custom_all_reduce.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.tensor_parallel_size <= 8:

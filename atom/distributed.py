@@ -1,7 +1,8 @@
 """Tensor-parallel collectives over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
 The tensor-parallel group is the default process group; with no process group (one device) every
-collective is the identity, so single-device code pays nothing.
+collective is the identity, so single-device code pays nothing. On GPUs the small all-reduces of
+decode steps go through custom_all_reduce.py unless --disable-custom-all-reduce.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import socket
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from atom.custom_all_reduce import CustomAllReduce, create_custom_all_reduce
+
+_custom: CustomAllReduce | None = None
 
 
 def tp_world_size() -> int:
@@ -20,10 +26,42 @@ def tp_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if tp_world_size() > 1:
+def all_reduce(x: Tensor) -> Tensor:
+    """The sum of x over the ranks: x itself, summed in place by NCCL or gloo, or a new tensor
+    from the custom all-reduce. Under torch.compile the custom one is the opaque op
+    `atom::all_reduce`, which picks at run time, so the token count gets no guard."""
+    if tp_world_size() == 1:
+        return x
+    if _custom is None:
         dist.all_reduce(x)
+        return x
+    if torch.compiler.is_dynamo_compiling():
+        return torch.ops.atom.all_reduce(x)
+    return _all_reduce(x)
+
+
+def _all_reduce(x: Tensor) -> Tensor:
+    assert _custom is not None
+    if _custom.fits(x):
+        return _custom(x)
+    dist.all_reduce(x)
     return x
+
+
+@torch.library.custom_op("atom::all_reduce", mutates_args=())
+def _all_reduce_op(x: Tensor) -> Tensor:
+    """The run-time pick of all_reduce for compiled code (a new tensor: x is not mutated)."""
+    assert _custom is not None
+    if _custom.fits(x):
+        return _custom(x)
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+@_all_reduce_op.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +95,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_tensor_parallel(rank: int, world_size: int, port: int, device_type: str) -> None:
-    """Join the tensor-parallel group: NCCL on GPUs (one per rank), gloo on CPUs."""
+def init_tensor_parallel(
+    rank: int, world_size: int, port: int, device_type: str, custom_all_reduce: bool = True
+) -> None:
+    """Join the tensor-parallel group: NCCL on GPUs (one per rank), with the custom all-reduce
+    for small tensors unless custom_all_reduce is False; gloo on CPUs."""
+    global _custom
+    _custom = None
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(
@@ -66,4 +109,15 @@ def init_tensor_parallel(rank: int, world_size: int, port: int, device_type: str
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
+        device_id=torch.device("cuda", rank) if device_type == "cuda" else None,
     )
+    if device_type == "cuda" and custom_all_reduce:
+        _custom = create_custom_all_reduce(torch.device("cuda", rank))
+
+
+def leave_tensor_parallel() -> None:
+    """Drop the custom all-reduce's buffer, then the process group (where one was joined)."""
+    global _custom
+    _custom = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from atom.config import EngineConfig
-from atom.distributed import free_port, init_tensor_parallel
+from atom.distributed import free_port, init_tensor_parallel, leave_tensor_parallel
 from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.model_runner import ModelRunner
 
@@ -90,7 +90,7 @@ class _QueuedSteps:
 
 
 def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
-    init_tensor_parallel(rank, config.parallel.world_size, port, config.device)
+    _join(config, rank, port)
     channel = _Channel()
     runner = ModelRunner(config, rank)
     runner.determine_num_kv_blocks()  # a collective: every rank takes part
@@ -112,7 +112,12 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
         except Exception:
             # Input-dependent failures hit every rank alike; rank 0 reports them, we go on.
             logger.exception("rank %d: %s failed", rank, type(command).__name__)
-    dist.destroy_process_group()
+    leave_tensor_parallel()
+
+
+def _join(config: EngineConfig, rank: int, port: int) -> None:
+    p = config.parallel
+    init_tensor_parallel(rank, p.world_size, port, config.device, not p.disable_custom_all_reduce)
 
 
 class _CountedWait:
@@ -149,7 +154,7 @@ class MultiprocExecutor:
         self._closed = False
         self.waited = 0  # rank 0's steps waited for (ExecuteModel.waited)
         try:
-            init_tensor_parallel(0, world, port, config.device)
+            _join(config, 0, port)
             self.channel = _Channel()
             self.runner = ModelRunner(config, 0)
         except BaseException:
@@ -202,5 +207,4 @@ class MultiprocExecutor:
             if p.is_alive():
                 p.kill()
             p.join()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_tensor_parallel()

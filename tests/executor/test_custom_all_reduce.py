@@ -1,0 +1,73 @@
+"""How all_reduce picks between the custom all-reduce and NCCL (the symmetric-memory kernel
+itself needs GPUs: tests/gpu/test_fast_path.py and test_cuda_engine.py run it at tp=2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from atom import distributed
+
+
+class TwoRanks:
+    """Stands in for CustomAllReduce: two ranks holding the same tensor sum to twice it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.calls = max_bytes, 0
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.numel() * x.element_size() <= self.max_bytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 2
+
+
+@pytest.fixture
+def two_ranks(monkeypatch: pytest.MonkeyPatch) -> TwoRanks:
+    custom = TwoRanks(max_bytes=4 * 8 * 4)  # up to 4 rows of 8 float32
+    nccl: list[int] = []
+
+    def fake_nccl(x: torch.Tensor) -> None:
+        nccl.append(x.shape[0])
+        x.mul_(2)
+
+    monkeypatch.setattr(distributed, "_custom", custom)
+    monkeypatch.setattr(distributed, "tp_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_nccl)
+    custom.nccl = nccl  # type: ignore[attr-defined]
+    return custom
+
+
+def test_small_tensors_take_the_custom_all_reduce(two_ranks: TwoRanks) -> None:
+    x = torch.randn(3, 8)
+    assert torch.equal(distributed.all_reduce(x.clone()), x * 2)
+    assert two_ranks.calls == 1 and two_ranks.nccl == []  # type: ignore[attr-defined]
+    big = torch.randn(5, 8)
+    out = distributed.all_reduce(big)
+    assert out is big and two_ranks.nccl == [5]  # type: ignore[attr-defined]
+
+
+def test_compiled_code_picks_at_run_time(two_ranks: TwoRanks) -> None:
+    """Under torch.compile the pick is the opaque op's: one graph serves both sides of the size
+    limit (no guard on the token count), and x is never mutated by the compiled code."""
+    torch._dynamo.reset()
+    frames: list[int] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        frames.append(1)
+        assert "atom.all_reduce" in str(gm.graph)
+        return gm.forward
+
+    @torch.compile(backend=backend, dynamic=True, fullgraph=True)
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        return distributed.all_reduce(x + 1) - 1
+
+    for rows in (2, 3, 7, 9):
+        x = torch.randn(rows, 8)
+        before = x.clone()
+        assert torch.equal(layer(x), (x + 1) * 2 - 1)
+        assert torch.equal(x, before)
+    assert len(frames) == 1
+    assert two_ranks.calls == 2 and two_ranks.nccl == [7, 9]  # type: ignore[attr-defined]
