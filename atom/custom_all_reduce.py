@@ -27,13 +27,21 @@ DTYPES = (torch.bfloat16, torch.float32)  # what the symmetric-memory kernel sum
 
 
 class CustomAllReduce:
-    def __init__(self, device: torch.device, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, device: torch.device, name: str, max_bytes: int = MAX_BYTES) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.group_name = dist.group.WORLD.group_name
+        # Symmetric memory keeps a group's store by name for the process's lifetime, and the
+        # default group of every engine start is named "0": a second engine in one process
+        # would exchange its handles through the first one's store and wait forever. So each
+        # start registers a name of its own (every rank's the same), over the group's store.
+        store = dist.PrefixStore(name, dist.distributed_c10d._get_default_store())
+        symm_mem._SymmetricMemory.set_group_info(
+            name, dist.get_rank(), dist.get_world_size(), store
+        )
+        self.group_name = name
         self.max_bytes = max_bytes
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        symm_mem.rendezvous(self.buffer, name)
 
     def fits(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -49,12 +57,13 @@ class CustomAllReduce:
         return out.view(x.shape)
 
 
-def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
+def create_custom_all_reduce(device: torch.device, name: str) -> CustomAllReduce | None:
     """Every rank's CustomAllReduce, or None on every rank where one of them could not make or
-    check its own (a collective: every rank calls it at the same point)."""
+    check its own (a collective: every rank calls it at the same point). name: unique to this
+    process group, the same on every rank."""
     custom: CustomAllReduce | None = None
     try:
-        custom = CustomAllReduce(device)
+        custom = CustomAllReduce(device, name)
         world, rank = dist.get_world_size(), dist.get_rank()
         for rows in (1, 3):  # a known sum, through peer memory: catches a broken mapping
             x = torch.full((rows, 1024), rank + 1.0, dtype=torch.bfloat16, device=device)

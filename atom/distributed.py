@@ -109,10 +109,9 @@ def init_tensor_parallel(
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        device_id=torch.device("cuda", rank) if device_type == "cuda" else None,
     )
     if device_type == "cuda" and custom_all_reduce:
-        _custom = create_custom_all_reduce(torch.device("cuda", rank))
+        _custom = create_custom_all_reduce(torch.device("cuda", rank), f"atom-tp-{port}")
 
 
 def leave_tensor_parallel() -> None:
