@@ -21,6 +21,7 @@ import multiprocessing as mp
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -56,6 +57,13 @@ class Shutdown:
 Command = AllocateKVCache | ExecuteModel | Profile | Shutdown
 
 
+# Leaving NCCL's group (its communicators' finalize) can wait for the other ranks to leave too, so
+# at shutdown every rank leaves together: rank 0 sends Shutdown, all meet at a barrier (every
+# worker has its command and has waited for its steps), then each leaves the group and the
+# workers exit. Rank 0 leaving only after its workers had exited could wait forever.
+SHUTDOWN_TIMEOUT = timedelta(seconds=60)
+
+
 class _Channel:
     """Commands from rank 0 to every rank, over a CPU (gloo) group even when the model runs on
     NCCL, so that waiting for the next command never occupies a GPU stream."""
@@ -71,6 +79,10 @@ class _Channel:
         dist.broadcast_object_list(box, src=0, group=self.group)
         assert box[0] is not None
         return box[0]
+
+    def barrier(self) -> None:
+        """Every rank here (a rank that died or hangs raises on rank 0 within the timeout)."""
+        dist.monitored_barrier(group=self.group, timeout=SHUTDOWN_TIMEOUT)
 
 
 class _QueuedSteps:
@@ -104,6 +116,7 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
                 continue
             steps.wait_all()
             if isinstance(command, Shutdown):
+                channel.barrier()
                 break
             if isinstance(command, AllocateKVCache):
                 runner.allocate_kv_cache(command.num_blocks)
@@ -193,9 +206,17 @@ class MultiprocExecutor:
         self.runner.stop_profile()
 
     def shutdown(self) -> None:
+        """Every rank leaves the process group at once (SHUTDOWN_TIMEOUT's comment), then the
+        workers exit; one that does not within 30 s is killed."""
         if self._closed:
             return
-        self.channel.send(Shutdown())
+        self._closed = True
+        try:
+            self.channel.send(Shutdown())
+            self.channel.barrier()
+            leave_tensor_parallel()
+        except Exception:
+            logger.exception("tensor-parallel shutdown: a worker did not answer; killing them")
         for p in self.workers:
             p.join(timeout=30)
         self._kill()
