@@ -4,9 +4,10 @@ A decode step of a tensor-parallel Llama-3.1-8B makes 64 all-reduces of a few ro
 values. NCCL takes ~12.6 us for one bf16 row on two H200s; PyTorch's symmetric-memory one-shot
 kernel (`torch.ops.symm_mem.one_shot_all_reduce_copy`: copy this rank's tensor into its buffer,
 a barrier over every rank's signal pad, each rank sums all the buffers over NVLink, a barrier
-so that no buffer is overwritten while a peer still reads it) 6.7 us; at 256 rows 21.5 us
-against 39.5 (H200 x2, benchmarks/RESULTS.md, twenty-second sitting). One kernel, no host
-work, and it replays in a CUDA graph.
+so that no buffer is overwritten while a peer still reads it) 7.1 us; at 256 rows 21.6 us
+against 36.2, at 512 rows 35.8 against 40.6, at 1,024 rows 61.8 against NCCL's 55.4 (H200 x2,
+benchmarks/RESULTS.md, twenty-second sitting). One kernel, no host work, and it replays in a
+CUDA graph.
 
 Larger tensors (prefill) and dtypes the kernel lacks (float16) go through NCCL. The buffer is
 allocated and checked once at start-up by every rank together; a rank that cannot (no
@@ -16,36 +17,58 @@ symmetric memory, no peer access, a wrong sum) makes every rank keep NCCL.
 from __future__ import annotations
 
 import logging
+import uuid
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-MAX_BYTES = 8 << 20  # per all-reduce; larger ones take NCCL
+# Per all-reduce, over 2 ranks: one-shot beat NCCL up to 512 rows of 4,096 bf16 values and lost
+# at 1,024 (the module doc). Each rank reads every other rank's tensor, so with more ranks the
+# limit shrinks in proportion (not measured past 2).
+MAX_BYTES_2_RANKS = 4 << 20
 DTYPES = (torch.bfloat16, torch.float32)  # what the symmetric-memory kernel sums
+ALIGN = 16  # bytes: the kernel's vector width; the buffer's views start aligned
+
+
+def max_bytes(world_size: int) -> int:
+    return MAX_BYTES_2_RANKS * 2 // world_size
 
 
 class CustomAllReduce:
-    def __init__(self, device: torch.device, name: str, max_bytes: int = MAX_BYTES) -> None:
+    """An 8-bit symmetric buffer of max_bytes, viewed as each all-reduce's dtype. Build it with
+    create_custom_all_reduce, which makes every rank's together."""
+
+    def __init__(self, device: torch.device, name: str, nbytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         # Symmetric memory keeps a group's store by name for the process's lifetime, and the
         # default group of every engine start is named "0": a second engine in one process
         # would exchange its handles through the first one's store and wait forever. So each
-        # start registers a name of its own (every rank's the same), over the group's store.
+        # start registers a name of its own (rank 0's uuid), over the current group's store.
         store = dist.PrefixStore(name, dist.distributed_c10d._get_default_store())
         symm_mem._SymmetricMemory.set_group_info(
             name, dist.get_rank(), dist.get_world_size(), store
         )
         self.group_name = name
-        self.max_bytes = max_bytes
-        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(self.buffer, name)
+        self.max_bytes = nbytes
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def rendezvous(self) -> None:
+        """Exchanges the buffers' handles (a collective)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        symm_mem.rendezvous(self.buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
-        return x.dtype in DTYPES and 0 < nbytes <= self.max_bytes and nbytes % 4 == 0
+        return (
+            x.dtype in DTYPES
+            and 0 < nbytes <= self.max_bytes
+            and nbytes % ALIGN == 0
+            and (x.storage_offset() * x.element_size()) % ALIGN == 0
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of x, in a new tensor (x is left as it was)."""
@@ -57,25 +80,41 @@ class CustomAllReduce:
         return out.view(x.shape)
 
 
-def create_custom_all_reduce(device: torch.device, name: str) -> CustomAllReduce | None:
+def _agree(ok: bool, device: torch.device) -> bool:
+    """Whether every rank is ok (a collective)."""
+    flag = torch.tensor([ok], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     """Every rank's CustomAllReduce, or None on every rank where one of them could not make or
-    check its own (a collective: every rank calls it at the same point). name: unique to this
-    process group, the same on every rank."""
+    check its own. A collective: every rank calls it at the same point, and the ranks agree
+    before each step that needs them all (the rendezvous, the check's kernels), so that no rank
+    waits there for one that has failed."""
+    name = [f"atom-{uuid.uuid4().hex}" if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(name, src=0, device=device)
     custom: CustomAllReduce | None = None
     try:
-        custom = CustomAllReduce(device, name)
+        custom = CustomAllReduce(device, name[0], max_bytes(dist.get_world_size()))
+    except Exception as exc:  # no symmetric memory here: NCCL everywhere
+        logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
+    if not _agree(custom is not None, device):
+        return None
+    assert custom is not None
+    ok = True
+    try:
+        custom.rendezvous()
         world, rank = dist.get_world_size(), dist.get_rank()
         for rows in (1, 3):  # a known sum, through peer memory: catches a broken mapping
             x = torch.full((rows, 1024), rank + 1.0, dtype=torch.bfloat16, device=device)
-            got = custom(x)
-            if not bool((got == world * (world + 1) / 2).all()):
-                raise RuntimeError(f"wrong sum over {rows} rows")
-    except Exception as exc:  # no symmetric memory or peer access: NCCL everywhere
+            ok &= bool((custom(x) == world * (world + 1) / 2).all())
+    except Exception as exc:
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
-        custom = None
-    ok = torch.tensor([custom is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not bool(ok.item()):
+        ok = False
+    if not _agree(ok, device):
         return None
-    logger.info("custom all-reduce (symmetric memory) for all-reduces up to %d bytes", MAX_BYTES)
+    logger.info(
+        "custom all-reduce (symmetric memory) for all-reduces up to %d bytes", custom.max_bytes
+    )
     return custom

@@ -7,6 +7,7 @@ decode steps go through custom_all_reduce.py unless --disable-custom-all-reduce.
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from atom.custom_all_reduce import CustomAllReduce, create_custom_all_reduce
 
+logger = logging.getLogger(__name__)
 _custom: CustomAllReduce | None = None
 
 
@@ -111,12 +113,19 @@ def init_tensor_parallel(
         world_size=world_size,
     )
     if device_type == "cuda" and custom_all_reduce:
-        _custom = create_custom_all_reduce(torch.device("cuda", rank), f"atom-tp-{port}")
+        _custom = create_custom_all_reduce(torch.device("cuda", rank))
 
 
-def leave_tensor_parallel() -> None:
-    """Drop the custom all-reduce's buffer, then the process group (where one was joined)."""
+def leave_tensor_parallel(abort: bool = False) -> None:
+    """Drop the custom all-reduce's buffer, then the process group (where one was joined).
+    abort: a rank has died, so the communicators are aborted rather than finalized (NCCL's
+    finalize waits for every rank)."""
     global _custom
     _custom = None
+    if abort and dist.is_initialized():
+        try:
+            dist.distributed_c10d._abort_process_group()  # leaves no group behind
+        except Exception:  # a private API, NCCL's only: where it fails, destroy as usual
+            logger.warning("aborting the process group failed", exc_info=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -6,9 +6,11 @@ every rank then runs the same ModelRunner call on its shard, so the collectives 
 
 Steps are queued as on one device (async scheduling): rank 0 sends step N+1 and queues it before
 it waits for step N. A step's wait records its sampled ids into the runner's request states, and
-the next step's inputs are built from those states, so a worker must interleave waits and submits
-as rank 0 did: each ExecuteModel says how many of its steps rank 0 had waited for before queuing
-it, and the worker first waits for as many of its own.
+the next step's inputs are built from those states, so a worker interleaves waits and submits as
+rank 0 did: each ExecuteModel says how many of its steps rank 0 had waited for before queuing it,
+and the worker first waits for as many of its own. (Before Profile and AllocateKVCache a worker
+waits for every step it has; a step built after such a wait reads its input token from the host
+instead of the device, the same token and the same seeds.)
 
     rank 0   submit 1 | submit 2 | wait 1 | submit 3 (waited=1) | wait 2 | ...
     worker   recv 1: submit 1 | recv 2: submit 2 | recv 3: wait 1, submit 3 | ...
@@ -41,7 +43,7 @@ class AllocateKVCache:
 @dataclass(frozen=True, slots=True)
 class ExecuteModel:
     sched: SchedulerOutput
-    waited: int  # rank 0's steps waited for before this one was queued
+    waited: int  # rank 0's (non-empty) steps waited for before this one was queued
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,16 +88,22 @@ class _Channel:
 
 
 class _QueuedSteps:
-    """A worker's steps on the device, waited for in rank 0's order (module doc)."""
+    """A worker's steps on the device, waited for as rank 0 waited for its own (module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
         self.waits: deque[Callable[[], ModelRunnerOutput]] = deque()
         self.waited = 0
 
     def wait_until(self, waited: int) -> None:
+        """Waits for steps until `waited` have been. A wait that fails is logged and counted,
+        as rank 0 counts its own: the step after it is still queued."""
         while self.waits and self.waited < waited:
             self.waited += 1
-            self.waits.popleft()()
+            try:
+                self.waits.popleft()()
+            except Exception:
+                logger.exception("rank %d: waiting for a step failed", self.rank)
 
     def wait_all(self) -> None:
         self.wait_until(self.waited + len(self.waits))
@@ -106,18 +114,18 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
     channel = _Channel()
     runner = ModelRunner(config, rank)
     runner.determine_num_kv_blocks()  # a collective: every rank takes part
-    steps = _QueuedSteps()
-    while True:
-        command = channel.recv()
+    steps = _QueuedSteps(rank)
+    while not isinstance(command := channel.recv(), Shutdown):
         try:
             if isinstance(command, ExecuteModel):
                 steps.wait_until(command.waited)
-                steps.waits.append(runner.submit_model(command.sched))
+                wait = runner.submit_model(command.sched)
+                if command.sched.is_empty:  # nothing queued, only finished requests dropped
+                    wait()
+                else:
+                    steps.waits.append(wait)
                 continue
-            steps.wait_all()
-            if isinstance(command, Shutdown):
-                channel.barrier()
-                break
+            steps.wait_all()  # Profile and AllocateKVCache find no step in flight
             if isinstance(command, AllocateKVCache):
                 runner.allocate_kv_cache(command.num_blocks)
             else:
@@ -125,6 +133,14 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
         except Exception:
             # Input-dependent failures hit every rank alike; rank 0 reports them, we go on.
             logger.exception("rank %d: %s failed", rank, type(command).__name__)
+    steps.wait_all()
+    runner.shutdown()
+    try:
+        channel.barrier()
+    except Exception:  # rank 0 is gone: nobody to leave the group with
+        logger.exception("rank %d: shutdown without rank 0", rank)
+        leave_tensor_parallel(abort=True)
+        return
     leave_tensor_parallel()
 
 
@@ -195,7 +211,10 @@ class MultiprocExecutor:
         """Queues the step on every rank (ModelRunner.submit_model); the workers queue theirs
         once they have waited for the steps rank 0 waited for before it."""
         self.channel.send(ExecuteModel(sched, self.waited))
-        return _CountedWait(self.runner.submit_model(sched), self)
+        wait = self.runner.submit_model(sched)
+        # An empty step is waited for at once (EngineCore._submit), possibly before the step in
+        # flight: not counted, as workers run it at once too, so both wait in queue order.
+        return wait if sched.is_empty else _CountedWait(wait, self)
 
     def start_profile(self) -> None:
         self.channel.send(Profile(start=True))
@@ -211,21 +230,27 @@ class MultiprocExecutor:
         if self._closed:
             return
         self._closed = True
+        self.runner.shutdown()
         try:
             self.channel.send(Shutdown())
             self.channel.barrier()
-            leave_tensor_parallel()
         except Exception:
             logger.exception("tensor-parallel shutdown: a worker did not answer; killing them")
+            self._kill()
+            return
+        leave_tensor_parallel()
         for p in self.workers:
             p.join(timeout=30)
         self._kill()
 
     def _kill(self) -> None:
-        """Stop every worker and leave the process group (also after a failed start)."""
+        """Stop every worker and leave the process group (also after a failed start): aborted
+        where a worker had to be killed, since a finalize would wait for it."""
         self._closed = True
+        killed = False
         for p in self.workers:
             if p.is_alive():
                 p.kill()
+                killed = True
             p.join()
-        leave_tensor_parallel()
+        leave_tensor_parallel(abort=killed)

@@ -11,7 +11,8 @@ from atom import distributed
 
 
 class TwoRanks:
-    """Stands in for CustomAllReduce: two ranks holding the same tensor sum to twice it."""
+    """Stands in for CustomAllReduce: two ranks holding the same tensor sum to twice it, in a
+    new contiguous tensor as the symmetric-memory kernel's."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.calls = max_bytes, 0
@@ -21,7 +22,7 @@ class TwoRanks:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return x * 2
+        return x.contiguous() * 2
 
 
 @pytest.fixture
@@ -71,3 +72,11 @@ def test_compiled_code_picks_at_run_time(two_ranks: TwoRanks) -> None:
         assert torch.equal(x, before)
     assert len(frames) == 1
     assert two_ranks.calls == 2 and two_ranks.nccl == [7, 9]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("rows", [3, 7])
+def test_all_reduce_op_passes_opcheck(two_ranks: TwoRanks, rows: int) -> None:
+    """The op's schema (no alias of x, x not mutated), its fake against the real outputs, and
+    its autograd and AOT registrations, on both sides of the size limit."""
+    x = torch.randn(8, rows).t()  # non-contiguous
+    torch.library.opcheck(torch.ops.atom.all_reduce.default, (x,))

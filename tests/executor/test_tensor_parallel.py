@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import random
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,6 +15,8 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from atom.engine.outputs import ModelRunnerOutput
+from atom.executor.worker import _CountedWait, _QueuedSteps
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(5 * i + n) % 90 + 3 for i in range(n)]} for n in (3, 17, 40)]
@@ -63,10 +69,11 @@ def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     prompts = [{"prompt_token_ids": [(3 * i + n) % 90 + 3 for i in range(n)]} for n in (5, 9, 30)]
+    # The penalty's 4 tokens run one step at a time; the rest are queued ahead.
     params = [
         SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-        SamplingParams(temperature=0.8, seed=7, max_tokens=9, ignore_eos=True),
-        SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=7, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=4, ignore_eos=True),
     ]
 
     def tokens(**kwargs: Any) -> list[list[int]]:
@@ -78,8 +85,64 @@ def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
             llm.shutdown()
 
     want = tokens()
-    assert [len(t) for t in want] == [20, 9, 14]
+    assert [len(t) for t in want] == [20, 14, 4]
     assert tokens(tensor_parallel_size=2) == want
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_workers_wait_in_rank0s_order(seed: int) -> None:
+    """The protocol alone: rank 0 queues steps ahead or waits first, as EngineCore.step does
+    (an empty step is waited for at once, before the step in flight; one wait fails); a worker
+    replaying the ExecuteModel commands submits and waits in rank 0's order."""
+    rng = random.Random(seed)
+    rank0: list[tuple[str, int]] = []
+    worker: list[tuple[str, int]] = []
+    executor = SimpleNamespace(waited=0)
+    in_flight: list[_CountedWait] = []
+    sent: list[tuple[int, int, bool]] = []  # (step, waited, empty) of each ExecuteModel
+    failing = -1  # the first non-empty step past 5 fails its wait
+
+    def step_wait(log: list[tuple[str, int]], k: int) -> Callable[[], ModelRunnerOutput]:
+        def wait() -> ModelRunnerOutput:
+            log.append(("wait", k))
+            if k == failing:
+                raise RuntimeError("a failed step")
+            return ModelRunnerOutput()
+
+        return wait
+
+    def wait_oldest() -> None:
+        with contextlib.suppress(RuntimeError):
+            in_flight.pop(0)()
+
+    for k in range(60):
+        if in_flight and rng.random() < 0.3:  # a penalty: collect step N before scheduling N+1
+            wait_oldest()
+        empty = rng.random() < 0.15
+        sent.append((k, executor.waited, empty))
+        rank0.append(("submit", k))
+        if empty:
+            step_wait(rank0, k)()  # as MultiprocExecutor.submit_model returns it: not counted
+            continue
+        if failing < 0 and k > 5:
+            failing = k
+        in_flight.append(_CountedWait(step_wait(rank0, k), executor))  # type: ignore[arg-type]
+        while len(in_flight) > 1:
+            wait_oldest()
+    while in_flight:
+        wait_oldest()
+
+    steps = _QueuedSteps(rank=1)
+    for k, waited, empty in sent:  # _worker_main's ExecuteModel branch
+        steps.wait_until(waited)
+        worker.append(("submit", k))
+        if empty:
+            step_wait(worker, k)()
+        else:
+            steps.waits.append(step_wait(worker, k))
+    steps.wait_all()
+    assert worker == rank0
+    assert ("wait", failing) in worker
 
 
 def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:

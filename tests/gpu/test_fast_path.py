@@ -169,10 +169,11 @@ def test_bf16_fast_path_close_to_eager(checkpoint: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
-    """tp=2 over NCCL with CUDA graphs and level-3 compilation (the all-reduces inside the
-    graphs and the compiled pieces) against tp=2 eager, float32: two ranks' sum is one addition,
-    whichever algorithm NCCL picks for a (padded) size, so the tokens are the same. Steps are
-    queued ahead on both ranks (async scheduling)."""
+    """tp=2 with CUDA graphs and level-3 compilation (the all-reduces inside the graphs and the
+    compiled pieces: the custom one, NCCL past its size limit) against tp=2 eager, float32: two
+    ranks' sum is one addition whichever kernel makes it, so the tokens are the same; and
+    against tp=2 with NCCL only. Steps are queued ahead on both ranks (async scheduling). Three
+    tp engines in one process, each shut down before the next starts."""
 
     def tokens(**kwargs: Any) -> list[list[int]]:
         llm = LLM(
@@ -190,6 +191,7 @@ def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
 
     eager = tokens(dtype="float32", enforce_eager=True)
     assert tokens(dtype="float32", level=3) == eager
+    assert tokens(dtype="float32", level=0, disable_custom_all_reduce=True) == eager
     bf16 = tokens()  # the default fast path: bf16, level 3, graphs
     assert sum(a[0] == b[0] for a, b in zip(bf16, eager, strict=True)) >= len(eager) - 1
 
