@@ -1,6 +1,6 @@
 """Tensor parallelism: one process per rank, rank 0 inside the engine-core process.
 
-Rank 0 broadcasts each command (a typed message, pickled over a gloo group) to the worker ranks;
+Rank 0 sends each command (a typed message, tp_channel.py) to the worker ranks;
 every rank then runs the same ModelRunner call on its shard, so the collectives inside the model
 (all-reduce after row-parallel layers, all-gather of logits, broadcast of sampled ids) line up.
 
@@ -25,12 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch.distributed as dist
-
 from atom.config import EngineConfig
 from atom.distributed import free_port, init_tensor_parallel, leave_tensor_parallel
 from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.model_runner import ModelRunner
+from atom.executor.tp_channel import Channel
 
 logger = logging.getLogger(__name__)
 
@@ -66,27 +65,6 @@ Command = AllocateKVCache | ExecuteModel | Profile | Shutdown
 SHUTDOWN_TIMEOUT = timedelta(seconds=60)
 
 
-class _Channel:
-    """Commands from rank 0 to every rank, over a CPU (gloo) group even when the model runs on
-    NCCL, so that waiting for the next command never occupies a GPU stream."""
-
-    def __init__(self) -> None:
-        self.group = dist.new_group(backend="gloo")
-
-    def send(self, command: Command) -> None:
-        dist.broadcast_object_list([command], src=0, group=self.group)
-
-    def recv(self) -> Command:
-        box: list[Command | None] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        assert box[0] is not None
-        return box[0]
-
-    def barrier(self) -> None:
-        """Every rank here (a rank that died or hangs raises on rank 0 within the timeout)."""
-        dist.monitored_barrier(group=self.group, timeout=SHUTDOWN_TIMEOUT)
-
-
 class _QueuedSteps:
     """A worker's steps on the device, waited for as rank 0 waited for its own (module doc)."""
 
@@ -111,7 +89,7 @@ class _QueuedSteps:
 
 def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
     _join(config, rank, port)
-    channel = _Channel()
+    channel = Channel(SHUTDOWN_TIMEOUT)
     runner = ModelRunner(config, rank)
     runner.determine_num_kv_blocks()  # a collective: every rank takes part
     steps = _QueuedSteps(rank)
@@ -139,8 +117,10 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
         channel.barrier()
     except Exception:  # rank 0 is gone: nobody to leave the group with
         logger.exception("rank %d: shutdown without rank 0", rank)
+        channel.close()
         leave_tensor_parallel(abort=True)
         return
+    channel.close()
     leave_tensor_parallel()
 
 
@@ -184,7 +164,7 @@ class MultiprocExecutor:
         self.waited = 0  # rank 0's steps waited for (ExecuteModel.waited)
         try:
             _join(config, 0, port)
-            self.channel = _Channel()
+            self.channel = Channel(SHUTDOWN_TIMEOUT)
             self.runner = ModelRunner(config, 0)
         except BaseException:
             self._kill()
@@ -210,6 +190,8 @@ class MultiprocExecutor:
     def submit_model(self, sched: SchedulerOutput) -> Callable[[], ModelRunnerOutput]:
         """Queues the step on every rank (ModelRunner.submit_model); the workers queue theirs
         once they have waited for the steps rank 0 waited for before it."""
+        if dead := self._dead_workers():
+            raise RuntimeError(f"tensor-parallel workers exited: {', '.join(dead)}")
         self.channel.send(ExecuteModel(sched, self.waited))
         wait = self.runner.submit_model(sched)
         # An empty step is waited for at once (EngineCore._submit), possibly before the step in
@@ -231,6 +213,9 @@ class MultiprocExecutor:
             return
         self._closed = True
         self.runner.shutdown()
+        if self._dead_workers():
+            self._kill()
+            return
         try:
             self.channel.send(Shutdown())
             self.channel.barrier()
@@ -243,6 +228,9 @@ class MultiprocExecutor:
             p.join(timeout=30)
         self._kill()
 
+    def _dead_workers(self) -> list[str]:
+        return [p.name for p in self.workers if p.exitcode is not None]
+
     def _kill(self) -> None:
         """Stop every worker and leave the process group (also after a failed start): aborted
         where a worker had to be killed, since a finalize would wait for it."""
@@ -253,4 +241,6 @@ class MultiprocExecutor:
                 p.kill()
                 killed = True
             p.join()
+        if (channel := getattr(self, "channel", None)) is not None:
+            channel.close()
         leave_tensor_parallel(abort=killed)

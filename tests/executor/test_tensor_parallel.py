@@ -55,7 +55,8 @@ def test_tp2_matches_tp1(tmp_path: Path, cls: Any, num_kv_heads: int) -> None:
 def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
     """Steps queued ahead (async scheduling) and steps waited for first (a penalty needs every
     output on the host) in one run: the workers interleave their waits as rank 0 does, so seeded
-    draws, penalties and greedy rows give tp=1's tokens."""
+    draws, penalties and greedy rows give tp=1's tokens. Then a worker dies: the next generate
+    raises, and shutdown leaves the process group at once."""
     torch.manual_seed(1)
     config = transformers.LlamaConfig(
         hidden_size=64,
@@ -76,17 +77,28 @@ def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
         SamplingParams(temperature=0, repetition_penalty=1.3, max_tokens=4, ignore_eos=True),
     ]
 
-    def tokens(**kwargs: Any) -> list[list[int]]:
-        llm = LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=8 << 20, **kwargs)
-        try:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            return [o.outputs[0].token_ids for o in outs]
-        finally:
-            llm.shutdown()
+    def engine(**kwargs: Any) -> LLM:
+        return LLM(str(tmp_path), skip_tokenizer_init=True, kv_cache_memory_bytes=8 << 20, **kwargs)
 
-    want = tokens()
+    def tokens(llm: LLM) -> list[list[int]]:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    one = engine()
+    want = tokens(one)
+    one.shutdown()
     assert [len(t) for t in want] == [20, 14, 4]
-    assert tokens(tensor_parallel_size=2) == want
+    two = engine(tensor_parallel_size=2)
+    try:
+        assert tokens(two) == want
+        # A worker that died is reported at the next step, and shutdown does not wait for it.
+        worker = two.engine.executor.workers[0]  # type: ignore[attr-defined]
+        worker.kill()
+        worker.join()
+        with pytest.raises(RuntimeError, match="workers exited"):
+            tokens(two)
+    finally:
+        two.shutdown()
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("seed", range(5))
