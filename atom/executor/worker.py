@@ -233,14 +233,12 @@ class MultiprocExecutor:
 
     def _kill(self) -> None:
         """Stop every worker and leave the process group (also after a failed start): aborted
-        where a worker had to be killed, since a finalize would wait for it."""
+        where a worker died or had to be killed, since a finalize would wait for it."""
         self._closed = True
-        killed = False
         for p in self.workers:
             if p.is_alive():
                 p.kill()
-                killed = True
             p.join()
         if (channel := getattr(self, "channel", None)) is not None:
             channel.close()
-        leave_tensor_parallel(abort=killed)
+        leave_tensor_parallel(abort=any(p.exitcode != 0 for p in self.workers))
