@@ -22,6 +22,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from atom.distributed import all_reduce_min
+
 logger = logging.getLogger(__name__)
 
 # Per all-reduce, over 2 ranks: one-shot beat NCCL up to 512 rows of 4,096 bf16 values and lost
@@ -80,13 +82,6 @@ class CustomAllReduce:
         return out.view(x.shape)
 
 
-def _agree(ok: bool, device: torch.device) -> bool:
-    """Whether every rank is ok (a collective)."""
-    flag = torch.tensor([ok], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     """Every rank's CustomAllReduce, or None on every rank where one of them could not make or
     check its own. A collective: every rank calls it at the same point, and the ranks agree
@@ -99,7 +94,7 @@ def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
         custom = CustomAllReduce(device, name[0], max_bytes(dist.get_world_size()))
     except Exception as exc:  # no symmetric memory here: NCCL everywhere
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
-    if not _agree(custom is not None, device):
+    if not all_reduce_min(custom is not None, device):  # every rank has its buffer
         return None
     assert custom is not None
     ok = True
@@ -112,7 +107,7 @@ def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     except Exception as exc:
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
         ok = False
-    if not _agree(ok, device):
+    if not all_reduce_min(ok, device):  # every rank's check passed
         return None
     logger.info(
         "custom all-reduce (symmetric memory) for all-reduces up to %d bytes", custom.max_bytes

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from atom.custom_all_reduce import CustomAllReduce, create_custom_all_reduce
+if TYPE_CHECKING:
+    from atom.custom_all_reduce import CustomAllReduce
 
 logger = logging.getLogger(__name__)
 _custom: CustomAllReduce | None = None
@@ -113,6 +115,8 @@ def init_tensor_parallel(
         world_size=world_size,
     )
     if device_type == "cuda" and custom_all_reduce:
+        from atom.custom_all_reduce import create_custom_all_reduce  # it uses this module
+
         _custom = create_custom_all_reduce(torch.device("cuda", rank))
 
 

@@ -22,6 +22,7 @@ import torch
 import triton
 
 import atom.executor.model_runner as model_runner
+from atom.engine.core import step_done
 
 WORST = 8
 
@@ -155,8 +156,7 @@ class _TimedWait:
             self.waited[0] = _ms() - start
 
     def done(self) -> bool:
-        done = getattr(self.wait, "done", None)
-        return True if done is None else done()
+        return step_done(self.wait)
 
 
 def _ms() -> float:

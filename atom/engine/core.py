@@ -59,10 +59,16 @@ def _not_busy() -> bool:
     return False
 
 
+def step_done(wait: Callable[[], ModelRunnerOutput]) -> bool:
+    """Whether a queued step's output is ready, asked without waiting (True where its wait
+    cannot tell): for wrappers of a wait to pass its done() on."""
+    done = getattr(wait, "done", None)
+    return True if done is None else done()
+
+
 def _busy_while(wait: Callable[[], ModelRunnerOutput]) -> Callable[[], bool]:
     """busy() of a queued step: True until its output is ready (False where none can tell)."""
-    done = getattr(wait, "done", None)
-    return _not_busy if done is None else lambda: not done()
+    return _not_busy if getattr(wait, "done", None) is None else lambda: not step_done(wait)
 
 
 def create_executor(config: EngineConfig) -> Executor:

@@ -27,6 +27,7 @@ from datetime import timedelta
 
 from atom.config import EngineConfig
 from atom.distributed import free_port, init_tensor_parallel, leave_tensor_parallel
+from atom.engine.core import step_done
 from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.model_runner import ModelRunner
 from atom.executor.tp_channel import Channel
@@ -143,8 +144,7 @@ class _CountedWait:
         return self._wait()
 
     def done(self) -> bool:
-        done = getattr(self._wait, "done", None)
-        return True if done is None else done()
+        return step_done(self._wait)
 
 
 class MultiprocExecutor:

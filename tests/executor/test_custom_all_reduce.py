@@ -16,6 +16,7 @@ class TwoRanks:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.calls = max_bytes, 0
+        self.nccl: list[int] = []  # the rows of each all-reduce that went to (fake) NCCL
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.numel() * x.element_size() <= self.max_bytes
@@ -28,26 +29,24 @@ class TwoRanks:
 @pytest.fixture
 def two_ranks(monkeypatch: pytest.MonkeyPatch) -> TwoRanks:
     custom = TwoRanks(max_bytes=4 * 8 * 4)  # up to 4 rows of 8 float32
-    nccl: list[int] = []
 
     def fake_nccl(x: torch.Tensor) -> None:
-        nccl.append(x.shape[0])
+        custom.nccl.append(x.shape[0])
         x.mul_(2)
 
     monkeypatch.setattr(distributed, "_custom", custom)
     monkeypatch.setattr(distributed, "tp_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", fake_nccl)
-    custom.nccl = nccl  # type: ignore[attr-defined]
     return custom
 
 
 def test_small_tensors_take_the_custom_all_reduce(two_ranks: TwoRanks) -> None:
     x = torch.randn(3, 8)
     assert torch.equal(distributed.all_reduce(x.clone()), x * 2)
-    assert two_ranks.calls == 1 and two_ranks.nccl == []  # type: ignore[attr-defined]
+    assert two_ranks.calls == 1 and two_ranks.nccl == []
     big = torch.randn(5, 8)
     out = distributed.all_reduce(big)
-    assert out is big and two_ranks.nccl == [5]  # type: ignore[attr-defined]
+    assert out is big and two_ranks.nccl == [5]
 
 
 def test_compiled_code_picks_at_run_time(two_ranks: TwoRanks) -> None:
@@ -71,7 +70,7 @@ def test_compiled_code_picks_at_run_time(two_ranks: TwoRanks) -> None:
         assert torch.equal(layer(x), (x + 1) * 2 - 1)
         assert torch.equal(x, before)
     assert len(frames) == 1
-    assert two_ranks.calls == 2 and two_ranks.nccl == [7, 9]  # type: ignore[attr-defined]
+    assert two_ranks.calls == 2 and two_ranks.nccl == [7, 9]
 
 
 @pytest.mark.parametrize("rows", [3, 7])

@@ -17,6 +17,7 @@ import transformers
 from atom import LLM, SamplingParams
 from atom.engine.outputs import ModelRunnerOutput
 from atom.executor.worker import _CountedWait, _QueuedSteps
+from tests.conftest import tiny_llama_config
 
 PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [(5 * i + n) % 90 + 3 for i in range(n)]} for n in (3, 17, 40)]
@@ -58,16 +59,7 @@ def test_tp2_queued_steps_match_tp1(tmp_path: Path) -> None:
     draws, penalties and greedy rows give tp=1's tokens. Then a worker dies: the next generate
     raises, and shutdown leaves the process group at once."""
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-    )
+    config = tiny_llama_config(hidden_size=64, intermediate_size=96, vocab_size=97)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     prompts = [{"prompt_token_ids": [(3 * i + n) % 90 + 3 for i in range(n)]} for n in (5, 9, 30)]
     # The penalty's 4 tokens run one step at a time; the rest are queued ahead.
