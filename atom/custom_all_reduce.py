@@ -12,12 +12,17 @@ CUDA graph.
 Larger tensors (prefill) and dtypes the kernel lacks (float16) go through NCCL. The buffer is
 allocated and checked once at start-up by every rank together; a rank that cannot (no
 symmetric memory, no peer access, a wrong sum) makes every rank keep NCCL.
+
+One engine per process gets it: PyTorch numbers a process's symmetric-memory exchanges (keys
+`CUDASymmetricMemory/SEQ/RANK` in the group's store) from the process's start, so a second
+tensor-parallel engine in one process would have rank 0 at SEQ 1 and its new workers at 0, each
+waiting forever for the other's keys (seen on two H200s, twenty-second and twenty-third
+sittings). Later engines in that process keep NCCL.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 
 import torch
 import torch.distributed as dist
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from atom.distributed import all_reduce_min
 
 logger = logging.getLogger(__name__)
+_rendezvoused = False  # this process has exchanged symmetric-memory handles (module doc)
 
 # Per all-reduce, over 2 ranks: one-shot beat NCCL up to 512 rows of 4,096 bf16 values and lost
 # at 1,024 (the module doc). Each rank reads every other rank's tensor, so with more ranks the
@@ -42,18 +48,12 @@ class CustomAllReduce:
     """An 8-bit symmetric buffer of max_bytes, viewed as each all-reduce's dtype. Build it with
     create_custom_all_reduce, which makes every rank's together."""
 
-    def __init__(self, device: torch.device, name: str, nbytes: int) -> None:
+    def __init__(self, device: torch.device, nbytes: int) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        # Symmetric memory keeps a group's store by name for the process's lifetime, and the
-        # default group of every engine start is named "0": a second engine in one process
-        # would exchange its handles through the first one's store and wait forever. So each
-        # start registers a name of its own (rank 0's uuid), over the current group's store.
-        store = dist.PrefixStore(name, dist.distributed_c10d._get_default_store())
-        symm_mem._SymmetricMemory.set_group_info(
-            name, dist.get_rank(), dist.get_world_size(), store
-        )
-        self.group_name = name
+        group = dist.group.WORLD
+        assert group is not None
+        self.group_name = group.group_name
         self.max_bytes = nbytes
         self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
 
@@ -61,6 +61,8 @@ class CustomAllReduce:
         """Exchanges the buffers' handles (a collective)."""
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _rendezvoused
+        _rendezvoused = True
         symm_mem.rendezvous(self.buffer, self.group_name)
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -87,11 +89,16 @@ def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     check its own. A collective: every rank calls it at the same point, and the ranks agree
     before each step that needs them all (the rendezvous, the check's kernels), so that no rank
     waits there for one that has failed."""
-    name = [f"atom-{uuid.uuid4().hex}" if dist.get_rank() == 0 else ""]
-    dist.broadcast_object_list(name, src=0, device=device)
+    if not all_reduce_min(not _rendezvoused, device):
+        logger.info(
+            "custom all-reduce off, NCCL for every all-reduce: this process set one up for an "
+            "earlier engine (symmetric memory's exchanges are numbered per process, so a new "
+            "worker's would not match this process's)"
+        )
+        return None
     custom: CustomAllReduce | None = None
     try:
-        custom = CustomAllReduce(device, name[0], max_bytes(dist.get_world_size()))
+        custom = CustomAllReduce(device, max_bytes(dist.get_world_size()))
     except Exception as exc:  # no symmetric memory here: NCCL everywhere
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
     if not all_reduce_min(custom is not None, device):  # every rank has its buffer

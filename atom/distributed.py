@@ -122,14 +122,24 @@ def init_tensor_parallel(
 
 def leave_tensor_parallel(abort: bool = False) -> None:
     """Drop the custom all-reduce's buffer, then the process group (where one was joined).
-    abort: a rank has died, so the communicators are aborted rather than finalized (NCCL's
-    finalize waits for every rank)."""
+
+    NCCL's communicators are always aborted, once the device has finished its work: their
+    finalize (destroy_process_group) hung on two H200s with every rank past the shutdown
+    barrier (the second tp engine of a process, twenty-second and twenty-third sittings), and
+    it waits forever for a rank that died. gloo's group is destroyed unless abort (a rank has
+    died)."""
     global _custom
     _custom = None
-    if abort and dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        if not abort:
+            torch.cuda.synchronize()
+        abort = True
+    if abort:
         try:
             dist.distributed_c10d._abort_process_group()  # leaves no group behind
-        except Exception:  # a private API, NCCL's only: where it fails, destroy as usual
+        except Exception:  # a private API: where it fails, destroy as usual
             logger.warning("aborting the process group failed", exc_info=True)
     if dist.is_initialized():
         dist.destroy_process_group()

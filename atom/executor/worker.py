@@ -59,10 +59,9 @@ class Shutdown:
 Command = AllocateKVCache | ExecuteModel | Profile | Shutdown
 
 
-# Leaving NCCL's group (its communicators' finalize) can wait for the other ranks to leave too, so
-# at shutdown every rank leaves together: rank 0 sends Shutdown, all meet at a barrier (every
-# worker has its command and has waited for its steps), then each leaves the group and the
-# workers exit. Rank 0 leaving only after its workers had exited could wait forever.
+# At shutdown every rank leaves together: rank 0 sends Shutdown, all meet at a barrier (every
+# worker has its command and has waited for its steps), then each leaves the group (NCCL's
+# aborted once its device is idle: leave_tensor_parallel) and the workers exit.
 SHUTDOWN_TIMEOUT = timedelta(seconds=60)
 
 

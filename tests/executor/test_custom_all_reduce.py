@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from atom import distributed
+from atom import custom_all_reduce, distributed
 
 
 class TwoRanks:
@@ -79,3 +79,10 @@ def test_all_reduce_op_passes_opcheck(two_ranks: TwoRanks, rows: int) -> None:
     its autograd and AOT registrations, on both sides of the size limit."""
     x = torch.randn(8, rows).t()  # non-contiguous
     torch.library.opcheck(torch.ops.atom.all_reduce.default, (x,))
+
+
+def test_one_custom_all_reduce_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that has exchanged symmetric-memory handles for an earlier engine keeps NCCL
+    (the module doc: a new worker's exchanges would not match this process's numbering)."""
+    monkeypatch.setattr(custom_all_reduce, "_rendezvoused", True)
+    assert custom_all_reduce.create_custom_all_reduce(torch.device("cpu")) is None

@@ -170,3 +170,27 @@ def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:
             )
     assert not torch.distributed.is_initialized()
     assert not [p for p in mp.active_children() if p.name.startswith("atom-tp")]
+
+
+def test_nccl_group_is_aborted_after_a_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL's finalize (destroy_process_group) hung on two H200s with every rank past the
+    shutdown barrier: an NCCL group is left by abort, once the device has finished its work.
+    (A one-rank gloo group stands in, told it is NCCL.)"""
+    import torch.distributed as dist
+
+    from atom.distributed import free_port, leave_tensor_parallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
+    try:
+        leave_tensor_parallel()
+        assert calls == ["sync"] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            destroy()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from atom import LLM, SamplingParams
+from atom import LLM, SamplingParams, custom_all_reduce, distributed
 from atom.executor.cuda_graphs import DecodeGraphs
 from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, short_decode_tiles
 from tests.gpu.conftest import SMALL_ENGINE
@@ -172,8 +172,11 @@ def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
     """tp=2 with CUDA graphs and level-3 compilation (the all-reduces inside the graphs and the
     compiled pieces: the custom one, NCCL past its size limit) against tp=2 eager, float32: two
     ranks' sum is one addition whichever kernel makes it, so the tokens are the same; and
-    against tp=2 with NCCL only. Steps are queued ahead on both ranks (async scheduling). Three
-    tp engines in one process, each shut down before the next starts."""
+    against tp=2 with NCCL only. Steps are queued ahead on both ranks (async scheduling). Four
+    tp engines in one process, each shut down before the next starts: the first takes the
+    custom all-reduce, the later ones NCCL (custom_all_reduce.py's module doc)."""
+    custom: list[bool] = []
+    first = not custom_all_reduce._rendezvoused  # no tp engine has run in this process yet
 
     def tokens(**kwargs: Any) -> list[list[int]]:
         llm = LLM(
@@ -183,17 +186,20 @@ def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
             tensor_parallel_size=2,
             **{**SMALL_ENGINE, **kwargs},
         )
+        custom.append(distributed._custom is not None)
         try:
             outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
             return [o.outputs[0].token_ids for o in outs]
         finally:
             llm.shutdown()
 
+    compiled = tokens(dtype="float32", level=3)
     eager = tokens(dtype="float32", enforce_eager=True)
-    assert tokens(dtype="float32", level=3) == eager
+    assert compiled == eager
     assert tokens(dtype="float32", level=0, disable_custom_all_reduce=True) == eager
     bf16 = tokens()  # the default fast path: bf16, level 3, graphs
     assert sum(a[0] == b[0] for a, b in zip(bf16, eager, strict=True)) >= len(eager) - 1
+    assert custom == [first, False, False, False]
 
 
 def test_fp8_kv_agreement_with_bf16(checkpoint: Path) -> None:
