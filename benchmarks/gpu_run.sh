@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           nopdl host tune_gemv gemv_ab
 #                                           imports profile startup moe serving peer smol stash
-#                                           tune_attention ab
+#                                           tune_attention ab tp tp_latency
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
 #            shapes vs the dense GEMM and the weight roofline), bench_mla.py (DeepSeek latent
@@ -50,10 +50,11 @@
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
-#            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), the tp GPU tests
-#            (TP_TEST_TIMEOUT, 480 s), then benchmark_latency -tp N (LATENCY_BATCHES=) with the
-#            custom all-reduce and with --disable-custom-all-reduce; PEER_TP=N makes the peer
-#            stage's latency run vLLM at tp N (.peer/peer_latency.py reads it)
+#            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
+#            tests (TP_TEST_TIMEOUT, 420 s); ~8 minutes with the machine's start, so alone in a call
+#   tp_latency  benchmark_latency -tp N (LATENCY_BATCHES=) with the custom all-reduce and with
+#            --disable-custom-all-reduce; PEER_TP=N makes the peer stage's latency run vLLM at
+#            tp N (.peer/peer_latency.py reads it)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
 #   ab       the bench (AB_WHAT=bench, the default) and/or the 8B latency (AB_WHAT="bench latency",
 #            LATENCY_BATCHES=, LATENCY_FLAGS=) under each of AB_VARIANTS in turn, AB_ROUNDS (2)
@@ -350,10 +351,16 @@ stage_tp() {
     timeout 150 python3 -m torch.distributed.run --nproc-per-node "$n" benchmarks/bench_all_reduce.py \
         "$OUT/all_reduce.json" >"$OUT/all_reduce.log" 2>&1 || tail -n 20 "$OUT/all_reduce.log"
     grep -E '^[0-9]+ [{]' "$OUT/all_reduce.log"
-    timeout "${TP_TEST_TIMEOUT:-480}" python3 -m pytest -v -rs -o faulthandler_timeout=240 \
+    timeout "${TP_TEST_TIMEOUT:-420}" python3 -m pytest -v -rs -o faulthandler_timeout=240 \
         tests/gpu/test_fast_path.py::test_tp2_fast_path_changes_no_token \
         tests/gpu/test_cuda_engine.py::test_tp2_nccl_matches_tp1 >"$OUT/tp_tests.log" 2>&1
     grep -E 'PASSED|FAILED|ERROR|Timeout|passed|failed|agreement' "$OUT/tp_tests.log" | head -n 20
+}
+
+stage_tp_latency() {
+    local n
+    n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    [ "$n" -ge 2 ] || { echo "tp_latency: needs 2 GPUs, found $n"; return 1; }
     bench "latency_tp${n}_custom" benchmark_latency -tp "$n" --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}"
     bench "latency_tp${n}_nccl" benchmark_latency -tp "$n" --batch-sizes "${LATENCY_BATCHES:-1,8,32,128}" \
         --disable-custom-all-reduce

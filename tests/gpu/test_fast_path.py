@@ -171,10 +171,11 @@ def test_bf16_fast_path_close_to_eager(checkpoint: Path) -> None:
 def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
     """tp=2 with CUDA graphs and level-3 compilation (the all-reduces inside the graphs and the
     compiled pieces: the custom one, NCCL past its size limit) against tp=2 eager, float32: two
-    ranks' sum is one addition whichever kernel makes it, so the tokens are the same; and
-    against tp=2 with NCCL only. Steps are queued ahead on both ranks (async scheduling). Four
-    tp engines in one process, each shut down before the next starts: the first takes the
-    custom all-reduce, the later ones NCCL (custom_all_reduce.py's module doc)."""
+    ranks' sum is one addition whichever kernel makes it, so the tokens are the same; and the
+    same compiled engine with NCCL only. Steps are queued ahead on both ranks (async
+    scheduling). Four tp engines in one process, each shut down before the next starts: the
+    first takes the custom all-reduce, the later ones NCCL (custom_all_reduce.py's module
+    doc)."""
     custom: list[bool] = []
     first = not custom_all_reduce._rendezvoused  # no tp engine has run in this process yet
 
@@ -196,7 +197,7 @@ def test_tp2_fast_path_changes_no_token(checkpoint: Path) -> None:
     compiled = tokens(dtype="float32", level=3)
     eager = tokens(dtype="float32", enforce_eager=True)
     assert compiled == eager
-    assert tokens(dtype="float32", level=0, disable_custom_all_reduce=True) == eager
+    assert tokens(dtype="float32", level=3, disable_custom_all_reduce=True) == eager
     bf16 = tokens()  # the default fast path: bf16, level 3, graphs
     assert sum(a[0] == b[0] for a, b in zip(bf16, eager, strict=True)) >= len(eager) - 1
     assert custom == [first, False, False, False]
