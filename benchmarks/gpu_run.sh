@@ -40,7 +40,8 @@
 #            splits per batch, then random batch order against longest context first, then cache
 #            layouts, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4
 #            minutes; TUNE_SECTIONS= picks sections, e.g. layout; TUNE_BATCHES= and
-#            TUNE_CONFIGS=tile:warps:stages,... the configs section)
+#            TUNE_CONFIGS=tile:warps:stages[:pipelined],... the configs section; TUNE_SHAPE= other
+#            shapes, e.g. "--heads 32 --context 129,384" for the 8B latency benchmark's)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each
 #   serving  benchmarks/serving_sweep.sh on Qwen3-0.6B and Llama-3.1-8B (dummy weights, ISL/OSL
@@ -112,7 +113,7 @@ stage_kernels() {  # KERNEL_BENCHES= picks (default: attention fused_moe mla sam
 stage_tune_attention() {
     python3 benchmarks/tune_attention_decode.py "$OUT/attention_decode_tune.json" \
         --sections "${TUNE_SECTIONS:-configs,splits,order}" ${TUNE_BATCHES:+--batches $TUNE_BATCHES} \
-        ${TUNE_CONFIGS:+--configs $TUNE_CONFIGS} 2>&1 \
+        ${TUNE_CONFIGS:+--configs $TUNE_CONFIGS} ${TUNE_SHAPE:+$TUNE_SHAPE} 2>&1 \
         | tee "$OUT/tune_attention.log"
 }
 

@@ -34,6 +34,12 @@ class LaunchConfig:
     one_block_per_seq: bool
     num_warps: int
     num_stages: int
+    # Every tile in one masked loop, each tile's block ids loaded one iteration ahead, so the
+    # K/V loads of consecutive tiles can be in flight together (num_stages > 1): for launches of
+    # few programs, whose time is the chain of dependent loads (a batch-1 decode's 8 programs
+    # read 88 GB/s, short_decode_tiles). Not picked by launch_config yet: the tuner's configs
+    # section measures it (TILE:WARPS:STAGES:1).
+    pipelined: bool = False
 
 
 def launch_config(

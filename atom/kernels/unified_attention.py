@@ -95,13 +95,24 @@ def _attend_tiles(
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,  # False: every row sees every key of these tiles
     DOT_PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr = False,  # block ids one tile ahead (LaunchConfig.pipelined; MASKED)
 ):
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
+    if PREFETCH:
+        j_next = tile_lo * TILE + offs_t
+        blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
     for t in range(tile_lo, tile_hi):
         j = t * TILE + offs_t  # [TILE] key positions
-        if MASKED:
+        if PREFETCH:
+            # This tile's K/V addresses wait for no load of this iteration: the pipeliner can
+            # issue them ahead, as it cannot behind an in-loop block-id load.
+            j_ok = j < kv_hi
+            blk = blk_next
+            j_next = j + TILE
+            blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
+        elif MASKED:
             j_ok = j < kv_hi
             blk = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
         else:
@@ -181,6 +192,7 @@ def _unified_attention_kernel(
     BLOCK_Q: tl.constexpr,
     TILE: tl.constexpr,
     ONE_BLOCK_PER_SEQ: tl.constexpr,
+    PIPELINED: tl.constexpr,  # LaunchConfig.pipelined
     SPLIT: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -256,21 +268,28 @@ def _unified_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, True, DOT_PRECISION,
-    )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, False, DOT_PRECISION,
-    )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, True, DOT_PRECISION,
-    )  # fmt: skip
+    if PIPELINED:  # one loop, masked throughout: every tile of the split in one pipeline
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, s_lo, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+            stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+            USE_SOFTCAP, True, DOT_PRECISION, True,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
+            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+            SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
+            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+            SLIDING_WINDOW, USE_SOFTCAP, False, DOT_PRECISION,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_tiles(
+            acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
+            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+            SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION,
+        )  # fmt: skip
     acc = acc * v_scale  # an fp8 cache's V scale, applied once instead of per loaded element
 
     if USE_SINKS:  # unsplit only: a split's sinks join in the reduce
@@ -398,7 +417,7 @@ def unified_attention(
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE=cfg.tile,
-        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
+        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, PIPELINED=cfg.pipelined, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),

@@ -7,6 +7,7 @@ step's q_len tokens; (0, 0) is a padding row of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
     SHORT_CONTEXT,
+    LaunchConfig,
     choose_num_splits,
     launch_config,
 )
@@ -248,6 +250,32 @@ def test_many_short_decodes(dtype: torch.dtype) -> None:
     cfg = launch_config(1, 1, 64, len(seqs) * 8, max(s for s, _ in seqs), DEFAULT_NUM_SMS)
     assert (cfg.tile, cfg.num_stages) == (64, 1)
     check(make_batch(seqs, 8, 8, 64), dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize(
+    ("seqs", "dtype"), [(DECODE, torch.float32), (MIXED, torch.float16)], ids=["decode", "mixed"]
+)
+def test_pipelined_tiles(
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype,
+    seqs: list[tuple[int, int]],
+    window: int | None,
+    num_splits: int,
+) -> None:
+    """LaunchConfig.pipelined: every tile in one masked loop, block ids a tile ahead (the
+    prefetch past a sequence's last tile is masked), in two stages; 16-token tiles so that
+    contexts span several."""
+    import atom.kernels.unified_attention as ua
+
+    def pipelined(*args: object, **kwargs: object) -> LaunchConfig:
+        return dataclasses.replace(
+            launch_config(*args, **kwargs), tile=16, num_stages=2, pipelined=True
+        )  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ua, "launch_config", pipelined)
+    check(make_batch(seqs, 8, 2, 64), dtype, sliding_window=window, num_splits=num_splits)
 
 
 def test_decode_tiles_by_context() -> None:
