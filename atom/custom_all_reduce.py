@@ -7,7 +7,9 @@ a barrier over every rank's signal pad, each rank sums all the buffers over NVLi
 so that no buffer is overwritten while a peer still reads it) 7.1 us; at 256 rows 21.6 us
 against 36.2, at 512 rows 35.8 against 40.6, at 1,024 rows 61.8 against NCCL's 55.4 (H200 x2,
 benchmarks/RESULTS.md, twenty-second sitting). One kernel, no host work, and it replays in a
-CUDA graph.
+CUDA graph. From TWO_SHOT_MIN_BYTES (32 rows of 4,096 bf16) the two-shot kernel takes over
+(`two_shot_all_reduce_out`: a copy into the buffer, then each rank sums its share of every
+buffer and gathers the others' sums; two kernels, 12 us at 128 rows against the one-shot's 15).
 
 Larger tensors (prefill) and dtypes the kernel lacks (float16) go through NCCL. The buffer is
 allocated and checked once at start-up by every rank together; a rank that cannot (no
@@ -36,6 +38,11 @@ _rendezvoused = False  # this process has exchanged symmetric-memory handles (mo
 # at 1,024 (the module doc). Each rank reads every other rank's tensor, so with more ranks the
 # limit shrinks in proportion (not measured past 2).
 MAX_BYTES_2_RANKS = 4 << 20
+# From this size the two-shot kernel (each rank sums its share of every rank's buffer, then
+# gathers the others' shares) beats the one-shot, copy in included: 8.9 against 9.5 us at 32
+# rows, 11.7-12.1 against 15.1 at 128, 14.8-15.6 against 21.7-22.4 at 256; 8.7 against 7.1-7.5 at
+# 8 rows (bench_all_reduce.py, H200 x2, twenty-third sitting).
+TWO_SHOT_MIN_BYTES = 256 << 10
 DTYPES = (torch.bfloat16, torch.float32)  # what the symmetric-memory kernel sums
 ALIGN = 16  # bytes: the kernel's vector width; the buffer's views start aligned
 
@@ -56,6 +63,8 @@ class CustomAllReduce:
         self.group_name = group.group_name
         self.max_bytes = nbytes
         self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+        # Off where this PyTorch lacks the kernel or its start-up check fails.
+        self.two_shot = hasattr(torch.ops.symm_mem, "two_shot_all_reduce_out")
 
     def rendezvous(self) -> None:
         """Exchanges the buffers' handles (a collective)."""
@@ -78,10 +87,25 @@ class CustomAllReduce:
         """The sum over ranks of x, in a new tensor (x is left as it was)."""
         n = x.numel()
         buffer = self.buffer.view(x.dtype)[:n]
-        out = torch.ops.symm_mem.one_shot_all_reduce_copy(
-            buffer, x.contiguous().view(-1), "sum", self.group_name
-        )
+        if self.two_shot and n * x.element_size() >= TWO_SHOT_MIN_BYTES:
+            buffer.copy_(x.reshape(-1))
+            out = torch.empty(n, dtype=x.dtype, device=x.device)
+            torch.ops.symm_mem.two_shot_all_reduce_out(buffer, "sum", self.group_name, out)
+        else:
+            out = torch.ops.symm_mem.one_shot_all_reduce_copy(
+                buffer, x.contiguous().view(-1), "sum", self.group_name
+            )
         return out.view(x.shape)
+
+    def check(self, rows: tuple[int, ...], device: torch.device) -> bool:
+        """Whether a known sum of `rows` rows of 1,024 bf16 values comes out right on this rank
+        (through peer memory: catches a broken mapping)."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        ok = True
+        for r in rows:
+            x = torch.full((r, 1024), rank + 1.0, dtype=torch.bfloat16, device=device)
+            ok &= bool((self(x) == world * (world + 1) / 2).all())
+        return ok
 
 
 def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
@@ -107,16 +131,25 @@ def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     ok = True
     try:
         custom.rendezvous()
-        world, rank = dist.get_world_size(), dist.get_rank()
-        for rows in (1, 3):  # a known sum, through peer memory: catches a broken mapping
-            x = torch.full((rows, 1024), rank + 1.0, dtype=torch.bfloat16, device=device)
-            ok &= bool((custom(x) == world * (world + 1) / 2).all())
+        two_shot, custom.two_shot = custom.two_shot, False
+        ok = custom.check((1, 3), device)  # one-shot
     except Exception as exc:
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
         ok = False
     if not all_reduce_min(ok, device):  # every rank's check passed
         return None
+    # The two-shot where every rank has it, checked past TWO_SHOT_MIN_BYTES (161 rows of 1,024).
+    if all_reduce_min(two_shot, device):
+        try:
+            custom.two_shot = True
+            two_shot = custom.check((161,), device)
+        except Exception as exc:
+            logger.warning("custom all-reduce: two-shot off, one-shot throughout: %s", exc)
+            two_shot = False
+        custom.two_shot = bool(all_reduce_min(two_shot, device))
     logger.info(
-        "custom all-reduce (symmetric memory) for all-reduces up to %d bytes", custom.max_bytes
+        "custom all-reduce (symmetric memory) for all-reduces up to %d bytes (%s)",
+        custom.max_bytes,
+        f"two-shot from {TWO_SHOT_MIN_BYTES} bytes" if custom.two_shot else "one-shot",
     )
     return custom

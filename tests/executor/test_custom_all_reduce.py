@@ -86,3 +86,31 @@ def test_one_custom_all_reduce_per_process(monkeypatch: pytest.MonkeyPatch) -> N
     (the module doc: a new worker's exchanges would not match this process's numbering)."""
     monkeypatch.setattr(custom_all_reduce, "_rendezvoused", True)
     assert custom_all_reduce.create_custom_all_reduce(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("two_shot", [True, False])
+def test_two_shot_from_its_size(monkeypatch: pytest.MonkeyPatch, two_shot: bool) -> None:
+    """Below TWO_SHOT_MIN_BYTES (or without the two-shot) the one-shot kernel sums x; from it
+    the two-shot sums a copy of x in the symmetric buffer into a new tensor."""
+    import torch.distributed._symmetric_memory  # registers the symm_mem ops
+
+    custom = object.__new__(custom_all_reduce.CustomAllReduce)
+    custom.group_name, custom.max_bytes, custom.two_shot = "0", 1 << 20, two_shot
+    custom.buffer = torch.zeros(custom.max_bytes, dtype=torch.uint8)
+    calls: list[str] = []
+
+    def one_shot(buffer: torch.Tensor, x: torch.Tensor, op: str, group: str) -> torch.Tensor:
+        calls.append("one")
+        return x * 2
+
+    def two(buffer: torch.Tensor, op: str, group: str, out: torch.Tensor) -> torch.Tensor:
+        calls.append("two")
+        return out.copy_(buffer * 2)
+
+    monkeypatch.setattr(torch.ops.symm_mem, "one_shot_all_reduce_copy", one_shot)
+    monkeypatch.setattr(torch.ops.symm_mem, "two_shot_all_reduce_out", two)
+    big_rows = custom_all_reduce.TWO_SHOT_MIN_BYTES // (4096 * 2)
+    for rows in (1, big_rows - 1, big_rows, 2 * big_rows):
+        x = torch.randn(4096, rows).t().bfloat16()  # non-contiguous
+        assert torch.equal(custom(x), x * 2)
+    assert calls == ["one", "one"] + ["two" if two_shot else "one"] * 2
