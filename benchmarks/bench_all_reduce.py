@@ -1,8 +1,8 @@
-"""All-reduce latency across this host's GPUs: NCCL against the custom all-reduce's kernel
-(PyTorch's symmetric-memory one-shot with the copy in, atom/custom_all_reduce.py) and the
-two-shot one, bf16 rows of --hidden values, each captured --reps times in one CUDA graph (a
-decode step's all-reduces: 64 for a 32-layer model), the median of 10 replays; every method's
-sum is checked against NCCL's.
+"""All-reduce latency across this host's GPUs: NCCL against the custom all-reduce's kernels
+(PyTorch's symmetric-memory one-shot with the copy in, and the two-shot into a new tensor after
+a copy into the buffer: atom/custom_all_reduce.py), bf16 rows of --hidden values, each captured
+--reps times in one CUDA graph (a decode step's all-reduces: 64 for a 32-layer model), the
+median of 10 replays; every method's sum is checked against NCCL's.
 
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_all_reduce.py [OUT.json]
 """
@@ -58,10 +58,11 @@ def measure(
     def one_shot() -> torch.Tensor:
         return torch.ops.symm_mem.one_shot_all_reduce_copy(view, x.view(-1), "sum", name)
 
-    def two_shot() -> torch.Tensor:
+    out = torch.empty_like(x).view(-1)
+
+    def two_shot() -> torch.Tensor:  # as CustomAllReduce makes it
         view.copy_(x.view(-1))
-        torch.ops.symm_mem.two_shot_all_reduce_(view, "sum", name)
-        return view
+        return torch.ops.symm_mem.two_shot_all_reduce_out(view, "sum", name, out)
 
     entry = {"nccl_us": time_in_graph(lambda: dist.all_reduce(nccl_x), reps)}
     for label, fn in (("one_shot_copy", one_shot), ("two_shot", two_shot)):
