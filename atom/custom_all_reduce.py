@@ -36,7 +36,9 @@ _rendezvoused = False  # this process has exchanged symmetric-memory handles (mo
 
 # Per all-reduce, over 2 ranks: one-shot beat NCCL up to 512 rows of 4,096 bf16 values and lost
 # at 1,024 (the module doc). Each rank reads every other rank's tensor, so with more ranks the
-# limit shrinks in proportion (not measured past 2).
+# limit shrinks in proportion (not measured past 2). The two-shot, which takes the sizes past
+# TWO_SHOT_MIN_BYTES, still beat NCCL at 8 MiB (36.6 against 55-56 us): the limit is the
+# one-shot's, kept until the two-shot is measured in a decode step.
 MAX_BYTES_2_RANKS = 4 << 20
 # From this size the two-shot kernel (each rank sums its share of every rank's buffer, then
 # gathers the others' shares) beats the one-shot, copy in included: 8.9 against 9.5 us at 32
@@ -88,7 +90,7 @@ class CustomAllReduce:
         n = x.numel()
         buffer = self.buffer.view(x.dtype)[:n]
         if self.two_shot and n * x.element_size() >= TWO_SHOT_MIN_BYTES:
-            buffer.copy_(x.reshape(-1))
+            buffer.view(x.shape).copy_(x)
             out = torch.empty(n, dtype=x.dtype, device=x.device)
             torch.ops.symm_mem.two_shot_all_reduce_out(buffer, "sum", self.group_name, out)
         else:
@@ -97,14 +99,18 @@ class CustomAllReduce:
             )
         return out.view(x.shape)
 
-    def check(self, rows: tuple[int, ...], device: torch.device) -> bool:
-        """Whether a known sum of `rows` rows of 1,024 bf16 values comes out right on this rank
-        (through peer memory: catches a broken mapping)."""
+    def check(self, sizes: tuple[int, ...], device: torch.device) -> bool:
+        """Whether known sums of bf16 vectors of these sizes come out right on this rank, each
+        element its own value (a share written or gathered to the wrong place shows): through
+        peer memory, so a broken mapping shows too. The sums are small integers, exact in
+        bf16."""
         world, rank = dist.get_world_size(), dist.get_rank()
         ok = True
-        for r in rows:
-            x = torch.full((r, 1024), rank + 1.0, dtype=torch.bfloat16, device=device)
-            ok &= bool((self(x) == world * (world + 1) / 2).all())
+        for n in sizes:
+            base = torch.arange(n, device=device) % 64
+            x = (base + rank).to(torch.bfloat16)
+            want = world * base + world * (world - 1) // 2
+            ok &= bool((self(x).float() == want).all())
         return ok
 
 
@@ -128,21 +134,21 @@ def create_custom_all_reduce(device: torch.device) -> CustomAllReduce | None:
     if not all_reduce_min(custom is not None, device):  # every rank has its buffer
         return None
     assert custom is not None
-    ok = True
+    two_shot, custom.two_shot = custom.two_shot, False
     try:
         custom.rendezvous()
-        two_shot, custom.two_shot = custom.two_shot, False
-        ok = custom.check((1, 3), device)  # one-shot
+        ok = custom.check((1024, 3 * 1024 + 8), device)  # the one-shot
     except Exception as exc:
         logger.warning("custom all-reduce off, NCCL for every all-reduce: %s", exc)
         ok = False
     if not all_reduce_min(ok, device):  # every rank's check passed
         return None
-    # The two-shot where every rank has it, checked past TWO_SHOT_MIN_BYTES (161 rows of 1,024).
+    # The two-shot where every rank has it, checked past TWO_SHOT_MIN_BYTES on a size that
+    # does not split into whole 16-element pieces per rank.
     if all_reduce_min(two_shot, device):
         try:
             custom.two_shot = True
-            two_shot = custom.check((161,), device)
+            two_shot = custom.check((TWO_SHOT_MIN_BYTES // 2 + 8,), device)
         except Exception as exc:
             logger.warning("custom all-reduce: two-shot off, one-shot throughout: %s", exc)
             two_shot = False

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _custom: CustomAllReduce | None = None
+_abandoned: list[CustomAllReduce] = []  # buffers of groups left by abort (leave_tensor_parallel)
 
 
 def tp_world_size() -> int:
@@ -127,16 +128,21 @@ def leave_tensor_parallel(abort: bool = False) -> None:
     finalize (destroy_process_group) hung on two H200s with every rank past the shutdown
     barrier (the second tp engine of a process, twenty-second and twenty-third sittings), and
     it waits forever for a rank that died. gloo's group is destroyed unless abort (a rank has
-    died)."""
+    died). On abort the custom all-reduce's buffer is kept, not freed: freeing a symmetric
+    buffer synchronizes the device, where a kernel may wait for the dead rank forever."""
     global _custom
+    if dist.is_initialized() and dist.get_backend() == "nccl" and not abort:
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # a device error: nothing to finish, leave without waiting
+            logger.warning("tensor-parallel shutdown: the device failed", exc_info=True)
+            abort = True
+    if abort and _custom is not None:
+        _abandoned.append(_custom)
     _custom = None
     if not dist.is_initialized():
         return
-    if dist.get_backend() == "nccl":
-        if not abort:
-            torch.cuda.synchronize()
-        abort = True
-    if abort:
+    if abort or dist.get_backend() == "nccl":
         try:
             dist.distributed_c10d._abort_process_group()  # leaves no group behind
         except Exception:  # a private API: where it fails, destroy as usual

@@ -23,7 +23,8 @@ A K/V tile is TILE tokens, i.e. several pages: each token's block id comes from 
     token j -> kv_cache[0 or 1, block_tables[i, j // block_size], j % block_size, kv_head, :]
 
 Tiles past a q-block's last causal position or before its sliding window are never visited; tiles
-every row of the q-block sees completely skip the mask arithmetic.
+every row of the q-block sees completely skip the mask arithmetic (unless
+LaunchConfig.pipelined: one masked loop over every tile).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def _attend_tiles(
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
+    tl.static_assert(MASKED or not PREFETCH)  # the prefetch reads past kv_hi unless masked
     if PREFETCH:
         j_next = tile_lo * TILE + offs_t
         blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)

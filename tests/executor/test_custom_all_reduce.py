@@ -1,5 +1,5 @@
-"""How all_reduce picks between the custom all-reduce and NCCL (the symmetric-memory kernel
-itself needs GPUs: tests/gpu/test_fast_path.py and test_cuda_engine.py run it at tp=2)."""
+"""How all_reduce picks between the custom all-reduce and NCCL (the symmetric-memory kernels
+themselves need GPUs: tests/gpu/test_fast_path.py's tp test runs them at tp=2)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,13 @@ def test_two_shot_from_its_size(monkeypatch: pytest.MonkeyPatch, two_shot: bool)
         x = torch.randn(4096, rows).t().bfloat16()  # non-contiguous
         assert torch.equal(custom(x), x * 2)
     assert calls == ["one", "one"] + ["two" if two_shot else "one"] * 2
+
+
+def test_leaving_by_abort_keeps_the_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freeing a symmetric buffer synchronizes the device, where a kernel may wait for a dead
+    rank forever: a group left by abort keeps its buffer."""
+    buffer = object()
+    monkeypatch.setattr(distributed, "_custom", buffer)
+    monkeypatch.setattr(distributed, "_abandoned", [])
+    distributed.leave_tensor_parallel(abort=True)
+    assert distributed._custom is None and distributed._abandoned == [buffer]

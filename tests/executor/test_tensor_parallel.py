@@ -172,10 +172,13 @@ def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:
     assert not [p for p in mp.active_children() if p.name.startswith("atom-tp")]
 
 
-def test_nccl_group_is_aborted_after_a_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("device_fails", [False, True])
+def test_nccl_group_is_aborted_after_a_sync(
+    monkeypatch: pytest.MonkeyPatch, device_fails: bool
+) -> None:
     """NCCL's finalize (destroy_process_group) hung on two H200s with every rank past the
-    shutdown barrier: an NCCL group is left by abort, once the device has finished its work.
-    (A one-rank gloo group stands in, told it is NCCL.)"""
+    shutdown barrier: an NCCL group is left by abort, once the device has finished its work
+    (or failed). (A one-rank gloo group stands in, told it is NCCL.)"""
     import torch.distributed as dist
 
     from atom.distributed import free_port, leave_tensor_parallel
@@ -184,8 +187,14 @@ def test_nccl_group_is_aborted_after_a_sync(monkeypatch: pytest.MonkeyPatch) -> 
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     calls: list[str] = []
+
+    def synchronize(*args: object) -> None:
+        calls.append("sync")
+        if device_fails:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
     monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
     destroy = dist.destroy_process_group
     monkeypatch.setattr(dist, "destroy_process_group", lambda *a: calls.append("destroy"))
     try:

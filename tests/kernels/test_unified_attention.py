@@ -276,6 +276,11 @@ def test_pipelined_tiles(
 
     monkeypatch.setattr(ua, "launch_config", pipelined)
     check(make_batch(seqs, 8, 2, 64), dtype, sliding_window=window, num_splits=num_splits)
+    # Contexts of whole tiles in a table exactly as wide as the longest: the block ids fetched
+    # ahead past a row's last tile are masked off, not read from past the table.
+    batch = make_batch([(32, 1), (48, 1)], 8, 2, 64)
+    batch.tables = batch.tables[:, :3].contiguous()
+    check(batch, dtype, num_splits=num_splits)
 
 
 def test_decode_tiles_by_context() -> None:
