@@ -283,6 +283,26 @@ def test_pipelined_tiles(
     check(batch, dtype, num_splits=num_splits)
 
 
+def test_pipelined_under_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ATOM_ATTN_PIPELINED=TILE:STAGES: short-context decodes of fewer programs than SMs take the
+    pipelined loop with those tiles; every other launch keeps its own."""
+    import atom.kernels.attention_config as ac
+
+    assert ac._pipelined_tiles("") is None and ac._pipelined_tiles("64:3") == (64, 3)
+    monkeypatch.setattr(ac, "PIPELINED_TILES", (64, 3))
+    sms = DEFAULT_NUM_SMS
+
+    def pick(q: int, programs: int, context: int) -> tuple[int, int, bool]:
+        cfg = launch_config(q, 4, 128, programs, context, sms)
+        return cfg.tile, cfg.num_stages, cfg.pipelined
+
+    assert pick(1, 8, 300) == (64, 3, True)
+    assert pick(1, sms - 1, SHORT_CONTEXT) == (64, 3, True)
+    assert pick(1, sms, 300) == (128, 1, False)
+    assert pick(1, 8, SHORT_CONTEXT + 1) == (128, 2, False)
+    assert pick(2, 8, 300) == (128, 2, False)
+
+
 def test_decode_tiles_by_context() -> None:
     """Decode tiles: short contexts take one stage, 64-token tiles once the programs cover every
     SM twice; longer contexts, head dims past 128 and prefill keep theirs."""
