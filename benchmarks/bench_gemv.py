@@ -9,7 +9,8 @@ down 4096 x 14336; bf16) at 1, 4 and 8 rows: cuBLAS (F.linear) against gemv over
 reads its weight once), beside the copy bandwidth of the same run; times as bench_attention.py
 takes them (L2 flushed, median of 20).
 
---tune times, for the decode GEMMs of Qwen3-0.6B and Llama-3.1-8B at each of gemv.TUNED_BUCKETS
+--tune times, for the decode GEMMs of Qwen3-0.6B and Llama-3.1-8B (also its -tp 2 shares; --models
+picks) at each of gemv.TUNED_BUCKETS
 rows (bucket 16: the mean of 1 and 16 rows, with splits of K), cuBLAS and every candidate tile as
 CUDA graphs (the engine replays decode steps as graphs, with PDL between the kernels) of one GEMM
 over each of enough copies of the weight that L2 holds none of them when its turn comes (the
@@ -49,6 +50,9 @@ TUNE_SHAPES = {
     "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
                    "down": (1024, 3072)},
     "llama-3.1-8b": SHAPES,
+    # each rank's share at -tp 2 (column-parallel qkv / gate_up halve N, row-parallel o / down K)
+    "llama-3.1-8b-tp2": {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN // 2),
+                         "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER // 2)},
 }  # fmt: skip
 TUNE_MARGIN = 0.03  # a tile must beat cuBLAS by this fraction to be kept
 COLD_BYTES = 192 << 20  # the weight copies of one timing: over 3x the H200's 60 MB of L2
@@ -107,8 +111,9 @@ def candidates(bucket: int, n: int, num_sms: int) -> list[GemvConfig]:
     return tiles
 
 
-def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS) -> None:
-    """Writes the table to path; tuning only some buckets keeps the committed table's others."""
+def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str, ...] = ()) -> None:
+    """Writes the table to path; tuning only some buckets or models (all: ()) keeps the
+    committed table's others."""
     table: dict = {
         "_comment": "bench_gemv.py --tune: per weight shape (N x K) and row bucket, the fastest "
         "tile where it beat cuBLAS, else null; timed as CUDA graphs over cold weights, bf16",
@@ -118,12 +123,14 @@ def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS) -> None:
         "shapes": {},
         "timings_us": {},
     }
-    if buckets != TUNED_BUCKETS:
+    if buckets != TUNED_BUCKETS or models:
         kept = json.loads(TUNED_CONFIGS.read_text())
         table["shapes"], table["timings_us"] = kept["shapes"], kept["timings_us"]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, shapes in TUNE_SHAPES.items():
+        if models and model not in models:
+            continue
         for name, (n, k) in shapes.items():
             key = shape_key(n, k)
             copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
@@ -162,12 +169,17 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep tiles, write the table")
     parser.add_argument("--buckets", help="--tune: these buckets only (e.g. 32,64), the others "
                         "kept from the committed table")  # fmt: skip
+    parser.add_argument("--models", help=f"--tune: these of {', '.join(TUNE_SHAPES)} only, the "
+                        "other shapes kept from the committed table")  # fmt: skip
     args = parser.parse_args()
     if args.tune:
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
         if buckets and not set(buckets) <= set(TUNED_BUCKETS):
             parser.error(f"--buckets: each of {TUNED_BUCKETS}")
-        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS)
+        models = tuple(args.models.split(",")) if args.models else ()
+        if not set(models) <= set(TUNE_SHAPES):
+            parser.error(f"--models: each of {', '.join(TUNE_SHAPES)}")
+        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models)
         return
     out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}

@@ -32,7 +32,8 @@
 #   tune     bench_fused_moe.py --tune: the fused MoE's tile table ($OUT/fused_moe_configs.json, to
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
-#            to atom/kernels/ for the stages after it
+#            to atom/kernels/ for the stages after it; TUNE_GEMV_FLAGS= e.g. "--models
+#            llama-3.1-8b-tp2" (the 8B's per-rank shapes at -tp 2) or "--buckets 16"
 #   gemv_ab  benchmark_throughput without and with that table, alternating, twice
 #            (benchmarks/throughput_logged.py: step periods and Python's collections logged), then
 #            benchmark_latency without and with it
@@ -118,7 +119,9 @@ stage_tune_attention() {
 }
 
 stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after it
-    python3 benchmarks/bench_gemv.py --tune "$OUT/gemv_configs.json" 2>&1 | tee "$OUT/tune_gemv.log"
+    # shellcheck disable=SC2086
+    python3 benchmarks/bench_gemv.py --tune "$OUT/gemv_configs.json" ${TUNE_GEMV_FLAGS:-} 2>&1 \
+        | tee "$OUT/tune_gemv.log"
     cp "$OUT/gemv_configs.json" atom/kernels/gemv_configs.json
     cp "$OUT/gemv_configs.json" ~/gemv_configs.json  # for a later call of the lease
 }
