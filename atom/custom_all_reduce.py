@@ -15,11 +15,11 @@ Larger tensors (prefill) and dtypes the kernel lacks (float16) go through NCCL. 
 allocated and checked once at start-up by every rank together; a rank that cannot (no
 symmetric memory, no peer access, a wrong sum) makes every rank keep NCCL.
 
-One engine per process gets it: PyTorch numbers a process's symmetric-memory exchanges (keys
-`CUDASymmetricMemory/SEQ/RANK` in the group's store) from the process's start, so a second
-tensor-parallel engine in one process would have rank 0 at SEQ 1 and its new workers at 0, each
-waiting forever for the other's keys (seen on two H200s, twenty-second and twenty-third
-sittings). Later engines in that process keep NCCL.
+One engine per process gets it: a second tensor-parallel engine in one process hung in the
+rendezvous (two H200s, twenty-second and twenty-third sittings). PyTorch's source numbers a
+process's symmetric-memory exchanges (keys `CUDASymmetricMemory/SEQ/RANK` in the group's store)
+from the process's start, so that engine's rank 0 would be at SEQ 1 and its new workers at 0,
+each waiting for the other's keys. Later engines in that process keep NCCL.
 """
 
 from __future__ import annotations

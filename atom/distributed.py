@@ -131,7 +131,9 @@ def leave_tensor_parallel(abort: bool = False) -> None:
     died). On abort the custom all-reduce's buffer is kept, not freed: freeing a symmetric
     buffer synchronizes the device, where a kernel may wait for the dead rank forever."""
     global _custom
-    if dist.is_initialized() and dist.get_backend() == "nccl" and not abort:
+    joined = dist.is_initialized()
+    nccl = joined and dist.get_backend() == "nccl"
+    if nccl and not abort:
         try:
             torch.cuda.synchronize()
         except Exception:  # a device error: nothing to finish, leave without waiting
@@ -140,9 +142,7 @@ def leave_tensor_parallel(abort: bool = False) -> None:
     if abort and _custom is not None:
         _abandoned.append(_custom)
     _custom = None
-    if not dist.is_initialized():
-        return
-    if abort or dist.get_backend() == "nccl":
+    if joined and (abort or nccl):
         try:
             dist.distributed_c10d._abort_process_group()  # leaves no group behind
         except Exception:  # a private API: where it fails, destroy as usual

@@ -113,15 +113,14 @@ def _worker_main(config: EngineConfig, rank: int, port: int) -> None:
             logger.exception("rank %d: %s failed", rank, type(command).__name__)
     steps.wait_all()
     runner.shutdown()
+    abort = False
     try:
         channel.barrier()
     except Exception:  # rank 0 is gone: nobody to leave the group with
         logger.exception("rank %d: shutdown without rank 0", rank)
-        channel.close()
-        leave_tensor_parallel(abort=True)
-        return
+        abort = True
     channel.close()
-    leave_tensor_parallel()
+    leave_tensor_parallel(abort)
 
 
 def _join(config: EngineConfig, rank: int, port: int) -> None:

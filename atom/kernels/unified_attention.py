@@ -263,6 +263,9 @@ def _unified_attention_kernel(
     s_hi = tile_lo + tl.minimum(split * per_split + per_split, n_tiles)
     mid_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), s_hi)
+    if PIPELINED:  # every tile in the first (masked) loop: one pipeline, the others empty
+        mid_lo = s_hi
+        mid_hi = s_hi
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_kh
@@ -270,28 +273,21 @@ def _unified_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PIPELINED:  # one loop, masked throughout: every tile of the split in one pipeline
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, s_lo, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-            stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-            USE_SOFTCAP, True, DOT_PRECISION, True,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
-            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
-            SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION,
-        )  # fmt: skip
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
-            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
-            SLIDING_WINDOW, USE_SOFTCAP, False, DOT_PRECISION,
-        )  # fmt: skip
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
-            softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
-            SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION,
-        )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, True, DOT_PRECISION, PIPELINED,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, False, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
+        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, True, DOT_PRECISION,
+    )  # fmt: skip
     acc = acc * v_scale  # an fp8 cache's V scale, applied once instead of per loaded element
 
     if USE_SINKS:  # unsplit only: a split's sinks join in the reduce
