@@ -124,10 +124,12 @@ def init_tensor_parallel(
 def leave_tensor_parallel(abort: bool = False) -> None:
     """Drop the custom all-reduce's buffer, then the process group (where one was joined).
 
-    NCCL's communicators are always aborted, once the device has finished its work: their
-    finalize (destroy_process_group) hung on two H200s with every rank past the shutdown
-    barrier (the second tp engine of a process, twenty-second and twenty-third sittings), and
-    it waits forever for a rank that died. gloo's group is destroyed unless abort (a rank has
+    The caller destroys its CUDA graphs first (ModelRunner.shutdown): NCCL's finalize and its
+    abort both wait until every graph that captured one of the communicator's collectives is
+    gone (commDestroySync in NCCL's init.cc), which hung the finalize and then the abort of a
+    compiled tp engine on two H200s (twenty-second to twenty-fourth sittings). NCCL's
+    communicators are aborted, once the device has finished its work, rather than finalized:
+    a finalize waits forever for a rank that died. gloo's group is destroyed unless abort (a rank has
     died). On abort the custom all-reduce's buffer is kept, not freed: freeing a symmetric
     buffer synchronizes the device, where a kernel may wait for the dead rank forever."""
     global _custom

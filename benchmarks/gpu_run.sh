@@ -53,7 +53,8 @@
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
 #            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
-#            tests (TP_TEST_TIMEOUT, 420 s); ~8 minutes with the machine's start, so alone in a call
+#            tests (TP_TEST_TIMEOUT, 420 s); ~8 minutes with the machine's start, so alone in a call;
+#            TP_BENCH=0 runs the tests only
 #   tp_latency  benchmark_latency -tp N (LATENCY_BATCHES=) with the custom all-reduce and with
 #            --disable-custom-all-reduce; PEER_TP=N makes the peer stage's latency run vLLM at
 #            tp N (.peer/peer_latency.py reads it)
@@ -352,9 +353,12 @@ stage_tp() {
     local n
     n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
     [ "$n" -ge 2 ] || { echo "tp: needs 2 GPUs, found $n"; return 1; }
-    timeout 150 python3 -m torch.distributed.run --nproc-per-node "$n" benchmarks/bench_all_reduce.py \
-        "$OUT/all_reduce.json" >"$OUT/all_reduce.log" 2>&1 || tail -n 20 "$OUT/all_reduce.log"
-    grep -E '^[0-9]+ [{]' "$OUT/all_reduce.log"
+    if [ "${TP_BENCH:-1}" = 1 ]; then  # TP_BENCH=0: the tests only
+        timeout 150 python3 -m torch.distributed.run --nproc-per-node "$n" \
+            benchmarks/bench_all_reduce.py "$OUT/all_reduce.json" >"$OUT/all_reduce.log" 2>&1 \
+            || tail -n 20 "$OUT/all_reduce.log"
+        grep -E '^[0-9]+ [{]' "$OUT/all_reduce.log"
+    fi
     timeout "${TP_TEST_TIMEOUT:-420}" python3 -m pytest -v -rs -o faulthandler_timeout=240 \
         tests/gpu/test_fast_path.py::test_tp2_fast_path_changes_no_token \
         tests/gpu/test_cuda_engine.py::test_tp2_nccl_matches_tp1 >"$OUT/tp_tests.log" 2>&1

@@ -141,6 +141,20 @@ class DecodeGraphs:
             gc.unfreeze()
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy every graph now, not when the last reference goes: NCCL's communicators
+        cannot be finalized or aborted while a graph that captured one of their collectives
+        lives (ncclCommDestroy and ncclCommAbort wait for those graphs to die), so a
+        tensor-parallel engine hung in leaving its group (twenty-fourth sitting)."""
+        if self._graphs:
+            torch.cuda.synchronize()  # none is replaying
+        for graph in (*self._graphs.values(), *self._samplers.values()):
+            graph.reset()
+        self._graphs.clear()
+        self._samplers.clear()
+        self._outputs.clear()
+        self._sampled.clear()
+
     def replay(self, size: int, max_seq_len: int) -> Tensor:
         """The captured output of `size` rows, recomputed from the current step buffers by the
         graph of the smallest cap >= max_seq_len (the step's longest context)."""

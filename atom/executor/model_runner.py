@@ -308,9 +308,14 @@ class ModelRunner:
             self._precompile = None
 
     def shutdown(self) -> None:
+        """Stop the precompile and the profiler, and destroy the CUDA graphs: a tensor-parallel
+        rank leaves its NCCL group after this, which waits for them (DecodeGraphs.release)."""
         self._join_precompile()
         if self.profiler.running:
             self.stop_profile()
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
 
     # ---- torch profiler ----
     def start_profile(self) -> None:

@@ -134,3 +134,31 @@ def test_sample_replays_the_draw_graph_only_for_a_plain_step_after_a_replay() ->
     )
     out = ModelRunner._sample(runner, logits, logprobs, 4)  # type: ignore[arg-type]
     assert out.sampled.tolist() == greedy and out.logprobs is not None and replays == [4]
+
+
+class _ResetCounter:
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_release_destroys_every_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor-parallel rank's NCCL group can only be left once no graph that captured its
+    collectives lives: the runner's shutdown destroys them all, forward and draw graphs."""
+    syncs: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    graphs = DecodeGraphs({1: [64], 2: [32, 64]})
+    made = {(1, 64): _ResetCounter(), (2, 32): _ResetCounter(), (2, 64): _ResetCounter()}
+    draws = {1: _ResetCounter(), 2: _ResetCounter()}
+    graphs._graphs.update(made)  # type: ignore[arg-type]
+    graphs._samplers.update(draws)  # type: ignore[arg-type]
+    graphs._outputs.update({key: torch.zeros(1) for key in made})
+    runner = SimpleNamespace(
+        graphs=graphs, _join_precompile=lambda: None, profiler=SimpleNamespace(running=False)
+    )
+    ModelRunner.shutdown(runner)  # type: ignore[arg-type]
+    assert [g.resets for g in (*made.values(), *draws.values())] == [1] * 5
+    assert syncs == [1] and runner.graphs is None
+    assert len(graphs) == 0 and graphs.draw_graphs == 0 and 1 not in graphs
