@@ -28,6 +28,7 @@ import json
 import math
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -126,6 +127,8 @@ def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str,
     if buckets != TUNED_BUCKETS or models:
         kept = json.loads(TUNED_CONFIGS.read_text())
         table["shapes"], table["timings_us"] = kept["shapes"], kept["timings_us"]
+        what = ",".join(models) if models else "buckets " + ",".join(map(str, buckets))
+        table["_comment"] = f"{kept['_comment']}; {what} re-tuned (--tune), {date.today()}"
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, shapes in TUNE_SHAPES.items():
