@@ -129,9 +129,10 @@ def leave_tensor_parallel(abort: bool = False) -> None:
     gone (commDestroySync in NCCL's init.cc), which hung the finalize and then the abort of a
     compiled tp engine on two H200s (twenty-second to twenty-fourth sittings). NCCL's
     communicators are aborted, once the device has finished its work, rather than finalized:
-    a finalize waits forever for a rank that died. gloo's group is destroyed unless abort (a rank has
-    died). On abort the custom all-reduce's buffer is kept, not freed: freeing a symmetric
-    buffer synchronizes the device, where a kernel may wait for the dead rank forever."""
+    a finalize waits forever for a rank that died. gloo's group is destroyed unless abort (a
+    rank has died). On abort the custom all-reduce's buffer is kept, not freed: freeing a
+    symmetric buffer synchronizes the device, where a kernel may wait for the dead rank
+    forever."""
     global _custom
     joined = dist.is_initialized()
     nccl = joined and dist.get_backend() == "nccl"

@@ -17,10 +17,7 @@ head's row of a token is 256 contiguous bytes) or head-major ([block, kv_head, t
 head's rows of a block are contiguous), beside a plain read-only Triton pass over 2 GiB for
 comparison (it read less than attention does at batch 256: RESULTS, fourteenth sitting).
 `--heads` and `--context` give other shapes: the 8B latency benchmark's is 32 query heads over
-contexts of 129-384 tokens (`--heads 32 --context 129,384`). A fourth field of a --configs entry,
-1, times LaunchConfig.pipelined (one masked loop, block ids a tile ahead), e.g. at the 8B's batch
-1 and 8: `--sections configs --heads 32 --context 129,384 --batches 1,8 --configs
-128:4:1,128:4:2:1,128:4:3:1,64:4:2:1,64:4:3:1,64:4:4:1,32:4:3:1,32:4:4:1`."""
+contexts of 129-384 tokens (`--heads 32 --context 129,384`)."""
 
 from __future__ import annotations
 
@@ -96,7 +93,7 @@ def main() -> None:
     parser.add_argument("--sections", default="configs,splits,order")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
-    parser.add_argument("--configs", default="", help="tile:warps:stages[:pipelined],...")
+    parser.add_argument("--configs", default="", help="tile:warps:stages,... (default all)")
     parser.add_argument("--heads", type=int, default=HEADS, help="query heads (8 KV heads)")
     parser.add_argument("--context", default="", help="LO,HI: contexts uniform in [LO, HI]")
     parser.add_argument("--split-batches", default="", help="the splits section's batches")
@@ -138,29 +135,26 @@ def sweep_configs(
         )  # fmt: skip
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
-        for tile, warps, stages, *rest in configs or itertools.product(TILES, WARPS, STAGES):
-            piped = bool(rest and rest[0])
-            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages, piped)
+        for tile, warps, stages in configs or itertools.product(TILES, WARPS, STAGES):
+            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages)
             ua.launch_config = lambda *_, cfg=cfg: cfg
             try:
                 call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731
                 ms = bench_attention.bench(call)
             except Exception as e:  # out of shared memory, say
                 print(
-                    f"batch {batch} tile {tile} warps {warps} stages {stages} pipelined {piped}: "
-                    f"{type(e).__name__}"
+                    f"batch {batch} tile {tile} warps {warps} stages {stages}: {type(e).__name__}"
                 )
                 continue
             finally:
                 ua.launch_config = original
             gbps = kv_bytes / ms / 1e6
             mark = " <- current" if cfg == current else ""
-            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages}"
-                  f"{' pipelined' if piped else ''}: {ms * 1e3:.1f} us "
+            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages}: {ms * 1e3:.1f} us "
                   f"{gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
             runs.append(
-                {"batch": batch, "tile": tile, "warps": warps, "stages": stages,
-                 "pipelined": piped, "ms": ms, "gb_per_s": gbps, "current": cfg == current}
+                {"batch": batch, "tile": tile, "warps": warps, "stages": stages, "ms": ms,
+                 "gb_per_s": gbps, "current": cfg == current}
             )  # fmt: skip
     return runs
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,20 +24,6 @@ MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials)
 MAX_SPLITS = 64
 UNSPLIT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # the longest context choose_num_splits never splits
 SHORT_CONTEXT = UNSPLIT_CONTEXT  # decode contexts up to this take short_decode_tiles
-# An experiment, off by default: ATOM_ATTN_PIPELINED=TILE:STAGES has the short-context decodes of
-# fewer programs than SMs take LaunchConfig.pipelined with these tiles and stages (to measure
-# end to end against the default: gpu_run.sh ab, AB_VARIANTS="base piped:ATOM_ATTN_PIPELINED=64:3").
-PIPELINED_ENV = "ATOM_ATTN_PIPELINED"
-
-
-def _pipelined_tiles(value: str) -> tuple[int, int] | None:
-    if not value:
-        return None
-    tile, stages = (int(v) for v in value.split(":"))
-    return tile, stages
-
-
-PIPELINED_TILES = _pipelined_tiles(os.environ.get(PIPELINED_ENV, ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +34,6 @@ class LaunchConfig:
     one_block_per_seq: bool
     num_warps: int
     num_stages: int
-    # Every tile in one masked loop, each tile's block ids loaded one iteration ahead, so the
-    # K/V loads of consecutive tiles can be in flight together (num_stages > 1): for launches of
-    # few programs, whose time is the chain of dependent loads (a batch-1 decode's 8 programs
-    # read 88 GB/s, short_decode_tiles). launch_config picks it only under PIPELINED_ENV until
-    # measured; the tuner's configs section times it too (TILE:WARPS:STAGES:1).
-    pipelined: bool = False
 
 
 def launch_config(
@@ -83,9 +62,6 @@ def launch_config(
         block_q = block_m // group
         short = max_seq_len is not None and max_seq_len <= SHORT_CONTEXT
         if max_query_len == 1 and short and head_dim_p <= 128:
-            if PIPELINED_TILES is not None and 0 < programs < num_sms:
-                tile, stages = PIPELINED_TILES
-                return LaunchConfig(block_m, block_q, tile, True, 4, stages, True)
             tile, stages = short_decode_tiles(programs, num_sms)
             return LaunchConfig(block_m, block_q, tile, True, 4, stages)
         return LaunchConfig(block_m, block_q, 128 if head_dim_p <= 128 else 64, True, 4, 2)

@@ -23,8 +23,7 @@ A K/V tile is TILE tokens, i.e. several pages: each token's block id comes from 
     token j -> kv_cache[0 or 1, block_tables[i, j // block_size], j % block_size, kv_head, :]
 
 Tiles past a q-block's last causal position or before its sliding window are never visited; tiles
-every row of the q-block sees completely skip the mask arithmetic (unless
-LaunchConfig.pipelined: one masked loop over every tile).
+every row of the q-block sees completely skip the mask arithmetic.
 """
 
 from __future__ import annotations
@@ -96,25 +95,13 @@ def _attend_tiles(
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,  # False: every row sees every key of these tiles
     DOT_PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr = False,  # block ids one tile ahead (LaunchConfig.pipelined; MASKED)
 ):
     offs_t = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
-    tl.static_assert(MASKED or not PREFETCH)  # the prefetch reads past kv_hi unless masked
-    if PREFETCH:
-        j_next = tile_lo * TILE + offs_t
-        blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
     for t in range(tile_lo, tile_hi):
         j = t * TILE + offs_t  # [TILE] key positions
-        if PREFETCH:
-            # This tile's K/V addresses wait for no load of this iteration: the pipeliner can
-            # issue them ahead, as it cannot behind an in-loop block-id load.
-            j_ok = j < kv_hi
-            blk = blk_next
-            j_next = j + TILE
-            blk_next = tl.load(bt_row + j_next // BLOCK_SIZE, mask=j_next < kv_hi, other=0)
-        elif MASKED:
+        if MASKED:
             j_ok = j < kv_hi
             blk = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
         else:
@@ -194,7 +181,6 @@ def _unified_attention_kernel(
     BLOCK_Q: tl.constexpr,
     TILE: tl.constexpr,
     ONE_BLOCK_PER_SEQ: tl.constexpr,
-    PIPELINED: tl.constexpr,  # LaunchConfig.pipelined
     SPLIT: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -263,9 +249,6 @@ def _unified_attention_kernel(
     s_hi = tile_lo + tl.minimum(split * per_split + per_split, n_tiles)
     mid_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
     mid_hi = tl.minimum(tl.maximum(full_hi, mid_lo), s_hi)
-    if PIPELINED:  # every tile in the first (masked) loop: one pipeline, the others empty
-        mid_lo = s_hi
-        mid_hi = s_hi
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_kh
@@ -276,7 +259,7 @@ def _unified_attention_kernel(
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
         stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, True, DOT_PRECISION, PIPELINED,
+        USE_SOFTCAP, True, DOT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
@@ -415,7 +398,7 @@ def unified_attention(
         kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q, TILE=cfg.tile,
-        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, PIPELINED=cfg.pipelined, SPLIT=split,
+        ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),

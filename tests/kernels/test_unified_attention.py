@@ -7,7 +7,6 @@ step's q_len tokens; (0, 0) is a padding row of the batch.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +15,6 @@ import torch
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
     SHORT_CONTEXT,
-    LaunchConfig,
     choose_num_splits,
     launch_config,
 )
@@ -250,57 +248,6 @@ def test_many_short_decodes(dtype: torch.dtype) -> None:
     cfg = launch_config(1, 1, 64, len(seqs) * 8, max(s for s, _ in seqs), DEFAULT_NUM_SMS)
     assert (cfg.tile, cfg.num_stages) == (64, 1)
     check(make_batch(seqs, 8, 8, 64), dtype)
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("window", [None, 20])
-@pytest.mark.parametrize(
-    ("seqs", "dtype"), [(DECODE, torch.float32), (MIXED, torch.float16)], ids=["decode", "mixed"]
-)
-def test_pipelined_tiles(
-    monkeypatch: pytest.MonkeyPatch,
-    dtype: torch.dtype,
-    seqs: list[tuple[int, int]],
-    window: int | None,
-    num_splits: int,
-) -> None:
-    """LaunchConfig.pipelined: every tile in one masked loop, block ids a tile ahead (the
-    prefetch past a sequence's last tile is masked), in two stages; 16-token tiles so that
-    contexts span several."""
-    import atom.kernels.unified_attention as ua
-
-    def pipelined(*args: object, **kwargs: object) -> LaunchConfig:
-        return dataclasses.replace(
-            launch_config(*args, **kwargs), tile=16, num_stages=2, pipelined=True
-        )  # type: ignore[arg-type]
-
-    monkeypatch.setattr(ua, "launch_config", pipelined)
-    check(make_batch(seqs, 8, 2, 64), dtype, sliding_window=window, num_splits=num_splits)
-    # Contexts of whole tiles in a table exactly as wide as the longest: the block ids fetched
-    # ahead past a row's last tile are masked off, not read from past the table.
-    batch = make_batch([(32, 1), (48, 1)], 8, 2, 64)
-    batch.tables = batch.tables[:, :3].contiguous()
-    check(batch, dtype, num_splits=num_splits)
-
-
-def test_pipelined_under_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ATOM_ATTN_PIPELINED=TILE:STAGES: short-context decodes of fewer programs than SMs take the
-    pipelined loop with those tiles; every other launch keeps its own."""
-    import atom.kernels.attention_config as ac
-
-    assert ac._pipelined_tiles("") is None and ac._pipelined_tiles("64:3") == (64, 3)
-    monkeypatch.setattr(ac, "PIPELINED_TILES", (64, 3))
-    sms = DEFAULT_NUM_SMS
-
-    def pick(q: int, programs: int, context: int) -> tuple[int, int, bool]:
-        cfg = launch_config(q, 4, 128, programs, context, sms)
-        return cfg.tile, cfg.num_stages, cfg.pipelined
-
-    assert pick(1, 8, 300) == (64, 3, True)
-    assert pick(1, sms - 1, SHORT_CONTEXT) == (64, 3, True)
-    assert pick(1, sms, 300) == (128, 1, False)
-    assert pick(1, 8, SHORT_CONTEXT + 1) == (128, 2, False)
-    assert pick(2, 8, 300) == (128, 2, False)
 
 
 def test_decode_tiles_by_context() -> None:
