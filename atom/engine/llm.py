@@ -186,15 +186,17 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         start, tokens_in, tokens_out = time.perf_counter(), 0, 0
 
-        def collect_finished(busy: Callable[[], bool] = lambda: False) -> None:
-            """Build the outputs of finished requests, decoding their text DECODE_PIECE ids at
-            a time: one piece, then more while the device still runs the step the engine waits
+        def collect_finished(
+            busy: Callable[[], bool] = lambda: False, piece: int | None = DECODE_PIECE
+        ) -> None:
+            """Build the outputs of finished requests, decoding their text `piece` ids at a
+            time: one piece, then more while the device still runs the step the engine waits
             for. At batch 1 a step is ~1.1 ms of the device and its host work ~0.8 ms, so even
             one output of 1,000 tokens (~0.35 ms) built at once left the GPU idle (RESULTS.md,
-            eighteenth and twentieth sittings)."""
+            eighteenth and twentieth sittings). piece None: everything left, in one go."""
             nonlocal tokens_in, tokens_out
             while self.output_processor.num_finished:
-                for out in self.output_processor.take_finished(DECODE_PIECE):
+                for out in self.output_processor.take_finished(piece):
                     done[out.request_id] = out
                     tokens_in += len(out.prompt_token_ids)
                     tokens_out += sum(len(c.token_ids) for c in out.outputs)
@@ -213,7 +215,7 @@ class LLM:
                 )
                 if to_finish:
                     self.engine.finish_requests(to_finish)
-            collect_finished(busy=lambda: True)  # all that is left
+            collect_finished(piece=None)  # all that is left: no step to hide behind
         except BaseException:
             self.output_processor.drop_finished()
             for request_id in request_ids:  # leave the engine clean for the next call
