@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,6 +34,8 @@ from atom.kernels.attention_config import (
     LaunchConfig,
     decode_variant,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def context_caps(
@@ -141,13 +144,20 @@ class DecodeGraphs:
             gc.unfreeze()
         torch.cuda.synchronize()
 
-    def release(self) -> None:
+    def release(self, sync: bool = True) -> None:
         """Destroy every graph now, not when the last reference goes: NCCL's communicators
         cannot be finalized or aborted while a graph that captured one of their collectives
         lives (ncclCommDestroy and ncclCommAbort wait for those graphs to die), so a
-        tensor-parallel engine hung in leaving its group (twenty-fourth sitting)."""
-        if self._graphs:
-            torch.cuda.synchronize()  # none is replaying
+        tensor-parallel engine hung in leaving its group (twenty-fourth sitting).
+
+        sync waits for the device first, so that no replay still writes the graphs' pool when
+        it is given back; without it (a tp rank died: a replay may wait for it forever) CUDA
+        frees a graph in flight when it completes."""
+        if self._graphs and sync:
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # a device error: nothing runs any more
+                logger.warning("releasing the CUDA graphs: the device failed", exc_info=True)
         for graph in (*self._graphs.values(), *self._samplers.values()):
             graph.reset()
         self._graphs.clear()

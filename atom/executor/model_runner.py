@@ -307,14 +307,15 @@ class ModelRunner:
             self._precompile.wait()
             self._precompile = None
 
-    def shutdown(self) -> None:
+    def shutdown(self, sync: bool = True) -> None:
         """Stop the precompile and the profiler, and destroy the CUDA graphs: a tensor-parallel
-        rank leaves its NCCL group after this, which waits for them (DecodeGraphs.release)."""
+        rank leaves its NCCL group after this, which waits for them (DecodeGraphs.release;
+        sync False where a rank died)."""
         self._join_precompile()
         if self.profiler.running:
             self.stop_profile()
         if self.graphs is not None:
-            self.graphs.release()
+            self.graphs.release(sync)
             self.graphs = None
 
     # ---- torch profiler ----

@@ -210,8 +210,9 @@ class MultiprocExecutor:
         if self._closed:
             return
         self._closed = True
-        self.runner.shutdown()
-        if self._dead_workers():
+        dead = self._dead_workers()
+        self.runner.shutdown(sync=not dead)  # a replay may wait for a dead rank forever
+        if dead:
             self._kill()
             return
         try:
