@@ -53,7 +53,7 @@
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
 #            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
-#            tests (TP_TEST_TIMEOUT, 420 s); ~8 minutes with the machine's start, so alone in a call;
+#            tests (TP_TEST_TIMEOUT, 420 s; they passed in ~3 minutes, twenty-fourth sitting);
 #            TP_BENCH=0 runs the tests only
 #   tp_latency  benchmark_latency -tp N (LATENCY_BATCHES=) with the custom all-reduce and with
 #            --disable-custom-all-reduce; PEER_TP=N makes the peer stage's latency run vLLM at
