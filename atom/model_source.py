@@ -66,9 +66,10 @@ def _from_hub_cache(model: str) -> Path:
 def load_hf_config(src: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
+    model_dir, gguf_file = _converted_gguf(src.model_dir, src.gguf_file)
     try:
         config = AutoConfig.from_pretrained(
-            src.model_dir, gguf_file=src.gguf_file, trust_remote_code=trust_remote_code
+            model_dir, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
     except ValueError:
         config = _native_config(src, trust_remote_code)
@@ -142,6 +143,18 @@ def sampling_defaults(model_dir: str) -> tuple[tuple[str, float], ...]:
 def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    path, gguf_file = _converted_gguf(path, gguf_file)
     return AutoTokenizer.from_pretrained(
         path, gguf_file=gguf_file, trust_remote_code=trust_remote_code
     )
+
+
+def _converted_gguf(model_dir: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Where transformers reads a config or tokenizer from: a GGUF file's converted folder
+    (gguf_cache.py) where it can be made, else the file itself."""
+    if gguf_file is None:
+        return model_dir, None
+    from atom.gguf_cache import converted
+
+    folder = converted(Path(model_dir) / gguf_file)
+    return (model_dir, gguf_file) if folder is None else (str(folder), None)

@@ -36,7 +36,9 @@ def test_greedy_chat_matches_hf(llm: LLM, gguf: Path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     ).eval()
-    tokenizer = llm.get_tokenizer()
+    # transformers' own tokenizer from the file: ours is loaded from the converted folder
+    # (atom/gguf_cache.py), so prompts and texts compare the two as well.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     outputs = llm.chat([[{"role": "user", "content": c}] for c in CHATS], params, use_tqdm=False)
     for chat, out in zip(CHATS, outputs, strict=True):
@@ -83,3 +85,17 @@ def test_text_prompt_logprobs_and_n(llm: LLM) -> None:
     metrics = out.metrics
     assert metrics.first_token_time is not None and metrics.finished_time is not None
     assert metrics.arrival_time <= metrics.first_token_time <= metrics.finished_time
+
+
+def test_converted_config_equals_the_files(gguf: Path) -> None:
+    """The cached folder's config is transformers' config of the GGUF file (the tokenizer is
+    compared in test_greedy_chat_matches_hf)."""
+    from atom.gguf_cache import converted
+
+    folder = converted(gguf)
+    assert folder is not None
+    direct = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).to_dict()
+    cached = transformers.AutoConfig.from_pretrained(folder).to_dict()
+    for config in (direct, cached):
+        config.pop("_name_or_path")
+    assert cached == direct
