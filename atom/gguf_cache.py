@@ -1,10 +1,12 @@
-"""A GGUF file's config and tokenizer, converted once by transformers and kept as an ordinary
-folder (config.json and the tokenizer's files) under the cache directory.
+"""A GGUF file's config, tokenizer and (for small models) dequantized weights, converted once
+by transformers and kept as an ordinary model folder (config.json, the tokenizer's files,
+model.safetensors) under the cache directory.
 
-transformers builds each of them by parsing the whole file: 8.8 s for SmolLM2's tokenizer and
-12.8 s for its config on a 2-core CPU, again in every process that loads them (a server's API
-process and its engine core both do). From the folder they load in well under a second. The
-weights are still read from the GGUF file itself.
+transformers builds each of them by parsing the whole file: 8.8 s for SmolLM2's tokenizer, 12.8 s
+for its config and ~20 s for its weights on a 2-core CPU, again in every process that loads them
+(a server's API process and its engine core both do). From the folder they load in about a
+second. Weights are kept only up to MAX_CACHED_WEIGHT_BYTES (dequantized to float32, a 7B model
+would take 28 GB): larger models read their weights from the GGUF file every time.
 
 The folder's name holds a hash of the file's path, size and modification time, and of
 transformers' version, so a changed file or another transformers converts again. It is built
@@ -22,11 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "1"  # bump when what a folder holds changes
 DONE_FILE = ".atom-gguf-source"  # written last: a folder without it is incomplete
+WEIGHTS_FILE = "model.safetensors"
+MAX_CACHED_WEIGHT_BYTES = 4 << 30
 
 
 def default_cache_dir() -> Path:
@@ -34,10 +39,12 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(gguf: Path) -> str:
+    import gguf as gguf_py  # dequantizes the weights
     import transformers
 
     st = gguf.stat()
-    parts = (str(gguf.resolve()), st.st_size, st.st_mtime_ns, transformers.__version__)
+    versions = (transformers.__version__, getattr(gguf_py, "__version__", ""))
+    parts = (str(gguf.resolve()), st.st_size, st.st_mtime_ns, *versions)
     return xxhash.xxh64_hexdigest("|".join(map(str, (CACHE_VERSION, *parts))).encode())
 
 
@@ -77,3 +84,26 @@ def converted(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+def cached_weights(folder: Path) -> Path | None:
+    path = folder / WEIGHTS_FILE
+    return path if path.is_file() else None
+
+
+def save_weights(folder: Path, tensors: dict[str, Tensor]) -> bool:
+    """Keep a GGUF file's dequantized weights in its folder, where they are small enough;
+    written aside and renamed, so a reader sees the whole file or none."""
+    from safetensors.torch import save_file
+
+    if sum(t.numel() * t.element_size() for t in tensors.values()) > MAX_CACHED_WEIGHT_BYTES:
+        return False
+    tmp = folder / f".{WEIGHTS_FILE}.{os.getpid()}"
+    try:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+        tmp.rename(folder / WEIGHTS_FILE)
+    except OSError:
+        logger.warning("cannot keep the GGUF weights in %s", folder, exc_info=True)
+        tmp.unlink(missing_ok=True)
+        return False
+    return True

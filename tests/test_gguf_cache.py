@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from atom import gguf_cache
 from atom.model_source import _converted_gguf
@@ -79,3 +80,28 @@ def test_loaders_read_the_folder_or_the_file(
     monkeypatch.setattr(gguf_cache, "converted", lambda path: None)
     assert _converted_gguf(str(gguf.parent), gguf.name) == (str(gguf.parent), gguf.name)
     assert _converted_gguf("some/dir", None) == ("some/dir", None)
+
+
+def test_weights_kept_exactly_up_to_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dequantized weights are kept bit for bit (float32) and read back as a model folder's
+    safetensors; past MAX_CACHED_WEIGHT_BYTES they are not kept."""
+    from atom.executor.loader import iter_safetensors
+
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(7, 5),
+        "lm_head.weight": torch.randn(5, 7).t(),
+    }
+    assert gguf_cache.cached_weights(tmp_path) is None
+    monkeypatch.setattr(gguf_cache, "MAX_CACHED_WEIGHT_BYTES", 2 * 35 * 4 - 1)
+    assert not gguf_cache.save_weights(tmp_path, tensors)
+    assert gguf_cache.cached_weights(tmp_path) is None
+    monkeypatch.setattr(gguf_cache, "MAX_CACHED_WEIGHT_BYTES", 2 * 35 * 4)
+    assert gguf_cache.save_weights(tmp_path, tensors)
+    assert gguf_cache.cached_weights(tmp_path) == tmp_path / gguf_cache.WEIGHTS_FILE
+    read = dict(iter_safetensors(str(tmp_path)))
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor) and read[name].dtype == torch.float32
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gguf_cache.WEIGHTS_FILE]

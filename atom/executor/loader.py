@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from atom import gguf_cache
 from atom.config import ModelConfig
 from atom.layers.linear import default_weight_loader
 
@@ -46,15 +47,21 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, Tensor]]:
 
 
 def iter_gguf(path: str, hf_config: object) -> Iterator[tuple[str, Tensor]]:
-    """GGUF tensors dequantized and renamed to HF names by transformers' own converter."""
+    """GGUF tensors dequantized and renamed to HF names by transformers' own converter, or the
+    same tensors kept in the file's cache folder by an earlier load (gguf_cache.py)."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    folder = gguf_cache.converted(Path(path))
+    if folder is not None and gguf_cache.cached_weights(folder) is not None:
+        yield from iter_safetensors(str(folder))
+        return
     with torch.device("meta"):
         name_map_model = AutoModelForCausalLM.from_config(hf_config)
-    yield from load_gguf_checkpoint(path, return_tensors=True, model_to_load=name_map_model)[
-        "tensors"
-    ].items()
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=name_map_model)
+    if folder is not None:
+        gguf_cache.save_weights(folder, tensors["tensors"])
+    yield from tensors["tensors"].items()
 
 
 def checkpoint_weights(config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
