@@ -9,9 +9,9 @@ second. Weights are kept only up to MAX_CACHED_WEIGHT_BYTES (dequantized to floa
 would take 28 GB): larger models read their weights from the GGUF file every time.
 
 The folder's name holds a hash of the file's path, size and modification time, and of
-transformers' version, so a changed file or another transformers converts again. It is built
-aside and renamed into place, so a concurrent start never sees half a folder. Where the cache
-cannot be written, callers read the GGUF file as before.
+transformers' and gguf's versions, so a changed file or another converter converts again. It is
+built aside and renamed into place, so a concurrent start never sees half a folder. Where the
+cache cannot be written, callers read the GGUF file as before.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def save_weights(folder: Path, tensors: dict[str, Tensor]) -> bool:
     try:
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
         tmp.rename(folder / WEIGHTS_FILE)
-    except OSError:
+    except Exception:  # a full disk, tensors sharing memory: the cache is only a shortcut
         logger.warning("cannot keep the GGUF weights in %s", folder, exc_info=True)
         tmp.unlink(missing_ok=True)
         return False
