@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
 from torch import Tensor
+
+from atom.cache_dir import cache_root, publish_folder
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ MAX_CACHED_WEIGHT_BYTES = 4 << 30
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atom" / "gguf"
+    return cache_root() / "gguf"
 
 
 def cache_key(gguf: Path) -> str:
@@ -62,27 +62,21 @@ def converted(
     """The folder holding the GGUF file's config and tokenizer, converted on first use; None
     where the cache cannot be written (the caller reads the GGUF file)."""
     root = cache_dir or default_cache_dir()
+
+    def complete(folder: Path) -> bool:
+        return (folder / DONE_FILE).is_file()
+
+    def convert_into(folder: Path) -> None:
+        build(gguf, folder)
+        (folder / DONE_FILE).write_text(str(gguf.resolve()))
+        logger.info("converted %s's config and tokenizer into %s", gguf.name, dst)
+
     try:
         dst = root / f"{gguf.stem}-{cache_key(gguf)}"  # a missing file: the caller reports it
-        if (dst / DONE_FILE).is_file():
-            return dst
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=root))
+        publish_folder(dst, convert_into, complete)
     except OSError:
         logger.warning("not using the GGUF cache under %s", root, exc_info=True)
         return None
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-        build(gguf, tmp)
-        (tmp / DONE_FILE).write_text(str(gguf.resolve()))
-        tmp.rename(dst)
-        logger.info("converted %s's config and tokenizer into %s", gguf.name, dst)
-    except OSError:
-        if not (dst / DONE_FILE).is_file():  # not another process's folder renamed first
-            logger.warning("cannot write the GGUF cache folder %s", dst, exc_info=True)
-            return None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

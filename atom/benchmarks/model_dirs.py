@@ -11,9 +11,10 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from atom.cache_dir import cache_root, publish_folder
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def benchmark_model_names() -> list[str]:
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "atom" / "benchmark_models"
+    return cache_root() / "benchmark_models"
 
 
 def benchmark_model_dir(name: str, cache_dir: Path | None = None) -> Path:
@@ -43,29 +44,20 @@ def benchmark_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     src = CONFIGS_DIR / name
     dst = (cache_dir or default_cache_dir()) / name
     stamp = _stamp(src)
-    if (dst / STAMP_FILE).is_file() and (dst / STAMP_FILE).read_text() == stamp:
-        return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # Built aside and renamed into place, so that a concurrent or interrupted run never sees half
-    # a folder.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dst.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+
+    def current(folder: Path) -> bool:
+        return (folder / STAMP_FILE).is_file() and (folder / STAMP_FILE).read_text() == stamp
+
+    def build(folder: Path) -> None:
         for file in COPIED_FILES:
-            shutil.copyfile(src / file, tmp / file)
+            shutil.copyfile(src / file, folder / file)
         config = json.loads((src / "config.json").read_text())
         spec = json.loads((src / TOKENIZER_SPEC).read_text())
-        write_stand_in_tokenizer(tmp, spec, int(config["vocab_size"]))
-        (tmp / STAMP_FILE).write_text(stamp)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
+        write_stand_in_tokenizer(folder, spec, int(config["vocab_size"]))
+        (folder / STAMP_FILE).write_text(stamp)
         logger.info("wrote benchmark model folder %s", dst)
-    except OSError:
-        if not ((dst / STAMP_FILE).is_file() and (dst / STAMP_FILE).read_text() == stamp):
-            raise
-        # Another process renamed its copy into place first: use that one.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_folder(dst, build, current)
     return dst
 
 

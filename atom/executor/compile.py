@@ -45,6 +45,7 @@ from torch._inductor.compile_fx import compile_fx
 
 import atom.layers.attention  # registers torch.ops.atom.attention
 import atom.layers.mla  # noqa: F401  registers torch.ops.atom.mla_attention
+from atom.cache_dir import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ Forward = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "atom" / "torch_compile"
+    return cache_root() / "torch_compile"
 
 
 def compile_forward(model: nn.Module, level: int, cache_dir: Path | None = None) -> Forward:

@@ -181,9 +181,9 @@ def test_tp_failed_start_leaves_no_workers(tmp_path: Path) -> None:
 def test_nccl_group_is_aborted_after_a_sync(
     monkeypatch: pytest.MonkeyPatch, device_fails: bool
 ) -> None:
-    """NCCL's finalize (destroy_process_group) hung on two H200s with every rank past the
-    shutdown barrier: an NCCL group is left by abort, once the device has finished its work
-    (or failed). (A one-rank gloo group stands in, told it is NCCL.)"""
+    """An NCCL group is left by abort, once the device has finished its work (or failed):
+    NCCL's finalize (destroy_process_group) would wait forever for a rank that died. (A
+    one-rank gloo group stands in, told it is NCCL.)"""
     import torch.distributed as dist
 
     from atom.distributed import free_port, leave_tensor_parallel
