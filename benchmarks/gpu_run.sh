@@ -57,7 +57,7 @@
 #            TP_BENCH=0 runs the tests only
 #   tp_latency  benchmark_latency -tp N (LATENCY_BATCHES=) with the custom all-reduce and with
 #            --disable-custom-all-reduce; PEER_TP=N makes the peer stage's latency run vLLM at
-#            tp N (.peer/peer_latency.py reads it)
+#            tp N (benchmarks/peer_tp.py; PEER_LATENCY=0 skips it, PEER_BENCH=0 the bench)
 #   stash    copy the first halves (.peer/*part-aa, .gpu/smol.part-aa) to ~ for a later call
 #   ab       the bench (AB_WHAT=bench, the default) and/or the 8B latency (AB_WHAT="bench latency",
 #            LATENCY_BATCHES=, LATENCY_FLAGS=) under each of AB_VARIANTS in turn, AB_ROUNDS (2)
@@ -342,10 +342,14 @@ stage_peer() {
     local peer=~/peer
     [ -f .peer/peer_bench.py ] && peer=.peer
     [ -f ~/qwen3-rand/model.safetensors ] || python3 $peer/make_dummy_qwen3.py ~/qwen3-rand
-    PYTHONPATH=~/site-vllm python3 $peer/peer_bench.py vllm ~/qwen3-rand >"$OUT/peer_throughput.log" 2>&1
-    grep '^{' "$OUT/peer_throughput.log"
+    if [ "${PEER_BENCH:-1}" = 1 ]; then  # PEER_BENCH=0: the latency only
+        PYTHONPATH=~/site-vllm python3 $peer/peer_bench.py vllm ~/qwen3-rand >"$OUT/peer_throughput.log" 2>&1
+        grep '^{' "$OUT/peer_throughput.log"
+    fi
     [ "${PEER_LATENCY:-1}" = 0 ] && return  # PEER_LATENCY=0: the bench only
-    PYTHONPATH=~/site-vllm python3 $peer/peer_latency.py ~/llama-dummy >"$OUT/peer_latency.log" 2>&1
+    # PEER_TP=N: vLLM at tensor parallel size N (benchmarks/peer_tp.py)
+    PYTHONPATH=~/site-vllm python3 benchmarks/peer_tp.py $peer/peer_latency.py ~/llama-dummy \
+        >"$OUT/peer_latency.log" 2>&1
     grep '^{' "$OUT/peer_latency.log"
 }
 
