@@ -38,18 +38,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import (
-    MAX_M,
-    TUNED_BUCKETS,
-    TUNED_CONFIGS,
-    GemvConfig,
-    LinearConfig,
-    config_entry,
-    gemv,
-    matmul,
-    shape_key,
-)
-from atom.kernels.streamk import StreamKConfig
+from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, TUNED_CONFIGS, GemvConfig, gemv, shape_key
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -82,17 +71,6 @@ TUNE_TILES = {
     256: [(64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 64, 128, 8, 3),
           (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4)],
 }  # fmt: skip
-# stream-K (atom/kernels/streamk.py) per bucket from 32 rows: (BLOCK_M, BLOCK_N, BLOCK_K,
-# num_warps, num_stages), one program per SM, TMA loads; wgmma takes 64-row tiles at least
-STREAMK_TILES = {
-    32: [(64, 64, 128, 4, 4), (64, 128, 64, 4, 5), (64, 128, 128, 4, 3), (64, 256, 64, 8, 3)],
-    64: [(64, 64, 128, 4, 5), (64, 128, 64, 4, 6), (64, 128, 128, 4, 4), (64, 256, 64, 8, 4),
-         (64, 64, 256, 4, 3)],
-    128: [(128, 64, 128, 4, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-          (128, 64, 64, 4, 6), (128, 128, 64, 4, 5), (128, 64, 128, 8, 4)],
-    256: [(128, 128, 64, 8, 5), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-          (256, 64, 128, 8, 3)],
-}  # fmt: skip
 
 
 def copy_gbps() -> float:
@@ -123,30 +101,18 @@ def mean_us(
     return sum(graph_us_per_gemm(lambda w, x=x: fn(x, w), weights) for x in xs) / len(xs)
 
 
-def candidates(bucket: int, n: int, num_sms: int, kinds: tuple[str, ...]) -> list[LinearConfig]:
-    """Of kinds "gemv": TUNE_TILES of the bucket, and past 16 rows each tile split 2 and 4 ways
-    along K where its output tiles are too few to give every SM two programs; "streamk":
-    STREAMK_TILES of the bucket."""
-    tiles: list[LinearConfig] = []
-    if "gemv" in kinds:
-        tiles += [
-            GemvConfig(bn, bk, w, st, bm, *sp) for bm, bn, bk, w, st, *sp in TUNE_TILES[bucket]
-        ]
-        if bucket > MAX_M:
-            few = [t for t in tiles if math.ceil(n / t.block_n) * math.ceil(bucket / t.block_m)
-                   < 2 * num_sms]  # fmt: skip
-            tiles += [dataclasses.replace(t, split_k=split) for t in few for split in (2, 4)]
-    if "streamk" in kinds:
-        tiles += [StreamKConfig(*tile) for tile in STREAMK_TILES.get(bucket, ())]
+def candidates(bucket: int, n: int, num_sms: int) -> list[GemvConfig]:
+    """TUNE_TILES of the bucket, and past 16 rows each tile split 2 and 4 ways along K where its
+    output tiles are too few to give every SM two programs."""
+    tiles = [GemvConfig(bn, bk, w, st, bm, *sp) for bm, bn, bk, w, st, *sp in TUNE_TILES[bucket]]
+    if bucket > MAX_M:
+        few = [t for t in tiles if math.ceil(n / t.block_n) * math.ceil(bucket / t.block_m)
+               < 2 * num_sms]  # fmt: skip
+        tiles += [dataclasses.replace(t, split_k=split) for t in few for split in (2, 4)]
     return tiles
 
 
-def tune(
-    path: str,
-    buckets: tuple[int, ...] = TUNED_BUCKETS,
-    models: tuple[str, ...] = (),
-    kinds: tuple[str, ...] = ("gemv", "streamk"),
-) -> None:
+def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str, ...] = ()) -> None:
     """Writes the table to path; tuning only some buckets or models (all: ()) keeps the
     committed table's others."""
     table: dict = {
@@ -180,24 +146,19 @@ def tune(
                       for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
                 cublas = mean_us(F.linear, xs, weights)
                 timed = []
-                for cfg in candidates(bucket, n, num_sms, kinds):
+                for cfg in candidates(bucket, n, num_sms):
                     try:
-                        us = mean_us(lambda x, w, c=cfg: matmul(x, w, c), xs, weights)
+                        us = mean_us(lambda x, w, c=cfg: gemv(x, w, c), xs, weights)
                     except triton.runtime.errors.OutOfResources:
                         continue
                     timed.append((us, cfg))
                 us, best = min(timed, key=lambda t: t[0])
                 keep = us < (1 - TUNE_MARGIN) * cublas
-                table["shapes"][key][str(bucket)] = config_entry(best) if keep else None
-                timings = {"cublas": cublas, "best": us}
-                for kind, cls in (("gemv", GemvConfig), ("streamk", StreamKConfig)):
-                    if of_kind := [t for t, c in timed if isinstance(c, cls)]:
-                        timings[kind] = min(of_kind)
-                table["timings_us"][key][str(bucket)] = timings
-                gbps = 2 * n * k / cublas / 1e3
-                print(f"{model:>12} {name:>7} {key:>10} rows {bucket:>3}: cuBLAS {cublas:6.1f} us "
-                      f"({gbps:4.0f} GB/s), best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}"
-                      f"{'' if keep else ' -> cuBLAS'}; {timings}", flush=True)  # fmt: skip
+                table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
+                table["timings_us"][key][str(bucket)] = {"cublas": cublas, "best": us}
+                print(f"{model:>12} {name:>7} {key:>10} rows {bucket:>3}: cuBLAS {cublas:6.1f} us, "
+                      f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}"
+                      f"{'' if keep else ' -> cuBLAS'}", flush=True)  # fmt: skip
             del weights
             torch.cuda.empty_cache()
             with open(path, "w") as f:  # after each shape: a cut-short run keeps what it found
@@ -213,8 +174,6 @@ def main() -> None:
                         "kept from the committed table")  # fmt: skip
     parser.add_argument("--models", help=f"--tune: these of {', '.join(TUNE_SHAPES)} only, the "
                         "other shapes kept from the committed table")  # fmt: skip
-    parser.add_argument("--kinds", default="gemv,streamk",
-                        help="--tune: the kernels timed (gemv, streamk)")  # fmt: skip
     args = parser.parse_args()
     if args.tune:
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
@@ -223,10 +182,7 @@ def main() -> None:
         models = tuple(args.models.split(",")) if args.models else ()
         if not set(models) <= set(TUNE_SHAPES):
             parser.error(f"--models: each of {', '.join(TUNE_SHAPES)}")
-        kinds = tuple(args.kinds.split(","))
-        if not set(kinds) <= {"gemv", "streamk"}:
-            parser.error("--kinds: each of gemv, streamk")
-        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models, kinds)
+        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models)
         return
     out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}

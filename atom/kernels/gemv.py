@@ -26,7 +26,6 @@ not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they repl
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -40,8 +39,6 @@ from torch import Tensor
 
 from atom.kernels.grid import cdiv, next_power_of_2
 from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
-from atom.kernels.streamk import StreamKConfig, streamk_gemm
-from atom.kernels.tile_counters import tile_counters
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
@@ -76,33 +73,19 @@ def shape_key(n: int, k: int) -> str:
     return f"{n}x{k}"
 
 
-LinearConfig = GemvConfig | StreamKConfig
-
-
-def config_entry(config: LinearConfig) -> dict:
-    """A config as the tuned table keeps it: its fields, and "kind": "streamk" for stream-K."""
-    entry = dataclasses.asdict(config)
-    return {**entry, "kind": "streamk"} if isinstance(config, StreamKConfig) else entry
-
-
-def config_from_entry(entry: dict) -> LinearConfig:
-    fields = {k: v for k, v in entry.items() if k != "kind"}
-    return StreamKConfig(**fields) if entry.get("kind") == "streamk" else GemvConfig(**fields)
-
-
 @functools.cache
-def _tuned_table() -> dict[str, dict[int, LinearConfig | None]]:
+def _tuned_table() -> dict[str, dict[int, GemvConfig | None]]:
     """Per weight shape and bucket, a tile, or None where cuBLAS won."""
     if not TUNED_CONFIGS.is_file():
         return {}
     shapes = json.loads(TUNED_CONFIGS.read_text())["shapes"]
     return {
-        key: {int(b): None if e is None else config_from_entry(e) for b, e in by_bucket.items()}
+        key: {int(b): None if cfg is None else GemvConfig(**cfg) for b, cfg in by_bucket.items()}
         for key, by_bucket in shapes.items()
     }
 
 
-def _tuned(weight: Tensor) -> dict[int, LinearConfig | None]:
+def _tuned(weight: Tensor) -> dict[int, GemvConfig | None]:
     """The table's buckets for this weight where it applies (16-bit weights on the capability
     it was tuned on: a float32 tile or a smaller card's shared memory would not hold every
     tuned tile), else none."""
@@ -114,7 +97,7 @@ def _tuned(weight: Tensor) -> dict[int, LinearConfig | None]:
     return table
 
 
-def linear_config(rows: int, weight: Tensor) -> LinearConfig | None:
+def linear_config(rows: int, weight: Tensor) -> GemvConfig | None:
     """gemv's tile for `rows` rows of this weight, or None for F.linear (cuBLAS): the tuned
     table's entry for the rows' bucket where it has one (None: cuBLAS won), else up to MAX_M
     rows gemv_config's rule, past it cuBLAS."""
@@ -195,11 +178,22 @@ def _gemv_kernel(
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def matmul(x: Tensor, weight: Tensor, config: LinearConfig) -> Tensor:
-    """x [M, K] @ weight [N, K]^T with the kernel of the config's kind."""
-    if isinstance(config, StreamKConfig):
-        return streamk_gemm(x, weight, config)
-    return gemv(x, weight, config)
+_COUNTERS: dict[torch.device, Tensor] = {}
+_OUTGROWN: list[Tensor] = []  # counters a captured CUDA graph may still point at: never freed
+
+
+def _split_counters(device: torch.device, n: int) -> Tensor:
+    """At least n zeroed int32 tile counters, one buffer per device that split-K launches share
+    (each launch leaves its counters at 0; stream order keeps two launches apart). A buffer that
+    grows stays allocated: graphs captured before point at it (the tuned table's largest split
+    needs 64 counters, so the first buffer has served every launch so far)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
@@ -229,7 +223,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         counters = torch.empty(1, dtype=torch.int32, device=x.device)
     elif split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, grid[0] * grid[1])
+        counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
         x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0),

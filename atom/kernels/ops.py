@@ -64,7 +64,7 @@ def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
         return F.linear(x, weight, bias)
     if (config := _gemv.linear_config(rows, weight)) is None:
         return F.linear(x, weight, bias)
-    y = _gemv.matmul(x.reshape(rows, k), weight, config).view(*x.shape[:-1], weight.shape[0])
+    y = _gemv.gemv(x.reshape(rows, k), weight, config).view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)
 
 
