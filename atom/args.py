@@ -11,6 +11,7 @@ from typing import Any
 
 from atom.config import (
     DTYPES,
+    KV_CACHE_DTYPE_ALIASES,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     CacheConfig,
@@ -118,7 +119,12 @@ class EngineArgs:
         a("--max-model-len", type=int, default=None)
         a("--block-size", type=int, default=d.block_size)
         a("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-        a("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES)
+        a(
+            "--kv-cache-dtype",
+            default=d.kv_cache_dtype,
+            choices=(*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES),
+            help="fp8: e4m3 with per-layer scales (fp8_e4m3, vLLM's name, is the same)",
+        )
         a(
             "--kv-cache-memory",
             dest="kv_cache_memory_bytes",

@@ -10,6 +10,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
+# Other spellings users bring from vLLM, as the name they mean: its fp8 is e4m3 too. fp8_e5m2 (no
+# scales, a 2-bit mantissa) is not implemented, so it stays an error.
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "bfloat16": "bf16"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -72,10 +75,11 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}"
-            )
+        dtype = KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if dtype not in KV_CACHE_DTYPES:
+            names = (*KV_CACHE_DTYPES, *KV_CACHE_DTYPE_ALIASES)
+            raise ValueError(f"kv_cache_dtype must be one of {names}, got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", dtype)
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from atom import LLM, SamplingParams
 from atom.args import EngineArgs, FlexibleArgumentParser
+from atom.config import CacheConfig
 from atom.engine.core import WARMUP_QUERY_LENS
 from atom.engine.outputs import SchedulerOutput
 from tests.conftest import tiny_llama_config
@@ -250,6 +251,19 @@ def test_cli_accepts_kebab_and_snake() -> None:
     assert (a.kv_cache_dtype, a.tensor_parallel_size, a.max_model_len) == ("fp8", 2, 64)
     assert not a.enable_prefix_caching and a.enforce_eager
     assert a.cudagraph_capture_sizes == [1, 2, 4] and a.kv_cache_memory_bytes == 1 << 30
+
+
+def test_kv_cache_dtype_takes_vllms_fp8_e4m3() -> None:
+    """vLLM's `fp8_e4m3` is our `fp8` (e4m3 with per-layer scales); `fp8_e5m2` is not built, so
+    it is refused by the CLI and by the config, naming what is accepted."""
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = EngineArgs.from_cli_args(parser.parse_args(["--kv-cache-dtype", "fp8_e4m3"]))
+    assert CacheConfig(kv_cache_dtype=args.kv_cache_dtype).kv_cache_dtype == "fp8"
+    assert CacheConfig(kv_cache_dtype="bfloat16").kv_cache_dtype == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "fp8_e5m2"])
+    with pytest.raises(ValueError, match="fp8_e4m3"):
+        CacheConfig(kv_cache_dtype="fp8_e5m2")
 
 
 def test_failed_step_leaves_no_stale_prefix_cache(
