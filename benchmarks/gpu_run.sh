@@ -64,7 +64,9 @@
 #            rounds: a variant is NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment
 #            (ATOM_PDL=0) or a file swapped in for its runs
 #            (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
-#            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log}
+#            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log};
+#            AB_WHAT=startup times profile_startup.py's 8B start (STARTUP_FLAGS=) with the lease's
+#            compile caches: a variant that runs first in a lease starts cold
 # Carried wheels (.whl/) are installed first. Logs and JSON go to $OUT; on exit, whatever the
 # stages left there except traces (*.gz) is packed into $OUT/results.tgz (the device tool returns
 # at most 8 files: one sitting's logs and JSONs are more, and the rest were dropped).
@@ -183,6 +185,12 @@ ab_variant() {  # NAME[:VAR=VALUE,...,PATH<SOURCE,...] ROUND, in a subshell: its
                     || tail -n 20 "$out.log"
                 python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], {k: v for k, v in d.items() if k.endswith(("_ms_per_step", "_roofline_pct"))})' \
                     "$out.json" "$name $2:" 2>/dev/null
+            elif [ "$what" = startup ]; then  # the 8B's start-up, the lease's caches (warm after one)
+                # shellcheck disable=SC2086
+                python3 benchmarks/profile_startup.py "$out" ${STARTUP_FLAGS:-} >"$out.log" 2>&1 \
+                    || tail -n 20 "$out.log"
+                grep -h -e 'process start' -e 'captured' -e 'ready in' "$out.log" | cut -c1-900 \
+                    | sed "s/^/$name $2: /"
             else
                 python3 benchmarks/throughput_logged.py --gpu-idle --tag "$TAG-$name" --output-json "$out.json" \
                     >"$out.log" 2>&1 || tail -n 20 "$out.log"

@@ -22,8 +22,8 @@ import bisect
 import gc
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ from atom.kernels.attention_config import (
     LaunchConfig,
     decode_variant,
 )
+from atom.kernels.gemv import MAX_M
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +98,25 @@ class DecodeGraphs:
         warm_attention: Callable[[int, int], None] | None = None,
     ) -> None:
         """forward(size, cap) runs one decode batch of `size` rows whose attention is set up for
-        contexts up to cap, and returns its output tensor; a warm-up forward before each capture
+        contexts up to cap, and returns its output tensor; a warm-up forward before a capture
         compiles, autotunes and loads what the graph will launch. trace(size), when given,
         profiles a second warm-up forward of the size's longest cap: the same kernels, in the
         same order, as the graph then captured, then the draw. sample(size), when given, draws
         from the size's forward output (every cap's output must be one tensor) and returns the
-        sampled ids. warm_attention(size, cap), when given, replaces the warm-up forward of a
-        size's shorter caps: their graphs differ from the longest cap's in attention alone."""
+        sampled ids.
+
+        warm_attention(size, cap), when given, launches the attention of (size, cap) alone. It
+        replaces the warm-up forward of a size's shorter caps (their graphs differ from the
+        longest cap's in attention alone), and of every size but the largest and those of
+        MAX_M rows or fewer. The largest size's forward settles what is the same at every size
+        (Inductor's one dynamic-shape compile and its autotuning, cuBLAS's handles, the
+        allocations); the small ones meet gemv's per-bucket variants and Triton's
+        specialisation of 1; the rest launch those kernels again with other sizes, the variants
+        compiled by the precompile, so their captures load them at most (8B, H200: warm-ups 1.2-1.6
+        s -> 0.2-0.3 s of a warm start, twenty-sixth sitting)."""
         pool = None
+        stream = torch.cuda.Stream()
+        whole = {self.sizes[-1], *(s for s in self.sizes if s <= MAX_M)}  # forward warm-ups
         gc.collect()
         gc.freeze()  # no collection (and its frees) in the middle of a capture
         self.warmup_seconds, self.capture_seconds = {}, 0.0
@@ -113,7 +125,9 @@ class DecodeGraphs:
                 for cap in reversed(self._caps[size]):
                     key = (size, cap)
                     start = time.perf_counter()
-                    if warm_attention is not None and cap != self._caps[size][-1]:
+                    if warm_attention is not None and (
+                        cap != self._caps[size][-1] or (trace is None and size not in whole)
+                    ):
                         warm_attention(size, cap)
                     else:
                         forward(size, cap)  # warm-up: compiles, autotunes, allocates
@@ -126,7 +140,7 @@ class DecodeGraphs:
                     self.warmup_seconds[key] = time.perf_counter() - start
                     start = time.perf_counter()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with _capturing(graph, pool, stream):
                         self._outputs[key] = forward(size, cap)
                     pool = graph.pool() if pool is None else pool
                     self._graphs[key] = graph
@@ -136,13 +150,14 @@ class DecodeGraphs:
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with _capturing(graph, pool, stream):
                         self._sampled[size] = sample(size)
                     self._samplers[size] = graph
                     self.capture_seconds += time.perf_counter() - start
         finally:
             gc.unfreeze()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (_capturing)
 
     def release(self, sync: bool = True) -> None:
         """Destroy every graph now, not when the last reference goes: NCCL's communicators
@@ -179,3 +194,18 @@ class DecodeGraphs:
         the pool may place them in memory another size's forward uses as scratch."""
         self._samplers[size].replay()
         return self._sampled[size]
+
+
+@contextmanager
+def _capturing(
+    graph: torch.cuda.CUDAGraph, pool: object, stream: torch.cuda.Stream
+) -> Iterator[None]:
+    """torch.cuda.graph without its empty_cache: that gives the allocator's cached blocks back to
+    the driver before every capture, and the next size's warm-up allocates them again."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool)
+        try:
+            yield
+        finally:
+            graph.capture_end()

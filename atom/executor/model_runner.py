@@ -238,8 +238,8 @@ class ModelRunner:
         )
         self.graphs = DecodeGraphs(caps)
         trace = self.profiler.capture_trace if self.profiler.records_captures else None
-        # A size's shorter caps differ from its longest in attention alone: their warm-up need
-        # only launch that (the stand-ins cover the unified kernel, not MLA's).
+        # Attention alone warms a size's shorter caps and the middle sizes (DecodeGraphs.capture;
+        # the stand-ins cover the unified kernel, not MLA's: its sizes all run whole forwards).
         plain = all(type(layer) is Attention for layer in self.attn_layers)
 
         def warm_attention(size: int, cap: int) -> None:
