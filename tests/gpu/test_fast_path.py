@@ -153,8 +153,7 @@ def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
     assert not replays, "a step with a logprobs row took the plain draw's graph"
 
 
-@pytest.mark.parametrize("level", [0, 3])
-def test_graphs_without_their_own_warmup_change_no_token(checkpoint: Path, level: int) -> None:
+def _unwarmed_sizes_against_eager(checkpoint: Path, level: int, **engine: Any) -> None:
     """Sizes 24 and 32 are captured after their attention warm-up alone (DecodeGraphs.capture:
     the largest size and those of 16 rows or fewer run a whole forward first). 40 sequences of
     different lengths decode through every size as they finish: tokens as eager."""
@@ -180,6 +179,7 @@ def test_graphs_without_their_own_warmup_change_no_token(checkpoint: Path, level
             dtype="float32",
             max_num_seqs=40,
             kv_cache_memory_bytes=1 << 30,
+            **engine,
             **kwargs,
         )
         try:
@@ -192,8 +192,20 @@ def test_graphs_without_their_own_warmup_change_no_token(checkpoint: Path, level
     with pytest.MonkeyPatch.context() as m:
         m.setattr(DecodeGraphs, "replay", spy)
         graphs = tokens(level=level, cudagraph_capture_sizes=sizes)
-    assert {24, 32} <= replayed
+    assert {24, 32} <= replayed  # rank 0's, at tp=2: it runs in this process
     assert graphs == eager
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_graphs_without_their_own_warmup_change_no_token(checkpoint: Path, level: int) -> None:
+    _unwarmed_sizes_against_eager(checkpoint, level)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_graphs_without_their_own_warmup_change_no_token(checkpoint: Path) -> None:
+    """As above at tp=2, level 3: the all-reduces of sizes 24 and 32 (the custom one where this
+    is the process's first tp engine, else NCCL) are first launched inside their captures."""
+    _unwarmed_sizes_against_eager(checkpoint, 3, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
