@@ -13,7 +13,7 @@ import transformers
 from atom import LLM, SamplingParams, custom_all_reduce, distributed
 from atom.executor.cuda_graphs import DecodeGraphs
 from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, short_decode_tiles
-from tests.gpu.conftest import SMALL_ENGINE
+from tests.gpu.conftest import SMALL_ENGINE, unwarmed_sizes_change_no_token
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -153,59 +153,17 @@ def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
     assert not replays, "a step with a logprobs row took the plain draw's graph"
 
 
-def _unwarmed_sizes_against_eager(checkpoint: Path, level: int, **engine: Any) -> None:
-    """Sizes 24 and 32 are captured after their attention warm-up alone (DecodeGraphs.capture:
-    the largest size and those of 16 rows or fewer run a whole forward first). 40 sequences of
-    different lengths decode through every size as they finish: tokens as eager."""
-    gen = torch.Generator().manual_seed(5)
-    prompts = [
-        {"prompt_token_ids": torch.randint(3, 1000, (int(k),), generator=gen).tolist()}
-        for k in torch.randint(1, 300, (40,), generator=gen)
-    ]
-    params = [SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True) for i in range(40)]
-    sizes = [1, 2, 4, 8, 16, 24, 32, 40]
-    replayed: set[int] = set()
-    replay = DecodeGraphs.replay
-
-    def spy(self: DecodeGraphs, size: int, max_seq_len: int) -> torch.Tensor:
-        replayed.add(size)
-        return replay(self, size, max_seq_len)
-
-    def tokens(**kwargs: Any) -> list[list[int]]:
-        llm = LLM(
-            str(checkpoint),
-            skip_tokenizer_init=True,
-            device="cuda",
-            dtype="float32",
-            max_num_seqs=40,
-            kv_cache_memory_bytes=1 << 30,
-            **engine,
-            **kwargs,
-        )
-        try:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            llm.shutdown()
-        return [o.outputs[0].token_ids for o in outs]
-
-    eager = tokens(enforce_eager=True, level=level)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(DecodeGraphs, "replay", spy)
-        graphs = tokens(level=level, cudagraph_capture_sizes=sizes)
-    assert {24, 32} <= replayed  # rank 0's, at tp=2: it runs in this process
-    assert graphs == eager
-
-
 @pytest.mark.parametrize("level", [0, 3])
 def test_graphs_without_their_own_warmup_change_no_token(checkpoint: Path, level: int) -> None:
-    _unwarmed_sizes_against_eager(checkpoint, level)
+    unwarmed_sizes_change_no_token(checkpoint, 1000, level)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_graphs_without_their_own_warmup_change_no_token(checkpoint: Path) -> None:
-    """As above at tp=2, level 3: the all-reduces of sizes 24 and 32 (the custom one where this
-    is the process's first tp engine, else NCCL) are first launched inside their captures."""
-    _unwarmed_sizes_against_eager(checkpoint, 3, tensor_parallel_size=2)
+    """unwarmed_sizes_change_no_token at tp=2, level 3: the all-reduces of sizes 24 and 32 (the
+    custom one where this is the process's first tp engine, else NCCL) are first launched inside
+    their captures."""
+    unwarmed_sizes_change_no_token(checkpoint, 1000, 3, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])

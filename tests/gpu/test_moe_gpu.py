@@ -10,9 +10,7 @@ import pytest
 import torch
 import transformers
 
-from atom import SamplingParams
-from atom.executor.cuda_graphs import DecodeGraphs
-from tests.gpu.conftest import SMALL_ENGINE
+from tests.gpu.conftest import SMALL_ENGINE, unwarmed_sizes_change_no_token
 from tests.models import test_deepseek, test_glm4_moe, test_gpt_oss, test_moe_models
 from tests.models.oracle import atom_greedy, atom_llm, hf_greedy, load_hf, random_prompts
 
@@ -58,29 +56,10 @@ def test_fast_path_greedy_matches_hf(model: tuple, engine: dict[str, Any]) -> No
     assert atom_greedy(llm, _prompts()) == expected
 
 
-def test_graphs_without_their_own_warmup_change_no_token(
-    model: tuple, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Sizes 24 and 32 captured after their attention warm-up alone (DecodeGraphs.capture; MLA
-    models warm every size with a forward): 32 sequences decode through them as they finish,
-    with the expert kernels' tiles of those row counts, tokens as eager."""
-    path, _ = model
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, [5 + 7 * i for i in range(32)])]
-    params = [SamplingParams(temperature=0, max_tokens=2 + i, ignore_eos=True) for i in range(32)]
-    engine = {"device": "cuda", "dtype": "float32", "max_num_seqs": 32}
-    eager = atom_llm(path, enforce_eager=True, **engine).generate(prompts, params, use_tqdm=False)
-    replayed: set[int] = set()
-    replay = DecodeGraphs.replay
-
-    def spy(self: DecodeGraphs, size: int, max_seq_len: int) -> torch.Tensor:
-        replayed.add(size)
-        return replay(self, size, max_seq_len)
-
-    monkeypatch.setattr(DecodeGraphs, "replay", spy)
-    llm = atom_llm(path, level=0, cudagraph_capture_sizes=[1, 2, 4, 8, 16, 24, 32], **engine)
-    graphs = llm.generate(prompts, params, use_tqdm=False)
-    assert {24, 32} <= replayed
-    assert [o.outputs[0].token_ids for o in graphs] == [o.outputs[0].token_ids for o in eager]
+def test_graphs_without_their_own_warmup_change_no_token(model: tuple) -> None:
+    """The expert kernels' tiles of 24 and 32 rows inside graphs captured without their own
+    warm-up forward (MLA models warm every size with one)."""
+    unwarmed_sizes_change_no_token(model[0], 256, 0)
 
 
 def test_bf16_fast_path_close_to_eager(model: tuple) -> None:
