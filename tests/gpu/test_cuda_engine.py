@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
+from atom.executor.model_runner import ModelRunner
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -174,6 +176,65 @@ def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
     prompts = [{"prompt_token_ids": list(range(10, 10 + n))} for n in (100, 1000, 3000)] * 20
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+def test_lm_head_at_any_sampled_row_count_waits_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After start-up, an eager step's LM head GEMM at any row count it can sample returns while
+    earlier work still runs: cuBLAS's first GEMM needing a kernel not yet used waited for every
+    queued kernel (35-42 ms behind 40 ms of them, H200), until the start-up ran each row count
+    (ModelRunner._load_lm_head_kernels). Qwen3-0.6B's head (151,936 x 1,024), where it was seen."""
+    config = transformers.Qwen3Config(
+        hidden_size=1024,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    config.save_pretrained(tmp_path)
+    runners: list[ModelRunner] = []
+    load = ModelRunner._load_lm_head_kernels
+
+    def kept(self: ModelRunner) -> None:
+        runners.append(self)
+        load(self)
+
+    monkeypatch.setattr(ModelRunner, "_load_lm_head_kernels", kept)
+    llm = LLM(
+        str(tmp_path),
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        device="cuda",
+        max_model_len=1024,
+        max_num_seqs=300,
+        cudagraph_capture_sizes=[1, 2, 4, 8],
+        kv_cache_memory_bytes=1 << 30,
+    )
+    try:
+        (runner,) = runners
+        hidden = torch.zeros(300, 1024, dtype=torch.bfloat16, device="cuda")
+        work = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+        gen = torch.Generator().manual_seed(3)
+        for rows in torch.randint(1, 301, (12,), generator=gen).tolist():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(30):  # ~40 ms of queued matmuls on an H200
+                work @ work
+            queued = time.perf_counter()
+            with torch.inference_mode():
+                runner.model.compute_logits(hidden[:rows])
+            host = time.perf_counter() - queued
+            torch.cuda.synchronize()
+            total = time.perf_counter() - start
+            assert host < total / 4, f"{rows} rows: {host * 1e3:.1f} of {total * 1e3:.1f} ms"
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.skipif(not os.environ.get("ATOM_SMOLLM2_GGUF"), reason="set ATOM_SMOLLM2_GGUF")
