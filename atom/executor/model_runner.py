@@ -212,25 +212,23 @@ class ModelRunner:
     @torch.inference_mode()
     def _load_lm_head_kernels(self) -> None:
         """The LM head's GEMM once at every row count an eager step can sample (1 to
-        max_num_seqs). cuBLAS's first GEMM that needs a kernel not used yet in the process waits
-        until the device has run everything queued before it (H200, Qwen3-0.6B's head behind
-        40 ms of queued matmuls: 35-42 ms at 62, 91, 119, 148, 178, 209, 237, 256 and 300 rows;
-        0.07-0.4 ms at the same counts again, or at 63, 92, 120, 301 after them). The bench's
-        prefill steps sample a new row count each (prompts finishing, decode rows joining):
-        four of its eight held the host until the GPU drained, which then idled 4-8 ms for the
-        next step's scheduling and inputs."""
+        max_num_seqs, at most the token budget). cuBLAS's first GEMM that needs a kernel not
+        used yet in the process waits until the device has run everything queued before it
+        (H200, Qwen3-0.6B's head behind 40 ms of queued matmuls: 35-42 ms at 62, 91, 119, 148,
+        178, 209, 237, 256 and 300 rows; 0.07-0.4 ms at the same counts again, or at 63, 92,
+        120, 301 after them). The bench's prefill steps sample a new row count each (prompts
+        finishing, decode rows joining): four of its eight held the host until the GPU drained,
+        which then idled 4-8 ms for the next step's scheduling and inputs."""
         start = time.perf_counter()
+        sched = self.config.scheduler
+        most = min(sched.max_num_seqs, sched.max_num_batched_tokens)  # the memory profile's
         hidden = torch.zeros(
-            (self.config.scheduler.max_num_seqs, self.model.lm_head.weight.shape[1]),
-            dtype=self.dtype,
-            device=self.device,
+            (most, self.model.lm_head.weight.shape[1]), dtype=self.dtype, device=self.device
         )
-        for rows in range(1, hidden.shape[0] + 1):
+        for rows in range(1, most + 1):
             self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize(self.device)
-        logger.info(
-            "LM head run at 1..%d rows in %.2f s", hidden.shape[0], time.perf_counter() - start
-        )
+        logger.info("LM head run at 1..%d rows in %.2f s", most, time.perf_counter() - start)
 
     @torch.inference_mode()
     def _compile_expert_kernels(self) -> None:
