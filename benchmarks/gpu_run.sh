@@ -2,7 +2,8 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           nopdl host tune_gemv gemv_ab
-#                                           imports profile startup moe serving peer smol stash
+#                                           imports profile startup moe serving peer peer_serving
+#                                           smol stash
 #                                           tune_attention ab tp tp_latency
 #   tests    pytest tests/gpu (kernels vs references, models vs HF, graphs/compile vs eager)
 #   kernels  bench_attention.py (vs SDPA flash), bench_fused_moe.py (three MoE models' expert
@@ -50,6 +51,8 @@
 #            of the result JSONs + logs
 #   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
+#   peer_serving  vLLM's OpenAI server and ours on the peer's random Qwen3-0.6B, benchmark_serving
+#            against each (PEER_CONCURRENCY=, default "16 64 256"; vLLM unpacked as for peer)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
 #            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
@@ -339,17 +342,22 @@ stage_serving() {
     done
 }
 
-stage_peer() {
-    export VLLM_USE_FLASHINFER_SAMPLER=0
+peer_unpack() {  # vLLM into ~/site-vllm (once a lease) and the random Qwen3-0.6B checkpoint
     if [ ! -d ~/site-vllm/vllm ]; then
         mkdir -p ~/site-vllm
         cat ~/peer/vllm-0.26.0.tar.xz.part-aa .peer/vllm-0.26.0.tar.xz.part-ab | python3 -c \
             'import sys,tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1])' \
             ~/site-vllm
     fi
-    local peer=~/peer
+    peer=~/peer
     [ -f .peer/peer_bench.py ] && peer=.peer
     [ -f ~/qwen3-rand/model.safetensors ] || python3 $peer/make_dummy_qwen3.py ~/qwen3-rand
+}
+
+stage_peer() {
+    export VLLM_USE_FLASHINFER_SAMPLER=0
+    local peer
+    peer_unpack
     if [ "${PEER_BENCH:-1}" = 1 ]; then  # PEER_BENCH=0: the latency only
         PYTHONPATH=~/site-vllm python3 $peer/peer_bench.py vllm ~/qwen3-rand >"$OUT/peer_throughput.log" 2>&1
         grep '^{' "$OUT/peer_throughput.log"
@@ -359,6 +367,20 @@ stage_peer() {
     PYTHONPATH=~/site-vllm python3 benchmarks/peer_tp.py $peer/peer_latency.py ~/llama-dummy \
         >"$OUT/peer_latency.log" 2>&1
     grep '^{' "$OUT/peer_latency.log"
+}
+
+# vLLM's OpenAI server, then ours, on the peer's random Qwen3-0.6B checkpoint, each measured by
+# benchmark_serving at PEER_CONCURRENCY (default "16 64 256"; serving_sweep.sh's workload):
+# $OUT/serving_peer.tgz. Needs vLLM as the peer stage does.
+stage_peer_serving() {
+    local peer engine dir=/tmp/atom-serving/peer
+    peer_unpack
+    for engine in vllm atom; do
+        SERVER=$engine bash benchmarks/serving_sweep.sh ~/qwen3-rand "$dir/$engine" \
+            "${PEER_CONCURRENCY:-16 64 256}" --max-model-len 4096 --max-num-seqs 256 \
+            | sed "s/^/$engine: /"
+    done
+    tar czf "$OUT/serving_peer.tgz" -C "$dir" .
 }
 
 stage_tp() {

@@ -4,6 +4,8 @@
 # save each result JSON in RESULT_DIR for the dashboard, stop the server.
 #   bash benchmarks/serving_sweep.sh MODEL RESULT_DIR "1 4 16 64 256" [server flags...]
 # MODEL is a benchmark model name (atom/benchmarks/configs: dummy weights) or a model path.
+# SERVER=vllm serves it with vLLM's OpenAI server instead (the peer bundle unpacked in VLLM_SITE,
+# default ~/site-vllm, on that process's PYTHONPATH alone), measured by the same client.
 # Prompts per run: 4 x concurrency below 16, 2 x below 64, else one wave (concurrency) — a
 # sitting's budget, not ATOM CI's 10 x; PROMPTS=N overrides. ISL, OSL, PORT override the rest.
 set -uo pipefail
@@ -21,10 +23,17 @@ fi
 commit=${ATOM_TAG:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 gpu=$(python3 -c "import torch
 print(torch.cuda.get_device_name(0).split()[-1] if torch.cuda.is_available() else 'cpu')")
-log="$dir/server-$name.log"
 
-python3 -m atom.entrypoints.openai_server --model "$path" --served-model-name "$name" \
-    --server-port "$port" "$@" >"$log" 2>&1 &
+engine=${SERVER:-atom}
+log="$dir/server-$engine-$name.log"
+if [ "$engine" = vllm ]; then
+    PYTHONPATH=${VLLM_SITE:-$HOME/site-vllm} VLLM_USE_FLASHINFER_SAMPLER=0 \
+        python3 -m vllm.entrypoints.openai.api_server --model "$path" --served-model-name "$name" \
+        --port "$port" "$@" >"$log" 2>&1 &
+else
+    python3 -m atom.entrypoints.openai_server --model "$path" --served-model-name "$name" \
+        --server-port "$port" "$@" >"$log" 2>&1 &
+fi
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null' EXIT
 python3 - "$port" "$server" <<'EOF' || { tail -n 30 "$log"; exit 1; }
@@ -48,8 +57,8 @@ for c in $concs; do
         --random-range-ratio 0.8 --num-prompts "$n" --max-concurrency "$c" --request-rate inf \
         --ignore-eos --num-warmups 1 --seed 0 --percentile-metrics ttft,tpot,itl,e2el \
         --save-result --result-dir "$dir" --disable-tqdm \
-        --metadata engine=atom "gpu=$gpu" num_gpus=1 "commit=$commit" >"$dir/run-c$c.log" 2>&1
+        --metadata "engine=$engine" "gpu=$gpu" num_gpus=1 "commit=$commit" >"$dir/run-$engine-c$c.log" 2>&1
     echo "concurrency $c, $n prompts: rc=$?"
     grep -h -e "Successful" -e "Failed" -e "Output token throughput" -e "Mean TTFT" \
-        -e "Mean TPOT" "$dir/run-c$c.log"
+        -e "Mean TPOT" "$dir/run-$engine-c$c.log"
 done
