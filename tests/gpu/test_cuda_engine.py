@@ -147,11 +147,12 @@ def test_fp8_kv_cache_on_cuda(checkpoint: Path) -> None:
     assert sum(diff) / len(diff) < 0.3
 
 
-def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
-    config = transformers.Qwen3Config(
+def _qwen3_0p6b(path: Path, num_hidden_layers: int = 28) -> Path:
+    """Qwen3-0.6B's config.json in path (weights: load_format="dummy")."""
+    transformers.Qwen3Config(
         hidden_size=1024,
         intermediate_size=3072,
-        num_hidden_layers=28,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=16,
         num_key_value_heads=8,
         head_dim=128,
@@ -160,8 +161,12 @@ def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=True,
         architectures=["Qwen3ForCausalLM"],
-    )
-    config.save_pretrained(tmp_path)
+    ).save_pretrained(path)
+    return path
+
+
+def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
+    _qwen3_0p6b(tmp_path)
     llm = LLM(
         str(tmp_path),
         skip_tokenizer_init=True,
@@ -184,20 +189,9 @@ def test_lm_head_at_any_sampled_row_count_waits_for_nothing(
     """After start-up, an eager step's LM head GEMM at any row count it can sample returns while
     earlier work still runs: cuBLAS's first GEMM needing a kernel not yet used waited for every
     queued kernel (35-42 ms behind 40 ms of them, H200), until the start-up ran each row count
-    (ModelRunner._load_lm_head_kernels). Qwen3-0.6B's head (151,936 x 1,024), where it was seen."""
-    config = transformers.Qwen3Config(
-        hidden_size=1024,
-        intermediate_size=1024,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=151936,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        architectures=["Qwen3ForCausalLM"],
-    )
-    config.save_pretrained(tmp_path)
+    (ModelRunner._load_lm_head_kernels). Qwen3-0.6B's head (151,936 x 1,024), where it was seen,
+    under one layer."""
+    _qwen3_0p6b(tmp_path, num_hidden_layers=1)
     runners: list[ModelRunner] = []
     load = ModelRunner._load_lm_head_kernels
 
