@@ -373,14 +373,16 @@ stage_peer() {
 # benchmark_serving at PEER_CONCURRENCY (default "16 64 256"; serving_sweep.sh's workload):
 # $OUT/serving_peer.tgz. Needs vLLM as the peer stage does.
 stage_peer_serving() {
-    local peer engine dir=/tmp/atom-serving/peer
+    local peer engine rc=0 dir=/tmp/atom-serving/peer
     peer_unpack
+    rm -rf "$dir"  # an earlier call's results in this lease
     for engine in vllm atom; do
         SERVER=$engine bash benchmarks/serving_sweep.sh ~/qwen3-rand "$dir/$engine" \
             "${PEER_CONCURRENCY:-16 64 256}" --max-model-len 4096 --max-num-seqs 256 \
-            | sed "s/^/$engine: /"
+            | sed "s/^/$engine: /" || rc=1
     done
     tar czf "$OUT/serving_peer.tgz" -C "$dir" .
+    return $rc
 }
 
 stage_tp() {
