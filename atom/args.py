@@ -87,6 +87,7 @@ class EngineArgs:
     device: str | None = None  # None = cuda when available, else cpu
     torch_profiler_dir: str | None = None
     mark_trace: bool = False
+    disable_log_stats: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -168,6 +169,12 @@ class EngineArgs:
             "forward); with --torch-profiler-dir, also write a capture trace per CUDA graph "
             "(DIR/capture_traces/)",
         )
+        a(
+            "--disable-log-stats",
+            action="store_true",
+            help="no periodic stats line from the serving engine (steps, tok/s, queues, KV "
+            "usage; every ATOM_LOG_STATS_INTERVAL seconds, default 10)",
+        )
         return parser
 
     @classmethod
@@ -228,6 +235,7 @@ class EngineArgs:
             compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
             torch_profiler_dir=self.torch_profiler_dir,
             mark_trace=self.mark_trace,
+            log_stats=not self.disable_log_stats,
             device=device,
         )
 

@@ -171,4 +171,5 @@ class EngineConfig:
     # Tag module forwards in profiler traces; with torch_profiler_dir, also write one capture
     # trace per CUDA graph (DIR/capture_traces/) so replayed kernels map back to modules.
     mark_trace: bool = False
+    log_stats: bool = True  # the serving engine's periodic stats line (engine/stats_logger.py)
     device: str = "cpu"  # "cpu" or "cuda"

@@ -30,6 +30,7 @@ from atom.engine.gc_defer import (
 from atom.engine.outputs import EngineCoreOutput
 from atom.engine.request import Request
 from atom.engine.scheduler import SchedulerStats
+from atom.engine.stats_logger import StatsLogger
 from atom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class _CoreLoop:
         self.eos = config_eos(core.config)
         self.running = True
         self.stale_stats = False  # scheduler state changed since the last stats sent
+        self.stats_logger = StatsLogger(core.stats()) if core.config.log_stats else None
 
     def run(self) -> None:
         while self.running:
@@ -160,13 +162,20 @@ class _CoreLoop:
             if os.getppid() != self.parent:  # a getppid per step costs ~1 us
                 logger.warning("front end is gone: engine core exits")
                 return
-            if self.running and self.core.has_work():
+            stepped = self.running and self.core.has_work()
+            if stepped:
                 outputs = self.core.step()
-                self.outbox.send(self.encoder.encode(Outputs(outputs, self.core.stats())))
+                stats = self.core.stats()
+                self.outbox.send(self.encoder.encode(Outputs(outputs, stats)))
                 self.stale_stats = False
-            elif self.running and self.stale_stats:  # an abort on an idle core freed blocks
-                self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
-                self.stale_stats = False
+                if self.stats_logger is not None:
+                    self.stats_logger.update(stats, stepped=True)
+            else:
+                if self.running and self.stale_stats:  # an abort on an idle core freed blocks
+                    self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
+                    self.stale_stats = False
+                if self.stats_logger is not None:
+                    self.stats_logger.update(self.core.stats(), stepped=False)
 
     def _handle(self, msg: CoreInput) -> None:
         core = self.core

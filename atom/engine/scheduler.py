@@ -44,6 +44,9 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
+    num_prompt_tokens: int = 0  # prefill tokens scheduled since start: admissions and chunks
+    # of over one token (a recompute after preemption included)
+    num_generation_tokens: int = 0  # tokens sampled since start
 
 
 class Scheduler:
@@ -67,6 +70,8 @@ class Scheduler:
         # their next step sends them whole again.
         self._unsent: set[str] = set()
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # stats: prefill tokens scheduled, tokens sampled
+        self.num_generation_tokens = 0
 
     # ---- requests in and out ----
     def add_request(self, req: Request) -> None:
@@ -116,6 +121,7 @@ class Scheduler:
             num_new = req.num_tokens + req.num_pending - req.num_computed_tokens
             if num_new > 1:  # a prefill chunk (a decode is 1 token: within any budget)
                 num_new = self._chunk(num_new, budget)
+                self.num_prompt_tokens += num_new
             new_block_ids = self.kv.allocate_slots(req, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
@@ -196,6 +202,7 @@ class Scheduler:
             out.new_reqs.append(self._new_request_data(req))
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+            self.num_prompt_tokens += num_new
             self._advance(req, num_new)
         return budget
 
@@ -235,6 +242,7 @@ class Scheduler:
         outputs: list[EngineCoreOutput] = []
         requests, prompt_logprobs_of = self.requests, result.prompt_logprobs
         running_finished = False
+        num_generated = 0
         for idx, req_id in enumerate(result.req_ids):
             req = requests.get(req_id)
             if req is None:
@@ -264,6 +272,7 @@ class Scheduler:
                     self._free(req)
                 else:
                     running_finished = True
+            num_generated += len(new_tokens)
             if not new_tokens and not prompt_logprobs:
                 continue
             logprobs = result.logprobs[idx]
@@ -283,6 +292,7 @@ class Scheduler:
             for req in [r for r in self.running if r.status.finished]:
                 self._free(req)
             self.running = [r for r in self.running if not r.status.finished]
+        self.num_generation_tokens += num_generated
         return outputs
 
     def _new_prompt_logprobs(
@@ -331,4 +341,6 @@ class Scheduler:
             prefix_cache_queries=self.kv.prefix_query_tokens,
             prefix_cache_hits=self.kv.prefix_hit_tokens,
             num_preemptions=self.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
         )

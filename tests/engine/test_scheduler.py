@@ -92,6 +92,8 @@ def test_chunked_prefill_chunk_sizes_and_block_ids() -> None:
         assert (out["a"].new_token_ids if out else []) == sampled
     assert out["a"].finish_reason == "length"
     assert all_free(scheduler)
+    stats = scheduler.stats()  # the stats line's totals: three chunks, three sampled tokens
+    assert (stats.num_prompt_tokens, stats.num_generation_tokens) == (80, 3)
 
     sched = scheduler.schedule()
     assert sched.finished_req_ids == {"a"}
@@ -402,6 +404,7 @@ def test_same_prompt_requests_share_prompt_blocks() -> None:
     assert (out["a"].num_cached_tokens, out["b"].num_cached_tokens) == (0, 32)
     stats = scheduler.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (80, 32)
+    assert stats.num_prompt_tokens == 48  # the prefix cache's 32 tokens were not computed
     assert (stats.num_running, stats.num_waiting, stats.num_free_blocks) == (2, 0, 4)
     assert stats.kv_cache_usage == 0.5
 

@@ -97,13 +97,13 @@ def alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "atom.entrypoints.openai_server", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), *args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
@@ -164,7 +164,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     args += ["--disable-uvicorn-access-log", "--timeout-keep-alive", "3"]
     # Small steps: long prompts prefill in chunks, as on a busy server.
     args += ["--trust-request-chat-template", "--max-num-batched-tokens", "64"]
-    proc = ServerProcess(args, tmp / "server.log")
+    # The engine's stats line every 0.2 s of work, so that a test sees one.
+    proc = ServerProcess(args, tmp / "server.log", {"ATOM_LOG_STATS_INTERVAL": "0.2"})
     proc.wait_ready()
     yield proc
     children = set()

@@ -56,6 +56,18 @@ def test_metrics_count_tokens(client: openai.OpenAI, http: httpx.Client) -> None
     assert after[0] - before[0] == 3 and after[1] - before[1] == 4
 
 
+def test_engine_logs_a_stats_line_while_it_works(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    """The engine core's periodic line (every 0.2 s of work in these tests, 10 s by default)."""
+    client.completions.create(model=MODEL_NAME, prompt="abcd", max_tokens=60, temperature=0)
+    deadline = time.monotonic() + 10  # the core logs at its next pass, at most 0.5 s later
+    while "atom.engine.stats_logger" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    line = next(x for x in server.log().splitlines() if "atom.engine.stats_logger" in x)
+    assert " steps in " in line and "generation " in line and "KV cache " in line, line
+
+
 def test_profile(http: httpx.Client) -> None:
     assert http.post("/start_profile").json()["status"] == "success"
     http.post(COMPLETION, json={"model": MODEL_NAME, "prompt": "p", "max_tokens": 2})
@@ -216,6 +228,9 @@ def test_cli_flags() -> None:
     ns = make_parser().parse_args(["--torch-profiler-dir", "p", "--mark_trace"])
     engine = EngineArgs.from_cli_args(ns)
     assert engine.torch_profiler_dir == "p" and engine.mark_trace
+    assert not engine.disable_log_stats
+    ns = make_parser().parse_args(["--disable-log-stats"])
+    assert not EngineArgs.from_cli_args(ns).create_engine_config().log_stats
     assert load_chat_template("{{ messages }}") == "{{ messages }}"
     with pytest.raises(ValueError, match="neither"):
         load_chat_template("/no/such/file")
