@@ -47,22 +47,26 @@ class StatsLogger:
         self._clock = clock
         self._since = clock()
         self._steps = 0
+        self._last_step = self._since
         self._last = baseline  # the counters at the last line
 
     def update(self, stats: SchedulerStats, stepped: bool) -> str | None:
         """Once per pass of the core loop, stepped or idle: logs (and returns) a line once the
-        interval since the last one is over, if a step ran in it. An idle interval starts the
-        next one afresh, so a line never averages over time nobody asked anything."""
+        interval since the last one is over, if a step ran in it. Idle time counts in no line:
+        an idle pass starts the next interval afresh, and a line logged after its steps ended
+        covers them up to the last one."""
         now = self._clock()
         if stepped:
             self._steps += 1
+            self._last_step = now
         elif self._steps == 0:
             self._since = now
             return None
-        elapsed = now - self._since
-        if elapsed < self.interval_s:
+        if now - self._since < self.interval_s:
             return None
-        line = self.line(stats, elapsed)
+        # Gone idle: the line ends at its last step, not at the idle pass that logs it.
+        elapsed = now - self._since if stepped else self._last_step - self._since
+        line = self.line(stats, max(elapsed, 1e-9))
         logger.info("%s", line)
         self._since, self._steps, self._last = now, 0, stats
         return line

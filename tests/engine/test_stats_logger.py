@@ -56,10 +56,10 @@ def test_a_line_per_interval_with_rates_since_the_last_line(
     clock.now = 4.0
     second = log.update(stats(num_prompt_tokens=1007, num_generation_tokens=803), stepped=True)
     assert second is None  # 1.5 s into the next interval
-    clock.now = 4.5
+    clock.now = 4.5  # gone idle: the line covers 2.5-4.0 s, up to its last step
     second = log.update(stats(num_prompt_tokens=1007, num_generation_tokens=803), stepped=False)
-    assert second is not None and second.startswith("1 steps in 2.0 s (2000.00 ms each)")
-    assert "prompt 0.0 tok/s, generation 150.0 tok/s" in second
+    assert second is not None and second.startswith("1 steps in 1.5 s (1500.00 ms each)")
+    assert "prompt 0.0 tok/s, generation 200.0 tok/s" in second
 
 
 def test_idle_time_starts_the_next_interval_afresh() -> None:
@@ -70,10 +70,10 @@ def test_idle_time_starts_the_next_interval_afresh() -> None:
         assert log.update(ZERO, stepped=False) is None
     clock.now = 101.0
     assert log.update(stats(num_generation_tokens=10), stepped=True) is None
-    clock.now = 102.0
+    clock.now = 102.5
     line = log.update(stats(num_generation_tokens=10), stepped=False)
-    assert line is not None and line.startswith("1 steps in 2.0 s")
-    assert "generation 5.0 tok/s" in line
+    assert line is not None and line.startswith("1 steps in 1.0 s")  # the idle pass at 100 s
+    assert "generation 10.0 tok/s" in line
 
 
 @pytest.mark.parametrize(
