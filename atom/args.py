@@ -84,6 +84,7 @@ class EngineArgs:
     enforce_eager: bool = False
     level: int = 3
     cudagraph_capture_sizes: list[int] | None = None
+    mixed_graph_max_tokens: int = 2048
     device: str | None = None  # None = cuda when available, else cpu
     torch_profiler_dir: str | None = None
     mark_trace: bool = False
@@ -156,6 +157,13 @@ class EngineArgs:
         a("--enforce-eager", action="store_true")
         a("--level", type=int, default=d.level, choices=[0, 1, 2, 3])
         a("--cudagraph-capture-sizes", type=ast.literal_eval, default=None, help='e.g. "[1,2,4,8]"')
+        a(
+            "--mixed-graph-max-tokens",
+            type=int,
+            default=d.mixed_graph_max_tokens,
+            help="CUDA graphs for steps that are not decode-only (prefill chunks beside decode "
+            "rows) of up to this many tokens, padded to the next captured size; 0: off",
+        )
         a("--device", default=None, choices=["cpu", "cuda"])
         a(
             "--torch-profiler-dir",
@@ -232,7 +240,9 @@ class EngineArgs:
                 async_scheduling=self.async_scheduling,
             ),
             parallel=ParallelConfig(self.tensor_parallel_size, self.disable_custom_all_reduce),
-            compilation=CompilationConfig(self.level, self.enforce_eager, sizes),
+            compilation=CompilationConfig(
+                self.level, self.enforce_eager, sizes, self.mixed_graph_max_tokens
+            ),
             torch_profiler_dir=self.torch_profiler_dir,
             mark_trace=self.mark_trace,
             log_stats=not self.disable_log_stats,

@@ -136,15 +136,28 @@ class ParallelConfig:
         return self.tensor_parallel_size
 
 
+# Mixed steps' graph sizes (tokens): a step of T tokens pads to the first size >= T, which adds up
+# to 50% to its GPU work (to 100% below 512 tokens, where a small model's step is host-bound
+# many times over): the host's saving (~0.5-1 ms a layer of an ungraphed step) outweighs it.
+MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
 @dataclass(frozen=True, slots=True)
 class CompilationConfig:
     level: int = 3  # 0 eager, 1 Dynamo check, 2 Inductor once, 3 piecewise
     enforce_eager: bool = False  # no torch.compile, no CUDA graphs
     cudagraph_capture_sizes: tuple[int, ...] | None = None  # None = [1,2,4,8]+range(16,N+1,16)
+    # Steps that are not decode-only (prefill chunks beside decode rows) of up to this many
+    # tokens replay a graph of the next MIXED_GRAPH_TOKENS size (executor/mixed_graphs.py); 0: off.
+    mixed_graph_max_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2, 3):
             raise ValueError(f"level must be 0, 1, 2 or 3, got {self.level}")
+        if self.mixed_graph_max_tokens < 0:
+            raise ValueError(
+                f"mixed_graph_max_tokens must be >= 0, got {self.mixed_graph_max_tokens}"
+            )
         if self.cudagraph_capture_sizes is not None and any(
             s < 1 for s in self.cudagraph_capture_sizes
         ):
@@ -158,6 +171,15 @@ class CompilationConfig:
         if sizes is None:
             sizes = (1, 2, 4, 8, *range(16, max_num_seqs + 1, 16))
         return sorted({s for s in sizes if s <= max_num_seqs})
+
+    def mixed_graph_sizes(self, max_num_batched_tokens: int) -> list[int]:
+        """Token counts of the mixed steps' graphs: MIXED_GRAPH_TOKENS up to the first that holds
+        mixed_graph_max_tokens, none past the token budget (a step has no more tokens)."""
+        cap = min(self.mixed_graph_max_tokens, max_num_batched_tokens)
+        if cap <= 0:
+            return []
+        sizes = [s for s in MIXED_GRAPH_TOKENS if s < cap]
+        return [*sizes, min(next((s for s in MIXED_GRAPH_TOKENS if s >= cap), cap), cap)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,8 @@
 #   peer     vLLM 0.26.0 on the same workloads (bundle parts: ~/peer/part-aa from an earlier call,
 #            .peer/vllm-0.26.0.tar.xz.part-ab in this one; see ../shared/peer/README.md)
 #   peer_serving  vLLM's OpenAI server and ours on the peer's random Qwen3-0.6B, benchmark_serving
-#            against each (PEER_CONCURRENCY=, default "16 64 256"; vLLM unpacked as for peer)
+#            against each (PEER_CONCURRENCY=, default "16 64 256"; PEER_ENGINES=, default
+#            "vllm atom", the servers in turn; vLLM unpacked as for peer)
 #   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
 #            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
@@ -373,11 +374,12 @@ stage_peer() {
 # benchmark_serving at PEER_CONCURRENCY (default "16 64 256"; serving_sweep.sh's workload):
 # $OUT/serving_peer.tgz. Needs vLLM as the peer stage does.
 stage_peer_serving() {
-    local peer engine rc=0 dir=/tmp/atom-serving/peer
+    local peer engine n=0 rc=0 dir=/tmp/atom-serving/peer
     peer_unpack
     rm -rf "$dir"  # an earlier call's results in this lease
-    for engine in vllm atom; do
-        SERVER=$engine bash benchmarks/serving_sweep.sh ~/qwen3-rand "$dir/$engine" \
+    for engine in ${PEER_ENGINES:-vllm atom}; do  # e.g. "atom vllm atom": does the order matter?
+        n=$((n + 1))
+        SERVER=$engine bash benchmarks/serving_sweep.sh ~/qwen3-rand "$dir/$n-$engine" \
             "${PEER_CONCURRENCY:-16 64 256}" --max-model-len 4096 --max-num-seqs 256 \
             | sed "s/^/$engine: /" || rc=1
     done

@@ -140,7 +140,7 @@ class DecodeGraphs:
                     self.warmup_seconds[key] = time.perf_counter() - start
                     start = time.perf_counter()
                     graph = torch.cuda.CUDAGraph()
-                    with _capturing(graph, pool, stream):
+                    with capturing(graph, pool, stream):
                         self._outputs[key] = forward(size, cap)
                     pool = graph.pool() if pool is None else pool
                     self._graphs[key] = graph
@@ -150,14 +150,14 @@ class DecodeGraphs:
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     graph = torch.cuda.CUDAGraph()
-                    with _capturing(graph, pool, stream):
+                    with capturing(graph, pool, stream):
                         self._sampled[size] = sample(size)
                     self._samplers[size] = graph
                     self.capture_seconds += time.perf_counter() - start
         finally:
             gc.unfreeze()
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (_capturing)
+        torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (capturing)
 
     def release(self, sync: bool = True) -> None:
         """Destroy every graph now, not when the last reference goes: NCCL's communicators
@@ -197,7 +197,7 @@ class DecodeGraphs:
 
 
 @contextmanager
-def _capturing(
+def capturing(
     graph: torch.cuda.CUDAGraph, pool: object, stream: torch.cuda.Stream
 ) -> Iterator[None]:
     """torch.cuda.graph without its empty_cache: that gives the allocator's cached blocks back to

@@ -59,6 +59,8 @@ class StepInputs:
     # (token index, request) of decode inputs still being sampled by the step in flight: their
     # input_ids entries are placeholders until the runner copies them on the device.
     pending_inputs: list[tuple[int, str]] = field(default_factory=list)
+    num_tokens: int = 0  # the step's own tokens (input_ids may hold padding after them)
+    mixed_graph: bool = False  # padded for a mixed step's graph (pad_mixed)
 
     @property
     def is_decode_only(self) -> bool:
@@ -192,9 +194,13 @@ def build_step_inputs(
     block_size: int,
     buffers: StepBuffers,
     pad_to: Callable[[int], int | None] = lambda n: None,
+    pad_mixed: Callable[[int], tuple[int, int] | None] = lambda n: None,
 ) -> StepInputs:
     """Writes the step's flat inputs into `buffers`. A decode-only batch of B sequences for which
-    pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1)."""
+    pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1). Any other
+    step of T tokens for which pad_mixed(T) gives (T', S') is padded to T' tokens (id 0,
+    position 0, slot -1) in S' sequences: the B + 1st, if any, owns the padding tokens, and every
+    padding sequence has seq_len 0 (executor/mixed_graphs.py)."""
     req_ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
     if sched.total_num_scheduled_tokens == len(req_ids):
         # One token each: longest context first. Decode attention launches its programs in
@@ -248,22 +254,35 @@ def build_step_inputs(
     max_query_len = max(b - a for a, b in itertools.pairwise(qsl))
     decode_only = max_query_len == 1 and len(sample_rows) == num_seqs and not spans
     padded = pad_to(num_seqs) if decode_only else None
+    mixed = None if padded is not None else pad_mixed(t)
     # Row i holds request i's block ids; its columns past the request's own blocks hold stale
     # ids, and padding rows stale rows: attention reads only a row's seq_len worth of blocks.
     table = b.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
     table[:] = rows.table[row_ids, :max_blocks]
+    num_real_tokens = t
     if padded is not None and padded > num_seqs:
         b.ids_np[t:padded] = 0
         b.pos_np[t:padded] = 0
         b.slots_np[t:padded] = -1
-        seq_lens += [0] * (padded - num_seqs)
-        qsl += list(range(t + 1, padded + 1))
+        seq_lens = seq_lens + [0] * (padded - num_seqs)
+        qsl = qsl + list(range(t + 1, padded + 1))
         b.tables_np[num_seqs * max_blocks : padded * max_blocks] = 0
         num_seqs = t = padded
+    elif mixed is not None:
+        tokens, seqs = mixed
+        assert tokens >= t and seqs >= num_seqs, (mixed, t, num_seqs)
+        b.ids_np[t:tokens] = 0
+        b.pos_np[t:tokens] = 0
+        b.slots_np[t:tokens] = -1
+        seq_lens = seq_lens + [0] * (seqs - num_seqs)
+        qsl = qsl + [tokens] * (seqs - num_seqs)
+        b.tables_np[num_seqs * max_blocks : seqs * max_blocks] = 0
+        num_seqs, t = seqs, tokens
     b.seq_lens_np[:num_seqs] = seq_lens
     b.qsl_np[: num_seqs + 1] = qsl
     b.logits_np[: len(logits_indices)] = logits_indices
-    tables = b.upload(t, num_seqs, max_blocks, len(logits_indices), padded is not None)
+    graph = padded is not None or mixed is not None
+    tables = b.upload(t, num_seqs, max_blocks, len(logits_indices), graph)
     attn = AttentionMetadata(
         slot_mapping=b.slot_mapping[:t],
         block_tables=tables,
@@ -283,6 +302,8 @@ def build_step_inputs(
         sample_rows=sample_rows,
         prompt_logprob_spans=spans,
         pending_inputs=pending,
+        num_tokens=num_real_tokens,
+        mixed_graph=mixed is not None,
     )
 
 

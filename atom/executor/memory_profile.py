@@ -1,9 +1,10 @@
 """The runner's GPU memory accounting: the bytes the KV cache may take.
 
 At `--gpu-memory-utilization` u of the device: u * total, less the peak of a forward at the full
-token budget with its LM head and sampler, less the CUDA graphs' pool (the activations of the
-largest captured decode batch and the logits buffer every graph writes), less what other
-processes hold. Measured once, before the cache exists; every rank then takes the smallest.
+token budget with its LM head and sampler, less the CUDA graphs' pools (the activations of the
+largest captured decode batch and the logits buffer every graph writes; the largest mixed step's
+activations), less what other processes hold. Measured once, before the cache exists; every
+rank then takes the smallest.
 """
 
 from __future__ import annotations
@@ -62,21 +63,30 @@ def free_memory_for_kv(runner: ModelRunner) -> int:
 
 
 def graph_memory_estimate(runner: ModelRunner) -> int:
-    """The CUDA graphs' pool: the activations of the largest captured decode batch, plus the
-    logits buffer every graph writes."""
+    """The CUDA graphs' pools: the activations of the largest captured decode batch, plus the
+    logits buffer every graph writes, plus (their own pool) the activations of the largest mixed
+    step's graph."""
+    mixed = _activation_peak(runner, runner.mixed_sizes[-1]) if runner.mixed_sizes else 0
     if not runner.capture_sizes:
-        return 0
-    device = runner.device
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+        return mixed
     n = runner.capture_sizes[-1]
-    with set_forward_context(ForwardContext(runner.attn_layers, None)):
-        hidden = runner.forward(runner.buffers.input_ids[:n], runner.buffers.positions[:n])
-    torch.cuda.synchronize(device)
-    del hidden
+    decode = _activation_peak(runner, n)
     head = runner.model.lm_head
     # The graphs' shared logits; with tensor parallelism the graphs also hold the shard's output,
     # the gathered parts, NCCL's flat buffer and their concatenation.
     copies = 1 if tp_world_size() == 1 else 4
     logits = copies * n * head.padded_vocab_size * head.weight.element_size()
-    return torch.cuda.max_memory_allocated(device) - base + logits
+    return decode + logits + mixed
+
+
+def _activation_peak(runner: ModelRunner, num_tokens: int) -> int:
+    """Bytes a forward of num_tokens allocates at its peak, past what is allocated before it."""
+    device = runner.device
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ids, positions = runner.buffers.input_ids[:num_tokens], runner.buffers.positions[:num_tokens]
+    with set_forward_context(ForwardContext(runner.attn_layers, None)):
+        hidden = runner.forward(ids, positions)
+    torch.cuda.synchronize(device)
+    del hidden
+    return torch.cuda.max_memory_allocated(device) - base

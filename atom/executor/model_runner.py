@@ -28,6 +28,7 @@ from atom.executor.input_batch import (
 )
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.memory_profile import free_memory_for_kv
+from atom.executor.mixed_graphs import MixedGraphs
 from atom.executor.precompile import StandIn, attend_padding_rows, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
@@ -97,6 +98,12 @@ class ModelRunner:
         # Compilation is a GPU matter: on the CPU the reference kernels run eagerly.
         self.compiled_forward = compile_forward(self.model, comp.level if fast else 0)
         self.graphs: DecodeGraphs | None = None
+        # Mixed steps' graphs: plain attention (MLA's prefill path differs) on one GPU (a
+        # graph's all-reduce at thousands of tokens is not the custom one's size).
+        plain = all(type(layer) is Attention for layer in self.attn_layers)
+        mixed = fast and plain and config.parallel.tensor_parallel_size == 1
+        self.mixed_sizes = comp.mixed_graph_sizes(sched.max_num_batched_tokens) if mixed else []
+        self.mixed_graphs: MixedGraphs | None = None
         self._graph_logits = torch.empty(0)  # the graphs' shared logits, made with them
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -206,6 +213,8 @@ class ModelRunner:
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         if self.capture_sizes:
             self._capture_graphs()
+        if self.mixed_sizes:
+            self._capture_mixed_graphs()
         if self.device.type == "cuda":
             self._load_lm_head_kernels()
 
@@ -295,6 +304,54 @@ class ModelRunner:
             self.graphs.capture_seconds,
         )
 
+    @torch.inference_mode()
+    def _capture_mixed_graphs(self) -> None:
+        start = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device)
+        b, seqs = self.buffers, self.config.scheduler.max_num_seqs
+        n = self.mixed_sizes[-1]
+        b.input_ids[:n].zero_()
+        b.positions[:n].zero_()
+        b.slot_mapping[:n].fill_(-1)  # nothing written ...
+        b.seq_lens[:seqs].zero_()
+        b.query_start_loc[: seqs + 1].zero_()  # ... and no query row in any sequence
+        self.mixed_graphs = MixedGraphs(self.mixed_sizes)
+        self.mixed_graphs.capture(self._mixed_forward)
+        logger.info(
+            "captured %d CUDA graphs of mixed steps (%d..%d tokens) in %.1f s, %.2f GiB; "
+            "warm-ups %.1f s, captures %.1f s",
+            len(self.mixed_graphs),
+            self.mixed_sizes[0],
+            n,
+            time.perf_counter() - start,
+            (torch.cuda.memory_reserved(self.device) - before) / 2**30,
+            self.mixed_graphs.warmup_seconds,
+            self.mixed_graphs.capture_seconds,
+        )
+
+    def _mixed_forward(self, size: int) -> Tensor:
+        """Hidden states of a mixed step padded to `size` tokens in max_num_seqs sequences, read
+        from the step buffers: what the mixed graphs capture (executor/mixed_graphs.py)."""
+        b, seqs = self.buffers, self.config.scheduler.max_num_seqs
+        meta = AttentionMetadata(
+            slot_mapping=b.slot_mapping[:size],
+            block_tables=b.block_tables[:seqs],
+            seq_lens=b.seq_lens[:seqs],
+            query_start_loc=b.query_start_loc[: seqs + 1],
+            seq_lens_cpu=[],
+            query_start_loc_cpu=[],
+            max_query_len=size,  # a launch whose q-blocks hold any query of the step
+            max_seq_len=self.config.scheduler.max_model_len,
+        )
+        with set_forward_context(ForwardContext(self.attn_layers, meta)):
+            return self.forward(b.input_ids[:size], b.positions[:size])
+
+    def _pad_mixed(self, num_tokens: int) -> tuple[int, int] | None:
+        if self.mixed_graphs is None:
+            return None
+        size = self.mixed_graphs.padded_size(num_tokens)
+        return None if size is None else (size, self.config.scheduler.max_num_seqs)
+
     def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
         """Logits of a decode batch of `size` rows read from the step buffers: what the graphs
         capture. Attention's grid depends only on the shapes and max_seq_len, fixed here. Every
@@ -345,6 +402,9 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release(sync)
             self.graphs = None
+        if self.mixed_graphs is not None:
+            self.mixed_graphs.release(sync)
+            self.mixed_graphs = None
 
     # ---- torch profiler ----
     def start_profile(self) -> None:
@@ -367,7 +427,9 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput
-        inputs = build_step_inputs(sched, self.states, self.block_size, self.buffers, self._pad_to)
+        inputs = build_step_inputs(
+            sched, self.states, self.block_size, self.buffers, self._pad_to, self._pad_mixed
+        )
         if inputs.pending_inputs:
             self._fill_pending_inputs(inputs.pending_inputs)
         rows = [self.states[inputs.req_ids[i]] for i in inputs.sample_rows]
@@ -375,7 +437,12 @@ class ModelRunner:
         sampling = build_sampling_metadata(rows, self.buffers) if rows else None
         self.buffers.staged()
         num_rows = inputs.input_ids.shape[0]
-        graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
+        graph = (
+            self.graphs is not None
+            and inputs.is_decode_only
+            and not inputs.mixed_graph
+            and num_rows in self.graphs
+        )
         # The step's device work, from the forward to the copy of the sampled ids, labelled
         # while the profiler runs (the label is not built otherwise).
         label = nullcontext()
@@ -463,8 +530,12 @@ class ModelRunner:
             # are the first rows in order (a view: no gather kernel, no wait on its indices).
             logits = self.graphs.replay(num_rows, inputs.attn.max_seq_len)
             return logits[: len(inputs.sample_rows)], {}
-        with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
-            hidden = self.forward(inputs.input_ids, inputs.positions)
+        if inputs.mixed_graph:
+            assert self.mixed_graphs is not None
+            hidden = self.mixed_graphs.replay(inputs.input_ids.shape[0])[: inputs.num_tokens]
+        else:
+            with set_forward_context(ForwardContext(self.attn_layers, inputs.attn)):
+                hidden = self.forward(inputs.input_ids, inputs.positions)
         prompt_logprobs = prompt_logprob_entries(
             inputs, hidden, self.states, self.model.compute_logits
         )

@@ -71,6 +71,46 @@ def test_decode_batch_padded_for_a_graph() -> None:
     assert inputs.req_ids == list("xyz")
 
 
+def test_mixed_step_padded_for_a_graph() -> None:
+    """A step that is not decode-only, padded as a mixed graph replays it: tokens to 12 (id 0,
+    position 0, slot -1), sequences to 5; the third owns the padding tokens, all three pad
+    sequences have seq_len 0."""
+    states = {
+        "a": _state("a", list(range(10, 20)), [], [7, 3, 9], 4),  # prefill chunk 4..10
+        "b": _state("b", [1, 2, 3], [5], [2], 3),  # decode of its 4th token
+    }
+    sched = SchedulerOutput(
+        cached_reqs=[CachedRequestData("a", [], 4), CachedRequestData("b", [], 3)],
+        num_scheduled_tokens={"a": 6, "b": 1},
+        total_num_scheduled_tokens=7,
+    )
+    bufs = _buffers()
+    bufs.slots_np[:] = 99  # stale values from an earlier step must not survive padding
+    asked = []
+
+    def pad_mixed(n: int) -> tuple[int, int]:
+        asked.append(n)
+        return 12, 5
+
+    inputs = build_step_inputs(sched, states, BS, bufs, lambda n: 8, pad_mixed)
+    assert asked == [7] and inputs.mixed_graph and inputs.num_tokens == 7
+    assert inputs.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 5, 0, 0, 0, 0, 0]
+    assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 3, 0, 0, 0, 0, 0]
+    assert inputs.attn.slot_mapping.tolist() == [12, 13, 14, 15, 36, 37, 11] + [-1] * 5
+    assert inputs.attn.seq_lens.tolist() == [10, 4, 0, 0, 0]
+    assert inputs.attn.query_start_loc.tolist() == [0, 6, 7, 12, 12, 12]
+    table = inputs.attn.block_tables  # the static table's rows, as a graph reads them
+    assert table.data_ptr() == bufs.block_tables.data_ptr() and table.shape == (5, 3)
+    assert table.tolist() == [[7, 3, 9], [2, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert inputs.logits_indices.tolist() == [5, 6]  # the real rows' last tokens
+    assert inputs.req_ids == ["a", "b"] and inputs.sample_rows == [0, 1]
+
+    # Without a graph that fits, the step is left as it is.
+    plain = build_step_inputs(sched, states, BS, _buffers(), lambda n: 8, lambda n: None)
+    assert not plain.mixed_graph and plain.input_ids.shape[0] == 7
+    assert plain.attn.query_start_loc.tolist() == [0, 6, 7]
+
+
 def test_decode_batch_runs_longest_context_first() -> None:
     """A decode step's rows go longest context first (attention launches its programs in batch
     order), every per-row input moving with its request; a step with a prefill keeps the

@@ -12,6 +12,7 @@ import transformers
 
 from atom import LLM, SamplingParams, custom_all_reduce, distributed
 from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.mixed_graphs import MixedGraphs
 from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, short_decode_tiles
 from tests.gpu.conftest import SMALL_ENGINE, unwarmed_sizes_change_no_token
 
@@ -151,6 +152,30 @@ def test_graph_sampling_matches_eager(checkpoint: Path, monkeypatch: pytest.Monk
     assert replays, "no step drew through the sampler's graph"
     assert run(logprobs, level=0) == eager  # the eager sampler after a replay: the same draws
     assert not replays, "a step with a logprobs row took the plain draw's graph"
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_mixed_step_graphs_change_no_token(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, level: int
+) -> None:
+    """Steps that are not decode-only replay a mixed graph padded to the next size (here those
+    of up to 256 tokens; the 512-token chunks run ungraphed in the same run): tokens as eager."""
+    chunked = {"dtype": "float32", "max_num_batched_tokens": 512}
+    eager = _tokens(checkpoint, enforce_eager=True, **chunked)
+    replayed: list[int] = []
+    replay = MixedGraphs.replay
+
+    def spy(self: MixedGraphs, size: int) -> torch.Tensor:
+        replayed.append(size)
+        return replay(self, size)
+
+    monkeypatch.setattr(MixedGraphs, "replay", spy)
+    mixed = _tokens(checkpoint, level=level, mixed_graph_max_tokens=256, **chunked)
+    assert mixed == eager
+    assert replayed and set(replayed) <= {16, 32, 64, 128, 256}, replayed
+    replayed.clear()
+    off = _tokens(checkpoint, level=level, mixed_graph_max_tokens=0, **chunked)
+    assert off == eager and not replayed
 
 
 @pytest.mark.parametrize("level", [0, 3])

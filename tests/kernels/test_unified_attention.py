@@ -240,6 +240,41 @@ def test_padding_rows_and_out_in_place(num_splits: int | None) -> None:
     assert torch.equal(out[3:].cpu(), torch.full((3, 4, 64), 7.0))  # not owned: untouched
 
 
+@pytest.mark.parametrize(
+    ("seqs", "tokens"),
+    [
+        ([(17, 1), (40, 7), (9, 9)], 32),  # 32 x 2 query rows: one q-block per sequence
+        ([(17, 1), (40, 7), (9, 9)], 17),  # no padding token, padding sequences only
+        (MIXED, 96),  # q-blocks found by search
+    ],
+)
+def test_mixed_graph_padding(seqs: list[tuple[int, int]], tokens: int) -> None:
+    """A step as a mixed step's CUDA graph launches it (executor/mixed_graphs.py): tokens padded
+    to `tokens`, sequences to twice as many plus one (seq_len 0, the first owning the padding
+    tokens), the longest query taken as `tokens` and the context as 4,096: the real rows are the
+    step's own attention, the padding rows zeros."""
+    batch = make_batch(
+        seqs, 8, 4, 64, extra_tokens=tokens - query_start_loc([q for _, q in seqs])[-1]
+    )
+    real = batch.rows
+    pad_seqs = len(seqs) + 1
+    seq_lens = [s for s, _ in seqs] + [0] * pad_seqs
+    qsl = batch.qsl + [tokens] * pad_seqs
+    tables = torch.cat(
+        [batch.tables, torch.zeros(pad_seqs, batch.tables.shape[1], dtype=torch.int32)]
+    )
+    out = torch.full_like(batch.query, 7.0).to(DEVICE)
+    unified_attention(
+        batch.query.to(DEVICE), batch.cache.to(DEVICE), tables.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        tokens, 4096, 0.125, out=out,
+    )  # fmt: skip
+    expected = batch.expected(torch.float32, scale=0.125)
+    torch.testing.assert_close(out[:real].cpu(), expected[:real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[real:].cpu(), torch.zeros(tokens - real, 8, 64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_many_short_decodes(dtype: torch.dtype) -> None:
     """Programs enough to cover every SM twice over short contexts: 64-token tiles, one stage
