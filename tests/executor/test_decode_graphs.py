@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from atom.executor.cuda_graphs import DecodeGraphs, context_caps
+from atom.executor.mixed_graphs import MixedGraphs
 from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
 from atom.kernels.attention_config import (
@@ -155,16 +156,23 @@ def test_release_destroys_every_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     graphs._graphs.update(made)  # type: ignore[arg-type]
     graphs._samplers.update(draws)  # type: ignore[arg-type]
     graphs._outputs.update({key: torch.zeros(1) for key in made})
+    mixed = MixedGraphs([16, 32])
+    mixed_made = {16: _ResetCounter(), 32: _ResetCounter()}
+    mixed._graphs.update(mixed_made)  # type: ignore[arg-type]
     runner = SimpleNamespace(
-        graphs=graphs, _join_precompile=lambda: None, profiler=SimpleNamespace(running=False)
+        graphs=graphs,
+        mixed_graphs=mixed,
+        _join_precompile=lambda: None,
+        profiler=SimpleNamespace(running=False),
     )
     ModelRunner.shutdown(runner)  # type: ignore[arg-type]
-    assert [g.resets for g in (*made.values(), *draws.values())] == [1] * 5
-    assert syncs == [1] and runner.graphs is None
-    assert len(graphs) == 0 and graphs.draw_graphs == 0 and 1 not in graphs
+    resets = [g.resets for g in (*made.values(), *draws.values(), *mixed_made.values())]
+    assert resets == [1] * 7
+    assert syncs == [1, 1] and runner.graphs is None and runner.mixed_graphs is None
+    assert len(graphs) == 0 and graphs.draw_graphs == 0 and 1 not in graphs and len(mixed) == 0
     # Where a rank died, a replay may wait for it forever: no sync, CUDA frees a graph in
     # flight when it completes.
     graphs._graphs[(1, 64)] = made[(1, 64)]  # type: ignore[assignment]
     runner.graphs = graphs
     ModelRunner.shutdown(runner, sync=False)  # type: ignore[arg-type]
-    assert made[(1, 64)].resets == 2 and syncs == [1] and runner.graphs is None
+    assert made[(1, 64)].resets == 2 and syncs == [1, 1] and runner.graphs is None
