@@ -248,7 +248,10 @@ def test_padding_rows_and_out_in_place(num_splits: int | None) -> None:
         (MIXED, 96),  # q-blocks found by search
     ],
 )
-def test_mixed_graph_padding(seqs: list[tuple[int, int]], tokens: int) -> None:
+@pytest.mark.parametrize(("window", "sinks"), [(None, False), (12, True)])
+def test_mixed_graph_padding(
+    seqs: list[tuple[int, int]], tokens: int, window: int | None, sinks: bool
+) -> None:
     """A step as a mixed step's CUDA graph launches it (executor/mixed_graphs.py): tokens padded
     to `tokens`, sequences to twice as many plus one (seq_len 0, the first owning the padding
     tokens), the longest query taken as `tokens` and the context as 4,096: the real rows are the
@@ -268,9 +271,11 @@ def test_mixed_graph_padding(seqs: list[tuple[int, int]], tokens: int) -> None:
         batch.query.to(DEVICE), batch.cache.to(DEVICE), tables.to(DEVICE),
         torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
-        tokens, 4096, 0.125, out=out,
+        tokens, 4096, 0.125, out=out, sliding_window=window,
+        sinks=_sinks(8).to(DEVICE) if sinks else None,
     )  # fmt: skip
-    expected = batch.expected(torch.float32, scale=0.125)
+    extra = {"sinks": _sinks(8)} if sinks else {}
+    expected = batch.expected(torch.float32, scale=0.125, sliding_window=window, **extra)
     torch.testing.assert_close(out[:real].cpu(), expected[:real], atol=1e-5, rtol=1e-5)
     assert torch.equal(out[real:].cpu(), torch.zeros(tokens - real, 8, 64))
 
