@@ -332,17 +332,9 @@ class ModelRunner:
     def _mixed_forward(self, size: int) -> Tensor:
         """Hidden states of a mixed step padded to `size` tokens in max_num_seqs sequences, read
         from the step buffers: what the mixed graphs capture (executor/mixed_graphs.py)."""
-        b, seqs = self.buffers, self.config.scheduler.max_num_seqs
-        meta = AttentionMetadata(
-            slot_mapping=b.slot_mapping[:size],
-            block_tables=b.block_tables[:seqs],
-            seq_lens=b.seq_lens[:seqs],
-            query_start_loc=b.query_start_loc[: seqs + 1],
-            seq_lens_cpu=[],
-            query_start_loc_cpu=[],
-            max_query_len=size,  # a launch whose q-blocks hold any query of the step
-            max_seq_len=self.config.scheduler.max_model_len,
-        )
+        sched, b = self.config.scheduler, self.buffers
+        # The longest query taken as the size: a launch whose q-blocks hold any query of a step.
+        meta = self._graph_meta(size, sched.max_num_seqs, size, sched.max_model_len)
         with set_forward_context(ForwardContext(self.attn_layers, meta)):
             return self.forward(b.input_ids[:size], b.positions[:size])
 
@@ -365,15 +357,21 @@ class ModelRunner:
         return self.model.compute_logits(hidden, out=self._graph_logits[:size])
 
     def _decode_meta(self, size: int, max_seq_len: int) -> AttentionMetadata:
+        return self._graph_meta(size, size, 1, max_seq_len)
+
+    def _graph_meta(
+        self, tokens: int, seqs: int, max_query_len: int, max_seq_len: int
+    ) -> AttentionMetadata:
+        """Attention metadata over the static step buffers, as a graph captures it."""
         b = self.buffers
         return AttentionMetadata(
-            slot_mapping=b.slot_mapping[:size],
-            block_tables=b.block_tables[:size],
-            seq_lens=b.seq_lens[:size],
-            query_start_loc=b.query_start_loc[: size + 1],
+            slot_mapping=b.slot_mapping[:tokens],
+            block_tables=b.block_tables[:seqs],
+            seq_lens=b.seq_lens[:seqs],
+            query_start_loc=b.query_start_loc[: seqs + 1],
             seq_lens_cpu=[],
             query_start_loc_cpu=[],
-            max_query_len=1,
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
 

@@ -24,7 +24,7 @@ def _buffers() -> StepBuffers:
     return StepBuffers(max_tokens=32, max_seqs=8, max_blocks=6, device=torch.device("cpu"))
 
 
-def test_mixed_batch_layout() -> None:
+def _chunk_beside_a_decode() -> tuple[dict[str, CachedRequestState], SchedulerOutput]:
     states = {
         "a": _state("a", list(range(10, 20)), [], [7, 3, 9], 4),  # prefill chunk 4..10
         "b": _state("b", [1, 2, 3], [5], [2], 3),  # decode of its 4th token
@@ -34,6 +34,11 @@ def test_mixed_batch_layout() -> None:
         num_scheduled_tokens={"a": 6, "b": 1},
         total_num_scheduled_tokens=7,
     )
+    return states, sched
+
+
+def test_mixed_batch_layout() -> None:
+    states, sched = _chunk_beside_a_decode()
     inputs = build_step_inputs(sched, states, BS, _buffers(), lambda n: 8)
     assert inputs.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 5]
     assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 3]
@@ -75,15 +80,7 @@ def test_mixed_step_padded_for_a_graph() -> None:
     """A step that is not decode-only, padded as a mixed graph replays it: tokens to 12 (id 0,
     position 0, slot -1), sequences to 5; the third owns the padding tokens, all three pad
     sequences have seq_len 0."""
-    states = {
-        "a": _state("a", list(range(10, 20)), [], [7, 3, 9], 4),  # prefill chunk 4..10
-        "b": _state("b", [1, 2, 3], [5], [2], 3),  # decode of its 4th token
-    }
-    sched = SchedulerOutput(
-        cached_reqs=[CachedRequestData("a", [], 4), CachedRequestData("b", [], 3)],
-        num_scheduled_tokens={"a": 6, "b": 1},
-        total_num_scheduled_tokens=7,
-    )
+    states, sched = _chunk_beside_a_decode()
     bufs = _buffers()
     bufs.slots_np[:] = 99  # stale values from an earlier step must not survive padding
     asked = []
