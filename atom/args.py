@@ -174,7 +174,7 @@ class EngineArgs:
             "--mark-trace",
             action="store_true",
             help="tag every module forward in profiler traces (host time on every eager "
-            "forward); with --torch-profiler-dir, also write a capture trace per CUDA graph "
+            "forward); with --torch-profiler-dir, also write a capture trace per decode CUDA graph "
             "(DIR/capture_traces/)",
         )
         a(

@@ -139,6 +139,7 @@ class ParallelConfig:
 # Mixed steps' graph sizes (tokens): a step of T tokens pads to the first size >= T, which adds up
 # to 50% to its GPU work (to 100% below 512 tokens, where a small model's step is host-bound
 # many times over): the host's saving (~0.5-1 ms a layer of an ungraphed step) outweighs it.
+# A --mixed-graph-max-tokens past 4096 adds that one size above them.
 MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 

@@ -44,8 +44,8 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
-    num_prompt_tokens: int = 0  # prefill tokens scheduled since start: admissions and chunks
-    # of over one token (a recompute after preemption included)
+    num_prompt_tokens: int = 0  # prefill tokens scheduled since start (a recompute after
+    # preemption included)
     num_generation_tokens: int = 0  # tokens sampled since start
 
 
@@ -121,7 +121,6 @@ class Scheduler:
             num_new = req.num_tokens + req.num_pending - req.num_computed_tokens
             if num_new > 1:  # a prefill chunk (a decode is 1 token: within any budget)
                 num_new = self._chunk(num_new, budget)
-                self.num_prompt_tokens += num_new
             new_block_ids = self.kv.allocate_slots(req, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
@@ -141,6 +140,8 @@ class Scheduler:
                 )
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+            if num_new > 1 or req.num_computed_tokens < len(req.prompt_token_ids):
+                self.num_prompt_tokens += num_new  # a prefill chunk (a decode is 1 token)
             self._advance(req, num_new)
             i += 1
         # A step that had to preempt admits nobody: the pool is full.

@@ -1,11 +1,12 @@
 """The engine core's periodic log line while it serves (vLLM's "Avg prompt throughput..." line).
 
 Every `interval` seconds in which a step ran, the core process logs what it did since the last
-line: steps and their mean period, prompt (prefill) and generated tokens per second, and the
-scheduler's state. It is measured where the steps run, so a front end that falls behind (a slow
-client, a busy event loop) does not bend the figures: compare them with what a client measured
-to see which side caps a serving run. `--disable-log-stats` turns it off; ATOM_LOG_STATS_INTERVAL
-sets the interval (seconds, default 10).
+line: steps and their mean period, prompt (prefill) and generated tokens per second, prefix-cache
+hits and preemptions in that time, and the scheduler's state. It is measured where the steps
+run, so a front end that falls behind (a slow client, a busy event loop) does not bend the
+figures: compare them with what a client measured to see which side caps a serving run.
+`--disable-log-stats` turns it off; ATOM_LOG_STATS_INTERVAL sets the interval (seconds,
+default 10).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class StatsLogger:
 
     def update(self, stats: SchedulerStats, stepped: bool) -> str | None:
         """Once per pass of the core loop, stepped or idle: logs (and returns) a line once the
-        interval since the last one is over, if a step ran in it. Idle time counts in no line:
-        an idle pass starts the next interval afresh, and a line logged after its steps ended
-        covers them up to the last one."""
+        interval since the last one is over, if a step ran in it. A line's time runs from the
+        pass before its first step to its last step: idle time before and after its steps counts
+        in no line, a pause between them does (the period is that time over the steps)."""
         now = self._clock()
         if stepped:
             self._steps += 1
@@ -83,5 +84,5 @@ class StatsLogger:
             f"running {stats.num_running}, waiting {stats.num_waiting}, "
             f"KV cache {100 * stats.kv_cache_usage:.1f}%, "
             f"prefix cache hits {100 * hits / queries if queries else 0.0:.1f}%, "
-            f"preemptions {stats.num_preemptions}"
+            f"preemptions {stats.num_preemptions - last.num_preemptions}"
         )

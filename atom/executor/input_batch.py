@@ -198,9 +198,9 @@ def build_step_inputs(
 ) -> StepInputs:
     """Writes the step's flat inputs into `buffers`. A decode-only batch of B sequences for which
     pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1). Any other
-    step of T tokens for which pad_mixed(T) gives (T', S') is padded to T' tokens (id 0,
-    position 0, slot -1) in S' sequences: the B + 1st, if any, owns the padding tokens, and every
-    padding sequence has seq_len 0 (executor/mixed_graphs.py)."""
+    step of T tokens (not decode-only) for which pad_mixed(T) gives (T', S'), S' > B, is padded
+    to T' tokens (id 0, position 0, slot -1) in S' sequences: the B + 1st owns the padding
+    tokens, and every padding sequence has seq_len 0 (executor/mixed_graphs.py)."""
     req_ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
     if sched.total_num_scheduled_tokens == len(req_ids):
         # One token each: longest context first. Decode attention launches its programs in
@@ -254,7 +254,7 @@ def build_step_inputs(
     max_query_len = max(b - a for a, b in itertools.pairwise(qsl))
     decode_only = max_query_len == 1 and len(sample_rows) == num_seqs and not spans
     padded = pad_to(num_seqs) if decode_only else None
-    mixed = None if padded is not None else pad_mixed(t)
+    mixed = None if decode_only else pad_mixed(t)  # a decode past every graph runs eagerly
     # Row i holds request i's block ids; its columns past the request's own blocks hold stale
     # ids, and padding rows stale rows: attention reads only a row's seq_len worth of blocks.
     table = b.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
@@ -270,7 +270,7 @@ def build_step_inputs(
         num_seqs = t = padded
     elif mixed is not None:
         tokens, seqs = mixed
-        assert tokens >= t and seqs >= num_seqs, (mixed, t, num_seqs)
+        assert tokens >= t and seqs > num_seqs, (mixed, t, num_seqs)
         b.ids_np[t:tokens] = 0
         b.pos_np[t:tokens] = 0
         b.slots_np[t:tokens] = -1

@@ -67,6 +67,7 @@ def graph_memory_estimate(runner: ModelRunner) -> int:
     logits buffer every graph writes, plus (their own pool) the activations of the largest mixed
     step's graph."""
     mixed = _activation_peak(runner, runner.mixed_sizes[-1]) if runner.mixed_sizes else 0
+    runner.mixed_graph_estimate = mixed  # set beside what the capture then takes
     if not runner.capture_sizes:
         return mixed
     n = runner.capture_sizes[-1]

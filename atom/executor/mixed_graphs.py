@@ -1,6 +1,7 @@
 """Whole-forward CUDA graphs of mixed steps: any step that is not decode-only (prefill chunks,
 alone or beside decode rows) of up to the largest size's tokens, one graph per token count of
-`CompilationConfig.mixed_graph_sizes`.
+`CompilationConfig.mixed_graph_sizes`. (A decode-only step larger than every decode graph runs
+eagerly, as before: a decode's launches differ, split-KV among them.)
 
 Why: an ungraphed step's host work is a fixed cost per layer (Dynamo's frame, the compiled
 pieces' wrappers, the custom ops' dispatch, ~0.5-1 ms a layer), not per token. A small model's
@@ -11,8 +12,8 @@ arrives, holding every stream's next token. A replay costs the host tens of micr
 The graphs cover the whole forward, attention included, not pieces between attention calls (the
 issue's "graphs over the pieces", vLLM's piecewise mode): the paged attention kernel's launch
 depends only on shapes and Python ints (kernels/unified_attention.py), so one graph serves any
-batch of up to T tokens in up to S sequences when it is captured for T tokens, S sequences and
-a query length of T:
+batch of up to T tokens in fewer than S sequences when it is captured for T tokens, S sequences
+and a query length of T (S is max_num_seqs + 1):
 - tokens past the step's pad to T: id 0, position 0, slot -1 (their K/V is written nowhere);
 - sequences past the step's pad to S with seq_len 0, the first of them owning the padding
   tokens: attention writes zeros there, and every other layer works row by row, so padding never

@@ -91,7 +91,7 @@ class ModelRunner:
         max_blocks = -(-sched.max_model_len // self.block_size)
         self.buffers = StepBuffers(
             max(sched.max_num_batched_tokens, *self.capture_sizes, 1),
-            sched.max_num_seqs,
+            sched.max_num_seqs + 1,  # a mixed graph's padding sequence (_mixed_seqs)
             max_blocks,
             self.device,
         )
@@ -104,6 +104,7 @@ class ModelRunner:
         mixed = fast and plain and config.parallel.tensor_parallel_size == 1
         self.mixed_sizes = comp.mixed_graph_sizes(sched.max_num_batched_tokens) if mixed else []
         self.mixed_graphs: MixedGraphs | None = None
+        self.mixed_graph_estimate = 0  # their pool's bytes in the KV budget (memory_profile.py)
         self._graph_logits = torch.empty(0)  # the graphs' shared logits, made with them
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -308,7 +309,7 @@ class ModelRunner:
     def _capture_mixed_graphs(self) -> None:
         start = time.perf_counter()
         before = torch.cuda.memory_reserved(self.device)
-        b, seqs = self.buffers, self.config.scheduler.max_num_seqs
+        b, seqs = self.buffers, self._mixed_seqs
         n = self.mixed_sizes[-1]
         b.input_ids[:n].zero_()
         b.positions[:n].zero_()
@@ -317,32 +318,47 @@ class ModelRunner:
         b.query_start_loc[: seqs + 1].zero_()  # ... and no query row in any sequence
         self.mixed_graphs = MixedGraphs(self.mixed_sizes)
         self.mixed_graphs.capture(self._mixed_forward)
+        taken = torch.cuda.memory_reserved(self.device) - before
         logger.info(
-            "captured %d CUDA graphs of mixed steps (%d..%d tokens) in %.1f s, %.2f GiB; "
-            "warm-ups %.1f s, captures %.1f s",
+            "captured %d CUDA graphs of mixed steps (%d..%d tokens) in %.1f s, %.2f GiB "
+            "(%.2f GiB in the KV budget); warm-ups %.1f s, captures %.1f s",
             len(self.mixed_graphs),
             self.mixed_sizes[0],
             n,
             time.perf_counter() - start,
-            (torch.cuda.memory_reserved(self.device) - before) / 2**30,
+            taken / 2**30,
+            self.mixed_graph_estimate / 2**30,
             self.mixed_graphs.warmup_seconds,
             self.mixed_graphs.capture_seconds,
         )
+        if self.mixed_graph_estimate and taken > 1.25 * self.mixed_graph_estimate + (64 << 20):
+            logger.warning(
+                "the mixed graphs took %.2f GiB, more than the %.2f GiB the KV budget left them: "
+                "lower --gpu-memory-utilization or --mixed-graph-max-tokens if memory runs out",
+                taken / 2**30,
+                self.mixed_graph_estimate / 2**30,
+            )
 
     def _mixed_forward(self, size: int) -> Tensor:
         """Hidden states of a mixed step padded to `size` tokens in max_num_seqs sequences, read
         from the step buffers: what the mixed graphs capture (executor/mixed_graphs.py)."""
-        sched, b = self.config.scheduler, self.buffers
+        b, max_len = self.buffers, self.config.scheduler.max_model_len
         # The longest query taken as the size: a launch whose q-blocks hold any query of a step.
-        meta = self._graph_meta(size, sched.max_num_seqs, size, sched.max_model_len)
+        meta = self._graph_meta(size, self._mixed_seqs, size, max_len)
         with set_forward_context(ForwardContext(self.attn_layers, meta)):
             return self.forward(b.input_ids[:size], b.positions[:size])
+
+    @property
+    def _mixed_seqs(self) -> int:
+        """A mixed graph's sequences: one more than a step can have, so that a padding sequence
+        (seq_len 0) always owns the padding tokens, whose attention rows are then zeros."""
+        return self.config.scheduler.max_num_seqs + 1
 
     def _pad_mixed(self, num_tokens: int) -> tuple[int, int] | None:
         if self.mixed_graphs is None:
             return None
         size = self.mixed_graphs.padded_size(num_tokens)
-        return None if size is None else (size, self.config.scheduler.max_num_seqs)
+        return None if size is None else (size, self._mixed_seqs)
 
     def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
         """Logits of a decode batch of `size` rows read from the step buffers: what the graphs

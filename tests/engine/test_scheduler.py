@@ -136,6 +136,14 @@ def test_new_request_joins_running_decodes() -> None:
     assert sched.num_scheduled_tokens == {"a": 1, "b": 31}
 
 
+def test_stats_count_a_one_token_last_chunk_as_prompt() -> None:
+    scheduler = make_scheduler(16, max_num_batched_tokens=32, max_model_len=128)
+    scheduler.add_request(make_request("a", 33, max_tokens=2))
+    run_to_completion(scheduler, FakeRunner(scheduler))  # chunks of 32 and 1, then a decode
+    stats = scheduler.stats()
+    assert (stats.num_prompt_tokens, stats.num_generation_tokens) == (33, 2)
+
+
 def test_long_prefill_token_threshold_caps_each_chunk() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=16)
     runner = FakeRunner(scheduler)

@@ -50,16 +50,18 @@ def test_a_line_per_interval_with_rates_since_the_last_line(
         )
     assert line == (
         "2 steps in 2.5 s (1250.00 ms each): prompt 400.0 tok/s, generation 200.0 tok/s; "
-        "running 3, waiting 1, KV cache 25.0%, prefix cache hits 25.0%, preemptions 2"
+        "running 3, waiting 1, KV cache 25.0%, prefix cache hits 25.0%, preemptions 2"  # since 0
     )
     assert caplog.messages == [line]
     clock.now = 4.0
     second = log.update(stats(num_prompt_tokens=1007, num_generation_tokens=803), stepped=True)
     assert second is None  # 1.5 s into the next interval
     clock.now = 4.5  # gone idle: the line covers 2.5-4.0 s, up to its last step
-    second = log.update(stats(num_prompt_tokens=1007, num_generation_tokens=803), stepped=False)
+    later = stats(num_prompt_tokens=1007, num_generation_tokens=803, num_preemptions=5)
+    second = log.update(later, stepped=False)
     assert second is not None and second.startswith("1 steps in 1.5 s (1500.00 ms each)")
     assert "prompt 0.0 tok/s, generation 200.0 tok/s" in second
+    assert second.endswith("preemptions 3")  # in this line's time
 
 
 def test_idle_time_starts_the_next_interval_afresh() -> None:

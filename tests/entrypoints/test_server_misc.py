@@ -59,13 +59,24 @@ def test_metrics_count_tokens(client: openai.OpenAI, http: httpx.Client) -> None
 def test_engine_logs_a_stats_line_while_it_works(
     server: ServerProcess, client: openai.OpenAI
 ) -> None:
-    """The engine core's periodic line (every 0.2 s of work in these tests, 10 s by default)."""
+    """The engine core's periodic line (every 0.2 s of work in these tests, 10 s by default),
+    one that counts this request's tokens."""
     client.completions.create(model=MODEL_NAME, prompt="abcd", max_tokens=60, temperature=0)
-    deadline = time.monotonic() + 10  # the core logs at its next pass, at most 0.5 s later
-    while "atom.engine.stats_logger" not in server.log() and time.monotonic() < deadline:
+    marker = "atom.engine.stats_logger"
+
+    def lines() -> list[str]:
+        server.log()  # flushes
+        return [x for x in server.log_path.read_text(errors="replace").splitlines() if marker in x]
+
+    time.sleep(1.0)  # the core logs at its next pass, at most 0.5 s after the last step
+    before = len(lines())
+    client.completions.create(model=MODEL_NAME, prompt="abcd", max_tokens=60, temperature=0)
+    deadline = time.monotonic() + 10
+    while len(lines()) == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    line = next(x for x in server.log().splitlines() if "atom.engine.stats_logger" in x)
-    assert " steps in " in line and "generation " in line and "KV cache " in line, line
+    line = lines()[-1]
+    assert " steps in " in line and "KV cache " in line, line
+    assert "generation 0.0 tok/s" not in line, line  # this request's tokens
 
 
 def test_profile(http: httpx.Client) -> None:

@@ -102,10 +102,32 @@ def test_mixed_step_padded_for_a_graph() -> None:
     assert inputs.logits_indices.tolist() == [5, 6]  # the real rows' last tokens
     assert inputs.req_ids == ["a", "b"] and inputs.sample_rows == [0, 1]
 
+    # The fewest sequences a mixed graph has: one more than the step's, owning the padding.
+    inputs = build_step_inputs(sched, states, BS, _buffers(), lambda n: 8, lambda n: (12, 3))
+    assert inputs.attn.seq_lens.tolist() == [10, 4, 0]
+    assert inputs.attn.query_start_loc.tolist() == [0, 6, 7, 12]
+
     # Without a graph that fits, the step is left as it is.
     plain = build_step_inputs(sched, states, BS, _buffers(), lambda n: 8, lambda n: None)
     assert not plain.mixed_graph and plain.input_ids.shape[0] == 7
     assert plain.attn.query_start_loc.tolist() == [0, 6, 7]
+
+
+def test_decode_batch_past_every_graph_runs_eagerly() -> None:
+    """A decode-only batch larger than every decode graph is not padded as a mixed step (its
+    launches differ: split-KV among them)."""
+    states = {r: _state(r, [1, 2, 3, 4, 5], [6], [i + 1, i + 5], 5) for i, r in enumerate("xyz")}
+    sched = SchedulerOutput(
+        cached_reqs=[CachedRequestData(r, [], 5) for r in "xyz"],
+        num_scheduled_tokens=dict.fromkeys("xyz", 1),
+        total_num_scheduled_tokens=3,
+    )
+
+    def pad_mixed(n: int) -> tuple[int, int]:
+        raise AssertionError("a decode-only step asked for a mixed graph")
+
+    inputs = build_step_inputs(sched, states, BS, _buffers(), lambda n: None, pad_mixed)
+    assert inputs.is_decode_only and not inputs.mixed_graph and inputs.input_ids.shape[0] == 3
 
 
 def test_decode_batch_runs_longest_context_first() -> None:

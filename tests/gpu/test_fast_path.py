@@ -163,16 +163,25 @@ def test_mixed_step_graphs_change_no_token(
     chunked = {"dtype": "float32", "max_num_batched_tokens": 512}
     eager = _tokens(checkpoint, enforce_eager=True, **chunked)
     replayed: list[int] = []
-    replay = MixedGraphs.replay
+    ungraphed: list[int] = []  # token counts of mixed steps too large for every graph
+    replay, padded_size = MixedGraphs.replay, MixedGraphs.padded_size
 
     def spy(self: MixedGraphs, size: int) -> torch.Tensor:
         replayed.append(size)
         return replay(self, size)
 
+    def size_spy(self: MixedGraphs, num_tokens: int) -> int | None:
+        size = padded_size(self, num_tokens)
+        if size is None:
+            ungraphed.append(num_tokens)
+        return size
+
     monkeypatch.setattr(MixedGraphs, "replay", spy)
+    monkeypatch.setattr(MixedGraphs, "padded_size", size_spy)
     mixed = _tokens(checkpoint, level=level, mixed_graph_max_tokens=256, **chunked)
     assert mixed == eager
     assert replayed and set(replayed) <= {16, 32, 64, 128, 256}, replayed
+    assert 512 in ungraphed, ungraphed  # the full chunks ran ungraphed beside them
     replayed.clear()
     off = _tokens(checkpoint, level=level, mixed_graph_max_tokens=0, **chunked)
     assert off == eager and not replayed
