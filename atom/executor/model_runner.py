@@ -340,7 +340,7 @@ class ModelRunner:
             )
 
     def _mixed_forward(self, size: int) -> Tensor:
-        """Hidden states of a mixed step padded to `size` tokens in max_num_seqs sequences, read
+        """Hidden states of a mixed step padded to `size` tokens in _mixed_seqs sequences, read
         from the step buffers: what the mixed graphs capture (executor/mixed_graphs.py)."""
         b, max_len = self.buffers, self.config.scheduler.max_model_len
         # The longest query taken as the size: a launch whose q-blocks hold any query of a step.
@@ -451,12 +451,7 @@ class ModelRunner:
         sampling = build_sampling_metadata(rows, self.buffers) if rows else None
         self.buffers.staged()
         num_rows = inputs.input_ids.shape[0]
-        graph = (
-            self.graphs is not None
-            and inputs.is_decode_only
-            and not inputs.mixed_graph
-            and num_rows in self.graphs
-        )
+        graph = self.graphs is not None and inputs.is_decode_only and num_rows in self.graphs
         # The step's device work, from the forward to the copy of the sampled ids, labelled
         # while the profiler runs (the label is not built otherwise).
         label = nullcontext()
