@@ -174,13 +174,12 @@ class CompilationConfig:
         return sorted({s for s in sizes if s <= max_num_seqs})
 
     def mixed_graph_sizes(self, max_num_batched_tokens: int) -> list[int]:
-        """Token counts of the mixed steps' graphs: MIXED_GRAPH_TOKENS up to the first that holds
-        mixed_graph_max_tokens, none past the token budget (a step has no more tokens)."""
+        """Token counts of the mixed steps' graphs: MIXED_GRAPH_TOKENS below the cap, then the cap
+        (mixed_graph_max_tokens, or the token budget if smaller: a step has no more tokens)."""
         cap = min(self.mixed_graph_max_tokens, max_num_batched_tokens)
         if cap <= 0:
             return []
-        sizes = [s for s in MIXED_GRAPH_TOKENS if s < cap]
-        return [*sizes, min(next((s for s in MIXED_GRAPH_TOKENS if s >= cap), cap), cap)]
+        return [*(s for s in MIXED_GRAPH_TOKENS if s < cap), cap]
 
 
 @dataclass(frozen=True, slots=True)

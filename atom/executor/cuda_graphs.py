@@ -117,10 +117,8 @@ class DecodeGraphs:
         pool = None
         stream = torch.cuda.Stream()
         whole = {self.sizes[-1], *(s for s in self.sizes if s <= MAX_M)}  # forward warm-ups
-        gc.collect()
-        gc.freeze()  # no collection (and its frees) in the middle of a capture
         self.warmup_seconds, self.capture_seconds = {}, 0.0
-        try:
+        with frozen_gc():
             for size in reversed(self.sizes):
                 for cap in reversed(self._caps[size]):
                     key = (size, cap)
@@ -154,8 +152,6 @@ class DecodeGraphs:
                         self._sampled[size] = sample(size)
                     self._samplers[size] = graph
                     self.capture_seconds += time.perf_counter() - start
-        finally:
-            gc.unfreeze()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-ups' blocks, kept between captures (capturing)
 
@@ -168,13 +164,7 @@ class DecodeGraphs:
         sync waits for the device first, so that no replay still writes the graphs' pool when
         it is given back; without it (a tp rank died: a replay may wait for it forever) CUDA
         frees a graph in flight when it completes."""
-        if self._graphs and sync:
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # a device error: nothing runs any more
-                logger.warning("releasing the CUDA graphs: the device failed", exc_info=True)
-        for graph in (*self._graphs.values(), *self._samplers.values()):
-            graph.reset()
+        destroy_graphs([*self._graphs.values(), *self._samplers.values()], sync)
         self._graphs.clear()
         self._samplers.clear()
         self._outputs.clear()
@@ -194,6 +184,30 @@ class DecodeGraphs:
         the pool may place them in memory another size's forward uses as scratch."""
         self._samplers[size].replay()
         return self._sampled[size]
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No collection (and its frees) in the middle of a capture: everything alive now is frozen
+    out of the collector's reach until the block ends."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def destroy_graphs(graphs: list[torch.cuda.CUDAGraph], sync: bool) -> None:
+    """Reset every graph now (DecodeGraphs.release says why), after the device has run them
+    when sync."""
+    if graphs and sync:
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # a device error: nothing runs any more
+            logger.warning("releasing the CUDA graphs: the device failed", exc_info=True)
+    for graph in graphs:
+        graph.reset()
 
 
 @contextmanager

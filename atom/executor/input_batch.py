@@ -264,8 +264,8 @@ def build_step_inputs(
         b.ids_np[t:padded] = 0
         b.pos_np[t:padded] = 0
         b.slots_np[t:padded] = -1
-        seq_lens = seq_lens + [0] * (padded - num_seqs)
-        qsl = qsl + list(range(t + 1, padded + 1))
+        seq_lens += [0] * (padded - num_seqs)
+        qsl += list(range(t + 1, padded + 1))
         b.tables_np[num_seqs * max_blocks : padded * max_blocks] = 0
         num_seqs = t = padded
     elif mixed is not None:
@@ -274,8 +274,8 @@ def build_step_inputs(
         b.ids_np[t:tokens] = 0
         b.pos_np[t:tokens] = 0
         b.slots_np[t:tokens] = -1
-        seq_lens = seq_lens + [0] * (seqs - num_seqs)
-        qsl = qsl + [tokens] * (seqs - num_seqs)
+        seq_lens += [0] * (seqs - num_seqs)
+        qsl += [tokens] * (seqs - num_seqs)
         b.tables_np[num_seqs * max_blocks : seqs * max_blocks] = 0
         num_seqs, t = seqs, tokens
     b.seq_lens_np[:num_seqs] = seq_lens

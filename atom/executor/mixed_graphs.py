@@ -32,17 +32,13 @@ memory pool (their own: the decode graphs' outputs stay put), captured largest f
 from __future__ import annotations
 
 import bisect
-import gc
-import logging
 import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from atom.executor.cuda_graphs import capturing
-
-logger = logging.getLogger(__name__)
+from atom.executor.cuda_graphs import capturing, destroy_graphs, frozen_gc
 
 
 class MixedGraphs:
@@ -66,9 +62,7 @@ class MixedGraphs:
         and returns its hidden states; a warm-up run of each size before its capture."""
         pool = None
         stream = torch.cuda.Stream()
-        gc.collect()
-        gc.freeze()  # no collection (and its frees) in the middle of a capture
-        try:
+        with frozen_gc():
             for size in reversed(self.sizes):
                 start = time.perf_counter()
                 forward(size)  # warm-up: cuBLAS's kernels for the size, Inductor's shapes
@@ -81,8 +75,6 @@ class MixedGraphs:
                 pool = graph.pool() if pool is None else pool
                 self._graphs[size] = graph
                 self.capture_seconds += time.perf_counter() - start
-        finally:
-            gc.unfreeze()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -93,12 +85,6 @@ class MixedGraphs:
 
     def release(self, sync: bool = True) -> None:
         """Destroy every graph now (DecodeGraphs.release says why; sync: wait for the device)."""
-        if self._graphs and sync:
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # a device error: nothing runs any more
-                logger.warning("releasing the mixed graphs: the device failed", exc_info=True)
-        for graph in self._graphs.values():
-            graph.reset()
+        destroy_graphs(list(self._graphs.values()), sync)
         self._graphs.clear()
         self._outputs.clear()

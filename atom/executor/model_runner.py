@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,8 +16,9 @@ from atom.config import EngineConfig
 from atom.distributed import all_reduce_min, broadcast_from_first
 from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.compile import compile_forward
-from atom.executor.cuda_graphs import DecodeGraphs, context_caps
-from atom.executor.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.forward_context import ForwardContext, set_forward_context
+from atom.executor.graph_capture import capture_decode_graphs, capture_mixed_graphs, mixed_seqs
 from atom.executor.input_batch import (
     CachedRequestState,
     StepBuffers,
@@ -29,7 +29,7 @@ from atom.executor.input_batch import (
 from atom.executor.loader import checkpoint_weights, init_dummy_weights, load_weights
 from atom.executor.memory_profile import free_memory_for_kv
 from atom.executor.mixed_graphs import MixedGraphs
-from atom.executor.precompile import StandIn, attend_padding_rows, start_precompile
+from atom.executor.precompile import StandIn, start_precompile
 from atom.executor.profiling import TorchProfiler, tag_modules, tagged
 from atom.executor.sampler import (
     Sampler,
@@ -39,7 +39,6 @@ from atom.executor.sampler import (
 )
 from atom.executor.step_output import QueuedStep, record_samples, to_host
 from atom.executor.trace_labels import step_label
-from atom.kernels.attention_config import num_sms
 from atom.layers.attention import Attention
 from atom.layers.moe import compile_model_expert_kernels
 from atom.models.registry import get_model_class
@@ -91,7 +90,7 @@ class ModelRunner:
         max_blocks = -(-sched.max_model_len // self.block_size)
         self.buffers = StepBuffers(
             max(sched.max_num_batched_tokens, *self.capture_sizes, 1),
-            sched.max_num_seqs + 1,  # a mixed graph's padding sequence (_mixed_seqs)
+            mixed_seqs(config),  # max_num_seqs, and a mixed graph's padding sequence
             max_blocks,
             self.device,
         )
@@ -105,7 +104,6 @@ class ModelRunner:
         self.mixed_sizes = comp.mixed_graph_sizes(sched.max_num_batched_tokens) if mixed else []
         self.mixed_graphs: MixedGraphs | None = None
         self.mixed_graph_estimate = 0  # their pool's bytes in the KV budget (memory_profile.py)
-        self._graph_logits = torch.empty(0)  # the graphs' shared logits, made with them
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
         )
@@ -213,9 +211,9 @@ class ModelRunner:
             shape = layer.kv_cache_shape(num_blocks, self.block_size)
             layer.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         if self.capture_sizes:
-            self._capture_graphs()
+            capture_decode_graphs(self)
         if self.mixed_sizes:
-            self._capture_mixed_graphs()
+            capture_mixed_graphs(self)
         if self.device.type == "cuda":
             self._load_lm_head_kernels()
 
@@ -255,148 +253,11 @@ class ModelRunner:
             torch.cuda.empty_cache()  # the KV cache is sized to the memory these runs borrowed
             logger.info("expert kernels compiled in %.1f s", time.perf_counter() - start)
 
-    @torch.inference_mode()
-    def _capture_graphs(self) -> None:
-        start = time.perf_counter()
-        before = torch.cuda.memory_reserved(self.device)
-        b = self.buffers
-        n = self.capture_sizes[-1]
-        b.input_ids[:n].zero_()
-        b.positions[:n].zero_()
-        b.slot_mapping[:n].fill_(-1)  # padding rows write nothing ...
-        b.seq_lens[:n].zero_()  # ... and attend to nothing
-        b.query_start_loc[: n + 1].copy_(torch.arange(n + 1, device=self.device))
-        head = self.model.lm_head
-        self._graph_logits = head.weight.new_empty((n, head.padded_vocab_size))
-        caps = context_caps(
-            self.capture_sizes,
-            self.config.scheduler.max_model_len,
-            {layer.decode_kind() for layer in self.attn_layers},
-            num_sms(self.device),
-        )
-        self.graphs = DecodeGraphs(caps)
-        trace = self.profiler.capture_trace if self.profiler.records_captures else None
-        # Attention alone warms a size's shorter caps and the middle sizes (DecodeGraphs.capture;
-        # the stand-ins cover the unified kernel, not MLA's: its sizes all run whole forwards).
-        plain = all(type(layer) is Attention for layer in self.attn_layers)
-
-        def warm_attention(size: int, cap: int) -> None:
-            attend_padding_rows(self.attn_layers, self._decode_meta(size, cap), self._stand_in)
-
-        warm = warm_attention if plain else None
-        self.graphs.capture(self._decode_forward, trace, self._decode_sample, warm)
-        warmups = self.graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
-        slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
-        logger.info(
-            "captured %d CUDA graphs (decode batch %d..%d) and %d of the draw in %.1f s, %.2f GiB; "
-            "warm-ups %.1f s (median %.0f ms, slowest %s), captures %.1f s",
-            len(self.graphs),
-            self.capture_sizes[0],
-            n,
-            self.graphs.draw_graphs,
-            time.perf_counter() - start,
-            (torch.cuda.memory_reserved(self.device) - before) / 2**30,
-            sum(warmups.values()),
-            1e3 * statistics.median(warmups.values()),
-            ", ".join(
-                f"batch {size} (contexts <= {cap}) {seconds * 1e3:.0f} ms"
-                for (size, cap), seconds in slowest
-            ),
-            self.graphs.capture_seconds,
-        )
-
-    @torch.inference_mode()
-    def _capture_mixed_graphs(self) -> None:
-        start = time.perf_counter()
-        before = torch.cuda.memory_reserved(self.device)
-        b, seqs = self.buffers, self._mixed_seqs
-        n = self.mixed_sizes[-1]
-        b.input_ids[:n].zero_()
-        b.positions[:n].zero_()
-        b.slot_mapping[:n].fill_(-1)  # nothing written ...
-        b.seq_lens[:seqs].zero_()
-        b.query_start_loc[: seqs + 1].zero_()  # ... and no query row in any sequence
-        self.mixed_graphs = MixedGraphs(self.mixed_sizes)
-        self.mixed_graphs.capture(self._mixed_forward)
-        taken = torch.cuda.memory_reserved(self.device) - before
-        logger.info(
-            "captured %d CUDA graphs of mixed steps (%d..%d tokens) in %.1f s, %.2f GiB "
-            "(%.2f GiB in the KV budget); warm-ups %.1f s, captures %.1f s",
-            len(self.mixed_graphs),
-            self.mixed_sizes[0],
-            n,
-            time.perf_counter() - start,
-            taken / 2**30,
-            self.mixed_graph_estimate / 2**30,
-            self.mixed_graphs.warmup_seconds,
-            self.mixed_graphs.capture_seconds,
-        )
-        if self.mixed_graph_estimate and taken > 1.25 * self.mixed_graph_estimate + (64 << 20):
-            logger.warning(
-                "the mixed graphs took %.2f GiB, more than the %.2f GiB the KV budget left them: "
-                "lower --gpu-memory-utilization or --mixed-graph-max-tokens if memory runs out",
-                taken / 2**30,
-                self.mixed_graph_estimate / 2**30,
-            )
-
-    def _mixed_forward(self, size: int) -> Tensor:
-        """Hidden states of a mixed step padded to `size` tokens in _mixed_seqs sequences, read
-        from the step buffers: what the mixed graphs capture (executor/mixed_graphs.py)."""
-        b, max_len = self.buffers, self.config.scheduler.max_model_len
-        # The longest query taken as the size: a launch whose q-blocks hold any query of a step.
-        meta = self._graph_meta(size, self._mixed_seqs, size, max_len)
-        with set_forward_context(ForwardContext(self.attn_layers, meta)):
-            return self.forward(b.input_ids[:size], b.positions[:size])
-
-    @property
-    def _mixed_seqs(self) -> int:
-        """A mixed graph's sequences: one more than a step can have, so that a padding sequence
-        (seq_len 0) always owns the padding tokens, whose attention rows are then zeros."""
-        return self.config.scheduler.max_num_seqs + 1
-
     def _pad_mixed(self, num_tokens: int) -> tuple[int, int] | None:
         if self.mixed_graphs is None:
             return None
         size = self.mixed_graphs.padded_size(num_tokens)
-        return None if size is None else (size, self._mixed_seqs)
-
-    def _decode_forward(self, size: int, max_seq_len: int) -> Tensor:
-        """Logits of a decode batch of `size` rows read from the step buffers: what the graphs
-        capture. Attention's grid depends only on the shapes and max_seq_len, fixed here. Every
-        graph writes its logits into one buffer (a step reads them before the next replay, in
-        stream order): [size, vocab] logits of their own would cost GiBs."""
-        b = self.buffers
-        with set_forward_context(
-            ForwardContext(self.attn_layers, self._decode_meta(size, max_seq_len))
-        ):
-            hidden = self.forward(b.input_ids[:size], b.positions[:size])
-        return self.model.compute_logits(hidden, out=self._graph_logits[:size])
-
-    def _decode_meta(self, size: int, max_seq_len: int) -> AttentionMetadata:
-        return self._graph_meta(size, size, 1, max_seq_len)
-
-    def _graph_meta(
-        self, tokens: int, seqs: int, max_query_len: int, max_seq_len: int
-    ) -> AttentionMetadata:
-        """Attention metadata over the static step buffers, as a graph captures it."""
-        b = self.buffers
-        return AttentionMetadata(
-            slot_mapping=b.slot_mapping[:tokens],
-            block_tables=b.block_tables[:seqs],
-            seq_lens=b.seq_lens[:seqs],
-            query_start_loc=b.query_start_loc[: seqs + 1],
-            seq_lens_cpu=[],
-            query_start_loc_cpu=[],
-            max_query_len=max_query_len,
-            max_seq_len=max_seq_len,
-        )
-
-    def _decode_sample(self, size: int) -> Tensor:
-        """The plain draw over `size` rows of the graphs' logits, from the sampling buffers
-        (build_sampling_metadata writes a step's columns there; rows past it are padding)."""
-        b = self.buffers
-        logits = self._graph_logits[:size, : self.model.lm_head.vocab_size]
-        return self.sampler.plain_draw(logits, b.temperature[2][:size], b.seeds[2][:size])
+        return None if size is None else (size, mixed_seqs(self.config))
 
     def _pad_to(self, num_seqs: int) -> int | None:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
