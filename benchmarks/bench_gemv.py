@@ -60,7 +60,7 @@ COLD_BYTES = 192 << 20  # the weight copies of one timing: over 3x the H200's 60
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) per row bucket; bucket 16 (rows
 # 1-16: BLOCK_M 0, one tile of the rows) is timed at 1 and 16 rows, their mean
 TUNE_TILES = {
-    16: [(0, n, k, 4, 4, s) for n, k, s in itertools.product((16, 32, 64), (128, 256, 512),
+    16: [(0, n, k, 4, 4, s) for n, k, s in itertools.product((32, 64, 128), (128, 256),
                                                              (1, 2, 4))],
     32: [(16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (32, 32, 256, 4, 4), (32, 64, 128, 4, 4),
          (32, 64, 256, 4, 3), (32, 128, 128, 4, 3), (16, 16, 256, 4, 4)],

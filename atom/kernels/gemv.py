@@ -7,6 +7,13 @@ Here a program computes a [BLOCK_M, BLOCK_N] tile of y, streaming its [BLOCK_N, 
 programs that share a slab of W run together and read it from L2 once. The row count is not
 specialised: one variant per weight shape and tile.
 
+In the one-row-tile regime the weight tiles come through a tensor descriptor (the tensor memory
+accelerator's bulk copies, Hopper and later) as the dot's first operand, y^T = W x^T, where the
+weight's rows allow it (`weight_descriptor`; else pointer loads). H200, the 8B's GEMMs at one row,
+CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 13.9 us, o 11.7 -> 9.9, down 31.3 ->
+28.7 against the pointer kernel's tuned tiles, gate/up 55.6 against cuBLAS's 56.1 (RESULTS,
+twenty-ninth sitting). ATOM_GEMV_TMA=0: pointer loads everywhere.
+
 Two regimes:
 - at most MAX_M rows: one row tile of BLOCK_M = max(16, rows) for tl.dot, streaming the weights
   at batch 1; a tile and a split of K per weight shape (`GemvConfig.split_k`: programs enough to
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,15 +44,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
+from atom.kernels.launch import INTERPRET, compiling_only, launch, pdl, pdl_start
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
 TUNED_BUCKETS = (MAX_M, 32, 64, 128, 256)  # a row count takes the table's entry of the next one
 TUNED_CONFIGS = Path(__file__).with_name("gemv_configs.json")
 TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of shared memory)
+DESCRIPTORS_ENV = "ATOM_GEMV_TMA"  # 0: pointer loads of the weights everywhere
+DESCRIPTORS = os.environ.get(DESCRIPTORS_ENV, "1") != "0"
+MAX_DESC_BOX = 256  # a tensor descriptor's tile: at most 256 elements a side
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +70,10 @@ class GemvConfig:
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
-    """The tile for an [n, k] weight: the best of bench_gemv.py's sweep for the Llama-3.1-8B GEMMs
-    at one row (H200, 2026-11-29): 64 output features for the wide ones (qkv, gate/up), 32 for
-    4096; 512-element K tiles for a long K (down's 14336)."""
-    return GemvConfig(64 if n >= 6144 else 32, 512 if k >= 8192 else 256, 4, 4)
+    """The tile for an [n, k] weight the table does not cover: what its sweep found best for the
+    Llama-3.1-8B GEMMs at one row through descriptors (H200, 2026-11-30): 64 x 128 tiles, K split
+    until ~256 programs stream (4 ways for 4096 outputs, 2 for 6144, none for 28672)."""
+    return GemvConfig(64, 128, 4, 4, split_k=max(1, min(4, 256 // cdiv(n, 64))))
 
 
 def row_bucket(rows: int) -> int:
@@ -124,7 +136,7 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr,  # [M, K], last dim contiguous
-    w_ptr,  # [N, K], last dim contiguous
+    w,  # [N, K], last dim contiguous: a pointer, or (W_DESC) a descriptor of its tiles
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
     count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
@@ -137,28 +149,41 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    W_DESC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     # Split s of SPLIT_K sums K tiles [s * per, (s + 1) * per)
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
-        kk = k0 + offs_k
-        k_ok = kk < k_end
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if W_DESC:
+        # The weight tile through the tensor memory accelerator, as the dot's first operand
+        # (y^T = W x^T: the weight rows are its M, the few rows of x its N). Past N or K the copy
+        # reads zeros; past this split's end, x's zeros cancel the next split's columns.
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads
+            kk = k0 + offs_k
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :], other=0.0)
+            acc_t = tl.dot(w.load([n0, k0]), tl.trans(x), acc_t, input_precision=DOT_PRECISION)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        w_rows = w + offs_n[:, None].to(tl.int64) * stride_wn
+        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
+            kk = k0 + offs_k
+            k_ok = kk < k_end
+            wt = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
@@ -176,6 +201,22 @@ def _gemv_kernel(
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def weight_descriptor(weight: Tensor, block_n: int, block_k: int) -> TensorDescriptor | None:
+    """A tensor descriptor of weight's [block_n, block_k] tiles where the tensor memory
+    accelerator can copy them (Hopper and later, or the interpreter; 16-byte aligned rows and
+    tiles of at most MAX_DESC_BOX elements a side), else None: pointer loads."""
+    if not DESCRIPTORS or max(block_n, block_k) > MAX_DESC_BOX:
+        return None
+    if weight.is_cuda:
+        if torch.version.hip is not None or _capability(weight.device.index)[0] < 9:
+            return None
+    elif not INTERPRET:
+        return None
+    if weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+        return None
+    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}
@@ -217,6 +258,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
+    w_desc = weight_descriptor(weight, block_n, block_k) if cfg.block_m == 0 else None
     ws = counters = y  # unused pointers when unsplit
     if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
         ws = torch.empty(1, dtype=torch.float32, device=x.device)
@@ -226,8 +268,9 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
-        x, weight, y, ws, counters, m, n, k, x.stride(0), weight.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        x, weight if w_desc is None else w_desc, y, ws, counters, m, n, k, x.stride(0),
+        weight.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        W_DESC=w_desc is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

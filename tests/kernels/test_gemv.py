@@ -1,5 +1,6 @@
 """gemv (Triton; the interpreter without a GPU) against float32 torch: odd sizes, strided rows,
-row counts 1 to MAX_M, and past it in row tiles; the tuned table and where it applies."""
+row counts 1 to MAX_M, and past it in row tiles, weights through tensor descriptors and through
+pointers; the tuned table and where it applies."""
 
 from __future__ import annotations
 
@@ -48,9 +49,16 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> to
 SHAPES = [(1, 67, 300), (3, 128, 64), (MAX_M, 40, 129)]  # (M, N, K)
 
 
+@pytest.fixture(params=[True, False], ids=["descriptor", "pointers"])
+def descriptors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Weight tiles through tensor descriptors where they can be, or pointer loads only."""
+    monkeypatch.setattr(gemv_module, "DESCRIPTORS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+def test_gemv(m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool) -> None:
     x = _randn(m, k + 5, dtype=dtype, seed=k)[:, 5:]  # rows strided, not contiguous
     w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
     out = gemv(x, w, SMALL)
@@ -70,7 +78,9 @@ def test_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
         (2, 40, 100, 8, 0),
     ],
 )
-def test_split_k(m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype) -> None:
+def test_split_k(
+    m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype, descriptors: bool
+) -> None:
     """Splits of K in 64-element tiles, each tile's last split adding them: uneven (5 tiles in
     2, 3 in 3 with a last of one element, 10 in 4), an empty last split (5 tiles in 4: 2, 2, 1,
     0) and more splits than tiles (2 tiles: 2 splits, not 8); twice, since each launch rearms
@@ -81,6 +91,18 @@ def test_split_k(m: int, n: int, k: int, split_k: int, block_m: int, dtype: torc
         w = _randn(n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
         torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
     assert not gemv_module._COUNTERS[x.device].any()
+
+
+def test_weight_descriptor_where_the_copy_engine_can() -> None:
+    """16-byte aligned weight rows and tiles of at most MAX_DESC_BOX a side take a descriptor;
+    an unaligned row (K = 300 halves: 600 bytes), a misaligned start or a longer tile do not."""
+    w = _randn(64, 320, dtype=torch.float16, seed=0)
+    desc = gemv_module.weight_descriptor(w, 32, 128)
+    assert desc is not None and list(desc.block_shape) == [32, 128]
+    descriptor = gemv_module.weight_descriptor
+    assert descriptor(w, 32, 2 * gemv_module.MAX_DESC_BOX) is None
+    assert descriptor(_randn(64, 300, dtype=torch.float16, seed=0), 32, 128) is None
+    assert descriptor(w.flatten()[1 : 1 + 64 * 8].view(64, 8), 16, 16) is None
 
 
 def test_bad_shapes() -> None:
