@@ -12,9 +12,11 @@ takes them (L2 flushed, median of 20).
 --tune times, for the decode GEMMs of Qwen3-0.6B and Llama-3.1-8B (also its -tp 2 shares; --models
 picks) at each of gemv.TUNED_BUCKETS
 rows (bucket 16: the mean of 1 and 16 rows, with splits of K), cuBLAS and every candidate tile as
-CUDA graphs (the engine replays decode steps as graphs, with PDL between the kernels) of one GEMM
-over each of enough copies of the weight that L2 holds none of them when its turn comes (the
-engine's layers each read their own weights). It writes the table gemv.py reads: per weight shape
+CUDA graphs of one GEMM over each of enough copies of the weight that L2 holds none of them when
+its turn comes (the engine's layers each read their own weights), launched without PDL: back to
+back with PDL the GEMMs hid each other's start, which the engine's neighbours (a norm, attention)
+do not, and a table tuned so lost 2-3% of the 8B's batch-1 step to the tiles picked without it
+(RESULTS, twenty-ninth sitting). It writes the table gemv.py reads: per weight shape
 and bucket, the fastest tile where it beat cuBLAS by at least TUNE_MARGIN, else null (copy it to
 atom/kernels/gemv_configs.json), with both times.
 """
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
 from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, TUNED_CONFIGS, GemvConfig, gemv, shape_key
+from atom.kernels.launch import plain_launches
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -182,7 +185,8 @@ def main() -> None:
         models = tuple(args.models.split(",")) if args.models else ()
         if not set(models) <= set(TUNE_SHAPES):
             parser.error(f"--models: each of {', '.join(TUNE_SHAPES)}")
-        tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models)
+        with plain_launches():
+            tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models)
         return
     out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}

@@ -79,6 +79,19 @@ def compiling_only() -> bool:
 
 
 @contextmanager
+def plain_launches() -> Iterator[None]:
+    """No PDL for launches inside (process-wide, for one thread's benchmark): a tuner timing a
+    kernel back to back with itself would otherwise credit it the overlap of its own neighbours,
+    which the engine's (a norm, attention) do not give (RESULTS, twenty-ninth sitting)."""
+    global _PDL
+    saved, _PDL = _PDL, False
+    try:
+        yield
+    finally:
+        _PDL = saved
+
+
+@contextmanager
 def compile_only() -> Iterator[None]:
     token = _COMPILE_ONLY.set(True)
     try:
