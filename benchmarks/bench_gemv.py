@@ -74,6 +74,13 @@ TUNE_TILES = {
     256: [(64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 64, 128, 8, 3),
           (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4)],
 }  # fmt: skip
+# Past 16 rows, weight tiles through descriptors as the dot's first operand (gemv.py): every row
+# in one tile up to 128 (each weight tile read once), weight tiles of 64-128 rows
+DESCRIPTOR_TILES = {
+    bucket: [(min(bucket, 128), bn, bk, w, st)
+             for bn, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
+    for bucket in TUNED_BUCKETS if bucket > MAX_M
+}  # fmt: skip
 
 
 def copy_gbps() -> float:
@@ -105,10 +112,13 @@ def mean_us(
 
 
 def candidates(bucket: int, n: int, num_sms: int) -> list[GemvConfig]:
-    """TUNE_TILES of the bucket, and past 16 rows each tile split 2 and 4 ways along K where its
-    output tiles are too few to give every SM two programs."""
+    """TUNE_TILES of the bucket (past 16 rows with pointer loads, as they were first tuned), and
+    DESCRIPTOR_TILES; past 16 rows each tile split 2 and 4 ways along K where its output tiles
+    are too few to give every SM two programs."""
     tiles = [GemvConfig(bn, bk, w, st, bm, *sp) for bm, bn, bk, w, st, *sp in TUNE_TILES[bucket]]
     if bucket > MAX_M:
+        tiles = [dataclasses.replace(t, descriptor=False) for t in tiles]
+        tiles += [GemvConfig(bn, bk, w, st, bm) for bm, bn, bk, w, st in DESCRIPTOR_TILES[bucket]]
         few = [t for t in tiles if math.ceil(n / t.block_n) * math.ceil(bucket / t.block_m)
                < 2 * num_sms]  # fmt: skip
         tiles += [dataclasses.replace(t, split_k=split) for t in few for split in (2, 4)]

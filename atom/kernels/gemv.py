@@ -7,12 +7,14 @@ Here a program computes a [BLOCK_M, BLOCK_N] tile of y, streaming its [BLOCK_N, 
 programs that share a slab of W run together and read it from L2 once. The row count is not
 specialised: one variant per weight shape and tile.
 
-In the one-row-tile regime the weight tiles come through a tensor descriptor (the tensor memory
-accelerator's bulk copies, Hopper and later) as the dot's first operand, y^T = W x^T, where the
-weight's rows allow it (`weight_descriptor`; else pointer loads). H200, the 8B's GEMMs at one row,
-CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 13.9 us, o 11.7 -> 9.9, down 31.3 ->
-28.7 against the pointer kernel's tuned tiles, gate/up 55.6 against cuBLAS's 56.1 (RESULTS,
-twenty-ninth sitting). ATOM_GEMV_TMA=0: pointer loads everywhere.
+The weight tiles come through a tensor descriptor (the tensor memory accelerator's bulk copies,
+Hopper and later) as the dot's first operand, y^T = W x^T, where the weight's rows allow it
+(`weight_descriptor`) and the tile asks for it (`GemvConfig.descriptor`; the table's row tiles
+past 16 rows were tuned with pointer loads and say so); else pointer loads. H200, the 8B's
+GEMMs at one row, CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 13.9 us, o 11.7 ->
+9.9, down 31.3 -> 28.7 against the pointer kernel's tuned tiles, gate/up 55.6 against cuBLAS's
+56.1; end to end the 8B's batch-1 step 4.53 -> 4.33 ms (RESULTS, twenty-ninth sitting).
+ATOM_GEMV_TMA=0: pointer loads everywhere.
 
 Two regimes:
 - at most MAX_M rows: one row tile of BLOCK_M = max(16, rows) for tl.dot, streaming the weights
@@ -67,6 +69,7 @@ class GemvConfig:
     num_stages: int = 4
     block_m: int = 0  # 0: all rows in one tile (at most MAX_M)
     split_k: int = 1  # programs per output tile, each over a share of K (the last adds them)
+    descriptor: bool = True  # weight tiles through a tensor descriptor where the weight allows
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
@@ -258,7 +261,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
-    w_desc = weight_descriptor(weight, block_n, block_k) if cfg.block_m == 0 else None
+    w_desc = weight_descriptor(weight, block_n, block_k) if cfg.descriptor else None
     ws = counters = y  # unused pointers when unsplit
     if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
         ws = torch.empty(1, dtype=torch.float32, device=x.device)

@@ -4,6 +4,7 @@ pointers; the tuned table and where it applies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -122,13 +123,15 @@ ROW_TILES = GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, block_
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k"), [(MAX_M + 1, 40, 70), (45, 33, 129)])
-def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype) -> None:
-    """Past MAX_M rows, with a row tile: several row tiles, the last partial."""
+def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool) -> None:
+    """Past MAX_M rows, with a row tile: several row tiles, the last partial; and the same tile
+    with pointer loads asked for (descriptor=False) where descriptors are on."""
     x = _randn(m, k + 3, dtype=dtype, seed=m)[:, 3:]
     w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
-    out = gemv(x, w, ROW_TILES)
-    assert out.shape == (m, n)
-    torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
+    for cfg in (ROW_TILES, dataclasses.replace(ROW_TILES, descriptor=False)):
+        out = gemv(x, w, cfg)
+        assert out.shape == (m, n)
+        torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
 
 
 def test_row_buckets() -> None:
