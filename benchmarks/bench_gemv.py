@@ -74,8 +74,9 @@ TUNE_TILES = {
     256: [(64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (128, 64, 64, 4, 4), (128, 64, 128, 8, 3),
           (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4)],
 }  # fmt: skip
-# Past 16 rows, weight tiles through descriptors as the dot's first operand (gemv.py): every row
-# in one tile up to 128 (each weight tile read once), weight tiles of 64-128 rows
+# Past 16 rows, weight tiles through descriptors as the dot's first operand and x's through
+# descriptors too (gemv.py): every row in one tile up to 128 (each weight tile read once), weight
+# tiles of 64-128 rows
 DESCRIPTOR_TILES = {
     bucket: [(min(bucket, 128), bn, bk, w, st)
              for bn, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]

@@ -9,8 +9,9 @@ specialised: one variant per weight shape and tile.
 
 The weight tiles come through a tensor descriptor (the tensor memory accelerator's bulk copies,
 Hopper and later) as the dot's first operand, y^T = W x^T, where the weight's rows allow it
-(`weight_descriptor`) and the tile asks for it (`GemvConfig.descriptor`; the table's row tiles
-past 16 rows were tuned with pointer loads and say so); else pointer loads. H200, the 8B's
+(`tile_descriptor`) and the tile asks for it (`GemvConfig.descriptor`; the table's row tiles
+past 16 rows were tuned with pointer loads and say so); else pointer loads. Row tiles of
+X_DESC_ROWS or more take x's tiles through a descriptor as well. H200, the 8B's
 GEMMs at one row, CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 13.9 us, o 11.7 ->
 9.9, down 31.3 -> 28.7 against the pointer kernel's tuned tiles, gate/up 55.6 against cuBLAS's
 56.1; end to end the 8B's batch-1 step 4.53 -> 4.33 ms (RESULTS, twenty-ninth sitting).
@@ -59,6 +60,7 @@ TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of s
 DESCRIPTORS_ENV = "ATOM_GEMV_TMA"  # 0: pointer loads of the weights everywhere
 DESCRIPTORS = os.environ.get(DESCRIPTORS_ENV, "1") != "0"
 MAX_DESC_BOX = 256  # a tensor descriptor's tile: at most 256 elements a side
+X_DESC_ROWS = 32  # row tiles from which x's tiles come through a descriptor too
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +140,7 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr,  # [M, K], last dim contiguous
+    x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
     w,  # [N, K], last dim contiguous: a pointer, or (W_DESC) a descriptor of its tiles
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
@@ -153,6 +155,7 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     W_DESC: tl.constexpr,
+    X_DESC: tl.constexpr,  # only with W_DESC
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -167,19 +170,24 @@ def _gemv_kernel(
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     if W_DESC:
         # The weight tile through the tensor memory accelerator, as the dot's first operand
-        # (y^T = W x^T: the weight rows are its M, the few rows of x its N). Past N or K the copy
-        # reads zeros; past this split's end, x's zeros cancel the next split's columns.
+        # (y^T = W x^T: the weight rows are its M, the rows of x its N). Past N, M or K a
+        # descriptor's copy reads zeros; split ends are whole K tiles.
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        m0 = tl.program_id(0) * BLOCK_M
         for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads
-            kk = k0 + offs_k
-            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :], other=0.0)
-            acc_t = tl.dot(w.load([n0, k0]), tl.trans(x), acc_t, input_precision=DOT_PRECISION)
+            if X_DESC:
+                xt = x.load([m0, k0])
+            else:
+                kk = k0 + offs_k
+                x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :]
+                xt = tl.load(x_ptrs, mask=m_ok[:, None] & (kk < k_end)[None, :], other=0.0)
+            acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
         w_rows = w + offs_n[:, None].to(tl.int64) * stride_wn
         for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
             kk = k0 + offs_k
@@ -206,20 +214,20 @@ def _gemv_kernel(
         tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def weight_descriptor(weight: Tensor, block_n: int, block_k: int) -> TensorDescriptor | None:
-    """A tensor descriptor of weight's [block_n, block_k] tiles where the tensor memory
-    accelerator can copy them (Hopper and later, or the interpreter; 16-byte aligned rows and
-    tiles of at most MAX_DESC_BOX elements a side), else None: pointer loads."""
-    if not DESCRIPTORS or max(block_n, block_k) > MAX_DESC_BOX:
+def tile_descriptor(t: Tensor, rows: int, cols: int) -> TensorDescriptor | None:
+    """A tensor descriptor of t's [rows, cols] tiles where the tensor memory accelerator can copy
+    them (Hopper and later, or the interpreter; 16-byte aligned rows and tiles of at most
+    MAX_DESC_BOX elements a side), else None: pointer loads."""
+    if not DESCRIPTORS or max(rows, cols) > MAX_DESC_BOX:
         return None
-    if weight.is_cuda:
-        if torch.version.hip is not None or _capability(weight.device.index)[0] < 9:
+    if t.is_cuda:
+        if torch.version.hip is not None or _capability(t.device.index)[0] < 9:
             return None
     elif not INTERPRET:
         return None
-    if weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+    if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
         return None
-    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
 _COUNTERS: dict[torch.device, Tensor] = {}
@@ -261,7 +269,11 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
-    w_desc = weight_descriptor(weight, block_n, block_k) if cfg.descriptor else None
+    w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
+    # x's tiles too where they are as large as the weight's (a row tile of X_DESC_ROWS or more)
+    x_desc = None
+    if w_desc is not None and block_m >= X_DESC_ROWS:
+        x_desc = tile_descriptor(x, block_m, block_k)
     ws = counters = y  # unused pointers when unsplit
     if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
         ws = torch.empty(1, dtype=torch.float32, device=x.device)
@@ -271,9 +283,10 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
-        x, weight if w_desc is None else w_desc, y, ws, counters, m, n, k, x.stride(0),
-        weight.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        W_DESC=w_desc is not None,
+        x if x_desc is None else x_desc, weight if w_desc is None else w_desc, y, ws, counters,
+        m, n, k, x.stride(0), weight.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        W_DESC=w_desc is not None, X_DESC=x_desc is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -94,13 +94,13 @@ def test_split_k(
     assert not gemv_module._COUNTERS[x.device].any()
 
 
-def test_weight_descriptor_where_the_copy_engine_can() -> None:
+def test_tile_descriptor_where_the_copy_engine_can() -> None:
     """16-byte aligned weight rows and tiles of at most MAX_DESC_BOX a side take a descriptor;
     an unaligned row (K = 300 halves: 600 bytes), a misaligned start or a longer tile do not."""
     w = _randn(64, 320, dtype=torch.float16, seed=0)
-    desc = gemv_module.weight_descriptor(w, 32, 128)
+    desc = gemv_module.tile_descriptor(w, 32, 128)
     assert desc is not None and list(desc.block_shape) == [32, 128]
-    descriptor = gemv_module.weight_descriptor
+    descriptor = gemv_module.tile_descriptor
     assert descriptor(w, 32, 2 * gemv_module.MAX_DESC_BOX) is None
     assert descriptor(_randn(64, 300, dtype=torch.float16, seed=0), 32, 128) is None
     assert descriptor(w.flatten()[1 : 1 + 64 * 8].view(64, 8), 16, 16) is None
@@ -132,6 +132,29 @@ def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool
         out = gemv(x, w, cfg)
         assert out.shape == (m, n)
         torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_row_tiles_with_x_through_a_descriptor(
+    dtype: torch.dtype, split_k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row tiles of X_DESC_ROWS or more with aligned rows take x's tiles through a descriptor
+    as well (the last row tile partial: the copy reads zeros past M; K not a whole tile)."""
+    made = []
+    real = gemv_module.tile_descriptor
+
+    def counted(t: torch.Tensor, rows: int, cols: int) -> object:
+        made.append((tuple(t.shape), rows, cols))
+        return real(t, rows, cols)
+
+    monkeypatch.setattr(gemv_module, "tile_descriptor", counted)
+    m, n, k = 45, 40, 200
+    x = _randn(m, k, dtype=dtype, seed=3)
+    w = _randn(n, k, dtype=dtype, seed=4, scale=k**-0.5)
+    cfg = GemvConfig(16, 64, 4, 2, block_m=gemv_module.X_DESC_ROWS, split_k=split_k)
+    torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
+    assert made == [((n, k), 16, 64), ((m, k), gemv_module.X_DESC_ROWS, 64)]
 
 
 def test_row_buckets() -> None:
