@@ -47,7 +47,7 @@ HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
           "down": (HIDDEN, INTER)}  # fmt: skip
 ROWS = [1, 4, 8]
-TILES = [GemvConfig(n, k, 4, s) for n, k, s in itertools.product([16, 32, 64], [128, 256, 512],
+TILES = [GemvConfig(n, k, 4, s) for n, k, s in itertools.product([32, 64, 128], [128, 256],
                                                                    [3, 4, 6])]  # fmt: skip
 # --tune: (N, K) of the decode GEMMs of both benchmark models
 TUNE_SHAPES = {

@@ -193,8 +193,8 @@ def _gemv_kernel(
             kk = k0 + offs_k
             k_ok = kk < k_end
             wt = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+            xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
@@ -218,7 +218,9 @@ def tile_descriptor(t: Tensor, rows: int, cols: int) -> TensorDescriptor | None:
     """A tensor descriptor of t's [rows, cols] tiles where the tensor memory accelerator can copy
     them (Hopper and later, or the interpreter; 16-byte aligned rows and tiles of at most
     MAX_DESC_BOX elements a side), else None: pointer loads."""
-    if not DESCRIPTORS or max(rows, cols) > MAX_DESC_BOX:
+    if not DESCRIPTORS or max(rows, cols) > MAX_DESC_BOX or t.dim() != 2 or t.numel() == 0:
+        return None
+    if t.stride(-1) != 1 or t.stride(0) < t.shape[1]:  # rows of their own, elements contiguous
         return None
     if t.is_cuda:
         if torch.version.hip is not None or _capability(t.device.index)[0] < 9:
@@ -237,8 +239,8 @@ _OUTGROWN: list[Tensor] = []  # counters a captured CUDA graph may still point a
 def _split_counters(device: torch.device, n: int) -> Tensor:
     """At least n zeroed int32 tile counters, one buffer per device that split-K launches share
     (each launch leaves its counters at 0; stream order keeps two launches apart). A buffer that
-    grows stays allocated: graphs captured before point at it (the tuned table's largest split
-    needs 64 counters, so the first buffer has served every launch so far)."""
+    grows stays allocated: graphs captured before point at it (the first buffer's 4096 counters
+    serve any output of up to 4096 tiles)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < n:
         if counters is not None:
@@ -270,7 +272,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     split_k = max(1, min(cfg.split_k, cdiv(k, block_k)))
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
-    # x's tiles too where they are as large as the weight's (a row tile of X_DESC_ROWS or more)
+    # x's tiles too where the row tile is X_DESC_ROWS or more
     x_desc = None
     if w_desc is not None and block_m >= X_DESC_ROWS:
         x_desc = tile_descriptor(x, block_m, block_k)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +54,9 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> to
 SHAPES = [(1, 67, 300), (3, 128, 64), (MAX_M, 40, 129)]  # (M, N, K)
 
 
+HOPPER = DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9  # the interpreter or sm90+
+
+
 @pytest.fixture(params=[True, False], ids=["descriptor", "pointers"])
 def descriptors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Weight tiles through tensor descriptors where they can be, or pointer loads only."""
@@ -57,12 +64,33 @@ def descriptors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return request.param
 
 
+@pytest.fixture
+def paths(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(W_DESC, X_DESC) of each gemv launch."""
+    seen: list[tuple[bool, bool]] = []
+    real = gemv_module.launch
+
+    def recorded(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
+        seen.append((bool(kwargs["W_DESC"]), bool(kwargs["X_DESC"])))
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(gemv_module, "launch", recorded)
+    return seen
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_gemv(m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool) -> None:
+def test_gemv(
+    m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool, paths: list[tuple[bool, bool]]
+) -> None:
     x = _randn(m, k + 5, dtype=dtype, seed=k)[:, 5:]  # rows strided, not contiguous
     w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
     out = gemv(x, w, SMALL)
+    assert paths == [(descriptors and HOPPER and _aligned(w), False)]
     assert out.shape == (m, n) and out.dtype == dtype
     torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
 
@@ -94,9 +122,12 @@ def test_split_k(
     assert not gemv_module._COUNTERS[x.device].any()
 
 
-def test_tile_descriptor_where_the_copy_engine_can() -> None:
-    """16-byte aligned weight rows and tiles of at most MAX_DESC_BOX a side take a descriptor;
-    an unaligned row (K = 300 halves: 600 bytes), a misaligned start or a longer tile do not."""
+@pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
+def test_tile_descriptor_where_the_copy_engine_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-byte aligned rows of their own and tiles of at most MAX_DESC_BOX a side take a
+    descriptor; an unaligned row (K = 300 halves: 600 bytes), a misaligned start, a longer tile,
+    rows that share memory (stride 0), no element, or ATOM_GEMV_TMA=0 do not."""
+    monkeypatch.setattr(gemv_module, "DESCRIPTORS", True)
     w = _randn(64, 320, dtype=torch.float16, seed=0)
     desc = gemv_module.tile_descriptor(w, 32, 128)
     assert desc is not None and list(desc.block_shape) == [32, 128]
@@ -104,6 +135,10 @@ def test_tile_descriptor_where_the_copy_engine_can() -> None:
     assert descriptor(w, 32, 2 * gemv_module.MAX_DESC_BOX) is None
     assert descriptor(_randn(64, 300, dtype=torch.float16, seed=0), 32, 128) is None
     assert descriptor(w.flatten()[1 : 1 + 64 * 8].view(64, 8), 16, 16) is None
+    assert descriptor(w[:1].expand(64, 320), 32, 128) is None
+    assert descriptor(w[:, :0], 32, 128) is None
+    monkeypatch.setattr(gemv_module, "DESCRIPTORS", False)
+    assert descriptor(w, 32, 128) is None
 
 
 def test_bad_shapes() -> None:
@@ -122,39 +157,83 @@ ROW_TILES = GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, block_
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("m", "n", "k"), [(MAX_M + 1, 40, 70), (45, 33, 129)])
-def test_row_tiles(m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool) -> None:
-    """Past MAX_M rows, with a row tile: several row tiles, the last partial; and the same tile
-    with pointer loads asked for (descriptor=False) where descriptors are on."""
+@pytest.mark.parametrize(("m", "n", "k"), [(MAX_M + 1, 40, 72), (45, 33, 136), (45, 33, 129)])
+def test_row_tiles(
+    m: int, n: int, k: int, dtype: torch.dtype, descriptors: bool, paths: list[tuple[bool, bool]]
+) -> None:
+    """Past MAX_M rows, with a row tile: several row tiles, the last partial, K not a whole tile
+    (aligned weight rows but for K = 129); and the same tile with pointer loads asked for
+    (descriptor=False)."""
     x = _randn(m, k + 3, dtype=dtype, seed=m)[:, 3:]
     w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
     for cfg in (ROW_TILES, dataclasses.replace(ROW_TILES, descriptor=False)):
         out = gemv(x, w, cfg)
         assert out.shape == (m, n)
         torch.testing.assert_close(out.float(), gemv_ref(x, w), **TOL[dtype])
+    assert paths == [(descriptors and HOPPER and _aligned(w), False), (False, False)]
 
 
+@pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("n", [40, 7])
 def test_row_tiles_with_x_through_a_descriptor(
-    dtype: torch.dtype, split_k: int, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype,
+    split_k: int,
+    n: int,
+    paths: list[tuple[bool, bool]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Row tiles of X_DESC_ROWS or more with aligned rows take x's tiles through a descriptor
-    as well (the last row tile partial: the copy reads zeros past M; K not a whole tile)."""
-    made = []
-    real = gemv_module.tile_descriptor
-
-    def counted(t: torch.Tensor, rows: int, cols: int) -> object:
-        made.append((tuple(t.shape), rows, cols))
-        return real(t, rows, cols)
-
-    monkeypatch.setattr(gemv_module, "tile_descriptor", counted)
-    m, n, k = 45, 40, 200
+    as well: the last row tile partial (the copy reads zeros past M), K not a whole tile, and
+    (n = 7) a weight tile longer than the weight has rows."""
+    monkeypatch.setattr(gemv_module, "DESCRIPTORS", True)
+    m, k = 45, 200
     x = _randn(m, k, dtype=dtype, seed=3)
     w = _randn(n, k, dtype=dtype, seed=4, scale=k**-0.5)
     cfg = GemvConfig(16, 64, 4, 2, block_m=gemv_module.X_DESC_ROWS, split_k=split_k)
     torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
-    assert made == [((n, k), 16, 64), ((m, k), gemv_module.X_DESC_ROWS, 64)]
+    assert paths == [(True, True)]
+
+
+# Every variant of the kernel compiled for sm90 (not interpreted): a compile error shows on the
+# CPU machine. Its own process: this one's kernels were defined for the interpreter.
+_COMPILE_VARIANTS = """
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atom.kernels.gemv import _gemv_kernel
+for dt, (w_desc, x_desc), split in itertools.product(
+    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3)
+):
+    bm = 32 if x_desc else 16
+    sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
+           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
+           "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_wn": "i32"}
+    const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
+             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    print("compiled", dt, w_desc, x_desc, split, flush=True)
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
+def test_every_variant_compiles_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_VARIANTS],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("compiled") == 12
 
 
 def test_row_buckets() -> None:
