@@ -126,6 +126,9 @@ stage_tune_attention() {
 }
 
 stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after it
+    # The committed table, for an ab stage after this one to compare against:
+    # AB_VARIANTS="tuned committed:atom/kernels/gemv_configs.json<$HOME/gemv_configs.committed.json"
+    cp atom/kernels/gemv_configs.json ~/gemv_configs.committed.json
     # shellcheck disable=SC2086
     python3 benchmarks/bench_gemv.py --tune "$OUT/gemv_configs.json" ${TUNE_GEMV_FLAGS:-} 2>&1 \
         | tee "$OUT/tune_gemv.log"
