@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from atom.executor.cuda_graphs import capturing, destroy_graphs, frozen_gc
+from atom.executor.cuda_graphs import capturing, destroy_graphs, paused_gc
 
 
 class MixedGraphs:
@@ -62,7 +62,7 @@ class MixedGraphs:
         and returns its hidden states; a warm-up run of each size before its capture."""
         pool = None
         stream = torch.cuda.Stream()
-        with frozen_gc():
+        with paused_gc():
             for size in reversed(self.sizes):
                 start = time.perf_counter()
                 forward(size)  # warm-up: cuBLAS's kernels for the size, Inductor's shapes

@@ -4,13 +4,14 @@ machine: tests/gpu/test_fast_path.py)."""
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from atom.executor.cuda_graphs import DecodeGraphs, context_caps
+from atom.executor.cuda_graphs import DecodeGraphs, context_caps, paused_gc
 from atom.executor.mixed_graphs import MixedGraphs
 from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
@@ -176,3 +177,19 @@ def test_release_destroys_every_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     runner.graphs = graphs
     ModelRunner.shutdown(runner, sync=False)  # type: ignore[arg-type]
     assert made[(1, 64)].resets == 2 and syncs == [1, 1] and runner.graphs is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_captures_pause_the_collector_and_restore_it(enabled: bool) -> None:
+    """No automatic collection inside (a capture's frees), the collector as it was after, an
+    exception too; nothing frozen, so no full collection was needed first."""
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        frozen = gc.get_freeze_count()
+        with pytest.raises(RuntimeError), paused_gc():
+            assert not gc.isenabled() and gc.get_freeze_count() == frozen
+            raise RuntimeError("a failed capture")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
