@@ -163,19 +163,17 @@ class _CoreLoop:
                 logger.warning("front end is gone: engine core exits")
                 return
             stepped = self.running and self.core.has_work()
-            if stepped:
-                outputs = self.core.step()
-                stats = self.core.stats()
+            outputs = self.core.step() if stepped else None
+            if outputs is None and self.running and self.stale_stats:
+                outputs = []  # an abort on an idle core freed blocks: the front end hears of it
+            if outputs is None and self.stats_logger is None:
+                continue
+            stats = self.core.stats()
+            if outputs is not None:
                 self.outbox.send(self.encoder.encode(Outputs(outputs, stats)))
                 self.stale_stats = False
-                if self.stats_logger is not None:
-                    self.stats_logger.update(stats, stepped=True)
-            else:
-                if self.running and self.stale_stats:  # an abort on an idle core freed blocks
-                    self.outbox.send(self.encoder.encode(Outputs([], self.core.stats())))
-                    self.stale_stats = False
-                if self.stats_logger is not None:
-                    self.stats_logger.update(self.core.stats(), stepped=False)
+            if self.stats_logger is not None:
+                self.stats_logger.update(stats, stepped)
 
     def _handle(self, msg: CoreInput) -> None:
         core = self.core

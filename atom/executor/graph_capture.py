@@ -20,7 +20,6 @@ from atom.executor.input_batch import StepBuffers
 from atom.executor.mixed_graphs import MixedGraphs
 from atom.executor.precompile import attend_padding_rows
 from atom.kernels.attention_config import num_sms
-from atom.layers.attention import Attention
 
 if TYPE_CHECKING:
     from atom.executor.model_runner import ModelRunner
@@ -102,8 +101,7 @@ def capture_decode_graphs(runner: ModelRunner) -> None:
     def warm_attention(size: int, cap: int) -> None:
         attend_padding_rows(runner.attn_layers, decode_meta(size, cap), runner._stand_in)
 
-    plain = all(type(layer) is Attention for layer in runner.attn_layers)
-    graphs.capture(forward, trace, sample, warm_attention if plain else None)
+    graphs.capture(forward, trace, sample, warm_attention if runner.plain_attention else None)
     warmups = graphs.warmup_seconds  # slow sizes: Triton compiling the variants they need
     slowest = sorted(warmups.items(), key=lambda kv: -kv[1])[:4]
     logger.info(

@@ -99,8 +99,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # Mixed steps' graphs: plain attention (MLA's prefill path differs) on one GPU (a
         # graph's all-reduce at thousands of tokens is not the custom one's size).
-        plain = all(type(layer) is Attention for layer in self.attn_layers)
-        mixed = fast and plain and config.parallel.tensor_parallel_size == 1
+        self.plain_attention = all(type(layer) is Attention for layer in self.attn_layers)
+        mixed = fast and self.plain_attention and config.parallel.tensor_parallel_size == 1
         self.mixed_sizes = comp.mixed_graph_sizes(sched.max_num_batched_tokens) if mixed else []
         self.mixed_graphs: MixedGraphs | None = None
         self.mixed_graph_estimate = 0  # their pool's bytes in the KV budget (memory_profile.py)

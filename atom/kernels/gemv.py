@@ -170,6 +170,8 @@ def _gemv_kernel(
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
+    if not X_DESC:
+        x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
     if W_DESC:
         # The weight tile through the tensor memory accelerator, as the dot's first operand
         # (y^T = W x^T: the weight rows are its M, the rows of x its N). Past N, M or K a
@@ -181,13 +183,12 @@ def _gemv_kernel(
                 xt = x.load([m0, k0])
             else:
                 kk = k0 + offs_k
-                x_ptrs = x + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :]
-                xt = tl.load(x_ptrs, mask=m_ok[:, None] & (kk < k_end)[None, :], other=0.0)
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :],
+                             other=0.0)  # fmt: skip
             acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
         w_rows = w + offs_n[:, None].to(tl.int64) * stride_wn
         for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
             kk = k0 + offs_k
