@@ -61,8 +61,6 @@ DESCRIPTORS_ENV = "ATOM_GEMV_TMA"  # 0: pointer loads of the weights everywhere
 DESCRIPTORS = os.environ.get(DESCRIPTORS_ENV, "1") != "0"
 MAX_DESC_BOX = 256  # a tensor descriptor's tile: at most 256 elements a side
 X_DESC_ROWS = 32  # row tiles from which x's tiles come through a descriptor too
-EARLY_ENV = "ATOM_GEMV_EARLY"  # weight tiles a program asks for before its PDL wait
-EARLY_TILES = int(os.environ.get(EARLY_ENV, "0"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +142,6 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
 def _gemv_kernel(
     x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
     w,  # [N, K], last dim contiguous: a pointer, or (W_DESC) a descriptor of its tiles
-    w_ptr,  # the weight's pointer (EARLY)
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
     count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
@@ -161,8 +158,8 @@ def _gemv_kernel(
     X_DESC: tl.constexpr,  # only with W_DESC
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
-    EARLY: tl.constexpr,  # weight tiles read before the PDL wait (W_DESC, not X_DESC)
 ):
+    pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n0 = tl.program_id(1) * BLOCK_N
@@ -173,17 +170,6 @@ def _gemv_kernel(
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
-    if EARLY > 0:
-        # No kernel writes the weights: a program's first EARLY tiles are asked for before the
-        # wait, while the kernel before it runs (a plain load: nothing waits for it until the
-        # dot after the loop), and the loop starts past them.
-        kk_early = k_start + tl.arange(0, EARLY * BLOCK_K)
-        k_early_ok = kk_early < k_end
-        w_early = tl.load(
-            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + kk_early[None, :],
-            mask=n_ok[:, None] & k_early_ok[None, :], other=0.0,
-        )  # fmt: skip
-    pdl_start(PDL)
     if not X_DESC:
         x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
     if W_DESC:
@@ -192,8 +178,7 @@ def _gemv_kernel(
         # descriptor's copy reads zeros; split ends are whole K tiles.
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         m0 = tl.program_id(0) * BLOCK_M
-        k_first = k_start + EARLY * BLOCK_K
-        for k0 in range(k_first, k_end, BLOCK_K):  # the compiler pipelines both loads
+        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads
             if X_DESC:
                 xt = x.load([m0, k0])
             else:
@@ -201,10 +186,6 @@ def _gemv_kernel(
                 xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :],
                              other=0.0)  # fmt: skip
             acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
-        if EARLY > 0:
-            xt = tl.load(x_rows + kk_early[None, :], mask=m_ok[:, None] & k_early_ok[None, :],
-                         other=0.0)  # fmt: skip
-            acc_t = tl.dot(w_early, tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -305,13 +286,11 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
-        x if x_desc is None else x_desc, weight if w_desc is None else w_desc, weight, y, ws,
-        counters,
+        x if x_desc is None else x_desc, weight if w_desc is None else w_desc, y, ws, counters,
         m, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         W_DESC=w_desc is not None, X_DESC=x_desc is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
-        EARLY=EARLY_TILES if w_desc is not None and x_desc is None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

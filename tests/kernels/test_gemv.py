@@ -123,27 +123,6 @@ def test_split_k(
 
 
 @pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("early", [1, 2])
-@pytest.mark.parametrize(
-    ("m", "n", "k", "split_k"),
-    [(1, 67, 296, 1), (3, 40, 296, 4), (MAX_M, 33, 40, 1), (2, 40, 136, 2)],
-)
-def test_early_tiles(
-    m: int, n: int, k: int, split_k: int, early: int, dtype: torch.dtype,
-    monkeypatch: pytest.MonkeyPatch, paths: list[tuple[bool, bool]],
-) -> None:  # fmt: skip
-    """A program's first weight tiles read before its PDL wait: splits of 2, 2, 1 and 0 tiles
-    (5 in 4) and a K of one tile, where an early tile lies past the split's end."""
-    monkeypatch.setattr(gemv_module, "EARLY_TILES", early)
-    x = _randn(m, k, dtype=dtype, seed=k)
-    w = _randn(n, k, dtype=dtype, seed=n, scale=k**-0.5)
-    cfg = GemvConfig(16, 64, 4, 2, split_k=split_k)
-    torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
-    assert paths == [(True, False)]  # the weight through a descriptor: the early tiles read
-
-
-@pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
 def test_tile_descriptor_where_the_copy_engine_can(monkeypatch: pytest.MonkeyPatch) -> None:
     """16-byte aligned rows of their own and tiles of at most MAX_DESC_BOX a side take a
     descriptor; an unaligned row (K = 300 halves: 600 bytes), a misaligned start, a longer tile,
@@ -230,13 +209,11 @@ for dt, (w_desc, x_desc), split in itertools.product(
 ):
     bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
-           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "w_ptr": f"*{dt}",
-           "y_ptr": f"*{dt}",
+           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
            "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32"}
     const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
-             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
-             "EARLY": 0 if x_desc or not w_desc else split - 1}
+             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True}
     sig.update(dict.fromkeys(const, "constexpr"))
     src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
