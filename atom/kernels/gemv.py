@@ -49,9 +49,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from atom.kernels.attention_config import num_sms
 from atom.kernels.grid import cdiv, next_power_of_2
-from atom.kernels.launch import INTERPRET, compiling_only, launch, pdl, pdl_start, prefetch_l2
+from atom.kernels.launch import INTERPRET, compiling_only, launch, pdl, pdl_start
 
 MAX_M = 16  # rows in one tile: gemv_config's regime
 MAX_TUNED_M = 256  # rows up to which the tuned table may pick a tile
@@ -62,9 +61,6 @@ DESCRIPTORS_ENV = "ATOM_GEMV_TMA"  # 0: pointer loads of the weights everywhere
 DESCRIPTORS = os.environ.get(DESCRIPTORS_ENV, "1") != "0"
 MAX_DESC_BOX = 256  # a tensor descriptor's tile: at most 256 elements a side
 X_DESC_ROWS = 32  # row tiles from which x's tiles come through a descriptor too
-PREFETCH_ENV = "ATOM_GEMV_PREFETCH"  # bytes a weight row's share prefetched before the PDL wait
-PREFETCH_BYTES = int(os.environ.get(PREFETCH_ENV, "0"))
-PREFETCH_WAVE = 2  # programs an SM is taken to hold at once: the first wave that prefetches
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +142,6 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
 def _gemv_kernel(
     x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
     w,  # [N, K], last dim contiguous: a pointer, or (W_DESC) a descriptor of its tiles
-    w_ptr,  # the weight's pointer (PREFETCH)
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
     count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
@@ -163,9 +158,8 @@ def _gemv_kernel(
     X_DESC: tl.constexpr,  # only with W_DESC
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # bytes of each weight row's share to prefetch before the PDL wait
-    PREFETCH_PROGRAMS: tl.constexpr,  # the programs that prefetch: the first wave
 ):
+    pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n0 = tl.program_id(1) * BLOCK_N
@@ -176,17 +170,6 @@ def _gemv_kernel(
     per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(2) * per
     k_end = tl.minimum(k_start + per, K)
-    if PREFETCH > 0:
-        # No kernel writes the weights: the first wave's programs (of the first row tile) ask
-        # L2 for the start of their slab before the wait, while the kernel before runs
-        # (launch.prefetch_l2). Later programs would find their lines evicted by then.
-        share = tl.maximum(k_end - k_start, 0) * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        first = (tl.program_id(0) == 0) & (
-            tl.program_id(2) * tl.num_programs(1) + tl.program_id(1) < PREFETCH_PROGRAMS
-        )
-        nbytes = tl.where(first, tl.minimum(PREFETCH, share) // 16 * 16, 0)
-        prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start, nbytes)
-    pdl_start(PDL)
     if not X_DESC:
         x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
     if W_DESC:
@@ -301,17 +284,13 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
     elif split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device, grid[0] * grid[1])
-    use_pdl = pdl(x)
     launch(
         _gemv_kernel, grid,
-        x if x_desc is None else x_desc, weight if w_desc is None else w_desc, weight, y, ws,
-        counters,
+        x if x_desc is None else x_desc, weight if w_desc is None else w_desc, y, ws, counters,
         m, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         W_DESC=w_desc is not None, X_DESC=x_desc is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        PREFETCH=PREFETCH_BYTES if use_pdl and w_desc is not None else 0,
-        PREFETCH_PROGRAMS=PREFETCH_WAVE * num_sms(x.device),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

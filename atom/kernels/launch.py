@@ -63,25 +63,6 @@ def pdl_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@triton.jit
-def prefetch_l2(rows, nbytes):
-    """Ask L2 for nbytes (a multiple of 16; 0: nothing) from each 16-byte aligned address in
-    rows: one bulk prefetch (Hopper's `cp.async.bulk.prefetch.L2`) per element, nothing waits
-    for it. A PDL kernel issues it before its wait for data no kernel writes (its weights), so
-    the reads start while the kernel before it runs. sm90 and later only; not in the
-    interpreter (inline assembly)."""
-    sizes = tl.full(rows.shape, nbytes, tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.u32 $0, 0; }",
-        "=r,l,r",
-        [rows, sizes],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     if kwargs.get("PDL"):
         kwargs["launch_pdl"] = True

@@ -122,30 +122,6 @@ def test_split_k(
     assert not gemv_module._COUNTERS[x.device].any()
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="inline assembly: not in the interpreter")
-@pytest.mark.parametrize("nbytes", [16, 1000, 1 << 20])
-def test_prefetch_changes_no_result(nbytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The L2 prefetch before the PDL wait (every size: a share's first 16 bytes, a size not a
-    multiple of 16, more than any share; splits uneven and empty) gives the same bits as none."""
-    x = _randn(2, 296, dtype=torch.bfloat16, seed=1)  # 5 K tiles of 64: splits 2, 2, 1, 0
-    w = _randn(203, 296, dtype=torch.bfloat16, seed=2)
-    asked: list[int] = []
-    real = gemv_module.launch
-
-    def recorded(kernel: object, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
-        asked.append(int(kwargs["PREFETCH"]))
-        real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(gemv_module, "launch", recorded)
-    for cfg in (GemvConfig(64, 64, 4, 2), GemvConfig(16, 64, 4, 2, split_k=4)):
-        monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", 0)
-        want = gemv(x, w, cfg)
-        monkeypatch.setattr(gemv_module, "PREFETCH_BYTES", nbytes)
-        assert torch.equal(gemv(x, w, cfg), want)
-        torch.testing.assert_close(want.float(), gemv_ref(x, w), **TOL[torch.bfloat16])
-    assert asked == [0, nbytes] * 2
-
-
 @pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
 def test_tile_descriptor_where_the_copy_engine_can(monkeypatch: pytest.MonkeyPatch) -> None:
     """16-byte aligned rows of their own and tiles of at most MAX_DESC_BOX a side take a
@@ -233,13 +209,11 @@ for dt, (w_desc, x_desc), split in itertools.product(
 ):
     bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
-           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "w_ptr": f"*{dt}",
-           "y_ptr": f"*{dt}",
+           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
            "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32"}
     const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
-             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
-             "PREFETCH": 2048 if w_desc else 0, "PREFETCH_PROGRAMS": 264}
+             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True}
     sig.update(dict.fromkeys(const, "constexpr"))
     src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
