@@ -75,11 +75,16 @@ TUNE_TILES = {
           (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 32, 128, 4, 4)],
 }  # fmt: skip
 # Past 16 rows, weight tiles through descriptors as the dot's first operand and x's through
-# descriptors too (gemv.py): every row in one tile up to 128 (each weight tile read once), weight
-# tiles of 64-128 rows
+# descriptors too (gemv.py): every row in one tile up to 128 (each weight tile read once), or 64
+# from 128 rows; weight tiles of 64 rows (one warpgroup) or 128 (two). Deep pipelines: at 128
+# rows a program per SM streams its slab at (weight bytes in flight) / latency, and 3-4 stages
+# of these tiles keep 24-64 KB in flight (~2.4-3.6 TB/s over the GPU at ~1.5 us; cuBLAS's 8B
+# GEMMs at 128 rows read 2.4-3.6 TB/s, RESULTS thirtieth sitting); 6-8 stages of the smaller
+# tiles keep up to 112 KB. A tile past shared memory is skipped (OutOfResources).
 DESCRIPTOR_TILES = {
-    bucket: [(min(bucket, 128), bn, bk, w, st)
-             for bn, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))]
+    bucket: [(bm, bn, bk, w, st)
+             for bm in ((64, 128) if bucket >= 128 else (bucket,))
+             for (bn, w), bk, st in itertools.product(((64, 4), (128, 8)), (64, 128), (3, 4, 6, 8))]
     for bucket in TUNED_BUCKETS if bucket > MAX_M
 }  # fmt: skip
 
