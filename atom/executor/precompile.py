@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +51,7 @@ from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
+from atom.layers.mlp import GatedMLP
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,7 @@ ENV = "ATOM_PRECOMPILE"
 class Precompile:
     """A running precompile: `wait` joins it (and logs what it compiled, or why it failed)."""
 
-    def __init__(
-        self, layers: list[Attention], weights: list[torch.Tensor], shapes: StandIn
-    ) -> None:
+    def __init__(self, layers: list[Attention], weights: list[Weight], shapes: StandIn) -> None:
         self._error: BaseException | None = None
         self._seconds = 0.0
         self._calls = 0
@@ -76,7 +76,7 @@ class Precompile:
         )
         self._thread.start()
 
-    def _run(self, layers: list[Attention], weights: list[torch.Tensor], shapes: StandIn) -> None:
+    def _run(self, layers: list[Attention], weights: list[Weight], shapes: StandIn) -> None:
         from triton.runtime._async_compile import AsyncCompileMode
 
         start = time.perf_counter()
@@ -93,14 +93,17 @@ class Precompile:
                     for meta in stand_in_steps(shapes.block_size, shapes.device):
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
-                for weight in distinct_weights(weights):
+                for weight, gated in distinct_weights(weights):
                     buckets = tuned_buckets(weight)  # 16 compiles the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
                         if linear_config(rows, weight) is None:
                             continue  # cuBLAS
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip
-                        ops.small_batch_linear(x, weight, None)
+                        if gated:
+                            ops.small_batch_linear_silu_and_mul(x, weight)
+                        else:
+                            ops.small_batch_linear(x, weight, None)
                         self._calls += 1
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
@@ -131,7 +134,13 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
     device whose Triton has AsyncCompileMode, unless ATOM_PRECOMPILE=0 (to measure a start
     without it)."""
     layers = [m for m in model.modules() if type(m) is Attention]  # not MLA
-    weights = [m.weight for m in model.modules() if isinstance(m, LinearBase)] if ops._GEMV else []
+    weights = []
+    if ops._GEMV:
+        # A gated MLP's gate/up weight launches the fused SiLU variant when that is on.
+        gated = {id(m.gate_up_proj) for m in model.modules() if isinstance(m, GatedMLP)}
+        fused = ops._GEMV_SILU
+        weights = [Weight(m.weight, fused and id(m) in gated and m.bias is None)
+                   for m in model.modules() if isinstance(m, LinearBase)]  # fmt: skip
     if shapes.device.type != "cuda" or not (layers or weights) or os.environ.get(ENV) == "0":
         return None
     try:
@@ -158,14 +167,21 @@ def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
             yield layer
 
 
-def distinct_weights(weights: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """One weight per (shape, dtype): what picks gemv's variant."""
+class Weight(NamedTuple):
+    """A linear layer's weight and whether its launches are gemv's gated (SiLU-fused) ones."""
+
+    weight: torch.Tensor
+    gated: bool
+
+
+def distinct_weights(weights: Iterable[Weight]) -> Iterator[Weight]:
+    """One weight per (shape, dtype, gated): what picks gemv's variant."""
     seen = set()
-    for weight in weights:
-        key = (tuple(weight.shape), weight.dtype)
+    for item in weights:
+        key = (tuple(item.weight.shape), item.weight.dtype, item.gated)
         if key not in seen:
             seen.add(key)
-            yield weight
+            yield item
 
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:

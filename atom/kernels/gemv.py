@@ -29,6 +29,10 @@ CUDA graphs over weights that L2 does not hold, and `gemv_configs.json` keeps th
 beat cuBLAS, else null: there F.linear runs (`linear_config`).
 The torch reference (`gemv_ref`) is float32.
 
+`gated`: SwiGLU's gate/up GEMM with its SiLU-and-mul fused in: the weight holds the gate rows,
+then the up rows; a program reads a tile of each and writes silu(gate) * up, each sum first
+rounded to y's dtype as the unfused GEMM's output is (reference: `gemv_silu_and_mul_ref`).
+
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
 dropped (eleventh sitting): their input loads feed arithmetic before the dot, which Triton does
 not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they replaced.
@@ -138,12 +142,28 @@ def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x.float(), weight.float())
 
 
+def gemv_silu_and_mul_ref(x: Tensor, weight: Tensor) -> Tensor:
+    """gemv(x, weight, gated=True) in float32: SwiGLU over gate rows, then up rows."""
+    gate, up = gemv_ref(x, weight).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _output(acc, up, out_ty: tl.constexpr, GATED: tl.constexpr):
+    """A tile of y from the float32 sums: acc, or (GATED) silu(acc) * up, each first rounded to
+    y's dtype as the GEMM's output would be before silu_and_mul (its reference's arithmetic)."""
+    if GATED:
+        gate = acc.to(out_ty).to(tl.float32)
+        acc = gate / (1.0 + tl.exp(-gate)) * up.to(out_ty).to(tl.float32)
+    return acc.to(out_ty)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
-    w,  # [N, K], last dim contiguous: a pointer, or (W_DESC) a descriptor of its tiles
+    w,  # [N, K] ([2N, K] GATED), last dim contiguous: a pointer, or (W_DESC) a descriptor
     y_ptr,  # [M, N] contiguous
-    ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] float32 partial sums
+    ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] ([SPLIT_K, M, 2N] GATED) float32 partial sums
     count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
     M,
     N,
@@ -158,6 +178,7 @@ def _gemv_kernel(
     X_DESC: tl.constexpr,  # only with W_DESC
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
+    GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
 ):
     pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -172,13 +193,16 @@ def _gemv_kernel(
     k_end = tl.minimum(k_start + per, K)
     if not X_DESC:
         x_rows = x + offs_m[:, None].to(tl.int64) * stride_xm
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED: the up rows' sums
     if W_DESC:
         # The weight tile through the tensor memory accelerator, as the dot's first operand
         # (y^T = W x^T: the weight rows are its M, the rows of x its N). Past N, M or K a
-        # descriptor's copy reads zeros; split ends are whole K tiles.
+        # descriptor's copy reads zeros (a gate tile past N reads up rows: outputs never
+        # stored); split ends are whole K tiles.
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         m0 = tl.program_id(0) * BLOCK_M
-        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads
+        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines the loads
             if X_DESC:
                 xt = x.load([m0, k0])
             else:
@@ -186,33 +210,49 @@ def _gemv_kernel(
                 xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :],
                              other=0.0)  # fmt: skip
             acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
+            if GATED:
+                up_t = tl.dot(w.load([N + n0, k0]), tl.trans(xt), up_t,
+                              input_precision=DOT_PRECISION)  # fmt: skip
         acc = tl.trans(acc_t)
+        if GATED:
+            up = tl.trans(up_t)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         w_rows = w + offs_n[:, None].to(tl.int64) * stride_wn
-        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines both loads into the dot
+        for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines the loads into the dot
             kk = k0 + offs_k
             k_ok = kk < k_end
             wt = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+            if GATED:
+                ut = tl.load(w_rows + N * stride_wn + kk[None, :],
+                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                up = tl.dot(xt, tl.trans(ut), up, input_precision=DOT_PRECISION)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K > 1:
-        # Each split stores its partial sum; the last of a tile's splits to arrive adds them in
+        # Each split stores its partial sums; the last of a tile's splits to arrive adds them in
         # split order (the same result whatever the arrival order) and rearms the counter.
-        tl.store(ws_ptr + tl.program_id(2).to(tl.int64) * M * N + tile, acc, mask=ok)
+        width = 2 * N if GATED else N  # a row of the partial sums: gate then up (GATED)
+        parts = ws_ptr + offs_m[:, None].to(tl.int64) * width + offs_n[None, :]
+        tl.store(parts + tl.program_id(2).to(tl.int64) * M * width, acc, mask=ok)
+        if GATED:
+            tl.store(parts + tl.program_id(2).to(tl.int64) * M * width + N, up, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the release below
         counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for split in range(SPLIT_K):
-                part = ws_ptr + tl.full([], split, tl.int64) * M * N + tile
+                part = parts + tl.full([], split, tl.int64) * M * width
                 acc += tl.load(part, mask=ok, other=0.0, volatile=True)
-            tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
+                if GATED:
+                    up += tl.load(part + N, mask=ok, other=0.0, volatile=True)
+            tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
-        tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
 
 
 def tile_descriptor(t: Tensor, rows: int, cols: int) -> TensorDescriptor | None:
@@ -251,12 +291,18 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return counters
 
 
-def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
+def gemv(
+    x: Tensor, weight: Tensor, config: GemvConfig | None = None, *, gated: bool = False
+) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
-    default, any M with a config of block_m > 0."""
+    default, any M with a config of block_m > 0. gated: weight [2N, K] holds SwiGLU's gate rows,
+    then its up rows, and y = silu(x @ gate^T) * (x @ up^T) [M, N] (gemv_silu_and_mul_ref),
+    each program reading a tile of both."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
-    (m, k), n = x.shape, weight.shape[0]
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"a gated weight has gate and up rows alike, got {weight.shape[0]} rows")
+    (m, k), n = x.shape, weight.shape[0] // (2 if gated else 1)
     if m > MAX_M and (config is None or not config.block_m):
         raise ValueError(f"gemv takes at most {MAX_M} rows without a row tile, got {m}")
     if x.dtype != weight.dtype:
@@ -282,7 +328,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         ws = torch.empty(1, dtype=torch.float32, device=x.device)
         counters = torch.empty(1, dtype=torch.int32, device=x.device)
     elif split_k > 1:
-        ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        ws = torch.empty((split_k, m, weight.shape[0]), dtype=torch.float32, device=x.device)
         counters = _split_counters(x.device, grid[0] * grid[1])
     launch(
         _gemv_kernel, grid,
@@ -290,7 +336,7 @@ def gemv(x: Tensor, weight: Tensor, config: GemvConfig | None = None) -> Tensor:
         m, n, k, x.stride(0), weight.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         W_DESC=w_desc is not None, X_DESC=x_desc is not None,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x), GATED=gated,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

@@ -1,20 +1,11 @@
-"""Gated activations."""
+"""Gated activations: the hidden_act names GatedMLP computes as SiLU-and-mul (the op after the
+gate/up GEMM, or fused into it: ops.linear_silu_and_mul)."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
-from atom.kernels import ops
+GATED_SILU = ("silu", "swiglu")
 
 
-class SiluAndMul(nn.Module):
-    """[..., 2 * d] -> silu(x[..., :d]) * x[..., d:]"""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return ops.silu_and_mul(x)
-
-
-def get_act_and_mul(name: str) -> nn.Module:
-    if name in ("silu", "swiglu"):
-        return SiluAndMul()
-    raise ValueError(f"unsupported hidden_act {name!r}")
+def check_gated_act(name: str) -> None:
+    if name not in GATED_SILU:
+        raise ValueError(f"unsupported hidden_act {name!r}")

@@ -13,6 +13,7 @@ from atom.executor import precompile as precompile_module
 from atom.executor.forward_context import AttentionMetadata
 from atom.executor.precompile import (
     StandIn,
+    Weight,
     attend_padding_rows,
     distinct_kinds,
     distinct_weights,
@@ -137,12 +138,16 @@ def test_one_layer_per_kind_and_no_thread_on_the_cpu() -> None:
 
 
 def test_one_gemv_launch_per_weight_shape() -> None:
+    """One per shape, dtype and launch kind (a gated MLP's gate/up weight launches the SiLU-fused
+    variant where that is on)."""
     linears = [ColumnParallelLinear(64, 96, False), ColumnParallelLinear(64, 96, False),
                RowParallelLinear(96, 64, False), ColumnParallelLinear(64, 96, True)]  # fmt: skip
-    weights = [m.weight for m in linears]
+    weights = [Weight(m.weight, False) for m in linears]
     assert list(distinct_weights(weights)) == [weights[0], weights[2]]
-    half = linears[1].weight.data.half()
+    half = Weight(linears[1].weight.data.half(), False)
     assert list(distinct_weights([weights[0], half])) == [weights[0], half]
+    gated = Weight(linears[1].weight, True)
+    assert list(distinct_weights([weights[0], gated, weights[1]])) == [weights[0], gated]
 
 
 def test_attend_padding_rows_launches_padding_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:

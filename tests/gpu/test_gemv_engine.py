@@ -1,5 +1,6 @@
 """The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
-kernel (against cuBLAS, ATOM_GEMV=0), its row-tiled regime past 16 rows (a tile forced for every
+kernel (against cuBLAS, ATOM_GEMV=0), the MLP's gate/up and SiLU in one launch
+(ATOM_GEMV_SILU=1), its row-tiled regime past 16 rows (a tile forced for every
 weight: the tuned table holds 16-bit tiles only) and programmatic dependent launch (against plain
 launches, ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows
 and of 40 (run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
@@ -68,6 +69,25 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ops, "small_batch_linear", counted)
     assert _tokens(checkpoint) == baseline
     assert calls, "the small-batch path never ran"
+
+
+def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLP's gate/up GEMM and SiLU-and-mul in one gemv launch (ATOM_GEMV_SILU=1)."""
+    calls = []
+    kernel = ops.small_batch_linear_silu_and_mul
+
+    def counted(*args: object) -> torch.Tensor:
+        if not launch._COMPILE_ONLY.get():  # not the start-up precompile's stand-in launches
+            calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(ops, "_GEMV", False)
+    baseline = _tokens(checkpoint)
+    monkeypatch.setattr(ops, "_GEMV", True)
+    monkeypatch.setattr(ops, "_GEMV_SILU", True)
+    monkeypatch.setattr(ops, "small_batch_linear_silu_and_mul", counted)
+    assert _tokens(checkpoint) == baseline
+    assert calls, "the fused path never ran"
 
 
 def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

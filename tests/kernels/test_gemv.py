@@ -26,6 +26,7 @@ from atom.kernels.gemv import (
     gemv,
     gemv_config,
     gemv_ref,
+    gemv_silu_and_mul_ref,
     linear_config,
     row_bucket,
     tuned_buckets,
@@ -122,6 +123,37 @@ def test_split_k(
     assert not gemv_module._COUNTERS[x.device].any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split_k", "block_m"),
+    [(1, 67, 296, 1, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (37, 40, 200, 2, 16),
+     (40, 24, 296, 1, 32)],
+)  # fmt: skip
+def test_gated(
+    m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype, descriptors: bool,
+    paths: list[tuple[bool, bool]],
+) -> None:  # fmt: skip
+    """SwiGLU fused: weight [2n, k] of gate rows then up rows -> silu(gate) * up [m, n]; gate
+    tiles past n (n not a multiple of the tile), splits uneven and empty, row tiles with x
+    through a descriptor (40 rows in tiles of 32); twice, the tile counters rearmed."""
+    cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
+    for seed in (0, 1):
+        x = _randn(m, k, dtype=dtype, seed=k + seed)
+        w = _randn(2 * n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
+        out = gemv(x, w, cfg, gated=True)
+        assert out.shape == (m, n) and out.dtype == dtype
+        torch.testing.assert_close(out.float(), gemv_silu_and_mul_ref(x, w), **TOL[dtype])
+    desc = descriptors and HOPPER and _aligned(w)
+    assert paths == [(desc, desc and block_m >= 32)] * 2
+    assert not gemv_module._COUNTERS.get(x.device, torch.zeros(1)).any()
+
+
+def test_gated_needs_gate_and_up_rows_alike() -> None:
+    x, w = _randn(2, 64, dtype=torch.float32, seed=0), _randn(41, 64, dtype=torch.float32, seed=1)
+    with pytest.raises(ValueError, match="gate and up rows alike"):
+        gemv(x, w, gated=True)
+
+
 @pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
 def test_tile_descriptor_where_the_copy_engine_can(monkeypatch: pytest.MonkeyPatch) -> None:
     """16-byte aligned rows of their own and tiles of at most MAX_DESC_BOX a side take a
@@ -204,8 +236,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atom.kernels.gemv import _gemv_kernel
-for dt, (w_desc, x_desc), split in itertools.product(
-    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3)
+for dt, (w_desc, x_desc), split, gated in itertools.product(
+    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3), (False, True)
 ):
     bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
@@ -213,11 +245,12 @@ for dt, (w_desc, x_desc), split in itertools.product(
            "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
            "stride_xm": "i32", "stride_wn": "i32"}
     const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
-             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True}
+             "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
+             "GATED": gated}
     sig.update(dict.fromkeys(const, "constexpr"))
     src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print("compiled", dt, w_desc, x_desc, split, flush=True)
+    print("compiled", dt, w_desc, x_desc, split, gated, flush=True)
 """
 
 
@@ -233,7 +266,7 @@ def test_every_variant_compiles_for_sm90() -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 12
+    assert run.stdout.count("compiled") == 24
 
 
 def test_row_buckets() -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from atom.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
-from atom.layers.activation import SiluAndMul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-3, rtol=1e-3)}
@@ -35,9 +33,3 @@ def test_silu_and_mul_extremes_and_views() -> None:
     wide = _randn(5, 2 * 100, dtype=torch.float32, seed=12)[:, 10:140]  # row stride 200
     torch.testing.assert_close(silu_and_mul(wide), silu_and_mul_ref(wide), **TOL[torch.float32])
     assert silu_and_mul(x[:0]).shape == (0, 3, 65)
-
-
-def test_layer_is_silu_times_up() -> None:
-    x = _randn(7, 2 * 769, dtype=torch.float32, seed=13)
-    gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(SiluAndMul()(x), F.silu(gate) * up, **TOL[torch.float32])

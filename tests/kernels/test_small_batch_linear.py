@@ -1,7 +1,8 @@
 """The small-batch linear path (CUDA, unless ATOM_GEMV=0): gemv where gemv.linear_config gives
 a tile (up to gemv.MAX_M rows without a tuned table), else F.linear; bias added, any leading
 shape; an opaque op under torch.compile whose row test is no guard (the kernel in the
-interpreter without a GPU; the engine on a GPU: tests/gpu)."""
+interpreter without a GPU; the engine on a GPU: tests/gpu). The same for the gate/up GEMM with
+its SiLU-and-mul fused (gemv's gated launch)."""
 
 from __future__ import annotations
 
@@ -58,4 +59,53 @@ def test_op_compiles_once_for_every_token_count() -> None:
         x = _randn(rows, 32, seed=rows)
         torch._dynamo.mark_dynamic(x, 0)
         torch.testing.assert_close(compiled(x), F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+    assert len(frames) == 1
+
+
+def _silu_and_mul(y: torch.Tensor) -> torch.Tensor:
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (MAX_M, 48), (MAX_M + 1, 48), (2, 3, 48), (0, 48)])
+def test_gated_matches_silu_of_f_linear(shape: tuple[int, ...]) -> None:
+    """gemv's gated launch up to MAX_M rows (the interpreter without a GPU), F.linear and the
+    SiLU-and-mul kernel past them."""
+    x, w = _randn(*shape, seed=1), _randn(2 * 20, 48, seed=2) * 0.1
+    out = ops.small_batch_linear_silu_and_mul(x, w)
+    assert out.shape == (*shape[:-1], 20)
+    torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_silu_and_mul_off_and_on_the_cpu(
+    with_bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off by default (ATOM_GEMV_SILU=1 turns it on); on the CPU, or with a bias, the two ops."""
+    assert not ops._GEMV_SILU or os.environ.get(ops.GEMV_SILU_ENV) == "1"
+    calls = []
+    monkeypatch.setattr(ops, "small_batch_linear_silu_and_mul", lambda *a: calls.append(a))
+    monkeypatch.setattr(ops, "_GEMV_SILU", True)
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    bias = torch.randn(6) if with_bias else None
+    want = _silu_and_mul(F.linear(x, w, bias))
+    torch.testing.assert_close(ops.linear_silu_and_mul(x, w, bias), want)
+    assert not calls
+
+
+def test_gated_op_compiles_once_for_every_token_count() -> None:
+    w = _randn(2 * 12, 32, seed=4) * 0.1
+    frames = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x: torch.ops.atom.linear_silu_and_mul(x, w), backend=backend,
+                             fullgraph=True)  # fmt: skip
+    for rows in (3, MAX_M, MAX_M + 5, 2):
+        x = _randn(rows, 32, seed=rows)
+        torch._dynamo.mark_dynamic(x, 0)
+        out = compiled(x)
+        torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
     assert len(frames) == 1
