@@ -51,7 +51,7 @@ from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
-from atom.layers.mlp import GatedMLP
+from atom.layers.mlp import GateUpSiluLinear
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +137,8 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
     weights = []
     if ops._GEMV:
         # A gated MLP's gate/up weight launches the fused SiLU variant when that is on.
-        gated = {id(m.gate_up_proj) for m in model.modules() if isinstance(m, GatedMLP)}
         fused = ops._GEMV_SILU
-        weights = [Weight(m.weight, fused and id(m) in gated and m.bias is None)
+        weights = [Weight(m.weight, fused and isinstance(m, GateUpSiluLinear) and m.bias is None)
                    for m in model.modules() if isinstance(m, LinearBase)]  # fmt: skip
     if shapes.device.type != "cuda" or not (layers or weights) or os.environ.get(ENV) == "0":
         return None

@@ -1,5 +1,6 @@
-"""The gated MLP of Llama-style models: down(act(gate(x)) * up(x)), the gate/up GEMM and its
-SiLU-and-mul one op (ops.linear_silu_and_mul: one kernel where gemv runs the GEMM)."""
+"""The gated MLP of Llama-style models: down(silu(gate(x)) * up(x)), the gate/up GEMM and its
+SiLU-and-mul one module and one op (ops.linear_silu_and_mul: one kernel where gemv runs the
+GEMM and ATOM_GEMV_SILU=1)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ from atom.layers.activation import check_gated_act
 from atom.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 
+class GateUpSiluLinear(MergedColumnParallelLinear):
+    """The gate and up projections with SwiGLU's SiLU-and-mul applied: [..., H] -> [..., I]
+    (each rank's weight: its gate rows, then its up rows)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+        super().__init__(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear_silu_and_mul(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     def __init__(
         self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False
     ) -> None:
         super().__init__()
         check_gated_act(hidden_act)
-        self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size, intermediate_size], bias=bias
-        )
+        self.gate_up_proj = GateUpSiluLinear(hidden_size, intermediate_size, bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        proj = self.gate_up_proj
-        return self.down_proj(ops.linear_silu_and_mul(x, proj.weight, proj.bias))
+        return self.down_proj(self.gate_up_proj(x))

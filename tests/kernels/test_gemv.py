@@ -29,6 +29,7 @@ from atom.kernels.gemv import (
     gemv_silu_and_mul_ref,
     linear_config,
     row_bucket,
+    tile_sizes,
     tuned_buckets,
 )
 
@@ -126,17 +127,19 @@ def test_split_k(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("m", "n", "k", "split_k", "block_m"),
-    [(1, 67, 296, 1, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (37, 40, 200, 2, 16),
-     (40, 24, 296, 1, 32)],
+    [(1, 67, 296, 1, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (2, 40, 136, 4, 0),
+     (37, 40, 200, 2, 16), (40, 24, 296, 1, 32)],
 )  # fmt: skip
 def test_gated(
     m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype, descriptors: bool,
     paths: list[tuple[bool, bool]],
 ) -> None:  # fmt: skip
     """SwiGLU fused: weight [2n, k] of gate rows then up rows -> silu(gate) * up [m, n]; gate
-    tiles past n (n not a multiple of the tile), splits uneven and empty, row tiles with x
-    through a descriptor (40 rows in tiles of 32); twice, the tile counters rearmed."""
+    tiles past n (n not a multiple of the tile), splits uneven and empty (K tiles of 32, the
+    config's 64 halved: 5 in 4 splits of 2, 2, 1, 0), row tiles with x through a descriptor (40
+    rows in tiles of 32); twice, the tile counters rearmed."""
     cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
+    assert tile_sizes(cfg, m, n, k, gated=True)[2] == 32
     for seed in (0, 1):
         x = _randn(m, k, dtype=dtype, seed=k + seed)
         w = _randn(2 * n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
@@ -252,6 +255,48 @@ for dt, (w_desc, x_desc), split, gated in itertools.product(
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
     print("compiled", dt, w_desc, x_desc, split, gated, flush=True)
 """
+
+
+# The gated variant of every tile of the tuned table's bucket 16 (where ops.linear_silu_and_mul
+# runs gemv), bf16, compiled for sm90: its shared memory fits an H100/H200's 227 KB.
+_GATED_TABLE_TILES = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from atom.kernels.gemv import TUNED_CONFIGS, GemvConfig, _gemv_kernel, tile_sizes
+seen = set()
+for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
+    if buckets.get("16") is None:
+        continue
+    cfg = GemvConfig(**buckets["16"])
+    n2, k = map(int, key.split("x"))
+    bm, bn, bk, split = tile_sizes(cfg, 1, n2 // 2, k, gated=True)
+    if (bn, bk, split, cfg.num_warps, cfg.num_stages) in seen:
+        continue
+    seen.add((bn, bk, split, cfg.num_warps, cfg.num_stages))
+    sig = {"x": "*bf16", "w": f"tensordesc<bf16[{bn}, {bk}]>", "y_ptr": "*bf16",
+           "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_xm": "i32", "stride_wn": "i32"}
+    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": True,
+             "X_DESC": False, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    print("shared", key, kernel.metadata.shared, flush=True)
+"""
+SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
+def test_table_tiles_fit_shared_memory_gated() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _GATED_TABLE_TILES], env=env,
+                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    sizes = {line.split()[1]: int(line.split()[2]) for line in run.stdout.splitlines()}
+    assert sizes and all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
