@@ -73,21 +73,21 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MLP's gate/up GEMM and SiLU-and-mul in one gemv launch (ATOM_GEMV_SILU=1)."""
-    calls = []
-    kernel = ops.small_batch_linear_silu_and_mul
+    gated = []
+    plain = ops._gemv.launch
 
-    def counted(*args: object) -> torch.Tensor:
-        if not launch._COMPILE_ONLY.get():  # not the start-up precompile's stand-in launches
-            calls.append(1)
-        return kernel(*args)
+    def recorded(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("GATED") and not launch._COMPILE_ONLY.get():  # not the precompile's
+            gated.append(1)
+        plain(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
     monkeypatch.setattr(ops, "_GEMV", True)
     monkeypatch.setattr(ops, "_GEMV_SILU", True)
-    monkeypatch.setattr(ops, "small_batch_linear_silu_and_mul", counted)
+    monkeypatch.setattr(ops._gemv, "launch", recorded)
     assert _tokens(checkpoint) == baseline
-    assert calls, "the fused path never ran"
+    assert gated, "no gated gemv launch"
 
 
 def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
