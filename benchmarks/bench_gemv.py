@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gemv.py [out.json]          # default ./gemv_bench.json
     python benchmarks/bench_gemv.py --tune [table.json] # default ./gemv_configs.json
+    python benchmarks/bench_gemv.py --gated [out.json]  # default ./gemv_gated.json
 
 The Llama-3.1-8B decode layer's four GEMMs (qkv 6144 x 4096, o 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336; bf16) at 1, 4 and 8 rows: cuBLAS (F.linear) against gemv over a sweep of tiles
@@ -19,6 +20,11 @@ do not, and a table tuned so lost 2-3% of the 8B's batch-1 step to the tiles pic
 (RESULTS, twenty-ninth sitting). It writes the table gemv.py reads: per weight shape
 and bucket, the fastest tile where it beat cuBLAS by at least TUNE_MARGIN, else null (copy it to
 atom/kernels/gemv_configs.json), with both times.
+
+--gated times the MLP's gate/up GEMM and SiLU-and-mul of both models at 1, 8 and 16 rows, the way
+the engine runs them (the tile linear_config picks, PDL on), as CUDA graphs over cold weight
+copies: the pair (gemv or cuBLAS, then the SiLU-and-mul kernel) against gemv's gated launch
+(ops.small_batch_linear_silu_and_mul with ATOM_GEMV_SILU=1).
 """
 
 from __future__ import annotations
@@ -40,8 +46,18 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # the timing helper
 
-from atom.kernels.gemv import MAX_M, TUNED_BUCKETS, TUNED_CONFIGS, GemvConfig, gemv, shape_key
+from atom.kernels.gemv import (
+    MAX_M,
+    TUNED_BUCKETS,
+    TUNED_CONFIGS,
+    GemvConfig,
+    gemv,
+    linear_config,
+    shape_key,
+)
 from atom.kernels.launch import plain_launches
+from atom.kernels.ops import small_batch_linear, small_batch_linear_silu_and_mul
+from atom.kernels.silu_and_mul import silu_and_mul
 
 HIDDEN, INTER = 4096, 14336
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN),
@@ -106,6 +122,34 @@ def graph_us_per_gemm(fn: Callable[[torch.Tensor], object], weights: list[torch.
     torch.cuda.synchronize()
     ms = triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
     return 1e3 * ms / len(weights)
+
+
+GATED_SHAPES = {model: shapes["gate_up"] for model, shapes in TUNE_SHAPES.items()}
+GATED_ROWS = (1, 8, 16)
+
+
+def gated(path: str) -> None:
+    """The gate/up GEMM and SiLU-and-mul, pair against fused (module doc: --gated)."""
+    results: dict = {"device": torch.cuda.get_device_name(), "runs": []}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model, (n, k) in GATED_SHAPES.items():
+        copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
+        for rows in GATED_ROWS:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            pair = mean_us(lambda x, w: silu_and_mul(small_batch_linear(x, w, None)), [x], weights)
+            fused = mean_us(small_batch_linear_silu_and_mul, [x], weights)
+            tile = linear_config(rows, weights[0])
+            print(f"{model:>16} gate_up {n}x{k} rows {rows:>2}: pair {pair:6.1f} us, fused "
+                  f"{fused:6.1f} us ({pair / fused:4.2f}x) {tile}", flush=True)  # fmt: skip
+            results["runs"].append({"model": model, "shape": shape_key(n, k), "rows": rows,
+                                    "pair_us": pair, "fused_us": fused,
+                                    "tile": str(tile)})  # fmt: skip
+        del weights
+        torch.cuda.empty_cache()
+    Path(path).write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
 
 
 def mean_us(
@@ -193,7 +237,11 @@ def main() -> None:
                         "kept from the committed table")  # fmt: skip
     parser.add_argument("--models", help=f"--tune: these of {', '.join(TUNE_SHAPES)} only, the "
                         "other shapes kept from the committed table")  # fmt: skip
+    parser.add_argument("--gated", action="store_true", help="gate/up + SiLU: pair vs fused")
     args = parser.parse_args()
+    if args.gated:
+        gated(args.out or "gemv_gated.json")
+        return
     if args.tune:
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None
         if buckets and not set(buckets) <= set(TUNED_BUCKETS):

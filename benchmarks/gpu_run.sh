@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
-#                                           nopdl host tune_gemv gemv_ab
+#                                           nopdl host tune_gemv gemv_gated gemv_ab
 #                                           imports profile startup moe serving peer peer_serving
 #                                           smol stash
 #                                           tune_attention ab tp tp_latency
@@ -35,6 +35,8 @@
 #   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
 #            to atom/kernels/ for the stages after it; TUNE_GEMV_FLAGS= e.g. "--models
 #            llama-3.1-8b-tp2" (the 8B's per-rank shapes at -tp 2) or "--buckets 16"
+#   gemv_gated  bench_gemv.py --gated: the gate/up GEMM and SiLU-and-mul at 1-16 rows, the pair of
+#            kernels against gemv's gated launch ($OUT/gemv_gated.json)
 #   gemv_ab  benchmark_throughput without and with that table, alternating, twice
 #            (benchmarks/throughput_logged.py: step periods and Python's collections logged), then
 #            benchmark_latency without and with it
@@ -134,6 +136,10 @@ stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after
         | tee "$OUT/tune_gemv.log"
     cp "$OUT/gemv_configs.json" atom/kernels/gemv_configs.json
     cp "$OUT/gemv_configs.json" ~/gemv_configs.json  # for a later call of the lease
+}
+
+stage_gemv_gated() {
+    python3 benchmarks/bench_gemv.py --gated "$OUT/gemv_gated.json" 2>&1 | tee "$OUT/gemv_gated.log"
 }
 
 # The throughput (throughput_logged.py) and 8B latency benchmarks with gemv's tuned table and
