@@ -35,7 +35,10 @@ rounded to y's dtype as the unfused GEMM's output is (reference: `gemv_silu_and_
 
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
 dropped (eleventh sitting): their input loads feed arithmetic before the dot, which Triton does
-not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they replaced.
+not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they replaced. Reading a
+program's first weight tiles before its PDL wait (plain loads, or a bulk prefetch into L2 of
+2-64 KB a row, or of 256-512 bytes from the first wave only), while the kernel before it runs,
+was measured and dropped too (eleventh and thirtieth sittings): slower, or no faster.
 """
 
 from __future__ import annotations
