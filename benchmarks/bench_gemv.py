@@ -21,7 +21,8 @@ do not, and a table tuned so lost 2-3% of the 8B's batch-1 step to the tiles pic
 and bucket, the fastest tile where it beat cuBLAS by at least TUNE_MARGIN, else null (copy it to
 atom/kernels/gemv_configs.json), with both times.
 
---gated times the MLP's gate/up GEMM and SiLU-and-mul of both models at 1, 8 and 16 rows, the way
+--gated times the MLP's gate/up GEMM and SiLU-and-mul of each --tune shape set (the two models, the
+8B's -tp 2 share) at 1, 8 and 16 rows where gemv runs the GEMM, the way
 the engine runs them (the tile linear_config picks, PDL on), as CUDA graphs over cold weight
 copies: the pair (gemv or cuBLAS, then the SiLU-and-mul kernel) against gemv's gated launch
 (ops.small_batch_linear_silu_and_mul with ATOM_GEMV_SILU=1).
@@ -137,10 +138,13 @@ def gated(path: str) -> None:
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                    .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
         for rows in GATED_ROWS:
+            tile = linear_config(rows, weights[0], gated=True)
+            if tile is None:  # cuBLAS runs the GEMM: no gated launch to compare
+                print(f"{model:>16} gate_up {n}x{k} rows {rows:>2}: cuBLAS", flush=True)
+                continue
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             pair = mean_us(lambda x, w: silu_and_mul(small_batch_linear(x, w, None)), [x], weights)
             fused = mean_us(small_batch_linear_silu_and_mul, [x], weights)
-            tile = linear_config(rows, weights[0])
             print(f"{model:>16} gate_up {n}x{k} rows {rows:>2}: pair {pair:6.1f} us, fused "
                   f"{fused:6.1f} us ({pair / fused:4.2f}x) {tile}", flush=True)  # fmt: skip
             results["runs"].append({"model": model, "shape": shape_key(n, k), "rows": rows,

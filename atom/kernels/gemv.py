@@ -121,13 +121,16 @@ def _tuned(weight: Tensor) -> dict[int, GemvConfig | None]:
     return table
 
 
-def linear_config(rows: int, weight: Tensor) -> GemvConfig | None:
+def linear_config(rows: int, weight: Tensor, gated: bool = False) -> GemvConfig | None:
     """gemv's tile for `rows` rows of this weight, or None for F.linear (cuBLAS): the tuned
     table's entry for the rows' bucket where it has one (None: cuBLAS won), else up to MAX_M
-    rows gemv_config's rule, past it cuBLAS."""
+    rows gemv_config's rule (for a gated launch's outputs: half the weight's rows), past it
+    cuBLAS."""
     if 0 < rows <= MAX_TUNED_M and (bucket := row_bucket(rows)) in (table := _tuned(weight)):
         return table[bucket]
-    return gemv_config(*weight.shape) if rows <= MAX_M else None
+    if rows > MAX_M:
+        return None
+    return gemv_config(weight.shape[0] // (2 if gated else 1), weight.shape[1])
 
 
 @functools.cache
@@ -329,7 +332,7 @@ def gemv(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or gemv_config(*weight.shape)
+    cfg = config or gemv_config(n, k)
     block_m, block_n, block_k, split_k = tile_sizes(cfg, m, n, k, gated)
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None

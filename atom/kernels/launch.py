@@ -41,7 +41,7 @@ _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default
 PDL_ENV = "ATOM_PDL"  # 0: plain launches; early: release the next kernel before the wait
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 _PDL = os.environ.get(PDL_ENV, "1") != "0" and not INTERPRET
-_EARLY = os.environ.get(PDL_ENV) == "early"
+_EARLY = os.environ.get(PDL_ENV, "").lower() == "early"
 PDL_EARLY = 2  # a kernel's PDL argument: release the next kernel, then wait
 
 

@@ -105,7 +105,7 @@ def small_batch_linear_silu_and_mul(x: Tensor, weight: Tensor) -> Tensor:
     rows = x.numel() // k if k else 0
     config = None
     if rows and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype:
-        config = _gemv.linear_config(rows, weight)
+        config = _gemv.linear_config(rows, weight, gated=True)
     if config is None:
         y = F.linear(x, weight)
         return _silu.silu_and_mul(y) if y.is_cuda else _silu.silu_and_mul_ref(y)

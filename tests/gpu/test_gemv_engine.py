@@ -134,8 +134,9 @@ def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch)
     assert launches and not any(launches), "a launch used PDL with ATOM_PDL off"
     launches.clear()
     monkeypatch.setattr(launch, "_PDL", True)
+    monkeypatch.setattr(launch, "_EARLY", False)  # whatever ATOM_PDL says
     assert _tokens(checkpoint) == baseline
-    assert any(launches), "no kernel was launched with PDL"
+    assert True in launches, "no kernel was launched with PDL"
     launches.clear()
     monkeypatch.setattr(launch, "_EARLY", True)  # ATOM_PDL=early: release before the wait
     assert _tokens(checkpoint) == baseline

@@ -257,33 +257,39 @@ for dt, (w_desc, x_desc), split, gated in itertools.product(
 """
 
 
-# The gated variant of every tile of the tuned table's bucket 16 (where ops.linear_silu_and_mul
-# runs gemv), bf16, compiled for sm90: its shared memory fits an H100/H200's 227 KB.
+# The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
+# tile of the gate/up weight, K halved), bf16, compiled for sm90: its shared memory fits an
+# H100/H200's 227 KB.
 _GATED_TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from atom.kernels.gemv import TUNED_CONFIGS, GemvConfig, _gemv_kernel, tile_sizes
+from atom.kernels.gemv import MAX_M, TUNED_CONFIGS, X_DESC_ROWS, GemvConfig, tile_sizes
+from atom.kernels.gemv import _gemv_kernel
 seen = set()
 for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
-    if buckets.get("16") is None:
-        continue
-    cfg = GemvConfig(**buckets["16"])
     n2, k = map(int, key.split("x"))
-    bm, bn, bk, split = tile_sizes(cfg, 1, n2 // 2, k, gated=True)
-    if (bn, bk, split, cfg.num_warps, cfg.num_stages) in seen:
-        continue
-    seen.add((bn, bk, split, cfg.num_warps, cfg.num_stages))
-    sig = {"x": "*bf16", "w": f"tensordesc<bf16[{bn}, {bk}]>", "y_ptr": "*bf16",
-           "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "stride_xm": "i32", "stride_wn": "i32"}
-    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": True,
-             "X_DESC": False, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True}
-    sig.update(dict.fromkeys(const, "constexpr"))
-    kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    print("shared", key, kernel.metadata.shared, flush=True)
+    for bucket, entry in buckets.items():
+        if entry is None:
+            continue
+        cfg = GemvConfig(**entry)
+        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k, gated=True)
+        w_desc, x_desc = cfg.descriptor, cfg.descriptor and bm >= X_DESC_ROWS
+        variant = (bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
+        if variant in seen:
+            continue
+        seen.add(variant)
+        sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
+               "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
+               "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_wn": "i32"}
+        const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": w_desc,
+                 "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True}
+        sig.update(dict.fromkeys(const, "constexpr"))
+        kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        print("shared", key, bucket, kernel.metadata.shared, flush=True)
 """
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
@@ -295,7 +301,7 @@ def test_table_tiles_fit_shared_memory_gated() -> None:
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    sizes = {line.split()[1]: int(line.split()[2]) for line in run.stdout.splitlines()}
+    sizes = {" ".join(line.split()[1:3]): int(line.split()[3]) for line in run.stdout.splitlines()}
     assert sizes and all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
