@@ -96,7 +96,7 @@ class Precompile:
                 for weight, gated in distinct_weights(weights):
                     buckets = tuned_buckets(weight)  # 16 compiles the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
-                        if linear_config(rows, weight) is None:
+                        if linear_config(rows, weight, gated) is None:
                             continue  # cuBLAS
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip

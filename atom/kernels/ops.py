@@ -55,16 +55,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return small_batch_linear(x, weight, bias)
 
 
-def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """gemv where gemv.linear_config gives a tile (the tuned table's on CUDA; up to gemv.MAX_M
-    rows its rule, on any device: the interpreter without a GPU), else F.linear."""
+def _gemv_config(x: Tensor, weight: Tensor, gated: bool = False) -> _gemv.GemvConfig | None:
+    """gemv's tile for x's rows of this weight (gemv.linear_config), or None: F.linear."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if rows == 0 or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
+        return None
+    return _gemv.linear_config(rows, weight, gated)
+
+
+def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """gemv where gemv.linear_config gives a tile (the tuned table's on CUDA; up to gemv.MAX_M
+    rows its rule, on any device: the interpreter without a GPU), else F.linear."""
+    if (config := _gemv_config(x, weight)) is None:
         return F.linear(x, weight, bias)
-    if (config := _gemv.linear_config(rows, weight)) is None:
-        return F.linear(x, weight, bias)
-    y = _gemv.gemv(x.reshape(rows, k), weight, config).view(*x.shape[:-1], weight.shape[0])
+    y = _gemv.gemv(x.reshape(-1, x.shape[-1]), weight, config)
+    y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)
 
 
@@ -100,16 +106,10 @@ def linear_silu_and_mul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 def small_batch_linear_silu_and_mul(x: Tensor, weight: Tensor) -> Tensor:
     """gemv's gated launch where gemv.linear_config gives the weight a tile (as
-    small_batch_linear), else F.linear and the SiLU-and-mul kernel (its reference off CUDA)."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    config = None
-    if rows and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype:
-        config = _gemv.linear_config(rows, weight, gated=True)
-    if config is None:
-        y = F.linear(x, weight)
-        return _silu.silu_and_mul(y) if y.is_cuda else _silu.silu_and_mul_ref(y)
-    y = _gemv.gemv(x.reshape(rows, k), weight, config, gated=True)
+    small_batch_linear), else F.linear and silu_and_mul."""
+    if (config := _gemv_config(x, weight, gated=True)) is None:
+        return silu_and_mul(F.linear(x, weight))
+    y = _gemv.gemv(x.reshape(-1, x.shape[-1]), weight, config, gated=True)
     return y.view(*x.shape[:-1], weight.shape[0] // 2)
 
 
