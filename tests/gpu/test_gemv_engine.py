@@ -99,13 +99,13 @@ def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyP
 
     chosen = ops._gemv.linear_config
 
-    def forced(rows: int, weight: torch.Tensor) -> GemvConfig | None:
+    def forced(rows: int, weight: torch.Tensor, gated: bool = False) -> GemvConfig | None:
         if launch._COMPILE_ONLY.get():
             return None  # the precompile's stand-ins: the real launches compile it
         if MAX_M < rows <= MAX_TUNED_M:
             rows_tiled.append(rows)
             return tile
-        return chosen(rows, weight)
+        return chosen(rows, weight, gated)
 
     monkeypatch.setattr(ops, "_GEMV", False)
     baseline = _tokens(checkpoint, num_prompts=40)
