@@ -297,23 +297,17 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return counters
 
 
-_GATED_HALF = os.environ.get("ATOM_GEMV_GATED_HALF", "n")  # A/B only: k halves BLOCK_K
-
-
 def tile_sizes(
     cfg: GemvConfig, m: int, n: int, k: int, gated: bool = False
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) of a launch of m rows and n outputs over k: the
     config's, clipped to the problem. A gated launch reads two weight tiles a K step where the
-    config (a table entry of the [2n, k] weight) meant one, so it halves BLOCK_N (BLOCK_K where
-    BLOCK_N is already 16): the same bytes a stage, the shared memory the tile was tuned in (a
-    64 x 256 tile of four stages would take 270 KB gated, past an H100/H200's 227 KB) and as
-    many programs as the ungated launch."""
-    half_n = gated and cfg.block_n >= 32 and _GATED_HALF != "k"
-    half_k = gated and not half_n
+    config (a table entry of the [2n, k] weight) meant one, so it halves BLOCK_K: the same bytes
+    a stage, and the shared memory the tile was tuned in (a 64 x 256 tile of four stages
+    would take 270 KB gated, past an H100/H200's 227 KB)."""
     block_m = cfg.block_m or max(16, next_power_of_2(m))
-    block_n = min(cfg.block_n // 2 if half_n else cfg.block_n, max(16, next_power_of_2(n)))
-    block_k = min(max(16, cfg.block_k // 2) if half_k else cfg.block_k, max(16, next_power_of_2(k)))
+    block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
+    block_k = min(max(16, cfg.block_k // 2) if gated else cfg.block_k, max(16, next_power_of_2(k)))
     return block_m, block_n, block_k, max(1, min(cfg.split_k, cdiv(k, block_k)))
 
 

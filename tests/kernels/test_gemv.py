@@ -151,19 +151,6 @@ def test_gated(
     assert not gemv_module._COUNTERS.get(x.device, torch.zeros(1)).any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gated_halves_the_output_tile(dtype: torch.dtype, descriptors: bool) -> None:
-    """A config of 32 outputs or more launches gated with half its outputs and all its K (the
-    ungated launch's programs), here 16 outputs of 40 (the last tile past n) over 3 K tiles."""
-    cfg = GemvConfig(32, 64, 4, 2)
-    m, n, k = 3, 40, 160
-    assert tile_sizes(cfg, m, n, k, gated=True)[1:3] == (16, 64)
-    x = _randn(m, k, dtype=dtype, seed=3)
-    w = _randn(2 * n, k, dtype=dtype, seed=4, scale=k**-0.5)
-    out = gemv(x, w, cfg, gated=True)
-    torch.testing.assert_close(out.float(), gemv_silu_and_mul_ref(x, w), **TOL[dtype])
-
-
 def test_gated_needs_gate_and_up_rows_alike() -> None:
     x, w = _randn(2, 64, dtype=torch.float32, seed=0), _randn(41, 64, dtype=torch.float32, seed=1)
     with pytest.raises(ValueError, match="gate and up rows alike"):
