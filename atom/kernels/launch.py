@@ -17,9 +17,7 @@ overlap the kernels beside them, in CUDA graphs as well (programmatic edges). Th
 before every read or write of another kernel's data, so the order of results is the stream's;
 the next kernel's programs may take free SMs early, never run ahead of the wait. Off under
 Dynamo (Inductor launches the traced kernels itself), in the interpreter, before sm90, and with
-ATOM_PDL=0. ATOM_PDL=early (not measured yet): a kernel releases the next one before its own
-wait (`PDL=PDL_EARLY`), so the next kernel's programs may be resident while the one before is
-still waiting; the order of results is the same, each wait being for the whole kernel before.
+ATOM_PDL=0.
 """
 
 from __future__ import annotations
@@ -38,11 +36,9 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("atom_triton_compile_only", default=False)
-PDL_ENV = "ATOM_PDL"  # 0: plain launches; early: release the next kernel before the wait
+PDL_ENV = "ATOM_PDL"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 _PDL = os.environ.get(PDL_ENV, "1") != "0" and not INTERPRET
-_EARLY = os.environ.get(PDL_ENV, "").lower() == "early"
-PDL_EARLY = 2  # a kernel's PDL argument: release the next kernel, then wait
 
 
 @functools.cache
@@ -51,25 +47,18 @@ def _sm90(index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl(t: Tensor) -> bool | int:
-    """How kernels launched on t's device use programmatic dependent launch: False (not),
-    True, or PDL_EARLY (ATOM_PDL=early)."""
+def pdl(t: Tensor) -> bool:
+    """Whether kernels launched on t's device use programmatic dependent launch."""
     if torch.compiler.is_dynamo_compiling() or not _PDL or not t.is_cuda:
         return False
     index = t.device.index
-    if not _sm90(torch.cuda.current_device() if index is None else index):
-        return False
-    return PDL_EARLY if _EARLY else True
+    return _sm90(torch.cuda.current_device() if index is None else index)
 
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """A PDL kernel's first statement: wait for the kernel before, then release the next (or,
-    PDL_EARLY, release the next first)."""
-    if PDL == 2:  # PDL_EARLY
-        gdc_launch_dependents()
-        gdc_wait()
-    elif PDL:
+    """A PDL kernel's first statement: wait for the kernel before, then release the next."""
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
 

@@ -86,9 +86,10 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 # SwiGLU's gate/up GEMM and SiLU-and-mul in one gemv launch where gemv runs the GEMM (each
 # program reads a tile of the gate rows and of the up rows and writes silu(gate) * up): one
-# kernel and one [T, 2I] round trip less a layer. ATOM_GEMV_SILU=1 turns it on (not yet measured
-# on a GPU; the SiLU kernel is ~1.5 us a layer of the 8B's batch-1 step, RESULTS thirtieth
-# sitting).
+# kernel and one [T, 2I] round trip less a layer. ATOM_GEMV_SILU=1 turns it on. Off by default:
+# on the H200 it saved the SiLU kernel's ~1.5 us a layer at 8-16 rows on one machine (8B -1.1 to
+# -1.4%) and lost as much on another (+0.2 to +0.9%), the 0.6B within 1% either way (RESULTS,
+# thirty-first sitting). Halving the tile's outputs instead of its K was 11% slower.
 GEMV_SILU_ENV = "ATOM_GEMV_SILU"
 _GEMV_SILU = os.environ.get(GEMV_SILU_ENV, "0") == "1"
 

@@ -2,9 +2,8 @@
 kernel (against cuBLAS, ATOM_GEMV=0), the MLP's gate/up and SiLU in one launch
 (ATOM_GEMV_SILU=1), its row-tiled regime past 16 rows (a tile forced for every weight: the tuned
 table holds 16-bit tiles only) and programmatic dependent launch (against plain launches,
-ATOM_PDL=0, and with the next kernel released before the wait, ATOM_PDL=early); a float32 Llama
-with CUDA graphs at level 3, decode batches of 1-8 rows and of 40 (run by benchmarks/gpu_run.sh
-on the GPU machine; skipped elsewhere)."""
+ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows and of 40
+(run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -118,13 +117,13 @@ def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyP
 def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm90")
-    launches: list[bool | int] = []
+    launches: list[bool] = []
     plain = launch.launch
 
     def counted(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         # Real launches only: not the precompile's, not Dynamo's trace of a launcher.
         if not torch.compiler.is_dynamo_compiling() and not launch._COMPILE_ONLY.get():
-            launches.append(kwargs.get("PDL", False))
+            launches.append(bool(kwargs.get("PDL")))
         plain(kernel, grid, *args, **kwargs)
 
     for module in (ops._attention, ops._gemv, ops._norm, ops._rotary, ops._silu):
@@ -134,10 +133,5 @@ def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch)
     assert launches and not any(launches), "a launch used PDL with ATOM_PDL off"
     launches.clear()
     monkeypatch.setattr(launch, "_PDL", True)
-    monkeypatch.setattr(launch, "_EARLY", False)  # whatever ATOM_PDL says
     assert _tokens(checkpoint) == baseline
-    assert True in launches, "no kernel was launched with PDL"
-    launches.clear()
-    monkeypatch.setattr(launch, "_EARLY", True)  # ATOM_PDL=early: release before the wait
-    assert _tokens(checkpoint) == baseline
-    assert launch.PDL_EARLY in launches, "no kernel released the next one early"
+    assert any(launches), "no kernel was launched with PDL"
