@@ -19,7 +19,13 @@ back with PDL the GEMMs hid each other's start, which the engine's neighbours (a
 do not, and a table tuned so lost 2-3% of the 8B's batch-1 step to the tiles picked without it
 (RESULTS, twenty-ninth sitting). It writes the table gemv.py reads: per weight shape
 and bucket, the fastest tile where it beat cuBLAS by at least TUNE_MARGIN, else null (copy it to
-atom/kernels/gemv_configs.json), with both times.
+atom/kernels/gemv_configs.json), with both times. For each gate/up weight it then times gemv's
+gated launch (SwiGLU's SiLU-and-mul fused in, ATOM_GEMV_SILU=1) over the same tiles and their
+halves along K, against the pair the table now picks (the plain tile or cuBLAS, then the
+SiLU-and-mul kernel): the "<N>x<K>+silu" entries, a tile where one beat the pair by
+TUNE_MARGIN, else null (the pair runs). The gated tiles tried are each bucket's GATED_FROM
+fastest plain tiles, as they are and halved along K. --silu-only tunes these entries alone, the
+plain table kept.
 
 --gated times the MLP's gate/up GEMM and SiLU-and-mul of each --tune shape set (the two models, the
 8B's -tp 2 share) at 1, 8 and 16 rows where gemv runs the GEMM, with the tile linear_config
@@ -54,6 +60,7 @@ from atom.kernels.gemv import (
     TUNED_BUCKETS,
     TUNED_CONFIGS,
     GemvConfig,
+    gated_tile,
     gemv,
     linear_config,
     shape_key,
@@ -77,7 +84,8 @@ TUNE_SHAPES = {
     "llama-3.1-8b-tp2": {"qkv": (3072, HIDDEN), "o": (HIDDEN, HIDDEN // 2),
                          "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER // 2)},
 }  # fmt: skip
-TUNE_MARGIN = 0.03  # a tile must beat cuBLAS by this fraction to be kept
+TUNE_MARGIN = 0.03  # a tile must beat cuBLAS (a gated one the pair) by this fraction to be kept
+GATED_FROM = 6  # gated tiles tried per bucket: the fastest plain ones, as they are and K halved
 COLD_BYTES = 192 << 20  # the weight copies of one timing: over 3x the H200's 60 MB of L2
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, split_k]) per row bucket; bucket 16 (rows
 # 1-16: BLOCK_M 0, one tile of the rows) is timed at 1 and 16 rows, their mean
@@ -181,22 +189,30 @@ def candidates(bucket: int, n: int, num_sms: int) -> list[GemvConfig]:
     return tiles
 
 
-def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str, ...] = ()) -> None:
-    """Writes the table to path; tuning only some buckets or models (all: ()) keeps the
-    committed table's others."""
+def tune(
+    path: str,
+    buckets: tuple[int, ...] = TUNED_BUCKETS,
+    models: tuple[str, ...] = (),
+    silu_only: bool = False,
+) -> None:
+    """Writes the table to path; tuning only some buckets or models (all: ()), or only the
+    gate/up weights' gated entries (silu_only), keeps the committed table's others."""
     table: dict = {
         "_comment": "bench_gemv.py --tune: per weight shape (N x K) and row bucket, the fastest "
-        "tile where it beat cuBLAS, else null; timed as CUDA graphs over cold weights, bf16",
+        "tile where it beat cuBLAS, else null; per gate/up weight (N x K+silu), the fastest "
+        "gated tile where it beat the GEMM and SiLU-and-mul, else null; timed as CUDA graphs "
+        "over cold weights, bf16",
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "shapes": {},
         "timings_us": {},
     }
-    if buckets != TUNED_BUCKETS or models:
+    if buckets != TUNED_BUCKETS or models or silu_only:
         kept = json.loads(TUNED_CONFIGS.read_text())
         table["shapes"], table["timings_us"] = kept["shapes"], kept["timings_us"]
         what = ",".join(models) if models else "buckets " + ",".join(map(str, buckets))
+        what += " gated gate/up" if silu_only else ""
         table["_comment"] = f"{kept['_comment']}; {what} re-tuned (--tune), {date.today()}"
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -204,7 +220,10 @@ def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str,
         if models and model not in models:
             continue
         for name, (n, k) in shapes.items():
+            if silu_only and name != "gate_up":
+                continue
             key = shape_key(n, k)
+            fastest = {}  # per bucket, the plain tiles the gated launches start from
             copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                        .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
@@ -221,18 +240,58 @@ def tune(path: str, buckets: tuple[int, ...] = TUNED_BUCKETS, models: tuple[str,
                     except triton.runtime.errors.OutOfResources:
                         continue
                     timed.append((us, cfg))
-                us, best = min(timed, key=lambda t: t[0])
+                timed.sort(key=lambda t: t[0])
+                fastest[bucket] = [cfg for _, cfg in timed[:GATED_FROM]]
+                us, best = timed[0]
                 keep = us < (1 - TUNE_MARGIN) * cublas
-                table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
-                table["timings_us"][key][str(bucket)] = {"cublas": cublas, "best": us}
+                if not silu_only:  # else the committed plain entries stay (and run the pair)
+                    table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
+                    table["timings_us"][key][str(bucket)] = {"cublas": cublas, "best": us}
                 print(f"{model:>12} {name:>7} {key:>10} rows {bucket:>3}: cuBLAS {cublas:6.1f} us, "
                       f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}"
                       f"{'' if keep else ' -> cuBLAS'}", flush=True)  # fmt: skip
+            if name == "gate_up":
+                tune_gated(table, f"{model:>12} {name:>7}", weights, fastest, gen)
             del weights
             torch.cuda.empty_cache()
             with open(path, "w") as f:  # after each shape: a cut-short run keeps what it found
                 json.dump(table, f, indent=1)
     print(f"wrote {path}")
+
+
+def tune_gated(
+    table: dict,
+    label: str,
+    weights: list[torch.Tensor],
+    fastest: dict[int, list[GemvConfig]],
+    gen: torch.Generator,
+) -> None:
+    """The gate/up weight's gated entries (module doc: --tune) after its plain ones, each
+    bucket's from its fastest plain tiles (`fastest`) as they are and halved along K."""
+    (n2, k), plain = weights[0].shape, table["shapes"][shape_key(*weights[0].shape)]
+    key = shape_key(n2, k, gated=True)
+    table["shapes"].setdefault(key, {})
+    table["timings_us"].setdefault(key, {})
+    for bucket, tiles in fastest.items():
+        xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+              for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
+        tile = plain.get(str(bucket)) and GemvConfig(**plain[str(bucket)])
+        pair = mean_us(lambda x, w, t=tile: silu_and_mul(gemv(x, w, t) if t else F.linear(x, w)),
+                       xs, weights)  # fmt: skip
+        timed = []
+        for cfg in dict.fromkeys(tiles + [gated_tile(t) for t in tiles]):
+            try:
+                us = mean_us(lambda x, w, c=cfg: gemv(x, w, c, gated=True), xs, weights)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            timed.append((us, cfg))
+        us, best = min(timed, key=lambda t: t[0])
+        keep = us < (1 - TUNE_MARGIN) * pair
+        table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
+        table["timings_us"][key][str(bucket)] = {"pair": pair, "best": us}
+        print(f"{label} {key:>10} rows {bucket:>3}: pair {pair:6.1f} us, best gated tile "
+              f"{us:6.1f} us ({pair / us:4.2f}x) {best}{'' if keep else ' -> pair'}",
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -243,6 +302,8 @@ def main() -> None:
                         "kept from the committed table")  # fmt: skip
     parser.add_argument("--models", help=f"--tune: these of {', '.join(TUNE_SHAPES)} only, the "
                         "other shapes kept from the committed table")  # fmt: skip
+    parser.add_argument("--silu-only", action="store_true", help="--tune: only the gate/up "
+                        "weights' gated entries (SiLU fused), the plain ones kept")  # fmt: skip
     parser.add_argument("--gated", action="store_true", help="gate/up + SiLU: pair vs fused")
     args = parser.parse_args()
     if args.gated:
@@ -257,7 +318,7 @@ def main() -> None:
         if not set(models) <= set(TUNE_SHAPES):
             parser.error(f"--models: each of {', '.join(TUNE_SHAPES)}")
         with plain_launches():
-            tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models)
+            tune(args.out or "gemv_configs.json", buckets or TUNED_BUCKETS, models, args.silu_only)
         return
     out_path = args.out or "gemv_bench.json"
     results: dict = {"copy_GBps": copy_gbps(), "runs": []}

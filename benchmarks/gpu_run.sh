@@ -34,7 +34,8 @@
 #            copy to atom/kernels/; TUNE_SHAPES= picks model shapes)
 #   tune_gemv  bench_gemv.py --tune: the row-tiled gemv's table ($OUT/gemv_configs.json), copied
 #            to atom/kernels/ for the stages after it; TUNE_GEMV_FLAGS= e.g. "--models
-#            llama-3.1-8b-tp2" (the 8B's per-rank shapes at -tp 2) or "--buckets 16"
+#            llama-3.1-8b-tp2" (the 8B's per-rank shapes at -tp 2), "--buckets 16" or
+#            "--silu-only" (the gate/up weights' gated entries alone, ATOM_GEMV_SILU=1's tiles)
 #   gemv_gated  bench_gemv.py --gated: the gate/up GEMM and SiLU-and-mul at 1-16 rows, the pair of
 #            kernels against gemv's gated launch ($OUT/gemv_gated.json)
 #   gemv_ab  benchmark_throughput without and with that table, alternating, twice

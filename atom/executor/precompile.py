@@ -94,16 +94,16 @@ class Precompile:
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
                 for weight, gated in distinct_weights(weights):
-                    buckets = tuned_buckets(weight)  # 16 compiles the variant of 1-16 rows
+                    buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
-                        if linear_config(rows, weight, gated) is None:
-                            continue  # cuBLAS
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip
-                        if gated:
+                        if gated and linear_config(rows, weight, gated=True) is not None:
                             ops.small_batch_linear_silu_and_mul(x, weight)
+                        elif linear_config(rows, weight) is not None:
+                            ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
                         else:
-                            ops.small_batch_linear(x, weight, None)
+                            continue  # cuBLAS
                         self._calls += 1
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e

@@ -31,7 +31,10 @@ The torch reference (`gemv_ref`) is float32.
 
 `gated`: SwiGLU's gate/up GEMM with its SiLU-and-mul fused in: the weight holds the gate rows,
 then the up rows; a program reads a tile of each and writes silu(gate) * up, each sum first
-rounded to y's dtype as the unfused GEMM's output is (reference: `gemv_silu_and_mul_ref`).
+rounded to y's dtype as the unfused GEMM's output is (reference: `gemv_silu_and_mul_ref`). Its
+tiles: the table's "<N>x<K>+silu" entries where `bench_gemv.py --tune` timed gated launches
+against the pair of kernels (null: the pair was faster), else the plain tile with its K halved
+(`gated_tile`).
 
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
 dropped (eleventh sitting): their input loads feed arithmetic before the dot, which Triton does
@@ -43,6 +46,7 @@ was measured and dropped too (eleventh and thirtieth sittings): slower, or no fa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -93,8 +97,20 @@ def row_bucket(rows: int) -> int:
     return next(b for b in TUNED_BUCKETS if rows <= b)
 
 
-def shape_key(n: int, k: int) -> str:
-    return f"{n}x{k}"
+def shape_key(n: int, k: int, gated: bool = False) -> str:
+    """The table's key of an [n, k] weight; gated: its tiles for gated launches."""
+    return f"{n}x{k}{GATED_SUFFIX if gated else ''}"
+
+
+GATED_SUFFIX = "+silu"
+
+
+def gated_tile(cfg: GemvConfig) -> GemvConfig:
+    """A plain tile of the [2n, k] gate/up weight made a gated one: two weight tiles a K step
+    where the tile meant one, so half the K (the same bytes a stage and the shared memory it
+    was tuned in: a 64 x 256 tile of four stages would take 270 KB gated, past an H100/H200's
+    227 KB). Halving its outputs instead was 11% slower a step (RESULTS, thirty-first sitting)."""
+    return dataclasses.replace(cfg, block_k=max(16, cfg.block_k // 2))
 
 
 @functools.cache
@@ -109,13 +125,13 @@ def _tuned_table() -> dict[str, dict[int, GemvConfig | None]]:
     }
 
 
-def _tuned(weight: Tensor) -> dict[int, GemvConfig | None]:
-    """The table's buckets for this weight where it applies (16-bit weights on the capability
-    it was tuned on: a float32 tile or a smaller card's shared memory would not hold every
-    tuned tile), else none."""
+def _tuned(weight: Tensor, gated: bool = False) -> dict[int, GemvConfig | None]:
+    """The table's buckets for this weight (gated: for its gated launches) where it applies
+    (16-bit weights on the capability it was tuned on: a float32 tile or a smaller card's shared
+    memory would not hold every tuned tile), else none."""
     if weight.element_size() != 2 or not weight.is_cuda:
         return {}
-    table = _tuned_table().get(shape_key(*weight.shape), {})
+    table = _tuned_table().get(shape_key(*weight.shape, gated), {})
     if not table or _capability(weight.device.index) != TUNED_CAPABILITY:
         return {}
     return table
@@ -124,13 +140,22 @@ def _tuned(weight: Tensor) -> dict[int, GemvConfig | None]:
 def linear_config(rows: int, weight: Tensor, gated: bool = False) -> GemvConfig | None:
     """gemv's tile for `rows` rows of this weight, or None for F.linear (cuBLAS): the tuned
     table's entry for the rows' bucket where it has one (None: cuBLAS won), else up to MAX_M
-    rows gemv_config's rule (for a gated launch's outputs: half the weight's rows), past it
-    cuBLAS."""
-    if 0 < rows <= MAX_TUNED_M and (bucket := row_bucket(rows)) in (table := _tuned(weight)):
-        return table[bucket]
+    rows gemv_config's rule, past it cuBLAS. gated: the tile of a gated launch, or None where
+    the GEMM and SiLU-and-mul run apart: the table's gated entry where it has one (None: the
+    pair won), else the plain choice made gated (`gated_tile`; gemv_config's rule for half the
+    weight's rows)."""
+    if 0 < rows <= MAX_TUNED_M:
+        bucket = row_bucket(rows)
+        if gated and bucket in (fused := _tuned(weight, gated=True)):
+            return fused[bucket]
+        if bucket in (table := _tuned(weight)):
+            cfg = table[bucket]
+            return gated_tile(cfg) if gated and cfg is not None else cfg
     if rows > MAX_M:
         return None
-    return gemv_config(weight.shape[0] // (2 if gated else 1), weight.shape[1])
+    if gated:
+        return gated_tile(gemv_config(weight.shape[0] // 2, weight.shape[1]))
+    return gemv_config(*weight.shape)
 
 
 @functools.cache
@@ -138,10 +163,11 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def tuned_buckets(weight: Tensor) -> list[int]:
-    """The buckets the table gives this weight a tile for (the precompile launches each)."""
-    table = _tuned(weight)
-    return [b for b in TUNED_BUCKETS if table.get(b) is not None]
+def tuned_buckets(weight: Tensor, gated: bool = False) -> list[int]:
+    """The buckets the table gives this weight a tile for (gated: a plain or a gated one; the
+    precompile launches each)."""
+    tables = [_tuned(weight), _tuned(weight, gated=True) if gated else {}]
+    return [b for b in TUNED_BUCKETS if any(t.get(b) is not None for t in tables)]
 
 
 def gemv_ref(x: Tensor, weight: Tensor) -> Tensor:
@@ -297,17 +323,12 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return counters
 
 
-def tile_sizes(
-    cfg: GemvConfig, m: int, n: int, k: int, gated: bool = False
-) -> tuple[int, int, int, int]:
+def tile_sizes(cfg: GemvConfig, m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) of a launch of m rows and n outputs over k: the
-    config's, clipped to the problem. A gated launch reads two weight tiles a K step where the
-    config (a table entry of the [2n, k] weight) meant one, so it halves BLOCK_K: the same bytes
-    a stage, and the shared memory the tile was tuned in (a 64 x 256 tile of four stages
-    would take 270 KB gated, past an H100/H200's 227 KB)."""
+    config's, clipped to the problem."""
     block_m = cfg.block_m or max(16, next_power_of_2(m))
     block_n = min(cfg.block_n, max(16, next_power_of_2(n)))
-    block_k = min(max(16, cfg.block_k // 2) if gated else cfg.block_k, max(16, next_power_of_2(k)))
+    block_k = min(cfg.block_k, max(16, next_power_of_2(k)))
     return block_m, block_n, block_k, max(1, min(cfg.split_k, cdiv(k, block_k)))
 
 
@@ -317,7 +338,8 @@ def gemv(
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
     default, any M with a config of block_m > 0. gated: weight [2N, K] holds SwiGLU's gate rows,
     then its up rows, and y = silu(x @ gate^T) * (x @ up^T) [M, N] (gemv_silu_and_mul_ref),
-    each program reading a tile of both."""
+    each program reading a tile of both (the config's tiles each: linear_config's gated tile;
+    by default gemv_config's made gated)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     if gated and weight.shape[0] % 2:
@@ -332,8 +354,8 @@ def gemv(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    cfg = config or gemv_config(n, k)
-    block_m, block_n, block_k, split_k = tile_sizes(cfg, m, n, k, gated)
+    cfg = config or (gated_tile(gemv_config(n, k)) if gated else gemv_config(n, k))
+    block_m, block_n, block_k, split_k = tile_sizes(cfg, m, n, k)
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
     # x's tiles too where the row tile is X_DESC_ROWS or more

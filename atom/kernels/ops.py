@@ -84,12 +84,14 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-# SwiGLU's gate/up GEMM and SiLU-and-mul in one gemv launch where gemv runs the GEMM (each
-# program reads a tile of the gate rows and of the up rows and writes silu(gate) * up): one
-# kernel and one [T, 2I] round trip less a layer. ATOM_GEMV_SILU=1 turns it on. Off by default:
-# on the H200 it saved the SiLU kernel's ~1.5 us a layer at 8-16 rows on one machine (8B -1.1 to
-# -1.4%) and lost as much on another (+0.2 to +0.9%), the 0.6B within 1% either way (RESULTS,
-# thirty-first sitting). Halving the tile's outputs instead of its K was 11% slower.
+# SwiGLU's gate/up GEMM and SiLU-and-mul in one gemv launch where gemv.linear_config gives a
+# gated tile (each program reads a tile of the gate rows and of the up rows and writes
+# silu(gate) * up): one kernel and one [T, 2I] round trip less a layer. ATOM_GEMV_SILU=1 turns it
+# on. Off by default: with the plain tiles halved along K, on the H200 it saved the SiLU kernel's
+# ~1.5 us a layer at 8-16 rows on one machine (8B -1.1 to -1.4%) and lost as much on another
+# (+0.2 to +0.9%), the 0.6B within 1% either way; the 8B's gated gate/up took 57.3 us at one row
+# against 55.2 (RESULTS, thirty-first sitting). `bench_gemv.py --tune --silu-only` times gated
+# tiles of their own (the table's "+silu" entries; not yet run).
 GEMV_SILU_ENV = "ATOM_GEMV_SILU"
 _GEMV_SILU = os.environ.get(GEMV_SILU_ENV, "0") == "1"
 
@@ -106,10 +108,10 @@ def linear_silu_and_mul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 
 def small_batch_linear_silu_and_mul(x: Tensor, weight: Tensor) -> Tensor:
-    """gemv's gated launch where gemv.linear_config gives the weight a tile (as
-    small_batch_linear), else F.linear and silu_and_mul."""
+    """gemv's gated launch where gemv.linear_config gives the weight a gated tile, else
+    small_batch_linear (gemv or F.linear) and silu_and_mul."""
     if (config := _gemv_config(x, weight, gated=True)) is None:
-        return silu_and_mul(F.linear(x, weight))
+        return silu_and_mul(small_batch_linear(x, weight, None))
     y = _gemv.gemv(x.reshape(-1, x.shape[-1]), weight, config, gated=True)
     return y.view(*x.shape[:-1], weight.shape[0] // 2)
 

@@ -16,6 +16,7 @@ import torch
 
 from atom.kernels import gemv as gemv_module
 from atom.kernels.gemv import (
+    GATED_SUFFIX,
     MAX_M,
     MAX_TUNED_M,
     TUNED_BUCKETS,
@@ -23,13 +24,14 @@ from atom.kernels.gemv import (
     TUNED_CONFIGS,
     GemvConfig,
     _tuned_table,
+    gated_tile,
     gemv,
     gemv_config,
     gemv_ref,
     gemv_silu_and_mul_ref,
     linear_config,
     row_bucket,
-    tile_sizes,
+    shape_key,
     tuned_buckets,
 )
 
@@ -135,11 +137,10 @@ def test_gated(
     paths: list[tuple[bool, bool]],
 ) -> None:  # fmt: skip
     """SwiGLU fused: weight [2n, k] of gate rows then up rows -> silu(gate) * up [m, n]; gate
-    tiles past n (n not a multiple of the tile), splits uneven and empty (K tiles of 32, the
-    config's 64 halved: 5 in 4 splits of 2, 2, 1, 0), row tiles with x through a descriptor (40
-    rows in tiles of 32); twice, the tile counters rearmed."""
-    cfg = GemvConfig(16, 64, 4, 2, block_m, split_k)
-    assert tile_sizes(cfg, m, n, k, gated=True)[2] == 32
+    tiles past n (n not a multiple of the tile), splits uneven and empty (K tiles of 32: 5 in 4
+    splits of 2, 2, 1, 0), row tiles with x through a descriptor (40 rows in tiles of 32);
+    twice, the tile counters rearmed."""
+    cfg = GemvConfig(16, 32, 4, 2, block_m, split_k)
     for seed in (0, 1):
         x = _randn(m, k, dtype=dtype, seed=k + seed)
         w = _randn(2 * n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
@@ -258,22 +259,23 @@ for dt, (w_desc, x_desc), split, gated in itertools.product(
 
 
 # The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
-# tile of the gate/up weight, K halved), bf16, compiled for sm90: its shared memory fits an
-# H100/H200's 227 KB.
+# gated tile of the gate/up weight, else its plain tile with K halved), bf16, compiled for sm90:
+# its shared memory fits an H100/H200's 227 KB.
 _GATED_TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from atom.kernels.gemv import MAX_M, TUNED_CONFIGS, X_DESC_ROWS, GemvConfig, tile_sizes
-from atom.kernels.gemv import _gemv_kernel
+from atom.kernels.gemv import GATED_SUFFIX, MAX_M, TUNED_CONFIGS, X_DESC_ROWS, GemvConfig
+from atom.kernels.gemv import _gemv_kernel, gated_tile, tile_sizes
 seen = set()
 for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
-    n2, k = map(int, key.split("x"))
+    gated = key.endswith(GATED_SUFFIX)
+    n2, k = map(int, key.removesuffix(GATED_SUFFIX).split("x"))
     for bucket, entry in buckets.items():
         if entry is None:
             continue
-        cfg = GemvConfig(**entry)
-        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k, gated=True)
+        cfg = GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry))
+        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k)
         w_desc, x_desc = cfg.descriptor, cfg.descriptor and bm >= X_DESC_ROWS
         variant = (bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
         if variant in seen:
@@ -331,8 +333,8 @@ def test_tuned_table_is_well_formed() -> None:
     table = json.loads(TUNED_CONFIGS.read_text())
     assert table["device"].startswith("NVIDIA H")
     for key, by_bucket in table["shapes"].items():
-        n, k = (int(v) for v in key.split("x"))
-        assert n > 0 and k > 0
+        n, k = (int(v) for v in key.removesuffix(GATED_SUFFIX).split("x"))
+        assert n > 0 and k > 0 and (n % 2 == 0 or not key.endswith(GATED_SUFFIX))
         assert {int(b) for b in by_bucket} <= set(TUNED_BUCKETS)
         for bucket, cfg in by_bucket.items():
             if cfg is not None:
@@ -341,6 +343,32 @@ def test_tuned_table_is_well_formed() -> None:
                 # rows 1-16: one tile of all rows; past them row tiles
                 assert tile.block_m == 0 if int(bucket) == MAX_M else tile.block_m >= 16
     assert _tuned_table().keys() == table["shapes"].keys()
+
+
+def test_linear_config_gated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gated launch takes the table's gated tile where it has one (None: the pair runs), else
+    the plain choice with K halved; untabled, gemv_config's rule for half the rows, K halved."""
+    plain, fused = GemvConfig(64, 128, 4, 4, 32), GemvConfig(32, 256, 4, 3, 0, 2)
+    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {
+        "8x32": {MAX_M: plain, 64: plain, 128: None},
+        "8x32" + GATED_SUFFIX: {MAX_M: fused, 64: None},
+    })  # fmt: skip
+    monkeypatch.setattr(gemv_module, "_capability", lambda index: TUNED_CAPABILITY)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    w = torch.empty(8, 32, dtype=torch.bfloat16)
+    assert shape_key(8, 32, gated=True) == "8x32" + GATED_SUFFIX
+    assert linear_config(1, w, gated=True) == fused and linear_config(1, w) == plain
+    assert linear_config(64, w, gated=True) is None  # the pair won: gemv's plain tile and SiLU
+    assert linear_config(128, w, gated=True) is None  # cuBLAS and SiLU
+    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {"8x32": {MAX_M: plain}})
+    assert linear_config(1, w, gated=True) == gated_tile(plain) == GemvConfig(64, 64, 4, 4, 32)
+    assert tuned_buckets(w, gated=True) == [MAX_M]
+    untabled = torch.empty(8, 48, dtype=torch.bfloat16)
+    assert linear_config(1, untabled, gated=True) == gated_tile(gemv_config(4, 48))
+    monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {
+        "8x32": {MAX_M: None, 32: None}, "8x32" + GATED_SUFFIX: {32: fused},
+    })  # fmt: skip
+    assert tuned_buckets(w) == [] and tuned_buckets(w, gated=True) == [32]
 
 
 def test_linear_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -361,5 +389,6 @@ def test_linear_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch)
     assert tuned_buckets(w) == [MAX_M, 64]
     monkeypatch.setattr(gemv_module, "_tuned_table", lambda: {"8x32": {MAX_M: None}})
     assert linear_config(1, w) is None  # cuBLAS won at 1-16 rows
+    assert linear_config(1, w, gated=True) is None  # and the pair runs gated too
     monkeypatch.setattr(gemv_module, "_capability", lambda index: (8, 0))
     assert linear_config(40, w) is None and linear_config(1, w) == gemv_config(8, 32)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from atom.kernels import ops
-from atom.kernels.gemv import MAX_M
+from atom.kernels.gemv import MAX_M, GemvConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,6 +75,26 @@ def test_gated_matches_silu_of_f_linear(shape: tuple[int, ...]) -> None:
     out = ops.small_batch_linear_silu_and_mul(x, w)
     assert out.shape == (*shape[:-1], 20)
     torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
+
+
+def test_gated_pair_where_the_table_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where linear_config gives no gated tile but a plain one (the table's gated entry null:
+    the pair won), gemv's plain launch and the SiLU-and-mul kernel run."""
+    plain = GemvConfig(16, 32, 4, 2)
+    monkeypatch.setattr(ops._gemv, "linear_config",
+                        lambda rows, w, gated=False: None if gated else plain)  # fmt: skip
+    launches = []
+    gemv = ops._gemv.gemv
+
+    def recorded(*args: object, gated: bool = False) -> torch.Tensor:
+        launches.append((args[2], gated))
+        return gemv(*args, gated=gated)
+
+    monkeypatch.setattr(ops._gemv, "gemv", recorded)
+    x, w = _randn(3, 48, seed=1), _randn(2 * 20, 48, seed=2) * 0.1
+    out = ops.small_batch_linear_silu_and_mul(x, w)
+    torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
+    assert launches == [(plain, False)]
 
 
 def test_linear_silu_and_mul_off_by_default_and_plain_on_the_cpu(
