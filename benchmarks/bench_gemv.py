@@ -62,6 +62,7 @@ from atom.kernels.gemv import (
     GemvConfig,
     gated_tile,
     gemv,
+    gemv_config,
     linear_config,
     shape_key,
 )
@@ -149,8 +150,9 @@ def gated(path: str) -> None:
                    .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
         for rows in GATED_ROWS:
             tile = linear_config(rows, weights[0], gated=True)
-            if tile is None:  # cuBLAS runs the GEMM: no gated launch to compare
-                print(f"{model:>16} gate_up {n}x{k} rows {rows:>2}: cuBLAS", flush=True)
+            if tile is None:  # the pair runs (gemv's plain tile or cuBLAS): nothing to compare
+                what = "cuBLAS" if linear_config(rows, weights[0]) is None else "pair (table)"
+                print(f"{model:>16} gate_up {n}x{k} rows {rows:>2}: {what}", flush=True)
                 continue
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             pair = mean_us(lambda x, w: silu_and_mul(small_batch_linear(x, w, None)), [x], weights)
@@ -211,8 +213,9 @@ def tune(
     if buckets != TUNED_BUCKETS or models or silu_only:
         kept = json.loads(TUNED_CONFIGS.read_text())
         table["shapes"], table["timings_us"] = kept["shapes"], kept["timings_us"]
-        what = ",".join(models) if models else "buckets " + ",".join(map(str, buckets))
-        what += " gated gate/up" if silu_only else ""
+        what = ",".join(models) if models else ""
+        what += " buckets " + ",".join(map(str, buckets)) if buckets != TUNED_BUCKETS else ""
+        what = f"{what} gated gate/up" if silu_only else what
         table["_comment"] = f"{kept['_comment']}; {what} re-tuned (--tune), {date.today()}"
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -247,9 +250,11 @@ def tune(
                 if not silu_only:  # else the committed plain entries stay (and run the pair)
                     table["shapes"][key][str(bucket)] = dataclasses.asdict(best) if keep else None
                     table["timings_us"][key][str(bucket)] = {"cublas": cublas, "best": us}
+                verdict = "" if keep else " -> cuBLAS"
+                verdict = " (not written: --silu-only)" if silu_only else verdict
                 print(f"{model:>12} {name:>7} {key:>10} rows {bucket:>3}: cuBLAS {cublas:6.1f} us, "
-                      f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}"
-                      f"{'' if keep else ' -> cuBLAS'}", flush=True)  # fmt: skip
+                      f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}{verdict}",
+                      flush=True)  # fmt: skip
             if name == "gate_up":
                 tune_gated(table, f"{model:>12} {name:>7}", weights, fastest, gen)
             del weights
@@ -267,7 +272,10 @@ def tune_gated(
     gen: torch.Generator,
 ) -> None:
     """The gate/up weight's gated entries (module doc: --tune) after its plain ones, each
-    bucket's from its fastest plain tiles (`fastest`) as they are and halved along K."""
+    bucket's from its fastest plain tiles (`fastest`) and the table's plain tile, as they are
+    and halved along K (the table's halved: what a gated launch ran without an entry). The
+    pair's GEMM runs the table's plain tile, as the engine would (gemv_config's rule where the
+    table has none at 1-16 rows, cuBLAS where it says so)."""
     (n2, k), plain = weights[0].shape, table["shapes"][shape_key(*weights[0].shape)]
     key = shape_key(n2, k, gated=True)
     table["shapes"].setdefault(key, {})
@@ -275,9 +283,13 @@ def tune_gated(
     for bucket, tiles in fastest.items():
         xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
               for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
-        tile = plain.get(str(bucket)) and GemvConfig(**plain[str(bucket)])
+        if str(bucket) in plain:
+            tile = plain[str(bucket)] and GemvConfig(**plain[str(bucket)])
+        else:
+            tile = gemv_config(n2, k) if bucket == MAX_M else None
         pair = mean_us(lambda x, w, t=tile: silu_and_mul(gemv(x, w, t) if t else F.linear(x, w)),
                        xs, weights)  # fmt: skip
+        tiles = tiles + ([tile] if tile else [])
         timed = []
         for cfg in dict.fromkeys(tiles + [gated_tile(t) for t in tiles]):
             try:

@@ -12,7 +12,8 @@ cache dtype pick the variant; MLA layers, another kernel, are left to their firs
 for each distinct linear weight one gemv launch per row bucket its tuned table gives the weight a
 tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
 (kernels/gemv.py: one variant per weight shape and tile, 3 s of a cold 8B start otherwise;
-none where cuBLAS runs). The
+none where cuBLAS runs); a gate/up weight whose SiLU is fused (ATOM_GEMV_SILU=1) launches
+gated where linear_config gives a gated tile, else plainly for the pair's GEMM. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.

@@ -334,7 +334,9 @@ def test_tuned_table_is_well_formed() -> None:
     assert table["device"].startswith("NVIDIA H")
     for key, by_bucket in table["shapes"].items():
         n, k = (int(v) for v in key.removesuffix(GATED_SUFFIX).split("x"))
-        assert n > 0 and k > 0 and (n % 2 == 0 or not key.endswith(GATED_SUFFIX))
+        assert n > 0 and k > 0
+        if key.endswith(GATED_SUFFIX):  # a gate/up weight's gated tiles, beside its plain ones
+            assert n % 2 == 0 and key.removesuffix(GATED_SUFFIX) in table["shapes"]
         assert {int(b) for b in by_bucket} <= set(TUNED_BUCKETS)
         for bucket, cfg in by_bucket.items():
             if cfg is not None:
@@ -369,6 +371,24 @@ def test_linear_config_gated(monkeypatch: pytest.MonkeyPatch) -> None:
         "8x32": {MAX_M: None, 32: None}, "8x32" + GATED_SUFFIX: {32: fused},
     })  # fmt: skip
     assert tuned_buckets(w) == [] and tuned_buckets(w, gated=True) == [32]
+    assert linear_config(20, w, gated=True) == fused and linear_config(20, w) is None
+    # the gated entries apply where the plain ones do: 16-bit weights, the tuned capability
+    assert linear_config(20, w.float(), gated=True) is None
+    monkeypatch.setattr(gemv_module, "_capability", lambda index: (8, 0))
+    assert linear_config(20, w, gated=True) is None and tuned_buckets(w, gated=True) == []
+
+
+def test_gated_default_tile_halves_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gemv(gated=True) without a config launches gemv_config's tile for its outputs with half
+    its K: 64 where the plain launch of the same outputs takes 128."""
+    launched = []
+    monkeypatch.setattr(gemv_module, "launch", lambda kernel, grid, *a, **kw: launched.append(kw))
+    x, w = torch.zeros(2, 300), torch.zeros(80, 300)
+    gemv(x, w, gated=True)
+    gemv(x, w[:40])
+    assert [kw["BLOCK_K"] for kw in launched] == [64, 128] == [
+        gated_tile(gemv_config(40, 300)).block_k, gemv_config(40, 300).block_k
+    ]  # fmt: skip
 
 
 def test_linear_config_applies_only_where_tuned(monkeypatch: pytest.MonkeyPatch) -> None:
