@@ -70,7 +70,8 @@
 #            LATENCY_BATCHES=, LATENCY_FLAGS=) under each of AB_VARIANTS in turn, AB_ROUNDS (2)
 #            rounds: a variant is NAME or NAME:ITEM,ITEM,... with ITEM an environment assignment
 #            (ATOM_PDL=0) or a file swapped in for its runs
-#            (atom/kernels/gemv_configs.json<scratch/old.json), e.g.
+#            (atom/kernels/gemv_configs.json<scratch/old.json; benchmarks/gemv_table_variant.py
+#            writes a table with some tiles changed), e.g.
 #            AB_VARIANTS="base pdl0:ATOM_PDL=0"; outputs $OUT/ab_NAME_ROUND_WHAT.{json,log};
 #            AB_WHAT=startup times profile_startup.py's 8B start (STARTUP_FLAGS=) with the lease's
 #            compile caches: a variant that runs first in a lease starts cold
