@@ -226,7 +226,7 @@ def tune(
             if silu_only and name != "gate_up":
                 continue
             key = shape_key(n, k)
-            fastest = {}  # per bucket, the plain tiles the gated launches start from
+            fastest = {}  # per bucket, its inputs and the plain tiles gated launches start from
             copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
                        .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
@@ -244,7 +244,7 @@ def tune(
                         continue
                     timed.append((us, cfg))
                 timed.sort(key=lambda t: t[0])
-                fastest[bucket] = [cfg for _, cfg in timed[:GATED_FROM]]
+                fastest[bucket] = xs, [cfg for _, cfg in timed[:GATED_FROM]]
                 us, best = timed[0]
                 keep = us < (1 - TUNE_MARGIN) * cublas
                 if not silu_only:  # else the committed plain entries stay (and run the pair)
@@ -256,7 +256,7 @@ def tune(
                       f"best tile {us:6.1f} us ({cublas / us:4.2f}x) {best}{verdict}",
                       flush=True)  # fmt: skip
             if name == "gate_up":
-                tune_gated(table, f"{model:>12} {name:>7}", weights, fastest, gen)
+                tune_gated(table, f"{model:>12} {name:>7}", weights, fastest)
             del weights
             torch.cuda.empty_cache()
             with open(path, "w") as f:  # after each shape: a cut-short run keeps what it found
@@ -268,11 +268,11 @@ def tune_gated(
     table: dict,
     label: str,
     weights: list[torch.Tensor],
-    fastest: dict[int, list[GemvConfig]],
-    gen: torch.Generator,
+    fastest: dict[int, tuple[list[torch.Tensor], list[GemvConfig]]],
 ) -> None:
     """The gate/up weight's gated entries (module doc: --tune) after its plain ones, each
-    bucket's from its fastest plain tiles (`fastest`) and the table's plain tile, as they are
+    bucket's on the inputs its plain tiles were timed on, from its fastest plain tiles
+    (`fastest`) and the table's plain tile, as they are
     and halved along K (the table's halved: what a gated launch ran without an entry). The
     pair's GEMM runs the table's plain tile, as the engine would (gemv_config's rule where the
     table has none at 1-16 rows, cuBLAS where it says so)."""
@@ -280,9 +280,7 @@ def tune_gated(
     key = shape_key(n2, k, gated=True)
     table["shapes"].setdefault(key, {})
     table["timings_us"].setdefault(key, {})
-    for bucket, tiles in fastest.items():
-        xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-              for rows in ((1, bucket) if bucket == MAX_M else (bucket,))]  # fmt: skip
+    for bucket, (xs, tiles) in fastest.items():
         if str(bucket) in plain:
             tile = plain[str(bucket)] and GemvConfig(**plain[str(bucket)])
         else:

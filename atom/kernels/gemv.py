@@ -97,12 +97,12 @@ def row_bucket(rows: int) -> int:
     return next(b for b in TUNED_BUCKETS if rows <= b)
 
 
+GATED_SUFFIX = "+silu"  # the table's key of a gate/up weight's tiles for gated launches
+
+
 def shape_key(n: int, k: int, gated: bool = False) -> str:
     """The table's key of an [n, k] weight; gated: its tiles for gated launches."""
     return f"{n}x{k}{GATED_SUFFIX if gated else ''}"
-
-
-GATED_SUFFIX = "+silu"
 
 
 def gated_tile(cfg: GemvConfig) -> GemvConfig:
