@@ -127,3 +127,76 @@ def test_gated_op_compiles_once_for_every_token_count() -> None:
         out = compiled(x)
         torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
     assert len(frames) == 1
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (MAX_M, 40), (MAX_M + 1, 40), (2, 3, 40), (0, 40)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_silu_in_matches_f_linear_of_silu(shape: tuple[int, ...], with_bias: bool) -> None:
+    """down_proj with SwiGLU's SiLU-and-mul on its input: gemv's silu_x launch up to MAX_M rows
+    (the interpreter without a GPU), the SiLU-and-mul kernel and F.linear past them."""
+    x, w = _randn(*shape, seed=1), _randn(24, 20, seed=2) * 0.1
+    bias = _randn(24, seed=3) if with_bias else None
+    out = ops.small_batch_silu_and_mul_linear(x, w, bias)
+    assert out.shape == (*shape[:-1], 24)
+    torch.testing.assert_close(out, F.linear(_silu_and_mul(x), w, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_silu_in_needs_the_gate_and_up_halves() -> None:
+    with pytest.raises(ValueError, match="not SiLU-and-mul's input"):
+        ops.small_batch_silu_and_mul_linear(_randn(2, 20, seed=1), _randn(24, 20, seed=2), None)
+
+
+def test_silu_in_down_off_by_default_and_plain_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ATOM_GEMV_SILU=down turns it on, on CUDA only; on the CPU the two ops."""
+    assert not ops._SILU_IN_DOWN or os.environ.get(ops.GEMV_SILU_ENV) == "down"
+    monkeypatch.setattr(ops, "_SILU_IN_DOWN", True)
+    assert ops.silu_in_down(torch.device("cuda")) and not ops.silu_in_down(torch.device("cpu"))
+    monkeypatch.setattr(ops, "_GEMV", False)
+    assert not ops.silu_in_down(torch.device("cuda"))
+    calls = []
+    monkeypatch.setattr(ops, "small_batch_silu_and_mul_linear", lambda *a: calls.append(a))
+    x, w = torch.randn(2, 8), torch.randn(6, 4)
+    torch.testing.assert_close(ops.silu_and_mul_linear(x, w, None), F.linear(_silu_and_mul(x), w))
+    assert not calls
+
+
+def test_silu_in_op_compiles_once_for_every_token_count() -> None:
+    w = _randn(24, 16, seed=4) * 0.1
+    frames = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda x: torch.ops.atom.silu_and_mul_linear(x, w, None),
+                             backend=backend, fullgraph=True)  # fmt: skip
+    for rows in (3, MAX_M, MAX_M + 5, 2):
+        x = _randn(rows, 32, seed=rows)
+        torch._dynamo.mark_dynamic(x, 0)
+        out = compiled(x)
+        torch.testing.assert_close(out, F.linear(_silu_and_mul(x), w), atol=1e-4, rtol=1e-4)
+    assert len(frames) == 1
+
+
+def test_gated_mlp_fuses_the_silu_into_down_proj(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ATOM_GEMV_SILU=down a gated MLP on CUDA runs the gate/up GEMM and down_proj's fused
+    op (faked here on the CPU: the device test patched), the same output."""
+    from atom.layers.mlp import GatedMLP
+
+    mlp = GatedMLP(16, 20, "silu")
+    for p in mlp.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(3, 16)
+    expected = mlp(x)
+    calls = []
+
+    def fused(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        calls.append(tuple(x2.shape))
+        return ops.small_batch_silu_and_mul_linear(x2, w, b)
+
+    monkeypatch.setattr(ops, "silu_in_down", lambda device: True)
+    monkeypatch.setattr(ops, "silu_and_mul_linear", fused)
+    torch.testing.assert_close(mlp(x), expected, atol=1e-4, rtol=1e-4)
+    assert calls == [(3, 40)]
