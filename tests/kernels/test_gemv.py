@@ -164,9 +164,8 @@ def test_silu_x(
     paths: list[tuple[bool, bool]],
 ) -> None:  # fmt: skip
     """SwiGLU's SiLU-and-mul on x's tiles: x [m, 2k] of gate then up, weight [n, k] -> the same
-    bits as silu_and_mul's kernel then the plain launch; K not a multiple of the tile (a
-    descriptor's last gate tile reads up columns, zeroed), splits, x's rows strided, row tiles
-    with x through a descriptor (40 rows in tiles of 32)."""
+    bits as silu_and_mul's kernel then the plain launch; K not a multiple of the tile, splits,
+    x's rows strided, row tiles (40 rows in tiles of 32: x through pointer loads even so)."""
     cfg = GemvConfig(16, 32, 4, 2, block_m, split_k)
     for seed in (0, 1):
         x = _randn(m, 2 * k + 8, dtype=dtype, seed=k + seed)[:, 8:]
@@ -178,7 +177,7 @@ def test_silu_x(
         ref = gemv_ref(silu_and_mul_ref(x), w)
         torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     desc = descriptors and HOPPER and _aligned(w)
-    assert paths[0::2] == [(desc, desc and block_m >= 32 and _aligned(x))] * 2
+    assert paths[0::2] == [(desc, False)] * 2
     assert not gemv_module._COUNTERS.get(x.device, torch.zeros(1)).any()
 
 
@@ -282,6 +281,8 @@ for dt, (w_desc, x_desc), split, (gated, silu_x) in itertools.product(
     ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3),
     ((False, False), (True, False), (False, True)),
 ):
+    if x_desc and silu_x:
+        continue  # x through pointer loads
     bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
            "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
@@ -359,7 +360,7 @@ def test_every_variant_compiles_for_sm90() -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 36
+    assert run.stdout.count("compiled") == 32
 
 
 def test_row_buckets() -> None:
