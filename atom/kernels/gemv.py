@@ -385,8 +385,7 @@ def gemv(
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
     # x's tiles too where the row tile is X_DESC_ROWS or more
-    # (silu_x: two of x's tiles a stage would take a row tile's shared memory past the H200's
-    # at the table's deep pipelines: x through pointer loads, loaded as the tile's K step comes)
+    # (silu_x: x through pointer loads, the SiLU-and-mul on them in registers)
     x_desc = None
     if w_desc is not None and block_m >= X_DESC_ROWS and not silu_x:
         x_desc = tile_descriptor(x, block_m, block_k)

@@ -150,16 +150,18 @@ def silu_and_mul_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tenso
 
 def small_batch_silu_and_mul_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """gemv of SiLU-and-mul's input (silu_x) with the weight's plain tile where gemv.linear_config
-    gives one, else silu_and_mul and F.linear."""
+    gives one for at most gemv.MAX_M rows, else silu_and_mul and small_batch_linear. (Past MAX_M
+    the table's row tiles pipeline x's tiles 6-8 deep, and two of them a stage took 272 KB of
+    shared memory, past the H200's 227.)"""
     if x.shape[-1] != 2 * weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} is not SiLU-and-mul's input to weight "
                          f"{tuple(weight.shape)}")  # fmt: skip
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     config = None
-    if rows and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype:
+    if 0 < rows <= _gemv.MAX_M and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype:
         config = _gemv.linear_config(rows, weight)
     if config is None:
-        return F.linear(silu_and_mul(x), weight, bias)
+        return small_batch_linear(silu_and_mul(x), weight, bias)
     y = _gemv.gemv(x.reshape(-1, x.shape[-1]), weight, config, silu_x=True)
     y = y.view(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y.add_(bias)

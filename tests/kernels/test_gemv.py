@@ -299,9 +299,10 @@ for dt, (w_desc, x_desc), split, (gated, silu_x) in itertools.product(
 
 
 # The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
-# gated tile of the gate/up weight, else its plain tile with K halved), bf16, compiled for sm90:
-# its shared memory fits an H100/H200's 227 KB.
-_GATED_TABLE_TILES = """
+# gated tile of the gate/up weight, else its plain tile with K halved) and the silu_x variant of
+# every 1-16-row tile (ops.silu_and_mul_linear: down_proj's plain tile), bf16, compiled for sm90:
+# their shared memory fits an H100/H200's 227 KB.
+_FUSED_TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -314,37 +315,44 @@ for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
     for bucket, entry in buckets.items():
         if entry is None:
             continue
-        cfg = GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry))
-        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k)
-        w_desc, x_desc = cfg.descriptor, cfg.descriptor and bm >= X_DESC_ROWS
-        variant = (bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
-        if variant in seen:
-            continue
-        seen.add(variant)
-        sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
-               "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
-               "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_wn": "i32"}
-        const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": w_desc,
-                 "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True,
-                 "SILU_X": False}
-        sig.update(dict.fromkeys(const, "constexpr"))
-        kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
-                                target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        print("shared", key, bucket, kernel.metadata.shared, flush=True)
+        launches = [("gated", GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry)))]
+        if not gated and int(bucket) == MAX_M:
+            launches.append(("silu_x", GemvConfig(**entry)))
+        for kind, cfg in launches:
+            n = n2 // 2 if kind == "gated" else n2
+            bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n, k)
+            w_desc = cfg.descriptor
+            x_desc = w_desc and bm >= X_DESC_ROWS and kind == "gated"
+            variant = (kind, bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
+            if variant in seen:
+                continue
+            seen.add(variant)
+            sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
+                   "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
+                   "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                   "stride_xm": "i32", "stride_wn": "i32"}
+            const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                     "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
+                     "GATED": kind == "gated", "SILU_X": kind == "silu_x"}
+            sig.update(dict.fromkeys(const, "constexpr"))
+            kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg.num_warps,
+                                             "num_stages": cfg.num_stages})
+            print("shared", kind, key, bucket, kernel.metadata.shared, flush=True)
 """
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
-def test_table_tiles_fit_shared_memory_gated() -> None:
+def test_table_tiles_fit_shared_memory_fused() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _GATED_TABLE_TILES], env=env,
+    run = subprocess.run([sys.executable, "-c", _FUSED_TABLE_TILES], env=env,
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    sizes = {" ".join(line.split()[1:3]): int(line.split()[3]) for line in run.stdout.splitlines()}
+    sizes = {" ".join(line.split()[1:4]): int(line.split()[4]) for line in run.stdout.splitlines()}
+    assert any(key.startswith("silu_x") for key in sizes), sizes
     assert sizes and all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
