@@ -181,11 +181,13 @@ def gemv_silu_and_mul_ref(x: Tensor, weight: Tensor) -> Tensor:
 
 
 @triton.jit
-def _silu_x(gate, up):
+def _silu_x(gate, up, kk, K):
     """SILU_X's tile of x: silu(gate) * up in float32, rounded to x's dtype as silu_and_mul's
-    kernel rounds it (the same arithmetic: the GEMM then sees the same bits)."""
+    kernel rounds it (the same arithmetic: the GEMM then sees the same bits); zeros from K on
+    (a descriptor's gate tile past K reads up columns)."""
     g = gate.to(tl.float32)
-    return (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(gate.dtype)
+    y = (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(gate.dtype)
+    return tl.where((kk < K)[None, :], y, tl.zeros_like(y))
 
 
 @triton.jit
@@ -221,7 +223,6 @@ def _gemv_kernel(
     GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
     SILU_X: tl.constexpr,  # y = (silu(x[:, :K]) * x[:, K:]) W^T: SwiGLU's SiLU-and-mul, fused
 ):
-    tl.static_assert(not (X_DESC and SILU_X), "SILU_X loads x through pointers")
     pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -245,14 +246,17 @@ def _gemv_kernel(
         up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         m0 = tl.program_id(0) * BLOCK_M
         for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines the loads
+            kk = k0 + offs_k
             if X_DESC:
                 xt = x.load([m0, k0])
+                if SILU_X:
+                    xt = _silu_x(xt, x.load([m0, K + k0]), kk, K)
             else:
-                kk = k0 + offs_k
                 x_ok = m_ok[:, None] & (kk < k_end)[None, :]
                 xt = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
                 if SILU_X:
-                    xt = _silu_x(xt, tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0))
+                    xt = _silu_x(xt, tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0), kk,
+                                 K)  # fmt: skip
             acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
             if GATED:
                 up_t = tl.dot(w.load([N + n0, k0]), tl.trans(xt), up_t,
@@ -271,7 +275,7 @@ def _gemv_kernel(
             if SILU_X:
                 ut = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
                              other=0.0)  # fmt: skip
-                xt = _silu_x(xt, ut)
+                xt = _silu_x(xt, ut, kk, K)
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
             if GATED:
                 ut = tl.load(w_rows + N * stride_wn + kk[None, :],
@@ -362,7 +366,7 @@ def gemv(
     each program reading a tile of both (the config's tiles each: linear_config's gated tile;
     by default gemv_config's made gated). silu_x: x [M, 2K] holds SwiGLU's gate, then its up,
     and y = silu_and_mul(x) @ weight^T, the SiLU-and-mul computed on x's tiles as they load
-    (the same bits as silu_and_mul's kernel, then the plain GEMM; x through pointer loads)."""
+    (the same bits as silu_and_mul's kernel, then the plain GEMM)."""
     k_in = weight.shape[1] * (2 if silu_x else 1)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != k_in:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
@@ -385,9 +389,10 @@ def gemv(
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
     # x's tiles too where the row tile is X_DESC_ROWS or more
-    # (silu_x: x through pointer loads, the SiLU-and-mul on them in registers)
+    # (silu_x: x's tiles through a descriptor at any row tile, pipelined with the weight's: its
+    # SiLU-and-mul then waits on no load of its own)
     x_desc = None
-    if w_desc is not None and block_m >= X_DESC_ROWS and not silu_x:
+    if w_desc is not None and (block_m >= X_DESC_ROWS or silu_x):
         x_desc = tile_descriptor(x, block_m, block_k)
     ws = counters = y  # unused pointers when unsplit
     if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
