@@ -13,8 +13,7 @@ for each distinct linear weight one gemv launch per row bucket its tuned table g
 tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
 (kernels/gemv.py: one variant per weight shape and tile, 3 s of a cold 8B start otherwise;
 none where cuBLAS runs); a gate/up weight whose SiLU is fused (ATOM_GEMV_SILU=1) launches
-gated where linear_config gives a gated tile, else plainly for the pair's GEMM, and a down_proj
-weight whose SiLU is fused into its input (ATOM_GEMV_SILU=down) launches that variant. The
+gated where linear_config gives a gated tile, else plainly for the pair's GEMM. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.
@@ -30,7 +29,6 @@ variant on first launch (~0.3 s).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import threading
@@ -54,7 +52,7 @@ from atom.kernels.gemv import MAX_M, linear_config, tuned_buckets
 from atom.kernels.launch import compile_only
 from atom.layers.attention import Attention
 from atom.layers.linear import LinearBase
-from atom.layers.mlp import GateUpSiluLinear, SiluDownLinear
+from atom.layers.mlp import GateUpSiluLinear
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +94,17 @@ class Precompile:
                     for meta in stand_in_steps(shapes.block_size, shapes.device):
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
-                for weight, fused in distinct_weights(weights):
-                    gated = fused is Fused.GATE
+                for weight, gated in distinct_weights(weights):
                     buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip
                         if gated and linear_config(rows, weight, gated=True) is not None:
                             ops.small_batch_linear_silu_and_mul(x, weight)
-                        elif linear_config(rows, weight) is None:
-                            continue  # cuBLAS
-                        elif fused is Fused.DOWN:
-                            ops.small_batch_silu_and_mul_linear(x.repeat(1, 2), weight, None)
-                        else:
+                        elif linear_config(rows, weight) is not None:
                             ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
+                        else:
+                            continue  # cuBLAS
                         self._calls += 1
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
@@ -142,7 +137,9 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
     layers = [m for m in model.modules() if type(m) is Attention]  # not MLA
     weights = []
     if ops._GEMV:
-        weights = [Weight(m.weight, fused_silu(m, shapes.device))
+        # A gated MLP's gate/up weight launches the fused SiLU variant when that is on.
+        fused = ops._GEMV_SILU
+        weights = [Weight(m.weight, fused and isinstance(m, GateUpSiluLinear) and m.bias is None)
                    for m in model.modules() if isinstance(m, LinearBase)]  # fmt: skip
     if shapes.device.type != "cuda" or not (layers or weights) or os.environ.get(ENV) == "0":
         return None
@@ -170,36 +167,18 @@ def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
             yield layer
 
 
-class Fused(enum.Enum):
-    """What a linear weight's gemv launches fuse: nothing, SwiGLU's SiLU-and-mul into the gate/up
-    GEMM's output (gated launches) or into down_proj's input (silu_x launches)."""
-
-    NONE = "none"
-    GATE = "gate"
-    DOWN = "down"
-
-
-def fused_silu(module: LinearBase, device: torch.device) -> Fused:
-    """Where a gated MLP's SiLU-and-mul goes for this module's launches (kernels/ops.py)."""
-    if isinstance(module, GateUpSiluLinear) and ops._GEMV_SILU and module.bias is None:
-        return Fused.GATE
-    if isinstance(module, SiluDownLinear) and ops.silu_in_down(device):
-        return Fused.DOWN
-    return Fused.NONE
-
-
 class Weight(NamedTuple):
-    """A linear layer's weight and what its gemv launches fuse."""
+    """A linear layer's weight and whether its launches are gemv's gated (SiLU-fused) ones."""
 
     weight: torch.Tensor
-    fused: Fused
+    gated: bool
 
 
 def distinct_weights(weights: Iterable[Weight]) -> Iterator[Weight]:
-    """One weight per (shape, dtype, fused): what picks gemv's variant."""
+    """One weight per (shape, dtype, gated): what picks gemv's variant."""
     seen = set()
     for item in weights:
-        key = (tuple(item.weight.shape), item.weight.dtype, item.fused)
+        key = (tuple(item.weight.shape), item.weight.dtype, item.gated)
         if key not in seen:
             seen.add(key)
             yield item

@@ -38,10 +38,14 @@ against the pair of kernels (null: the pair was faster), else the plain tile wit
 
 Fusing the RMSNorm or SiLU-and-mul before the GEMM into this kernel's prologue was measured and
 dropped (eleventh sitting): their input loads feed arithmetic before the dot, which Triton does
-not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they replaced. Reading a
-program's first weight tiles before its PDL wait (plain loads, or a bulk prefetch into L2 of
-2-64 KB a row, or of 256-512 bytes from the first wave only), while the kernel before it runs,
-was measured and dropped too (eleventh and thirtieth sittings): slower, or no faster.
+not pipeline, and the fused kernels ran 1.1-2.2x slower than the pairs they replaced. Again for
+the SiLU-and-mul on down_proj's input tiles (thirty-second sitting), with x's gate and up tiles
+through pointer loads and then through descriptors pipelined with the weight's: each K step's
+arithmetic lengthens a program's serial chain of K steps (28 for the 8B's down_proj), and the
+8B's batch-1 step took 1.7-2.5% longer, the 0.6B's 4.9-5.6%, than with the SiLU kernel apart.
+Reading a program's first weight tiles before its PDL wait (plain loads, or a bulk prefetch into
+L2 of 2-64 KB a row, or of 256-512 bytes from the first wave only), while the kernel before it
+runs, was measured and dropped too (eleventh and thirtieth sittings): slower, or no faster.
 """
 
 from __future__ import annotations
@@ -181,16 +185,6 @@ def gemv_silu_and_mul_ref(x: Tensor, weight: Tensor) -> Tensor:
 
 
 @triton.jit
-def _silu_x(gate, up, kk, K):
-    """SILU_X's tile of x: silu(gate) * up in float32, rounded to x's dtype as silu_and_mul's
-    kernel rounds it (the same arithmetic: the GEMM then sees the same bits); zeros from K on
-    (a descriptor's gate tile past K reads up columns)."""
-    g = gate.to(tl.float32)
-    y = (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(gate.dtype)
-    return tl.where((kk < K)[None, :], y, tl.zeros_like(y))
-
-
-@triton.jit
 def _output(acc, up, out_ty: tl.constexpr, GATED: tl.constexpr):
     """A tile of y from the float32 sums: acc, or (GATED) silu(acc) * up, each first rounded to
     y's dtype as the GEMM's output would be before silu_and_mul (its reference's arithmetic)."""
@@ -202,7 +196,7 @@ def _output(acc, up, out_ty: tl.constexpr, GATED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x,  # [M, K] ([M, 2K] SILU_X), last dim contiguous: a pointer, or (X_DESC) a descriptor
+    x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
     w,  # [N, K] ([2N, K] GATED), last dim contiguous: a pointer, or (W_DESC) a descriptor
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] ([SPLIT_K, M, 2N] GATED) float32 partial sums
@@ -221,7 +215,6 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
-    SILU_X: tl.constexpr,  # y = (silu(x[:, :K]) * x[:, K:]) W^T: SwiGLU's SiLU-and-mul, fused
 ):
     pdl_start(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -246,17 +239,12 @@ def _gemv_kernel(
         up_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         m0 = tl.program_id(0) * BLOCK_M
         for k0 in range(k_start, k_end, BLOCK_K):  # the compiler pipelines the loads
-            kk = k0 + offs_k
             if X_DESC:
                 xt = x.load([m0, k0])
-                if SILU_X:
-                    xt = _silu_x(xt, x.load([m0, K + k0]), kk, K)
             else:
-                x_ok = m_ok[:, None] & (kk < k_end)[None, :]
-                xt = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)
-                if SILU_X:
-                    xt = _silu_x(xt, tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0), kk,
-                                 K)  # fmt: skip
+                kk = k0 + offs_k
+                xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < k_end)[None, :],
+                             other=0.0)  # fmt: skip
             acc_t = tl.dot(w.load([n0, k0]), tl.trans(xt), acc_t, input_precision=DOT_PRECISION)
             if GATED:
                 up_t = tl.dot(w.load([N + n0, k0]), tl.trans(xt), up_t,
@@ -272,10 +260,6 @@ def _gemv_kernel(
             k_ok = kk < k_end
             wt = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if SILU_X:
-                ut = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                             other=0.0)  # fmt: skip
-                xt = _silu_x(xt, ut, kk, K)
             acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
             if GATED:
                 ut = tl.load(w_rows + N * stride_wn + kk[None, :],
@@ -353,28 +337,18 @@ def tile_sizes(cfg: GemvConfig, m: int, n: int, k: int) -> tuple[int, int, int, 
 
 
 def gemv(
-    x: Tensor,
-    weight: Tensor,
-    config: GemvConfig | None = None,
-    *,
-    gated: bool = False,
-    silu_x: bool = False,
+    x: Tensor, weight: Tensor, config: GemvConfig | None = None, *, gated: bool = False
 ) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
     default, any M with a config of block_m > 0. gated: weight [2N, K] holds SwiGLU's gate rows,
     then its up rows, and y = silu(x @ gate^T) * (x @ up^T) [M, N] (gemv_silu_and_mul_ref),
     each program reading a tile of both (the config's tiles each: linear_config's gated tile;
-    by default gemv_config's made gated). silu_x: x [M, 2K] holds SwiGLU's gate, then its up,
-    and y = silu_and_mul(x) @ weight^T, the SiLU-and-mul computed on x's tiles as they load
-    (the same bits as silu_and_mul's kernel, then the plain GEMM)."""
-    k_in = weight.shape[1] * (2 if silu_x else 1)
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != k_in:
+    by default gemv_config's made gated)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
-    if gated and silu_x:
-        raise ValueError("a launch is gated or takes SiLU-and-mul's input, not both")
     if gated and weight.shape[0] % 2:
         raise ValueError(f"a gated weight has gate and up rows alike, got {weight.shape[0]} rows")
-    m, k, n = x.shape[0], weight.shape[1], weight.shape[0] // (2 if gated else 1)
+    (m, k), n = x.shape, weight.shape[0] // (2 if gated else 1)
     if m > MAX_M and (config is None or not config.block_m):
         raise ValueError(f"gemv takes at most {MAX_M} rows without a row tile, got {m}")
     if x.dtype != weight.dtype:
@@ -389,10 +363,8 @@ def gemv(
     grid = (cdiv(m, block_m), cdiv(n, block_n), split_k)
     w_desc = tile_descriptor(weight, block_n, block_k) if cfg.descriptor else None
     # x's tiles too where the row tile is X_DESC_ROWS or more
-    # (silu_x: x's tiles through a descriptor at any row tile, pipelined with the weight's: its
-    # SiLU-and-mul then waits on no load of its own)
     x_desc = None
-    if w_desc is not None and (block_m >= X_DESC_ROWS or silu_x):
+    if w_desc is not None and block_m >= X_DESC_ROWS:
         x_desc = tile_descriptor(x, block_m, block_k)
     ws = counters = y  # unused pointers when unsplit
     if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
@@ -408,6 +380,6 @@ def gemv(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         W_DESC=w_desc is not None, X_DESC=x_desc is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x), GATED=gated,
-        SILU_X=silu_x, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

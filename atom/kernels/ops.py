@@ -90,15 +90,12 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 # on. Off by default: with the plain tiles halved along K, on the H200 it saved the SiLU kernel's
 # ~1.5 us a layer at 8-16 rows on one machine (8B -1.1 to -1.4%) and lost as much on another
 # (+0.2 to +0.9%), the 0.6B within 1% either way; the 8B's gated gate/up took 57.3 us at one row
-# against 55.2 (RESULTS, thirty-first sitting). `bench_gemv.py --tune --silu-only` times gated
-# tiles of their own (the table's "+silu" entries; not yet run).
-#
-# ATOM_GEMV_SILU=down fuses it the other way: the gate/up GEMM writes [T, 2I] and down_proj's gemv
-# computes SiLU-and-mul on its input tiles as they load (`silu_and_mul_linear`; the same bits as
-# the SiLU kernel, then the plain GEMM with the down weight's own tile).
+# against 55.2 (RESULTS, thirty-first sitting). With gated tiles of their own (the table's "+silu"
+# entries, `bench_gemv.py --tune --silu-only`) the 8B's step was flat at batch 1 and 0.7-0.9%
+# shorter at 8-16, the 0.6B's 0.4-0.5% longer at 1-8 and its bench not faster (thirty-second
+# sitting): still off.
 GEMV_SILU_ENV = "ATOM_GEMV_SILU"
 _GEMV_SILU = os.environ.get(GEMV_SILU_ENV, "0") == "1"
-_SILU_IN_DOWN = os.environ.get(GEMV_SILU_ENV, "0") == "down"
 
 
 def linear_silu_and_mul(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -129,52 +126,6 @@ def _linear_silu_and_mul_op(x: Tensor, weight: Tensor) -> Tensor:
 @_linear_silu_and_mul_op.register_fake
 def _(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
-
-
-def silu_in_down(device: torch.device) -> bool:
-    """Whether a gated MLP on this device fuses its SiLU-and-mul into down_proj
-    (ATOM_GEMV_SILU=down: silu_and_mul_linear) rather than running it after the gate/up GEMM."""
-    return _GEMV and _SILU_IN_DOWN and device.type == "cuda"
-
-
-def silu_and_mul_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """linear(silu_and_mul(x), weight, bias) for x [..., 2K] of gate, then up, and a weight
-    [N, K]; on CUDA (unless ATOM_GEMV=0) through the `atom::silu_and_mul_linear` op, one gemv
-    launch where small_batch_linear would run gemv."""
-    if not _GEMV or not x.is_cuda:
-        return linear(silu_and_mul(x), weight, bias)
-    if torch.compiler.is_dynamo_compiling():
-        return torch.ops.atom.silu_and_mul_linear(x, weight, bias)
-    return small_batch_silu_and_mul_linear(x, weight, bias)
-
-
-def small_batch_silu_and_mul_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """gemv of SiLU-and-mul's input (silu_x) with the weight's plain tile where gemv.linear_config
-    gives one for at most gemv.MAX_M rows, else silu_and_mul and small_batch_linear. (Past MAX_M
-    the table's row tiles pipeline x's tiles 6-8 deep, and two of them a stage took 272 KB of
-    shared memory, past the H200's 227.)"""
-    if x.shape[-1] != 2 * weight.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} is not SiLU-and-mul's input to weight "
-                         f"{tuple(weight.shape)}")  # fmt: skip
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    config = None
-    if 0 < rows <= _gemv.MAX_M and x.dtype in _GEMV_DTYPES and weight.dtype == x.dtype:
-        config = _gemv.linear_config(rows, weight)
-    if config is None:
-        return small_batch_linear(silu_and_mul(x), weight, bias)
-    y = _gemv.gemv(x.reshape(-1, x.shape[-1]), weight, config, silu_x=True)
-    y = y.view(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y.add_(bias)
-
-
-@torch.library.custom_op("atom::silu_and_mul_linear", mutates_args=())
-def _silu_and_mul_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return small_batch_silu_and_mul_linear(x, weight, bias)
-
-
-@_silu_and_mul_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # Under torch.compile RMSNorm, the fused add + RMSNorm and SiLU-and-mul stay opaque ops

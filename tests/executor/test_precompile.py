@@ -12,18 +12,15 @@ import transformers
 from atom.executor import precompile as precompile_module
 from atom.executor.forward_context import AttentionMetadata
 from atom.executor.precompile import (
-    Fused,
     StandIn,
     Weight,
     attend_padding_rows,
     distinct_kinds,
     distinct_weights,
-    fused_silu,
     stand_in_steps,
     start_precompile,
 )
 from atom.kernels import launch as launch_module
-from atom.kernels import ops
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
     SHORT_CONTEXT,
@@ -35,7 +32,6 @@ from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import compile_only, launch, pdl
 from atom.layers.attention import Attention
 from atom.layers.linear import ColumnParallelLinear, RowParallelLinear
-from atom.layers.mlp import GatedMLP
 from atom.layers.rotary import RotaryEmbedding
 
 CPU = torch.device("cpu")
@@ -146,31 +142,12 @@ def test_one_gemv_launch_per_weight_shape() -> None:
     variant where that is on)."""
     linears = [ColumnParallelLinear(64, 96, False), ColumnParallelLinear(64, 96, False),
                RowParallelLinear(96, 64, False), ColumnParallelLinear(64, 96, True)]  # fmt: skip
-    weights = [Weight(m.weight, Fused.NONE) for m in linears]
+    weights = [Weight(m.weight, False) for m in linears]
     assert list(distinct_weights(weights)) == [weights[0], weights[2]]
-    half = Weight(linears[1].weight.data.half(), Fused.NONE)
+    half = Weight(linears[1].weight.data.half(), False)
     assert list(distinct_weights([weights[0], half])) == [weights[0], half]
-    gated = Weight(linears[1].weight, Fused.GATE)
+    gated = Weight(linears[1].weight, True)
     assert list(distinct_weights([weights[0], gated, weights[1]])) == [weights[0], gated]
-    down = Weight(linears[2].weight, Fused.DOWN)
-    assert list(distinct_weights([weights[2], down, weights[2]])) == [weights[2], down]
-
-
-def test_fused_silu_follows_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A gated MLP's gate/up weight launches gated with ATOM_GEMV_SILU=1, its down_proj weight
-    the silu_x variant with ATOM_GEMV_SILU=down (on CUDA only), everything else plainly."""
-    mlp = GatedMLP(64, 96, "silu")
-    cuda = torch.device("cuda")
-    assert fused_silu(mlp.gate_up_proj, cuda) is Fused.NONE
-    monkeypatch.setattr(ops, "_GEMV_SILU", True)
-    assert fused_silu(mlp.gate_up_proj, cuda) is Fused.GATE
-    assert fused_silu(mlp.down_proj, cuda) is Fused.NONE
-    monkeypatch.setattr(ops, "_GEMV_SILU", False)
-    monkeypatch.setattr(ops, "_SILU_IN_DOWN", True)
-    assert fused_silu(mlp.down_proj, cuda) is Fused.DOWN
-    assert fused_silu(mlp.down_proj, CPU) is Fused.NONE
-    assert fused_silu(mlp.gate_up_proj, cuda) is Fused.NONE
-    assert fused_silu(RowParallelLinear(96, 64, False), cuda) is Fused.NONE
 
 
 def test_attend_padding_rows_launches_padding_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,6 @@ from atom.kernels.gemv import (
     shape_key,
     tuned_buckets,
 )
-from atom.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
@@ -153,43 +152,6 @@ def test_gated(
     assert not gemv_module._COUNTERS.get(x.device, torch.zeros(1)).any()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("m", "n", "k", "split_k", "block_m"),
-    [(1, 67, 296, 1, 0), (3, 40, 129, 3, 0), (MAX_M, 33, 640, 4, 0), (40, 24, 300, 1, 32),
-     (37, 40, 200, 2, 16)],
-)  # fmt: skip
-def test_silu_x(
-    m: int, n: int, k: int, split_k: int, block_m: int, dtype: torch.dtype, descriptors: bool,
-    paths: list[tuple[bool, bool]],
-) -> None:  # fmt: skip
-    """SwiGLU's SiLU-and-mul on x's tiles: x [m, 2k] of gate then up, weight [n, k] -> the same
-    bits as silu_and_mul's kernel then the plain launch, x through a descriptor where the
-    weight's is (K not a multiple of the tile: its last gate tile reads up columns, zeroed),
-    splits, x's rows strided, row tiles."""
-    cfg = GemvConfig(16, 32, 4, 2, block_m, split_k)
-    for seed in (0, 1):
-        x = _randn(m, 2 * k + 8, dtype=dtype, seed=k + seed)[:, 8:]
-        w = _randn(n, k, dtype=dtype, seed=n + seed, scale=k**-0.5)
-        out = gemv(x, w, cfg, silu_x=True)
-        assert out.shape == (m, n) and out.dtype == dtype
-        pair = gemv(silu_and_mul(x), w, cfg)
-        torch.testing.assert_close(out, pair, atol=0, rtol=0)
-        ref = gemv_ref(silu_and_mul_ref(x), w)
-        torch.testing.assert_close(out.float(), ref, **TOL[dtype])
-    desc = descriptors and HOPPER and _aligned(w)
-    assert paths[0::2] == [(desc, desc and _aligned(x))] * 2
-    assert not gemv_module._COUNTERS.get(x.device, torch.zeros(1)).any()
-
-
-def test_silu_x_shapes() -> None:
-    x, w = _randn(2, 64, dtype=torch.float32, seed=0), _randn(8, 64, dtype=torch.float32, seed=1)
-    with pytest.raises(ValueError, match="do not fit"):
-        gemv(x, w, silu_x=True)  # x holds no up half
-    with pytest.raises(ValueError, match="not both"):
-        gemv(torch.cat([x, x], 1), torch.cat([w, w]), gated=True, silu_x=True)
-
-
 def test_gated_needs_gate_and_up_rows_alike() -> None:
     x, w = _randn(2, 64, dtype=torch.float32, seed=0), _randn(41, 64, dtype=torch.float32, seed=1)
     with pytest.raises(ValueError, match="gate and up rows alike"):
@@ -278,9 +240,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atom.kernels.gemv import _gemv_kernel
-for dt, (w_desc, x_desc), split, (gated, silu_x) in itertools.product(
-    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3),
-    ((False, False), (True, False), (False, True)),
+for dt, (w_desc, x_desc), split, gated in itertools.product(
+    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3), (False, True)
 ):
     bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
@@ -289,19 +250,18 @@ for dt, (w_desc, x_desc), split, (gated, silu_x) in itertools.product(
            "stride_xm": "i32", "stride_wn": "i32"}
     const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
              "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
-             "GATED": gated, "SILU_X": silu_x}
+             "GATED": gated}
     sig.update(dict.fromkeys(const, "constexpr"))
     src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print("compiled", dt, w_desc, x_desc, split, gated, silu_x, flush=True)
+    print("compiled", dt, w_desc, x_desc, split, gated, flush=True)
 """
 
 
 # The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
-# gated tile of the gate/up weight, else its plain tile with K halved) and the silu_x variant of
-# every 1-16-row tile (ops.silu_and_mul_linear: down_proj's plain tile), bf16, compiled for sm90:
-# their shared memory fits an H100/H200's 227 KB.
-_FUSED_TABLE_TILES = """
+# gated tile of the gate/up weight, else its plain tile with K halved), bf16, compiled for sm90:
+# its shared memory fits an H100/H200's 227 KB.
+_GATED_TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -314,44 +274,36 @@ for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
     for bucket, entry in buckets.items():
         if entry is None:
             continue
-        launches = [("gated", GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry)))]
-        if not gated and int(bucket) == MAX_M:
-            launches.append(("silu_x", GemvConfig(**entry)))
-        for kind, cfg in launches:
-            n = n2 // 2 if kind == "gated" else n2
-            bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n, k)
-            w_desc = cfg.descriptor
-            x_desc = w_desc and (bm >= X_DESC_ROWS or kind == "silu_x")
-            variant = (kind, bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
-            if variant in seen:
-                continue
-            seen.add(variant)
-            sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
-                   "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
-                   "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                   "stride_xm": "i32", "stride_wn": "i32"}
-            const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                     "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
-                     "GATED": kind == "gated", "SILU_X": kind == "silu_x"}
-            sig.update(dict.fromkeys(const, "constexpr"))
-            kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
-                                    target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": cfg.num_warps,
-                                             "num_stages": cfg.num_stages})
-            print("shared", kind, key, bucket, kernel.metadata.shared, flush=True)
+        cfg = GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry))
+        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k)
+        w_desc, x_desc = cfg.descriptor, cfg.descriptor and bm >= X_DESC_ROWS
+        variant = (bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
+        if variant in seen:
+            continue
+        seen.add(variant)
+        sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
+               "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
+               "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_wn": "i32"}
+        const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": w_desc,
+                 "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True}
+        sig.update(dict.fromkeys(const, "constexpr"))
+        kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        print("shared", key, bucket, kernel.metadata.shared, flush=True)
 """
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
-def test_table_tiles_fit_shared_memory_fused() -> None:
+def test_table_tiles_fit_shared_memory_gated() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _FUSED_TABLE_TILES], env=env,
+    run = subprocess.run([sys.executable, "-c", _GATED_TABLE_TILES], env=env,
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    sizes = {" ".join(line.split()[1:4]): int(line.split()[4]) for line in run.stdout.splitlines()}
-    assert any(key.startswith("silu_x") for key in sizes), sizes
+    sizes = {" ".join(line.split()[1:3]): int(line.split()[3]) for line in run.stdout.splitlines()}
     assert sizes and all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
@@ -367,7 +319,7 @@ def test_every_variant_compiles_for_sm90() -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 36
+    assert run.stdout.count("compiled") == 24
 
 
 def test_row_buckets() -> None:
