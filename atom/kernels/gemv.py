@@ -17,6 +17,13 @@ GEMMs at one row, CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 
 56.1; end to end the 8B's batch-1 step 4.53 -> 4.33 ms (RESULTS, twenty-ninth sitting).
 ATOM_GEMV_TMA=0: pointer loads everywhere.
 
+ATOM_GEMV_X_DESC_ROWS=16 takes x's tiles through a descriptor at 1-16 rows too (not yet measured
+on a GPU). Compiled for sm90, a K step of the 1-16-row kernel with x through pointers loads x
+synchronously, stores it to shared memory and waits its wgmma out before the next step; with x
+through a descriptor it waits on one barrier and leaves a wgmma in flight, x's tiles copied
+stages ahead with the weight's. A program walks its K steps one after another (28 for the 8B's
+down_proj), and anything a step waits on lengthens that chain (RESULTS, thirty-second sitting).
+
 Two regimes:
 - at most MAX_M rows: one row tile of BLOCK_M = max(16, rows) for tl.dot, streaming the weights
   at batch 1; a tile and a split of K per weight shape (`GemvConfig.split_k`: programs enough to
@@ -75,7 +82,9 @@ TUNED_CAPABILITY = (9, 0)  # what the table was tuned on (H100/H200: 228 KB of s
 DESCRIPTORS_ENV = "ATOM_GEMV_TMA"  # 0: pointer loads of the weights everywhere
 DESCRIPTORS = os.environ.get(DESCRIPTORS_ENV, "1") != "0"
 MAX_DESC_BOX = 256  # a tensor descriptor's tile: at most 256 elements a side
-X_DESC_ROWS = 32  # row tiles from which x's tiles come through a descriptor too
+X_DESC_ROWS_ENV = "ATOM_GEMV_X_DESC_ROWS"
+X_DESC_ROWS = int(os.environ.get(X_DESC_ROWS_ENV, "32"))  # row tiles from which x's tiles come
+# through a descriptor too (16: every row tile)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,10 @@
 """The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
 kernel (against cuBLAS, ATOM_GEMV=0), the MLP's gate/up and SiLU in one launch
-(ATOM_GEMV_SILU=1), its row-tiled regime past 16 rows (a tile forced for every weight: the tuned
-table holds 16-bit tiles only) and programmatic dependent launch (against plain launches,
-ATOM_PDL=0); a float32 Llama with CUDA graphs at level 3, decode batches of 1-8 rows and of 40
-(run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+(ATOM_GEMV_SILU=1), x's tiles through a descriptor at 1-16 rows (ATOM_GEMV_X_DESC_ROWS=16), its
+row-tiled regime past 16 rows (a tile forced for every weight: the tuned table holds 16-bit
+tiles only) and programmatic dependent launch (against plain launches, ATOM_PDL=0); a float32
+Llama with CUDA graphs at level 3, decode batches of 1-8 rows and of 40 (run by
+benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,29 @@ def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(ops._gemv, "launch", recorded)
     assert _tokens(checkpoint) == baseline
     assert gated, "no gated gemv launch"
+
+
+def test_x_through_a_descriptor_changes_no_token(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ATOM_GEMV_X_DESC_ROWS=16: x's tiles through a descriptor at 1-16 rows as well."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm90")
+    x_desc = []
+    plain = ops._gemv.launch
+
+    def recorded(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("X_DESC") and kwargs.get("BLOCK_M") == MAX_M:
+            x_desc.append(1)
+        plain(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_GEMV", False)
+    baseline = _tokens(checkpoint)
+    monkeypatch.setattr(ops, "_GEMV", True)
+    monkeypatch.setattr(ops._gemv, "X_DESC_ROWS", MAX_M)
+    monkeypatch.setattr(ops._gemv, "launch", recorded)
+    assert _tokens(checkpoint) == baseline
+    assert x_desc, "no launch of 1-16 rows took x through a descriptor"
 
 
 def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -232,6 +232,30 @@ def test_row_tiles_with_x_through_a_descriptor(
     assert paths == [(True, True)]
 
 
+@pytest.mark.skipif(not HOPPER, reason="tensor descriptors need sm90 or the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "split_k"), [(1, 1), (5, 3), (MAX_M, 2)])
+def test_x_through_a_descriptor_from_one_row(
+    m: int,
+    split_k: int,
+    dtype: torch.dtype,
+    paths: list[tuple[bool, bool]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ATOM_GEMV_X_DESC_ROWS=16: the one row tile of 1-16 rows takes x's tiles through a
+    descriptor too (the copy reads zeros past M and K); plain and gated."""
+    monkeypatch.setattr(gemv_module, "DESCRIPTORS", True)
+    monkeypatch.setattr(gemv_module, "X_DESC_ROWS", MAX_M)
+    k, n = 200, 40
+    x = _randn(m, k, dtype=dtype, seed=m)
+    w = _randn(2 * n, k, dtype=dtype, seed=n, scale=k**-0.5)
+    cfg = GemvConfig(16, 64, 4, 2, split_k=split_k)
+    torch.testing.assert_close(gemv(x, w, cfg).float(), gemv_ref(x, w), **TOL[dtype])
+    out = gemv(x, w, cfg, gated=True)
+    torch.testing.assert_close(out.float(), gemv_silu_and_mul_ref(x, w), **TOL[dtype])
+    assert paths == [(True, True)] * 2
+
+
 # Every variant of the kernel compiled for sm90 (not interpreted): a compile error shows on the
 # CPU machine. Its own process: this one's kernels were defined for the interpreter.
 _COMPILE_VARIANTS = """
@@ -240,10 +264,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from atom.kernels.gemv import _gemv_kernel
-for dt, (w_desc, x_desc), split, gated in itertools.product(
-    ("bf16", "fp32"), ((False, False), (True, False), (True, True)), (1, 3), (False, True)
+for dt, (w_desc, x_desc, bm), split, gated in itertools.product(
+    ("bf16", "fp32"), ((False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)),
+    (1, 3), (False, True)
 ):
-    bm = 32 if x_desc else 16
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
            "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
            "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
@@ -254,14 +278,15 @@ for dt, (w_desc, x_desc), split, gated in itertools.product(
     sig.update(dict.fromkeys(const, "constexpr"))
     src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print("compiled", dt, w_desc, x_desc, split, gated, flush=True)
+    print("compiled", dt, w_desc, x_desc, bm, split, gated, flush=True)
 """
 
 
 # The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
-# gated tile of the gate/up weight, else its plain tile with K halved), bf16, compiled for sm90:
-# its shared memory fits an H100/H200's 227 KB.
-_GATED_TABLE_TILES = """
+# gated tile of the gate/up weight, else its plain tile with K halved), and every 1-16-row tile
+# plain and gated with x's tiles through a descriptor (ATOM_GEMV_X_DESC_ROWS=16), bf16, compiled
+# for sm90: their shared memory fits an H100/H200's 227 KB.
+_TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -269,42 +294,54 @@ from atom.kernels.gemv import GATED_SUFFIX, MAX_M, TUNED_CONFIGS, X_DESC_ROWS, G
 from atom.kernels.gemv import _gemv_kernel, gated_tile, tile_sizes
 seen = set()
 for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
-    gated = key.endswith(GATED_SUFFIX)
+    gated_key = key.endswith(GATED_SUFFIX)
     n2, k = map(int, key.removesuffix(GATED_SUFFIX).split("x"))
     for bucket, entry in buckets.items():
         if entry is None:
             continue
-        cfg = GemvConfig(**entry) if gated else gated_tile(GemvConfig(**entry))
-        bm, bn, bk, split = tile_sizes(cfg, min(int(bucket), MAX_M), n2 // 2, k)
-        w_desc, x_desc = cfg.descriptor, cfg.descriptor and bm >= X_DESC_ROWS
-        variant = (bm, bn, bk, split, cfg.num_warps, cfg.num_stages, w_desc, x_desc)
-        if variant in seen:
-            continue
-        seen.add(variant)
-        sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
-               "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
-               "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-               "stride_xm": "i32", "stride_wn": "i32"}
-        const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": w_desc,
-                 "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True, "GATED": True}
-        sig.update(dict.fromkeys(const, "constexpr"))
-        kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
-                                target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        print("shared", key, bucket, kernel.metadata.shared, flush=True)
+        cfg = GemvConfig(**entry)
+        launches = [("gated", cfg if gated_key else gated_tile(cfg), False)]
+        if int(bucket) == MAX_M:
+            launches.append(("gated-x16", cfg if gated_key else gated_tile(cfg), True))
+            if not gated_key:
+                launches.append(("plain-x16", cfg, True))
+        for kind, tile, x16 in launches:
+            gated = kind.startswith("gated")
+            n = n2 // 2 if gated else n2
+            bm, bn, bk, split = tile_sizes(tile, min(int(bucket), MAX_M), n, k)
+            w_desc = tile.descriptor
+            x_desc = w_desc and (bm >= X_DESC_ROWS or x16)
+            variant = (gated, bm, bn, bk, split, tile.num_warps, tile.num_stages, w_desc, x_desc)
+            if variant in seen:
+                continue
+            seen.add(variant)
+            sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
+                   "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
+                   "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                   "stride_xm": "i32", "stride_wn": "i32"}
+            const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                     "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
+                     "GATED": gated}
+            sig.update(dict.fromkeys(const, "constexpr"))
+            kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": tile.num_warps,
+                                             "num_stages": tile.num_stages})
+            print("shared", kind, key, bucket, kernel.metadata.shared, flush=True)
 """
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
-def test_table_tiles_fit_shared_memory_gated() -> None:
+def test_table_tiles_fit_shared_memory() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _GATED_TABLE_TILES], env=env,
+    run = subprocess.run([sys.executable, "-c", _TABLE_TILES], env=env,
                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    sizes = {" ".join(line.split()[1:3]): int(line.split()[3]) for line in run.stdout.splitlines()}
-    assert sizes and all(size <= SM90_SHARED for size in sizes.values()), sizes
+    sizes = {" ".join(line.split()[1:4]): int(line.split()[4]) for line in run.stdout.splitlines()}
+    assert {key.split()[0] for key in sizes} == {"gated", "gated-x16", "plain-x16"}, sizes
+    assert all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
@@ -319,7 +356,7 @@ def test_every_variant_compiles_for_sm90() -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 24
+    assert run.stdout.count("compiled") == 32
 
 
 def test_row_buckets() -> None:
