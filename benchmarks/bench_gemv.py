@@ -272,8 +272,8 @@ def tune_gated(
 ) -> None:
     """The gate/up weight's gated entries (module doc: --tune) after its plain ones, each
     bucket's on the inputs its plain tiles were timed on, from its fastest plain tiles
-    (`fastest`) and the table's plain tile, as they are
-    and halved along K (the table's halved: what a gated launch ran without an entry). The
+    (`fastest`) and the table's plain tile, as they are and halved along K (the table's
+    halved: what a gated launch ran without an entry). The
     pair's GEMM runs the table's plain tile, as the engine would (gemv_config's rule where the
     table has none at 1-16 rows, cuBLAS where it says so)."""
     (n2, k), plain = weights[0].shape, table["shapes"][shape_key(*weights[0].shape)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from atom.kernels.gemv import TUNED_BUCKETS, TUNED_CONFIGS, GemvConfig
 
-FIELDS = {f.name: f.type for f in dataclasses.fields(GemvConfig)}
+FIELDS = tuple(f.name for f in dataclasses.fields(GemvConfig))
 
 
 def apply(table: dict, spec: str) -> None:

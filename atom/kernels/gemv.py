@@ -281,9 +281,10 @@ def _gemv_kernel(
         # split order (the same result whatever the arrival order) and rearms the counter.
         width = 2 * N if GATED else N  # a row of the partial sums: gate then up (GATED)
         parts = ws_ptr + offs_m[:, None].to(tl.int64) * width + offs_n[None, :]
-        tl.store(parts + tl.program_id(2).to(tl.int64) * M * width, acc, mask=ok)
+        mine = parts + tl.program_id(2).to(tl.int64) * M * width
+        tl.store(mine, acc, mask=ok)
         if GATED:
-            tl.store(parts + tl.program_id(2).to(tl.int64) * M * width + N, up, mask=ok)
+            tl.store(mine + N, up, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the release below
         counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:

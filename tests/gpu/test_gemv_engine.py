@@ -72,21 +72,30 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
     assert calls, "the small-batch path never ran"
 
 
-def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The MLP's gate/up GEMM and SiLU-and-mul in one gemv launch (ATOM_GEMV_SILU=1)."""
-    gated = []
+def _gemv_launches_where(
+    monkeypatch: pytest.MonkeyPatch, wanted: Callable[[dict[str, Any]], bool]
+) -> list[int]:
+    """From now on, one entry per real gemv launch (not the precompile's compile-only
+    stand-ins) whose keyword arguments `wanted` accepts."""
+    seen: list[int] = []
     plain = ops._gemv.launch
 
     def recorded(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("GATED") and not launch._COMPILE_ONLY.get():  # not the precompile's
-            gated.append(1)
+        if wanted(kwargs) and not launch._COMPILE_ONLY.get():
+            seen.append(1)
         plain(kernel, grid, *args, **kwargs)
 
+    monkeypatch.setattr(ops._gemv, "launch", recorded)
+    return seen
+
+
+def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLP's gate/up GEMM and SiLU-and-mul in one gemv launch (ATOM_GEMV_SILU=1)."""
     monkeypatch.setattr(ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
     monkeypatch.setattr(ops, "_GEMV", True)
     monkeypatch.setattr(ops, "_GEMV_SILU", True)
-    monkeypatch.setattr(ops._gemv, "launch", recorded)
+    gated = _gemv_launches_where(monkeypatch, lambda kwargs: bool(kwargs.get("GATED")))
     assert _tokens(checkpoint) == baseline
     assert gated, "no gated gemv launch"
 
@@ -97,19 +106,13 @@ def test_x_through_a_descriptor_changes_no_token(
     """ATOM_GEMV_X_DESC_ROWS=16: x's tiles through a descriptor at 1-16 rows as well."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm90")
-    x_desc = []
-    plain = ops._gemv.launch
-
-    def recorded(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("X_DESC") and kwargs.get("BLOCK_M") == MAX_M:
-            x_desc.append(1)
-        plain(kernel, grid, *args, **kwargs)
-
     monkeypatch.setattr(ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
     monkeypatch.setattr(ops, "_GEMV", True)
     monkeypatch.setattr(ops._gemv, "X_DESC_ROWS", MAX_M)
-    monkeypatch.setattr(ops._gemv, "launch", recorded)
+    x_desc = _gemv_launches_where(
+        monkeypatch, lambda kwargs: bool(kwargs.get("X_DESC")) and kwargs.get("BLOCK_M") == MAX_M
+    )
     assert _tokens(checkpoint) == baseline
     assert x_desc, "no launch of 1-16 rows took x through a descriptor"
 
