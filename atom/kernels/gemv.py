@@ -17,8 +17,11 @@ GEMMs at one row, CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 
 56.1; end to end the 8B's batch-1 step 4.53 -> 4.33 ms (RESULTS, twenty-ninth sitting).
 ATOM_GEMV_TMA=0: pointer loads everywhere.
 
-ATOM_GEMV_X_DESC_ROWS=16 takes x's tiles through a descriptor at 1-16 rows too (not yet measured
-on a GPU). Compiled for sm90, a K step of the 1-16-row kernel with x through pointers loads x
+ATOM_GEMV_X_DESC_ROWS=16 takes x's tiles through a descriptor at 1-16 rows too. H200, two rounds
+alternating in one lease: the 8B's decode step at batch 1 / 8 / 16 4.366 / 4.505 / 4.598 ms against
+4.336 / 4.485 / 4.605, the 0.6B's 1.059 / 1.117 / 1.254 against 1.058 / 1.126 / 1.269 (RESULTS,
+thirty-third sitting): slower on the 8B at 1-8 rows, faster on the 0.6B at 8-16, so the default
+stays 32. Compiled for sm90, a K step of the 1-16-row kernel with x through pointers loads x
 synchronously, stores it to shared memory and waits its wgmma out before the next step; with x
 through a descriptor it waits on one barrier and leaves a wgmma in flight, x's tiles copied
 stages ahead with the weight's. A program walks its K steps one after another (28 for the 8B's
