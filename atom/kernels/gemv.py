@@ -10,7 +10,7 @@ specialised: one variant per weight shape and tile.
 The weight tiles come through a tensor descriptor (the tensor memory accelerator's bulk copies,
 Hopper and later) as the dot's first operand, y^T = W x^T, where the weight's rows allow it
 (`tile_descriptor`) and the tile asks for it (`GemvConfig.descriptor`; the table's row tiles
-past 16 rows were tuned with pointer loads and say so); else pointer loads. Row tiles of
+past 16 rows tuned with pointer loads say so); else pointer loads. Row tiles of
 X_DESC_ROWS or more take x's tiles through a descriptor as well. H200, the 8B's
 GEMMs at one row, CUDA graphs over cold weights, best tile of each: qkv 15.4 -> 13.9 us, o 11.7 ->
 9.9, down 31.3 -> 28.7 against the pointer kernel's tuned tiles, gate/up 55.6 against cuBLAS's
