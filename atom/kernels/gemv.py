@@ -206,29 +206,14 @@ def _output(acc, up, out_ty: tl.constexpr, GATED: tl.constexpr):
     return acc.to(out_ty)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(
-    x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
-    w,  # [N, K] ([2N, K] GATED), last dim contiguous: a pointer, or (W_DESC) a descriptor
-    y_ptr,  # [M, N] contiguous
-    ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] ([SPLIT_K, M, 2N] GATED) float32 partial sums
-    count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    W_DESC: tl.constexpr,
-    X_DESC: tl.constexpr,  # only with W_DESC
-    DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
-    GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
-):
-    pdl_start(PDL)
+@triton.jit
+def _tile_sums(
+    x, w, M, N, K, stride_xm, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    W_DESC: tl.constexpr, X_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
+):  # fmt: skip
+    """This program's float32 sums [BLOCK_M, BLOCK_N] of its row tile, output tile and split of
+    K (program ids 0, 1, 2), and (GATED) the up rows' sums (zeros otherwise)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     n0 = tl.program_id(1) * BLOCK_N
@@ -277,11 +262,24 @@ def _gemv_kernel(
                 ut = tl.load(w_rows + N * stride_wn + kk[None, :],
                              mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
                 up = tl.dot(xt, tl.trans(ut), up, input_precision=DOT_PRECISION)
-    tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        # Each split stores its partial sums; the last of a tile's splits to arrive adds them in
-        # split order (the same result whatever the arrival order) and rearms the counter.
+    return acc, up
+
+
+@triton.jit
+def _add_splits(
+    acc, up, ws_ptr, count_ptr, M, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+):  # fmt: skip
+    """(acc, up, last): with SPLIT_K > 1 each split stores its partial sums and the last of a
+    tile's splits to arrive adds them in split order (the same result whatever the arrival
+    order), rearms the tile's counter and gets last = True with the whole sums; the others
+    get last = False. Unsplit: the sums as they are, last = True."""
+    if SPLIT_K == 1:
+        return acc, up, True
+    else:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         width = 2 * N if GATED else N  # a row of the partial sums: gate then up (GATED)
         parts = ws_ptr + offs_m[:, None].to(tl.int64) * width + offs_n[None, :]
         mine = parts + tl.program_id(2).to(tl.int64) * M * width
@@ -290,7 +288,8 @@ def _gemv_kernel(
             tl.store(mine + N, up, mask=ok)
         tl.debug_barrier()  # every thread's partial stored before the release below
         counter = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+        last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for split in range(SPLIT_K):
@@ -298,9 +297,43 @@ def _gemv_kernel(
                 acc += tl.load(part, mask=ok, other=0.0, volatile=True)
                 if GATED:
                     up += tl.load(part + N, mask=ok, other=0.0, volatile=True)
-            tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-    else:
+        return acc, up, last
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(
+    x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
+    w,  # [N, K] ([2N, K] GATED), last dim contiguous: a pointer, or (W_DESC) a descriptor
+    y_ptr,  # [M, N] contiguous
+    ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] ([SPLIT_K, M, 2N] GATED) float32 partial sums
+    count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    W_DESC: tl.constexpr,
+    X_DESC: tl.constexpr,  # only with W_DESC
+    DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
+    GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
+):
+    pdl_start(PDL)
+    acc, up = _tile_sums(
+        x, w, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, W_DESC, X_DESC,
+        DOT_PRECISION, GATED,
+    )  # fmt: skip
+    acc, up, last = _add_splits(acc, up, ws_ptr, count_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_K, GATED)
+    if last:
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
 
 
