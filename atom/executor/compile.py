@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 SPLITTING_OPS = (
     torch.ops.atom.attention,
     torch.ops.atom.attention.default,
+    torch.ops.atom.qkv_attention,  # the same with the qkv projection inside (Llama, Qwen3)
+    torch.ops.atom.qkv_attention.default,
     torch.ops.atom.mla_attention,  # MLA's latent attention (DeepSeek)
     torch.ops.atom.mla_attention.default,
 )

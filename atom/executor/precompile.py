@@ -8,7 +8,8 @@ Here a thread makes, with stand-in tensors, every attention launch those will ma
 each power of two of KV splits (its reduce kernel's variants), decode of many sequences over
 short and longer contexts (their tiles differ), one q-block per sequence for the short query
 lengths, and prefill; each layer kind once (its window, softcap, sinks, rope and
-cache dtype pick the variant; MLA layers, another kernel, are left to their first launch), then
+cache dtype pick the variant; MLA layers, another kernel, are left to their first launch) with
+its fused qkv projection where it takes one (kernels/gemv_rope.py), then
 for each distinct linear weight one gemv launch per row bucket its tuned table gives the weight a
 tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
 (kernels/gemv.py: one variant per weight shape and tile, 3 s of a cold 8B start otherwise;
@@ -94,6 +95,7 @@ class Precompile:
                     for meta in stand_in_steps(shapes.block_size, shapes.device):
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
+                    self._calls += project_stand_in(layer, shapes)
                 for weight, gated in distinct_weights(weights):
                     buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
@@ -229,6 +231,22 @@ def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) 
     cache = torch.empty(shape, dtype=shapes.kv_dtype, device=device)
     out = torch.empty(q.shape, dtype=shapes.dtype, device=device)
     layer.attend(q, k, v, positions, out, cache, meta)
+
+
+def project_stand_in(layer: Attention, shapes: StandIn) -> bool:
+    """The layer's fused qkv projection (gemv with rotary and the cache write) on stand-ins of
+    one row, where it takes one: one variant serves 1-16 rows. Whether it launched."""
+    if layer.qkv is None:
+        return False
+    x = torch.empty((1, layer.qkv[0].weight.shape[1]), dtype=shapes.dtype, device=shapes.device)
+    if not layer.fuses_projection(x):
+        return False
+    cache = torch.empty(layer.kv_cache_shape(1, shapes.block_size), dtype=shapes.kv_dtype,
+                        device=shapes.device)  # fmt: skip
+    positions = torch.zeros(1, dtype=torch.int64, device=shapes.device)
+    slots = torch.full((1,), -1, dtype=torch.int64, device=shapes.device)
+    layer.project_into_cache(x, positions, cache, slots)
+    return True
 
 
 def attend_padding_rows(

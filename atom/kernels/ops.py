@@ -20,6 +20,7 @@ from torch import Tensor
 
 from atom.kernels import fused_moe as _moe
 from atom.kernels import gemv as _gemv
+from atom.kernels import gemv_rope as _gemv_rope
 from atom.kernels import latent_cache as _latent
 from atom.kernels import mla_attention as _mla
 from atom.kernels import mla_reference as _mla_ref
@@ -215,6 +216,37 @@ def rotary_and_cache(
     fn = _rotary.rotary_and_cache if q.is_cuda else _rotary.rotary_and_cache_ref
     args = (cos_sin_cache, rotary_dim, is_neox_style, k_scale, v_scale, norm)
     return fn(positions, q, k, v, kv_cache, slot_mapping, *args)
+
+
+def fuses_qkv_rope(
+    x: Tensor, weight: Tensor, head_dim: int, rotary_dim: int, is_neox: bool
+) -> bool:
+    """Whether gemv_rope_and_cache takes x's projection by this qkv weight (CUDA, gemv on:
+    gemv_rope.fuses); else the projection, then rotary_and_cache."""
+    if not _GEMV or not x.is_cuda or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
+        return False
+    return _gemv_rope.fuses(x.shape[0], weight, head_dim, rotary_dim, is_neox)
+
+
+def gemv_rope_and_cache(
+    x: Tensor,
+    weight: Tensor,
+    positions: Tensor,
+    kv_cache: Tensor,
+    slot_mapping: Tensor,
+    cos_sin_cache: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    k_scale: float,
+    v_scale: float,
+    norm: _rotary.Norm | None,
+) -> Tensor:
+    """The rotated q [T, H, D] of x's qkv projection, rotated k and v written into kv_cache at
+    slot_mapping: one gemv launch on CUDA (where fuses_qkv_rope), the chain of references
+    elsewhere."""
+    fn = _gemv_rope.gemv_rope_and_cache if x.is_cuda else _gemv_rope.gemv_rope_and_cache_ref
+    args = (cos_sin_cache, num_heads, num_kv_heads, k_scale, v_scale, norm)
+    return fn(x, weight, positions, kv_cache, slot_mapping, *args)
 
 
 def silu_and_mul(x: Tensor) -> Tensor:

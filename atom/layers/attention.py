@@ -2,7 +2,11 @@
 
 Under torch.compile the layer calls `torch.ops.atom.attention`, an opaque custom op that finds the
 layer by its index in the forward context: compiled graphs split at it (level 3), and the cache
-writes and Triton launches inside stay out of Dynamo's sight. The index is a CPU tensor, not a
+writes and Triton launches inside stay out of Dynamo's sight. A layer given its qkv projection
+(`qkv=`, Llama and Qwen3) takes the hidden states instead (`project_and_attend`,
+`torch.ops.atom.qkv_attention`): the projection runs inside the op, so that at decode row counts
+its gemv can rotate q and k and write K/V into the cache in its epilogue
+(kernels/gemv_rope.py), one launch where there were two. The index is a CPU tensor, not a
 Python int or string: Dynamo would guard on a constant's value and trace every layer apart, while
 a tensor is an input, so all layers of a class share one compiled graph.
 """
@@ -50,13 +54,17 @@ class Attention(nn.Module):
         sinks: bool = False,
         rope: RotaryEmbedding | None = None,
         qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+        qkv: nn.Module | None = None,
     ) -> None:
         """num_heads / num_kv_heads: this rank's; sinks: a learned per-head logit [num_heads]
         joins each softmax denominator (GPT-OSS), loaded from the full [total heads] tensor;
         rope (and qk_norm, Qwen3's per-head q/k RMSNorm, before it): the layer rotates q and k
         itself, in the kernel that writes K/V into the cache (one launch where there were two),
-        so forward takes q and k unrotated, and the positions."""
+        so forward takes q and k unrotated, and the positions; qkv: the layer's fused q/k/v
+        projection (QKVParallelLinear), for project_and_attend."""
         super().__init__()
+        # A plain tuple: the projection stays registered where the model has it.
+        self.qkv: tuple[nn.Module] | None = None if qkv is None else (qkv,)
         # A plain tuple: the modules stay registered (and named) where the checkpoint has them.
         self.rope: tuple[RotaryEmbedding, RMSNorm | None, RMSNorm | None] | None = None
         if rope is not None:
@@ -113,6 +121,66 @@ class Attention(nn.Module):
             self.forward_into(q, k, v, positions, out)
         return out
 
+    def project_and_attend(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x [T, hidden] through the layer's qkv projection, then forward: -> [T, heads,
+        head_dim]. The projection runs inside the op (at decode row counts with rotary and the
+        cache write in its epilogue)."""
+        if self.qkv is None:
+            raise ValueError("project_and_attend needs the layer's qkv projection (qkv=)")
+        out = torch.empty((x.shape[0], self.num_heads, self.head_dim), dtype=x.dtype,
+                          device=x.device)  # fmt: skip
+        if torch.compiler.is_compiling():
+            torch.ops.atom.qkv_attention(x, positions, out, self.layer_index)
+        else:  # the module tag forward would have (--mark-trace): this is called instead
+            with self.trace_scope():
+                self.project_into(x, positions, out)
+        return out
+
+    def project_into(self, x: Tensor, positions: Tensor | None, out: Tensor) -> None:
+        assert self.qkv is not None
+        context = get_forward_context()
+        meta = None if context is None else context.attn
+        if meta is not None and self.kv_cache.numel() and self.fuses_projection(x):
+            assert positions is not None
+            q = self.project_into_cache(x, positions, self.kv_cache, meta.slot_mapping)
+            self.attend_cached(q, out, self.kv_cache, meta)
+            return
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv[0](x).split([q_size, kv_size, kv_size], -1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        self.forward_into(q, k, v, positions, out)
+
+    def fuses_projection(self, x: Tensor) -> bool:
+        """Whether the projection of x takes gemv's rotary-and-cache epilogue: a bias-free
+        projection, a rope over whole heads, q/k norms it can fuse (one eps and dtype)."""
+        if self.qkv is None or self.rope is None or getattr(self.qkv[0], "bias", None) is not None:
+            return False
+        rotary, q_norm, k_norm = self.rope
+        if (q_norm is None) != (k_norm is None):
+            return False
+        if q_norm is not None and (
+            q_norm.eps != k_norm.eps or not q_norm.weight.dtype == k_norm.weight.dtype == x.dtype
+        ):
+            return False  # fmt: skip
+        return ops.fuses_qkv_rope(
+            x, self.qkv[0].weight, self.head_dim, rotary.rotary_dim, rotary.is_neox_style
+        )
+
+    def project_into_cache(
+        self, x: Tensor, positions: Tensor, kv_cache: Tensor, slot_mapping: Tensor
+    ) -> Tensor:
+        """The fused projection (where fuses_projection): rotated q [T, heads, head_dim]; k and
+        v into kv_cache (the layer's own in a step, a stand-in in the start-up precompile)."""
+        assert self.qkv is not None and self.rope is not None
+        rotary, q_norm, k_norm = self.rope
+        norm = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        return ops.gemv_rope_and_cache(
+            x, self.qkv[0].weight, positions, kv_cache, slot_mapping, rotary.cos_sin_cache,
+            self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale, norm,
+        )  # fmt: skip
+
     def trace_scope(self) -> AbstractContextManager[Any]:
         return record_function(self.trace_tag) if self.trace_tag else nullcontext()
 
@@ -156,6 +224,12 @@ class Attention(nn.Module):
             q = rotary.forward_into_cache(
                 positions, q, k, v, kv_cache, meta.slot_mapping, *scales, q_norm, k_norm
             )
+        self.attend_cached(q, out, kv_cache, meta)
+
+    def attend_cached(
+        self, q: Tensor, out: Tensor, kv_cache: Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Paged attention of q (rotated) over kv_cache, this step's K/V already in it."""
         ops.paged_attention(
             q,
             kv_cache,
@@ -193,4 +267,20 @@ def _attention_op(
 def _(
     q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
 ) -> None:
+    return None
+
+
+@torch.library.custom_op("atom::qkv_attention", mutates_args=("out",))
+def _qkv_attention_op(
+    x: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
+) -> None:
+    context = get_forward_context()
+    assert context is not None, "atom.qkv_attention runs inside the runner's forward context"
+    layer = context.layers[int(layer_index)]
+    with layer.trace_scope():
+        layer.project_into(x, positions, out)
+
+
+@_qkv_attention_op.register_fake
+def _(x: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor) -> None:
     return None

@@ -29,8 +29,6 @@ class Qwen3Attention(nn.Module):
             bias=bias,
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias
         )
@@ -45,15 +43,13 @@ class Qwen3Attention(nn.Module):
             sliding_window_of(config, layer_idx),
             rope=self.rotary_emb,
             qk_norm=(self.q_norm, self.k_norm),
+            qkv=self.qkv_proj,
         )
 
     def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
         # hidden_states: [num_tokens, hidden_size]; no batch dimension anywhere
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], -1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, positions).flatten(1))
+        # the qkv projection runs in the attention op (rotary and the cache write fused at decode)
+        return self.o_proj(self.attn.project_and_attend(hidden_states, positions).flatten(1))
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -74,7 +74,11 @@ def test_piecewise_split_isolates_each_attention(runner: ModelRunner) -> None:
     assert len(attention) == 3  # one piece per layer's attention
     for name in attention:
         nodes = [n for n in getattr(split, name).graph.nodes if n.op == "call_function"]
-        assert [str(n.target) for n in nodes] in (["atom.attention"], ["atom.attention.default"])
+        # Llama's layers project q, k and v inside the op (Attention.project_and_attend)
+        assert [str(n.target) for n in nodes] in (
+            ["atom.qkv_attention"],
+            ["atom.qkv_attention.default"],
+        )
 
 
 def _count_compiles(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:

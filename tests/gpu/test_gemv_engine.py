@@ -1,6 +1,7 @@
 """The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
 kernel (against cuBLAS, ATOM_GEMV=0), the MLP's gate/up and SiLU in one launch
-(ATOM_GEMV_SILU=1), x's tiles through a descriptor at 1-16 rows (ATOM_GEMV_X_DESC_ROWS=16), its
+(ATOM_GEMV_SILU=1), rotary and the KV-cache write in the qkv projection's epilogue (against
+ATOM_GEMV_ROPE=0), x's tiles through a descriptor at 1-16 rows (ATOM_GEMV_X_DESC_ROWS=16), its
 row-tiled regime past 16 rows (a tile forced for every weight: the tuned table holds 16-bit
 tiles only) and programmatic dependent launch (against plain launches, ATOM_PDL=0); a float32
 Llama with CUDA graphs at level 3, decode batches of 1-8 rows and of 40 (run by
@@ -117,6 +118,28 @@ def test_x_through_a_descriptor_changes_no_token(
     assert x_desc, "no launch of 1-16 rows took x through a descriptor"
 
 
+def test_rope_epilogue_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The qkv projection of 1-16 rows with rotary and the cache write in its epilogue
+    (kernels/gemv_rope.py) against gemv, then rotary_and_cache."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm90")
+    fused: list[tuple[int, ...]] = []
+    plain = ops._gemv_rope.launch
+
+    def counted(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+        if not launch._COMPILE_ONLY.get():
+            fused.append(grid)
+        plain(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ops._gemv_rope, "launch", counted)
+    monkeypatch.setattr(ops._gemv_rope, "ROPE", "0")
+    baseline = _tokens(checkpoint)
+    assert not fused
+    monkeypatch.setattr(ops._gemv_rope, "ROPE", "1")
+    assert _tokens(checkpoint) == baseline
+    assert fused, "no qkv projection took the fused epilogue"
+
+
 def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps of 40 rows (the graph of 48) and any step of 17-256 tokens through the
     row-tiled kernel."""
@@ -153,7 +176,7 @@ def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch)
             launches.append(bool(kwargs.get("PDL")))
         plain(kernel, grid, *args, **kwargs)
 
-    for module in (ops._attention, ops._gemv, ops._norm, ops._rotary, ops._silu):
+    for module in (ops._attention, ops._gemv, ops._gemv_rope, ops._norm, ops._rotary, ops._silu):
         monkeypatch.setattr(module, "launch", counted)
     monkeypatch.setattr(launch, "_PDL", False)
     baseline = _tokens(checkpoint)
