@@ -69,12 +69,13 @@ def fuses(rows: int, weight: Tensor, head_dim: int, rotary_dim: int, is_neox: bo
 
 @triton.jit
 def _rope_store(
-    acc, offs_m, m_ok, head, q_ptr, cache_ptr, pos_ptr, slot_ptr, cos_sin_ptr, qn_ptr, kn_ptr,
-    num_heads, num_kv_heads, value_offset, eps, k_scale, v_scale, fp8_max,
+    acc, offs_m, m_ok, head, cos, sin, slot, q_ptr, cache_ptr, qn_ptr, kn_ptr, num_heads,
+    num_kv_heads, value_offset, eps, k_scale, v_scale, fp8_max,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_NORM: tl.constexpr, IS_FP8: tl.constexpr,
 ):  # fmt: skip
     """One head of sums [BLOCK_M, HEAD_DIM] to its place: q rotated into q_ptr [T, H, D]; k
-    rotated and v into the cache at each token's slot."""
+    rotated and v into the cache at each token's slot (cos, sin [BLOCK_M, HEAD_DIM / 2] and the
+    slots [BLOCK_M] loaded before the K loop: nothing waits on them here)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     ty = q_ptr.dtype.element_ty
     y = acc.to(ty).to(tl.float32)  # the GEMM's output, rounded
@@ -88,17 +89,12 @@ def _rope_store(
             rstd = tl.rsqrt(tl.sum(y * y, axis=1) / HEAD_DIM + eps)[:, None]
             x1 = _normed(x1, rstd, w_ptr, d1, m_ok[:, None], ty)
             x2 = _normed(x2, rstd, w_ptr, d2, m_ok[:, None], ty)
-        pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-        row = cos_sin_ptr + pos[:, None] * HEAD_DIM + d1
-        cos = tl.load(row, mask=m_ok[:, None], other=0.0)
-        sin = tl.load(row + HALF, mask=m_ok[:, None], other=0.0)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     if head < num_heads:
         q_dst = q_ptr + offs_m[:, None].to(tl.int64) * num_heads * HEAD_DIM + head * HEAD_DIM
         _put(q_dst + d1, x1, m_ok[:, None], ty, 1.0, 0.0, False)
         _put(q_dst + d2, x2, m_ok[:, None], ty, 1.0, 0.0, False)
     else:
-        slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
         ok = (m_ok & (slot >= 0))[:, None]
         kv_head = head - num_heads
         scale = k_scale
@@ -145,17 +141,27 @@ def _gemv_rope_kernel(
     IS_FP8: tl.constexpr,
 ):
     pdl_start(PDL)
+    # The epilogue's inputs (step inputs, written before any kernel of the step) asked for
+    # before the K loop, their values used after it: no program waits on them before streaming.
+    # The cos / sin rows hang on the positions: asked for after the loop, in flight while the
+    # splits meet.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
     acc, up = _tile_sums(
         x, w, M, N, K, stride_xm, 0, BLOCK_M, HEAD_DIM, BLOCK_K, SPLIT_K, True, False,
         DOT_PRECISION, False,
     )  # fmt: skip
+    row = cos_sin_ptr + pos[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM // 2)[None, :]
+    cos = tl.load(row, mask=m_ok[:, None], other=0.0)
+    sin = tl.load(row + HEAD_DIM // 2, mask=m_ok[:, None], other=0.0)
     acc, up, last = _add_splits(acc, up, ws_ptr, count_ptr, M, N, BLOCK_M, HEAD_DIM, SPLIT_K, False)
     if last:
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         _rope_store(
-            acc, offs_m, offs_m < M, tl.program_id(1), q_ptr, cache_ptr, pos_ptr, slot_ptr,
-            cos_sin_ptr, qn_ptr, kn_ptr, num_heads, num_kv_heads, value_offset, eps, k_scale,
-            v_scale, fp8_max, HEAD_DIM, BLOCK_M, HAS_NORM, IS_FP8,
+            acc, offs_m, m_ok, tl.program_id(1), cos, sin, slot, q_ptr, cache_ptr, qn_ptr, kn_ptr,
+            num_heads, num_kv_heads, value_offset, eps, k_scale, v_scale, fp8_max, HEAD_DIM,
+            BLOCK_M, HAS_NORM, IS_FP8,
         )  # fmt: skip
 
 
