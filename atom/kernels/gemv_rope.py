@@ -9,9 +9,8 @@ Neox pairing over the whole head only (rotary_dim == head_dim: Llama, Qwen3, Mis
 rows are a head's features in order, its two halves the pairs. Values round where the two
 kernels round them: the GEMM's sums to the model dtype, then the rotation in float32.
 
-The tile: the weight's gemv tile (`linear_config`) with its rows made one head, the bytes of a
-K step and the programs kept (K tile and split scaled by the ratio): a 64 x 128 tile split 2
-becomes 128 x 64 split 4 for Llama-3.1-8B's 128-dim heads.
+The tile: the weight's gemv tile (`linear_config`) with its rows made one head (`rope_tile`): a
+64 x 128 tile split 2 becomes 128 x 128 split 2 for Llama-3.1-8B's 128-dim heads.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from torch import Tensor
 
 from atom.kernels import gemv as _gemv
 from atom.kernels.gemv import GemvConfig, _add_splits, _tile_sums, gemv_ref
-from atom.kernels.grid import cdiv
 from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
 from atom.kernels.reshape_and_cache import FP8_DTYPES
 from atom.kernels.rotary import Norm, _normed, _put, rotary_and_cache_ref
@@ -37,20 +35,25 @@ ROPE_ENV = "ATOM_GEMV_ROPE"
 ROPE = os.environ.get(ROPE_ENV, "1")
 
 
+SHARED_BUDGET = 200 * 1024  # bytes of a program's pipeline stages (an H100/H200 block: 227 KB)
+
+
 def rope_tile(cfg: GemvConfig, head_dim: int, k: int) -> GemvConfig:
-    """gemv's tile made one head of rows: K tile and split scaled by block_n / head_dim, so that
-    a K step reads the bytes it was tuned to and as many programs stream (ATOM_GEMV_ROPE's
-    BLOCK_K:SPLIT_K:STAGES instead, where set)."""
+    """gemv's tile made one head of rows, its K tile, split and stages kept where the stages'
+    weight and x tiles fit SHARED_BUDGET, else the K tile halved until they do. H200, the 8B's
+    batch-1 step: its 64 x 128 tile split 2 so made 128 x 128 took 4.339 ms against 4.362 for
+    gemv, then rotary; keeping a K step's bytes (128 x 64, split 4) 4.348, and 4.67 against
+    4.62 at 16 rows (RESULTS, thirty-fourth sitting). ATOM_GEMV_ROPE=BLOCK_K:SPLIT_K:STAGES
+    sets them instead (a measuring aid)."""
     if ROPE.count(":") == 2:
         block_k, split_k, stages = map(int, ROPE.split(":"))
         return dataclasses.replace(
             cfg, block_n=head_dim, block_k=block_k, split_k=split_k, num_stages=stages
         )
-    block_k = max(16, cfg.block_k * cfg.block_n // head_dim)
-    split_k = max(1, cfg.split_k * head_dim // cfg.block_n)
-    return dataclasses.replace(
-        cfg, block_n=head_dim, block_k=block_k, split_k=min(split_k, cdiv(k, block_k))
-    )
+    block_k = cfg.block_k
+    while block_k > 16 and cfg.num_stages * (head_dim + _gemv.MAX_M) * block_k * 2 > SHARED_BUDGET:
+        block_k //= 2
+    return dataclasses.replace(cfg, block_n=head_dim, block_k=block_k)
 
 
 def fuses(rows: int, weight: Tensor, head_dim: int, rotary_dim: int, is_neox: bool) -> bool:

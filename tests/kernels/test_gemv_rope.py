@@ -95,17 +95,16 @@ def test_a_second_launch_finds_the_counters_rearmed() -> None:
     assert torch.equal(first, second) and torch.equal(cache, cache_after)
 
 
-def test_rope_tile_keeps_a_steps_bytes_and_the_programs(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rope_tile_makes_a_head_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # Llama-3.1-8B's qkv tile at 1-16 rows: 64 x 128, split 2 -> a head of 128 rows
     cfg = GemvConfig(64, 128, 4, 4, split_k=2)
-    assert rope_tile(cfg, 128, 4096) == dataclasses.replace(cfg, block_n=128, block_k=64, split_k=4)
+    assert rope_tile(cfg, 128, 4096) == dataclasses.replace(cfg, block_n=128)
     assert rope_tile(gemv_config(6144, 4096), 128, 4096).block_n == 128
-    # a split never past the K tiles
-    assert rope_tile(GemvConfig(32, 64, split_k=4), 128, 64).split_k == 4
-    assert rope_tile(GemvConfig(32, 64, split_k=4), 128, 32).split_k == 2
-    monkeypatch.setattr(gemv_rope_module, "ROPE", "128:2:3")
+    # Qwen3-0.6B's 64 x 256, four stages: 128 x 256 would not fit, 128 x 128 does
+    assert rope_tile(GemvConfig(64, 256, 4, 4), 128, 1024).block_k == 128
+    monkeypatch.setattr(gemv_rope_module, "ROPE", "128:4:3")
     assert rope_tile(cfg, 128, 4096) == dataclasses.replace(
-        cfg, block_n=128, block_k=128, split_k=2, num_stages=3
+        cfg, block_n=128, block_k=128, split_k=4, num_stages=3
     )
 
 
