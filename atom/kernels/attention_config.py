@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,13 +20,10 @@ DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (t
 # mid-run costs a compile there: a block table whose width (its row stride since the tables go up
 # compact) was a multiple of 16 spent 2.3 s in its step's first attention call (H200 trace).
 DO_NOT_SPECIALIZE = ("num_seqs", "num_splits", "stride_bt")
-# Below this a split's fixed cost (Q load, partials) dominates; ATOM_ATTN_SPLIT_TOKENS sets it
-# (a measuring aid: 128 splits the 8B's batch-1 decode over ~272-token contexts three ways).
-SPLIT_TOKENS_ENV = "ATOM_ATTN_SPLIT_TOKENS"
-MIN_TOKENS_PER_SPLIT = int(os.environ.get(SPLIT_TOKENS_ENV, "256"))
+MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
 MAX_SPLITS = 64
 UNSPLIT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # the longest context choose_num_splits never splits
-SHORT_CONTEXT = 511  # decode contexts up to this take short_decode_tiles (and a graph cap)
+SHORT_CONTEXT = UNSPLIT_CONTEXT  # decode contexts up to this take short_decode_tiles
 
 
 @dataclass(frozen=True, slots=True)
