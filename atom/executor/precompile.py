@@ -189,8 +189,9 @@ def distinct_weights(weights: Iterable[Weight]) -> Iterator[Weight]:
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
     """The metadata of steps covering every launch configuration: one-sequence decodes at
     contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, decodes whose programs cover every SM
-    twice (never split) over short and longer contexts (attention_config.short_decode_tiles),
-    then one sequence of each of QUERY_LENS. Slots are -1 (nothing would be written) and the
+    twice (never split) over short and longer contexts (attention_config.short_decode_tiles), a
+    one-sequence decode over a short context (split, short tiles), then one sequence of each of
+    QUERY_LENS. Slots are -1 (nothing would be written) and the
     block tables zeros: nothing runs anyway."""
     splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
@@ -198,6 +199,7 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
     many = 2 * num_sms(device)  # sequences: programs enough at any number of KV heads
     steps = [(1, 1, c) for c in contexts] + [(many, 1, 1), (many, 1, SHORT_CONTEXT + 1)]
+    steps.append((1, 1, SHORT_CONTEXT))  # a short decode's splits (short tiles, split)
     steps += [(1, q, q) for q in QUERY_LENS if q > 1]
     for seqs, q, context in steps:
         blocks = -(-context // block_size)

@@ -21,9 +21,9 @@ DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (t
 # compact) was a multiple of 16 spent 2.3 s in its step's first attention call (H200 trace).
 DO_NOT_SPECIALIZE = ("num_seqs", "num_splits", "stride_bt")
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
+SHORT_SPLIT_TOKENS = 128  # ... except in a short-context decode of few programs (choose_num_splits)
 MAX_SPLITS = 64
-UNSPLIT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # the longest context choose_num_splits never splits
-SHORT_CONTEXT = UNSPLIT_CONTEXT  # decode contexts up to this take short_decode_tiles
+SHORT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # decode contexts up to this take short_decode_tiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,13 @@ def decode_variant(
     """The KV splits and (unified kernel) the tiles of a decode of num_seqs sequences whose
     longest context is max_seq_len: what a CUDA graph captured for that context cap fixes."""
     splits = choose_num_splits(
-        num_seqs, kind.num_kv_heads, 1, max_seq_len, num_sms, fill_twice=kind.fill_twice
+        num_seqs,
+        kind.num_kv_heads,
+        1,
+        max_seq_len,
+        num_sms,
+        fill_twice=kind.fill_twice,
+        short_splits=kind.unified,
     )
     if not kind.unified:
         return splits, None
@@ -126,6 +132,7 @@ def choose_num_splits(
     num_sms: int,
     *,
     fill_twice: bool = True,
+    short_splits: bool = True,
 ) -> int:
     """KV splits per (sequence, KV head) for flash-decoding.
 
@@ -137,10 +144,18 @@ def choose_num_splits(
     33 splits 2.3 TB/s, 64 splits 2.4; B=8 x 32k: 5 splits 3.7, 8 splits 4.0). fill_twice=False
     (MLA's latent attention, mla_attention.SPLITS_FILL_TWICE) leaves a batch that covers every SM
     once unsplit.
+
+    With short_splits (the unified kernel's), decodes over contexts of at most SHORT_CONTEXT
+    tokens whose programs fill at most half the SMs split every SHORT_SPLIT_TOKENS keys instead:
+    a program there walks its few tiles one after another, each waiting out its loads. H200,
+    Llama-3.1-8B over ~272-token contexts, three splits and their reduce took the batch-1 step
+    4.291 -> 4.207 ms, batch 8 4.468 -> 4.413; at batch 16 (128 programs) 4.598 -> 4.643, so it
+    stays unsplit there (RESULTS, thirty-fourth sitting).
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
-    by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
+    short = short_splits and max_seq_len <= SHORT_CONTEXT and 2 * programs <= num_sms
+    by_length = max(max_seq_len // (SHORT_SPLIT_TOKENS if short else MIN_TOKENS_PER_SPLIT), 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))

@@ -328,7 +328,7 @@ def mla_latent_attention(
     if num_splits is None:
         num_splits = choose_num_splits(
             num_seqs, cfg.num_head_groups, max_query_len, max_seq_len, num_sms(q_lat.device),
-            fill_twice=SPLITS_FILL_TWICE,
+            fill_twice=SPLITS_FILL_TWICE, short_splits=False,
         )  # fmt: skip
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

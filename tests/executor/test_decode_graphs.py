@@ -17,7 +17,6 @@ from atom.executor.model_runner import ModelRunner
 from atom.executor.sampler import Sampler, SamplingMetadata
 from atom.kernels.attention_config import (
     SHORT_CONTEXT,
-    UNSPLIT_CONTEXT,
     DecodeKind,
     choose_num_splits,
 )
@@ -45,16 +44,16 @@ def test_small_batches_get_an_unsplit_graph() -> None:
     caps = _caps(4096, [8], sizes, unified=False)
     for size in sizes:
         splits = choose_num_splits(size, 8, 1, 4096, 132)
-        assert caps[size] == ([UNSPLIT_CONTEXT, 4096] if splits > 1 else [4096]), size
+        assert caps[size] == ([SHORT_CONTEXT, 4096] if splits > 1 else [4096]), size
     # 32 x 8 heads < 2 x 132 SMs: two splits; 48 x 8 fill every SM twice
-    assert caps[32] == [UNSPLIT_CONTEXT, 4096] and caps[48] == [4096]
+    assert caps[32] == [SHORT_CONTEXT, 4096] and caps[48] == [4096]
     # A model whose layers differ: a size splits if any layer kind does.
-    assert _caps(4096, [8, 1], [48], unified=False)[48] == [UNSPLIT_CONTEXT, 4096]
-    # Contexts never long enough to split: one graph a size.
-    assert _caps(UNSPLIT_CONTEXT, [8], [1])[1] == [UNSPLIT_CONTEXT]
+    assert _caps(4096, [8, 1], [48], unified=False)[48] == [SHORT_CONTEXT, 4096]
+    # Contexts never past the short graph's: one graph a size.
+    assert _caps(SHORT_CONTEXT, [8], [1])[1] == [SHORT_CONTEXT]
     # MLA's latent attention leaves a batch that covers every SM once unsplit: one graph.
     assert _caps(4096, [1], [144], fill_twice=False, unified=False)[144] == [4096]
-    assert _caps(4096, [1], [144], unified=False)[144] == [UNSPLIT_CONTEXT, 4096]
+    assert _caps(4096, [1], [144], unified=False)[144] == [SHORT_CONTEXT, 4096]
 
 
 def test_short_contexts_get_their_tiles() -> None:

@@ -13,7 +13,7 @@ import transformers
 from atom import LLM, SamplingParams, custom_all_reduce, distributed
 from atom.executor.cuda_graphs import DecodeGraphs
 from atom.executor.mixed_graphs import MixedGraphs
-from atom.kernels.attention_config import SHORT_CONTEXT, UNSPLIT_CONTEXT, short_decode_tiles
+from atom.kernels.attention_config import SHORT_CONTEXT, short_decode_tiles
 from tests.gpu.conftest import SMALL_ENGINE, unwarmed_sizes_change_no_token
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -64,14 +64,14 @@ def test_cuda_graphs_change_no_token(checkpoint: Path, monkeypatch: pytest.Monke
 
     def spy(self: DecodeGraphs, size: int, max_seq_len: int) -> torch.Tensor:
         caps = self._caps[size]
-        short_graph.add(len(caps) > 1 and max_seq_len <= caps[0] == UNSPLIT_CONTEXT)
+        short_graph.add(len(caps) > 1 and max_seq_len <= caps[0] == SHORT_CONTEXT)
         return replay(self, size, max_seq_len)
 
     monkeypatch.setattr(DecodeGraphs, "replay", spy)
     # sizes 1, 2, 4, 8, 16: the 11 sequences decode through padded graphs as they finish
     graphs = _tokens(checkpoint, dtype="float32", level=0, cudagraph_capture_sizes=[1, 2, 4, 8, 16])
     assert graphs == eager
-    # Steps of short contexts (unsplit attention) and of long ones (split) both ran in graphs.
+    # Steps of short contexts (their graph) and of long ones both ran in graphs.
     assert short_graph == {True, False}
 
 
