@@ -44,9 +44,9 @@ def context_caps(
 ) -> dict[int, list[int]]:
     """Each capture size's context caps: max_model_len and, where decode attention (any of the
     model's layer kinds) would launch differently at SHORT_CONTEXT (decode_variant: its KV splits
-    or its tiles), also that: a step of short contexts then runs one program per (sequence, KV
-    head), no split reduce (a graph for max_model_len splits a 272-token context 16 ways at batch
-    1), and the short-context tiles."""
+    or its tiles), also that: a step of short contexts then runs its own splits (unsplit, or a
+    split a tile where its programs are few; a graph for max_model_len splits a 272-token context
+    16 ways at batch 1) and the short-context tiles."""
     short = min(max_model_len, SHORT_CONTEXT)
 
     def variants(size: int, cap: int) -> list[tuple[int, LaunchConfig | None]]:

@@ -24,8 +24,8 @@ launch meets a variant still compiling (Triton's pending kernels are not safe to
 threads; a second engine starting in a process while another runs could meet one). Without
 AsyncCompileMode (Triton < 3.4) nothing starts: the variants then compile on first launch, as
 before. Not covered: a cache half of more than 2^31 elements passes the rotary and cache-write
-kernels an int64 offset where the one-block stand-in passes an int32, so those two compile their
-variant on first launch (~0.3 s).
+kernels and the fused qkv projection an int64 offset where the one-block stand-in passes an int32,
+so those three compile their variant on first launch (~0.3 s each).
 """
 
 from __future__ import annotations

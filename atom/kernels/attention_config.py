@@ -148,14 +148,17 @@ def choose_num_splits(
     With short_splits (the unified kernel's), decodes over contexts of at most SHORT_CONTEXT
     tokens whose programs fill at most half the SMs split every SHORT_SPLIT_TOKENS keys instead:
     a program there walks its few tiles one after another, each waiting out its loads. H200,
-    Llama-3.1-8B over ~272-token contexts, three splits and their reduce took the batch-1 step
-    4.291 -> 4.207 ms, batch 8 4.468 -> 4.413; at batch 16 (128 programs) 4.598 -> 4.643, so it
-    stays unsplit there (RESULTS, thirty-fourth sitting).
+    Llama-3.1-8B over ~272-token contexts (three tiles), a split per tile and their reduce took
+    the batch-1 step 4.291 -> 4.207 ms, batch 8 4.468 -> 4.413; at batch 16 (128 programs) 4.598
+    -> 4.643, so it stays unsplit there (RESULTS, thirty-fourth sitting).
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     short = short_splits and max_seq_len <= SHORT_CONTEXT and 2 * programs <= num_sms
-    by_length = max(max_seq_len // (SHORT_SPLIT_TOKENS if short else MIN_TOKENS_PER_SPLIT), 1)
+    if short:  # one split a 128-key tile: the kernel deals whole tiles out to the splits
+        by_length = math.ceil(max_seq_len / SHORT_SPLIT_TOKENS)
+    else:
+        by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))

@@ -38,9 +38,10 @@ ROPE = os.environ.get(ROPE_ENV, "1")
 SHARED_BUDGET = 200 * 1024  # bytes of a program's pipeline stages (an H100/H200 block: 227 KB)
 
 
-def rope_tile(cfg: GemvConfig, head_dim: int, k: int) -> GemvConfig:
+def rope_tile(cfg: GemvConfig, head_dim: int, itemsize: int = 2) -> GemvConfig:
     """gemv's tile made one head of rows, its K tile, split and stages kept where the stages'
-    weight and x tiles fit SHARED_BUDGET, else the K tile halved until they do. H200, the 8B's
+    weight and x tiles (itemsize bytes an element) fit SHARED_BUDGET, else the K tile halved
+    until they do. H200, the 8B's
     batch-1 step: its 64 x 128 tile split 2 so made 128 x 128 took 4.339 ms against 4.362 for
     gemv, then rotary; keeping a K step's bytes (128 x 64, split 4) 4.348, and 4.67 against
     4.62 at 16 rows (RESULTS, thirty-fourth sitting). ATOM_GEMV_ROPE=BLOCK_K:SPLIT_K:STAGES
@@ -51,7 +52,8 @@ def rope_tile(cfg: GemvConfig, head_dim: int, k: int) -> GemvConfig:
             cfg, block_n=head_dim, block_k=block_k, split_k=split_k, num_stages=stages
         )
     block_k = cfg.block_k
-    while block_k > 16 and cfg.num_stages * (head_dim + _gemv.MAX_M) * block_k * 2 > SHARED_BUDGET:
+    per_k = (head_dim + _gemv.MAX_M) * itemsize  # a stage's weight and x bytes per K element
+    while block_k > 16 and cfg.num_stages * per_k * block_k > SHARED_BUDGET:
         block_k //= 2
     return dataclasses.replace(cfg, block_n=head_dim, block_k=block_k)
 
@@ -202,7 +204,7 @@ def gemv_rope_and_cache(
     if x.dtype != weight.dtype or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight of one dtype, rows contiguous")
     cfg = rope_tile(config or _gemv.linear_config(t, weight) or _gemv.gemv_config(*weight.shape),
-                    head_dim, k)  # fmt: skip
+                    head_dim, weight.element_size())  # fmt: skip
     block_m, _, block_k, split_k = _gemv.tile_sizes(cfg, t, weight.shape[0], k)
     w_desc = _gemv.tile_descriptor(weight, head_dim, block_k)
     if w_desc is None:

@@ -37,7 +37,7 @@ def _caps(
     return context_caps(sizes, max_model_len, kinds, 132)  # an H100/H200's SMs
 
 
-def test_small_batches_get_an_unsplit_graph() -> None:
+def test_small_batches_get_a_short_graph() -> None:
     """A kind whose tiles no context changes (MLA's kernel, unified=False; head dims past 128)
     gets a short graph where the splits differ."""
     sizes = [1, 2, 4, 8, 16, 32, 48, 512]

@@ -15,6 +15,7 @@ import transformers
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
 from atom.kernels.gemv import _gemv_kernel
+from atom.kernels.gemv_rope import _gemv_rope_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
 from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
@@ -28,6 +29,7 @@ KERNELS = {
     "rotary": _rotary_embedding_kernel,
     "cache": _reshape_and_cache_kernel,
     "gemv": _gemv_kernel,
+    "gemv_rope": _gemv_rope_kernel,
 }
 
 
@@ -38,10 +40,11 @@ def _variants() -> dict[str, int]:
     }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(save_random_model: Callable[[Any], Path]) -> Path:
-    """Qwen3 (q/k norms in the rotary kernel) with a head size and GQA group no other GPU test
-    uses (96, 3): its variants are compiled here first, not by an earlier test."""
+@pytest.fixture(scope="module", params=[96, 128], ids=["head96", "head128"])
+def checkpoint(save_random_model: Callable[[Any], Path], request: pytest.FixtureRequest) -> Path:
+    """Qwen3 (q/k norms in the rotary kernel) with a GQA group no other GPU test uses (3) and a
+    head size none uses (96: its variants are compiled here first, not by an earlier test), or
+    128, whose qkv projection takes the fused rotary-and-cache epilogue (kernels/gemv_rope.py)."""
     return save_random_model(
         transformers.Qwen3Config(
             hidden_size=288,
@@ -49,7 +52,7 @@ def checkpoint(save_random_model: Callable[[Any], Path]) -> Path:
             num_hidden_layers=2,
             num_attention_heads=6,
             num_key_value_heads=2,
-            head_dim=96,
+            head_dim=request.param,
             vocab_size=1000,
             max_position_embeddings=1024,
         )

@@ -82,6 +82,19 @@ def test_matches_the_chain_of_references(
     assert bool((cache.float().flatten(1, 2)[:, untouched] == 7.0).all())  # padding rows too
 
 
+def test_default_tile() -> None:
+    """Without a config: linear_config's tile (gemv_config's rule here) made one head of rows."""
+    x, weight, positions, cache, slots, cos_sin, norms = _case(
+        7, 4, 2, 64, 256, torch.float32, None, seed=11
+    )
+    expected = cache.clone()
+    args = (cos_sin, 4, 2, 1.0, 1.0, (*norms, 1e-6))
+    q = gemv_rope_and_cache(x, weight, positions, cache, slots, *args)
+    q_ref = gemv_rope_and_cache_ref(x, weight, positions, expected, slots, *args)
+    torch.testing.assert_close(q, q_ref, **TOL[torch.float32])
+    torch.testing.assert_close(cache, expected, **TOL[torch.float32])
+
+
 def test_a_second_launch_finds_the_counters_rearmed() -> None:
     """Split launches leave their tile counters at 0: the same launch twice, the same result."""
     x, weight, positions, cache, slots, cos_sin, _ = _case(
@@ -98,12 +111,13 @@ def test_a_second_launch_finds_the_counters_rearmed() -> None:
 def test_rope_tile_makes_a_head_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # Llama-3.1-8B's qkv tile at 1-16 rows: 64 x 128, split 2 -> a head of 128 rows
     cfg = GemvConfig(64, 128, 4, 4, split_k=2)
-    assert rope_tile(cfg, 128, 4096) == dataclasses.replace(cfg, block_n=128)
-    assert rope_tile(gemv_config(6144, 4096), 128, 4096).block_n == 128
+    assert rope_tile(cfg, 128) == dataclasses.replace(cfg, block_n=128)
+    assert rope_tile(gemv_config(6144, 4096), 128).block_n == 128
     # Qwen3-0.6B's 64 x 256, four stages: 128 x 256 would not fit, 128 x 128 does
-    assert rope_tile(GemvConfig(64, 256, 4, 4), 128, 1024).block_k == 128
+    assert rope_tile(GemvConfig(64, 256, 4, 4), 128).block_k == 128
+    assert rope_tile(GemvConfig(64, 256, 4, 4), 128, itemsize=4).block_k == 64  # float32
     monkeypatch.setattr(gemv_rope_module, "ROPE", "128:4:3")
-    assert rope_tile(cfg, 128, 4096) == dataclasses.replace(
+    assert rope_tile(cfg, 128) == dataclasses.replace(
         cfg, block_n=128, block_k=128, split_k=4, num_stages=3
     )
 

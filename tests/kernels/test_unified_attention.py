@@ -317,9 +317,11 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(4, 8, 1, 100, sms) == 1  # too short to split
     assert choose_num_splits(32, 8, 1, 32768, sms) == 2  # 256 programs: each SM's two
     assert choose_num_splits(32, 8, 1, 400, sms) == 1  # ... but too short to split
-    # short contexts of programs filling at most half the SMs: 128 keys a split
-    assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms) == 3
-    assert choose_num_splits(8, 8, 1, SHORT_CONTEXT, sms) == 3  # 64 programs
+    # short contexts of programs filling at most half the SMs: a split a 128-key tile
+    assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms) == 4
+    assert choose_num_splits(1, 8, 1, 272, sms) == 3
+    assert choose_num_splits(1, 8, 1, 100, sms) == 1
+    assert choose_num_splits(8, 8, 1, SHORT_CONTEXT, sms) == 4  # 64 programs
     assert choose_num_splits(16, 8, 1, SHORT_CONTEXT, sms) == 1  # 128 programs: not
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT + 1, sms) == 2  # longer: 256 keys a split
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms, short_splits=False) == 1  # MLA's
