@@ -201,8 +201,9 @@ def gemv_rope_and_cache(
         raise ValueError("want a contiguous cache and a cos|sin cache over the whole head")
     if not 0 < t <= _gemv.MAX_M or positions.shape != (t,) or slot_mapping.shape != (t,):
         raise ValueError(f"{t} rows (at most {_gemv.MAX_M}), positions and slots of each")
-    if x.dtype != weight.dtype or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("x and weight of one dtype, rows contiguous")
+    if x.dtype != weight.dtype or weight.stride(-1) != 1:
+        raise ValueError("x and weight of one dtype, the weight's rows contiguous")
+    x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = rope_tile(config or _gemv.linear_config(t, weight) or _gemv.gemv_config(*weight.shape),
                     head_dim, weight.element_size())  # fmt: skip
     block_m, _, block_k, split_k = _gemv.tile_sizes(cfg, t, weight.shape[0], k)

@@ -137,6 +137,8 @@ class Attention(nn.Module):
         return out
 
     def project_into(self, x: Tensor, positions: Tensor | None, out: Tensor) -> None:
+        """project_and_attend's work, into out: the fused projection where it applies (a step
+        with a cache), else the projection module, then forward_into."""
         assert self.qkv is not None
         context = get_forward_context()
         meta = None if context is None else context.attn
@@ -163,7 +165,7 @@ class Attention(nn.Module):
         if q_norm is not None and (
             q_norm.eps != k_norm.eps or not q_norm.weight.dtype == k_norm.weight.dtype == x.dtype
         ):
-            return False  # fmt: skip
+            return False
         return ops.fuses_qkv_rope(
             x, self.qkv[0].weight, self.head_dim, rotary.rotary_dim, rotary.is_neox_style
         )

@@ -83,13 +83,16 @@ def test_matches_the_chain_of_references(
 
 
 def test_default_tile() -> None:
-    """Without a config: linear_config's tile (gemv_config's rule here) made one head of rows."""
+    """Without a config: linear_config's tile (gemv_config's rule here) made one head of rows; x
+    with strided features."""
     x, weight, positions, cache, slots, cos_sin, norms = _case(
         7, 4, 2, 64, 256, torch.float32, None, seed=11
     )
     expected = cache.clone()
     args = (cos_sin, 4, 2, 1.0, 1.0, (*norms, 1e-6))
-    q = gemv_rope_and_cache(x, weight, positions, cache, slots, *args)
+    strided = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype, device=DEVICE)[:, ::2]
+    strided.copy_(x)  # features two apart: copied to contiguous rows first
+    q = gemv_rope_and_cache(strided, weight, positions, cache, slots, *args)
     q_ref = gemv_rope_and_cache_ref(x, weight, positions, expected, slots, *args)
     torch.testing.assert_close(q, q_ref, **TOL[torch.float32])
     torch.testing.assert_close(cache, expected, **TOL[torch.float32])
