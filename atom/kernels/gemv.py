@@ -207,17 +207,23 @@ def _output(acc, up, out_ty: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows of x and outputs (program ids 0 and 1)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _tile_sums(
-    x, w, M, N, K, stride_xm, stride_wn,
+    x, w, offs_m, offs_n, M, N, K, stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     W_DESC: tl.constexpr, X_DESC: tl.constexpr, DOT_PRECISION: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
-    """This program's float32 sums [BLOCK_M, BLOCK_N] of its row tile, output tile and split of
-    K (program ids 0, 1, 2), and (GATED) the up rows' sums (zeros otherwise)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """This program's float32 sums [BLOCK_M, BLOCK_N] of its row tile, output tile
+    (_tile_offsets) and split of K (program id 2), and (GATED) the up rows' sums (zeros
+    otherwise)."""
     m_ok = offs_m < M
     n0 = tl.program_id(1) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     # Split s of SPLIT_K sums K tiles [s * per, (s + 1) * per)
@@ -267,7 +273,7 @@ def _tile_sums(
 
 @triton.jit
 def _add_splits(
-    acc, up, ws_ptr, count_ptr, M, N,
+    acc, up, offs_m, offs_n, ws_ptr, count_ptr, M, N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     """(acc, up, last): with SPLIT_K > 1 each split stores its partial sums and the last of a
@@ -277,8 +283,6 @@ def _add_splits(
     if SPLIT_K == 1:
         return acc, up, True
     else:
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         width = 2 * N if GATED else N  # a row of the partial sums: gate then up (GATED)
         parts = ws_ptr + offs_m[:, None].to(tl.int64) * width + offs_n[None, :]
@@ -324,14 +328,15 @@ def _gemv_kernel(
     GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
 ):
     pdl_start(PDL)
+    offs_m, offs_n = _tile_offsets(BLOCK_M, BLOCK_N)
     acc, up = _tile_sums(
-        x, w, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, W_DESC, X_DESC,
-        DOT_PRECISION, GATED,
+        x, w, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
+        W_DESC, X_DESC, DOT_PRECISION, GATED,
     )  # fmt: skip
-    acc, up, last = _add_splits(acc, up, ws_ptr, count_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_K, GATED)
+    acc, up, last = _add_splits(
+        acc, up, offs_m, offs_n, ws_ptr, count_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_K, GATED
+    )
     if last:
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
@@ -373,6 +378,22 @@ def _split_counters(device: torch.device, n: int) -> Tensor:
     return counters
 
 
+def split_buffers(
+    split_k: int, m: int, width: int, tiles: int, unsplit: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(float32 partial sums [split_k, m, width], zeroed int32 counters of `tiles` output tiles)
+    of a launch that splits K; `unsplit` for both (unused pointers) where it does not; one-element
+    stand-ins of the same pointer types in a compile-only launch (no kernel, no shared buffer)."""
+    device = unsplit.device
+    if split_k == 1:
+        return unsplit, unsplit
+    if compiling_only():
+        stand_in = torch.empty(1, dtype=torch.float32, device=device)
+        return stand_in, torch.empty(1, dtype=torch.int32, device=device)
+    ws = torch.empty((split_k, m, width), dtype=torch.float32, device=device)
+    return ws, _split_counters(device, tiles)
+
+
 def tile_sizes(cfg: GemvConfig, m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) of a launch of m rows and n outputs over k: the
     config's, clipped to the problem."""
@@ -412,13 +433,7 @@ def gemv(
     x_desc = None
     if w_desc is not None and block_m >= X_DESC_ROWS:
         x_desc = tile_descriptor(x, block_m, block_k)
-    ws = counters = y  # unused pointers when unsplit
-    if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
-        ws = torch.empty(1, dtype=torch.float32, device=x.device)
-        counters = torch.empty(1, dtype=torch.int32, device=x.device)
-    elif split_k > 1:
-        ws = torch.empty((split_k, m, weight.shape[0]), dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device, grid[0] * grid[1])
+    ws, counters = split_buffers(split_k, m, weight.shape[0], grid[0] * grid[1], y)
     launch(
         _gemv_kernel, grid,
         x if x_desc is None else x_desc, weight if w_desc is None else w_desc, y, ws, counters,

@@ -24,8 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels import gemv as _gemv
-from atom.kernels.gemv import GemvConfig, _add_splits, _tile_sums, gemv_ref
-from atom.kernels.launch import compiling_only, launch, pdl, pdl_start
+from atom.kernels.gemv import GemvConfig, _add_splits, _tile_offsets, _tile_sums, gemv_ref
+from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.reshape_and_cache import FP8_DTYPES
 from atom.kernels.rotary import Norm, _normed, _put, rotary_and_cache_ref
 
@@ -41,11 +41,10 @@ SHARED_BUDGET = 200 * 1024  # bytes of a program's pipeline stages (an H100/H200
 def rope_tile(cfg: GemvConfig, head_dim: int, itemsize: int = 2) -> GemvConfig:
     """gemv's tile made one head of rows, its K tile, split and stages kept where the stages'
     weight and x tiles (itemsize bytes an element) fit SHARED_BUDGET, else the K tile halved
-    until they do. H200, the 8B's
-    batch-1 step: its 64 x 128 tile split 2 so made 128 x 128 took 4.339 ms against 4.362 for
-    gemv, then rotary; keeping a K step's bytes (128 x 64, split 4) 4.348, and 4.67 against
-    4.62 at 16 rows (RESULTS, thirty-fourth sitting). ATOM_GEMV_ROPE=BLOCK_K:SPLIT_K:STAGES
-    sets them instead (a measuring aid)."""
+    until they do. H200, the 8B's batch-1 step: its 64 x 128 tile split 2 so made 128 x 128
+    took 4.339 ms against 4.362 for gemv, then rotary; keeping a K step's bytes (128 x 64, split
+    4) 4.348, and 4.67 against 4.62 at 16 rows (RESULTS, thirty-fourth sitting).
+    ATOM_GEMV_ROPE=BLOCK_K:SPLIT_K:STAGES sets them instead (a measuring aid)."""
     if ROPE.count(":") == 2:
         block_k, split_k, stages = map(int, ROPE.split(":"))
         return dataclasses.replace(
@@ -150,18 +149,20 @@ def _gemv_rope_kernel(
     # before the K loop, their values used after it: no program waits on them before streaming.
     # The cos / sin rows hang on the positions: asked for after the loop, in flight while the
     # splits meet.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, offs_n = _tile_offsets(BLOCK_M, HEAD_DIM)
     m_ok = offs_m < M
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
     acc, up = _tile_sums(
-        x, w, M, N, K, stride_xm, 0, BLOCK_M, HEAD_DIM, BLOCK_K, SPLIT_K, True, False,
-        DOT_PRECISION, False,
+        x, w, offs_m, offs_n, M, N, K, stride_xm, 0, BLOCK_M, HEAD_DIM, BLOCK_K, SPLIT_K, True,
+        False, DOT_PRECISION, False,
     )  # fmt: skip
     row = cos_sin_ptr + pos[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM // 2)[None, :]
     cos = tl.load(row, mask=m_ok[:, None], other=0.0)
     sin = tl.load(row + HEAD_DIM // 2, mask=m_ok[:, None], other=0.0)
-    acc, up, last = _add_splits(acc, up, ws_ptr, count_ptr, M, N, BLOCK_M, HEAD_DIM, SPLIT_K, False)
+    acc, up, last = _add_splits(
+        acc, up, offs_m, offs_n, ws_ptr, count_ptr, M, N, BLOCK_M, HEAD_DIM, SPLIT_K, False
+    )
     if last:
         _rope_store(
             acc, offs_m, m_ok, tl.program_id(1), cos, sin, slot, q_ptr, cache_ptr, qn_ptr, kn_ptr,
@@ -213,13 +214,7 @@ def gemv_rope_and_cache(
     q = torch.empty((t, num_heads, head_dim), dtype=x.dtype, device=x.device)
     n = weight.shape[0]
     grid = (1, n // head_dim, split_k)
-    ws = counters = q  # unused pointers when unsplit
-    if split_k > 1 and compiling_only():  # the same pointer types; no kernel, no shared buffer
-        ws = torch.empty(1, dtype=torch.float32, device=x.device)
-        counters = torch.empty(1, dtype=torch.int32, device=x.device)
-    elif split_k > 1:
-        ws = torch.empty((split_k, t, n), dtype=torch.float32, device=x.device)
-        counters = _gemv._split_counters(x.device, grid[1])
+    ws, counters = _gemv.split_buffers(split_k, t, n, grid[1], q)
     q_norm, k_norm, eps = norm if norm is not None else (q, q, 0.0)  # unread without norm
     is_fp8 = kv_cache.dtype in FP8_DTYPES
     launch(

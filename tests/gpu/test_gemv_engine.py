@@ -74,19 +74,21 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def _gemv_launches_where(
-    monkeypatch: pytest.MonkeyPatch, wanted: Callable[[dict[str, Any]], bool]
+    monkeypatch: pytest.MonkeyPatch,
+    wanted: Callable[[dict[str, Any]], bool],
+    module: Any = ops._gemv,
 ) -> list[int]:
-    """From now on, one entry per real gemv launch (not the precompile's compile-only
-    stand-ins) whose keyword arguments `wanted` accepts."""
+    """From now on, one entry per real launch of the module's kernels (gemv.py's by default; not
+    the precompile's compile-only stand-ins) whose keyword arguments `wanted` accepts."""
     seen: list[int] = []
-    plain = ops._gemv.launch
+    plain = module.launch
 
     def recorded(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
         if wanted(kwargs) and not launch._COMPILE_ONLY.get():
             seen.append(1)
         plain(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(ops._gemv, "launch", recorded)
+    monkeypatch.setattr(module, "launch", recorded)
     return seen
 
 
@@ -123,15 +125,7 @@ def test_rope_epilogue_changes_no_token(checkpoint: Path, monkeypatch: pytest.Mo
     (kernels/gemv_rope.py) against gemv, then rotary_and_cache."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm90")
-    fused: list[tuple[int, ...]] = []
-    plain = ops._gemv_rope.launch
-
-    def counted(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
-        if not launch._COMPILE_ONLY.get():
-            fused.append(grid)
-        plain(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(ops._gemv_rope, "launch", counted)
+    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, ops._gemv_rope)
     monkeypatch.setattr(ops._gemv_rope, "ROPE", "0")
     baseline = _tokens(checkpoint)
     assert not fused
