@@ -146,17 +146,18 @@ def choose_num_splits(
     once unsplit.
 
     With short_splits (the unified kernel's), decodes over contexts of at most SHORT_CONTEXT
-    tokens whose programs fill at most half the SMs split every SHORT_SPLIT_TOKENS keys instead:
-    a program there walks its few tiles one after another, each waiting out its loads. H200,
-    Llama-3.1-8B over ~272-token contexts (three tiles), a split per tile and their reduce took
-    the batch-1 step 4.291 -> 4.207 ms, batch 8 4.468 -> 4.413; at batch 16 (128 programs) 4.598
-    -> 4.643, so it stays unsplit there (RESULTS, thirty-fourth sitting).
+    tokens whose programs fill at most a quarter of the SMs split every SHORT_SPLIT_TOKENS keys
+    instead: a program there walks its few tiles one after another, each waiting out its loads.
+    H200, contexts of 128-400 tokens, a split per tile (4 at the graphs' cap) against none, ms a
+    step (RESULTS, thirty-fifth sitting): Llama-3.1-8B batch 1 4.193 vs 4.287, batch 4 4.326 vs
+    4.361, batch 8 (64 programs) 4.482 vs 4.469; Qwen3-0.6B batch 1 0.964 vs 1.037, batch 4
+    1.029 vs 1.076, batch 8 1.151 vs 1.104. So batches of more than 32 programs stay unsplit.
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
-    short = short_splits and max_seq_len <= SHORT_CONTEXT and 2 * programs <= num_sms
+    short = short_splits and max_seq_len <= SHORT_CONTEXT and 4 * programs <= num_sms
     if short:  # one split a 128-key tile: the kernel deals whole tiles out to the splits
         by_length = math.ceil(max_seq_len / SHORT_SPLIT_TOKENS)
     else:

@@ -317,12 +317,12 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(4, 8, 1, 100, sms) == 1  # too short to split
     assert choose_num_splits(32, 8, 1, 32768, sms) == 2  # 256 programs: each SM's two
     assert choose_num_splits(32, 8, 1, 400, sms) == 1  # ... but too short to split
-    # short contexts of programs filling at most half the SMs: a split a 128-key tile
+    # short contexts of programs filling at most a quarter of the SMs: a split a 128-key tile
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms) == 4
     assert choose_num_splits(1, 8, 1, 272, sms) == 3
     assert choose_num_splits(1, 8, 1, 100, sms) == 1
-    assert choose_num_splits(8, 8, 1, SHORT_CONTEXT, sms) == 4  # 64 programs
-    assert choose_num_splits(16, 8, 1, SHORT_CONTEXT, sms) == 1  # 128 programs: not
+    assert choose_num_splits(4, 8, 1, SHORT_CONTEXT, sms) == 4  # 32 programs
+    assert choose_num_splits(8, 8, 1, SHORT_CONTEXT, sms) == 1  # 64 programs: not
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT + 1, sms) == 2  # longer: 256 keys a split
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms, short_splits=False) == 1  # MLA's
     assert choose_num_splits(33, 8, 1, 32768, sms) == 1  # 264 programs fill the GPU twice
