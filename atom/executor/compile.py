@@ -8,8 +8,9 @@
      before and after it, attention run eagerly between them
 
 Level 3 compiles the decoder layers, not the whole forward: the layers of a class run one
-function, and Dynamo traces it once (twice: the first layer has no residual yet) and reuses the
-graph for every other layer, whose weights are the graph's inputs. Tracing all 32 layers of an
+function, and Dynamo traces it once (twice: the last layer has no next layer's norm to run in
+its down_proj, forward_add_norm) and reuses the graph for every other layer, whose weights are
+the graph's inputs. Tracing all 32 layers of an
 8B model took 5-6 s of every start, warm compile cache or not. The embedding, the final norm and
 the loop between layers run eagerly (a gather, a norm, Python: as fast as compiled); decode runs
 as CUDA graphs over the whole forward anyway.
@@ -19,7 +20,7 @@ specialises sizes 0 and 1; rather than a second compile (15-25 s of an 8B model'
 the whole model was traced), one token runs the eager code. (Neither a size-oblivious dimension,
 still specialised by the fake-tensor stride checks, nor an unbacked one, whose sizes make the
 Triton launchers' checks data-dependent guards, avoided it.) Pieces that are the same code (the
-part after attention is alike in the first layer and the others) are compiled once.
+part before attention is alike in the last layer and the others) are compiled once.
 Inductor's FX-graph and AOT caches live under the compile cache directory, so a second start with
 the same model and code skips Inductor.
 """
@@ -42,6 +43,7 @@ from torch._higher_order_ops.triton_kernel_wrap import (
     triton_kernel_wrapper_mutation,
 )
 from torch._inductor.compile_fx import compile_fx
+from torch.utils import _pytree as pytree
 
 import atom.layers.attention  # registers torch.ops.atom.attention
 import atom.layers.mla  # noqa: F401  registers torch.ops.atom.mla_attention
@@ -113,14 +115,16 @@ class _CompiledLayer:
         self.marked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        # every tensor argument, also inside tuples (NormedRows)
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [a for a in leaves if isinstance(a, Tensor)]
         if tensors[0].shape[0] <= 1:
             return self.eager(*args, **kwargs)
         if not self.marked:
             # The first compiled call traces (or finds) the graph with a symbolic token count;
             # later calls of any count >= 2 match it unmarked. mark_dynamic costs ~0.1 ms a call:
             # 3 per layer on every eager forward was milliseconds of each prefill's host time.
-            for t in tensors:  # every argument is token-major: [T] positions, [T, H] states
+            for t in tensors:  # every tensor is token-major: [T] positions, [T, H] states
                 torch._dynamo.mark_dynamic(t, 0)
             self.marked = True
         return self.compiled(self.layer, *args, **kwargs)

@@ -14,7 +14,9 @@ for each distinct linear weight one gemv launch per row bucket its tuned table g
 tile for, or, where the table has no entry for 1-16 rows, one of the rule's tile for them
 (kernels/gemv.py: one variant per weight shape and tile, 3 s of a cold 8B start otherwise;
 none where cuBLAS runs); a gate/up weight whose SiLU is fused (ATOM_GEMV_SILU=1) launches
-gated where linear_config gives a gated tile, else plainly for the pair's GEMM. The
+gated where linear_config gives a gated tile, else plainly for the pair's GEMM; a weight whose
+layer an RMSNorm follows or precedes (LinearBase.norm_after / normed_input, kernels/gemv_norm.py)
+also launches its 1-16-row fused-norm or row-scaled variant. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled.
@@ -96,7 +98,8 @@ class Precompile:
                         attend_stand_in(layer, meta, shapes)
                         self._calls += 1
                     self._calls += project_stand_in(layer, shapes)
-                for weight, gated in distinct_weights(weights):
+                for weight, gated, norm_after, normed_input in distinct_weights(weights):
+                    self._calls += norm_stand_in(weight, norm_after, normed_input)
                     buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
@@ -141,7 +144,11 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
     if ops._GEMV:
         # A gated MLP's gate/up weight launches the fused SiLU variant when that is on.
         fused = ops._GEMV_SILU
-        weights = [Weight(m.weight, fused and isinstance(m, GateUpSiluLinear) and m.bias is None)
+        # An attention layer's qkv projection: its row-scaled launch is project_stand_in's.
+        projections = {id(layer.qkv[0]) for layer in layers if layer.qkv is not None}
+        weights = [Weight(m.weight, fused and isinstance(m, GateUpSiluLinear) and m.bias is None,
+                          m.norm_after and m.bias is None,
+                          m.normed_input and id(m) not in projections)
                    for m in model.modules() if isinstance(m, LinearBase)]  # fmt: skip
     if shapes.device.type != "cuda" or not (layers or weights) or os.environ.get(ENV) == "0":
         return None
@@ -170,20 +177,41 @@ def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:
 
 
 class Weight(NamedTuple):
-    """A linear layer's weight and whether its launches are gemv's gated (SiLU-fused) ones."""
+    """A linear layer's weight, whether its launches are gemv's gated (SiLU-fused) ones, and
+    whether they take the deferred norm after it or the one before it (gemv_norm.py)."""
 
     weight: torch.Tensor
     gated: bool
+    norm_after: bool = False
+    normed_input: bool = False
 
 
 def distinct_weights(weights: Iterable[Weight]) -> Iterator[Weight]:
-    """One weight per (shape, dtype, gated): what picks gemv's variant."""
+    """One weight per (shape, dtype, gated, norm roles): what picks gemv's variants."""
     seen = set()
     for item in weights:
-        key = (tuple(item.weight.shape), item.weight.dtype, item.gated)
+        key = (tuple(item.weight.shape), item.weight.dtype, *item[1:])
         if key not in seen:
             seen.add(key)
             yield item
+
+
+def norm_stand_in(weight: torch.Tensor, norm_after: bool, normed_input: bool) -> int:
+    """The deferred norm's 1-16-row launches of this weight on stand-ins of one row (one variant
+    serves 1-16 rows): with the residual add and norm in its epilogue (norm_after), and its sums
+    scaled by a norm's 1/rms (normed_input). How many launched."""
+    x = torch.empty((1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+    launched = 0
+    if norm_after and ops.defers_norm(x):
+        residual = torch.empty((1, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+        norm_weight = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        ops.linear_add_rms_norm(x, weight, None, residual, norm_weight, 1e-6)
+        launched += 1
+    if normed_input and ops.defers_norm(x) and linear_config(1, weight) is not None:
+        sumsq = torch.empty((1, 1), dtype=torch.float32, device=weight.device)
+        ops.small_batch_linear(x, weight, None, (sumsq, 1e-6))
+        launched += 1
+    return launched
 
 
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
@@ -237,17 +265,22 @@ def attend_stand_in(layer: Attention, meta: AttentionMetadata, shapes: StandIn) 
 
 def project_stand_in(layer: Attention, shapes: StandIn) -> bool:
     """The layer's fused qkv projection (gemv with rotary and the cache write) on stand-ins of
-    one row, where it takes one: one variant serves 1-16 rows. Whether it launched."""
+    one row, where it takes one: one variant serves 1-16 rows; with the input norm's deferred
+    scale where the model defers it (normed_input), and then the row-scaled plain launch where
+    the projection does not fuse. Whether it launched."""
     if layer.qkv is None:
         return False
     x = torch.empty((1, layer.qkv[0].weight.shape[1]), dtype=shapes.dtype, device=shapes.device)
     if not layer.fuses_projection(x):
-        return False
+        return norm_stand_in(layer.qkv[0].weight, False, layer.qkv[0].normed_input) > 0
     cache = torch.empty(layer.kv_cache_shape(1, shapes.block_size), dtype=shapes.kv_dtype,
                         device=shapes.device)  # fmt: skip
     positions = torch.zeros(1, dtype=torch.int64, device=shapes.device)
     slots = torch.full((1,), -1, dtype=torch.int64, device=shapes.device)
-    layer.project_into_cache(x, positions, cache, slots)
+    sumsq = None  # the input norm's deferred scale, where the model defers it
+    if getattr(layer.qkv[0], "normed_input", False):
+        sumsq = torch.empty((1, 1), dtype=torch.float32, device=shapes.device)
+    layer.project_into_cache(x, positions, cache, slots, sumsq, 1e-6)
     return True
 
 

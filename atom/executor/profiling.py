@@ -45,12 +45,16 @@ def capture_warmup_label(size: int) -> str:
 
 def tag_modules(root: nn.Module, prefix: str = "") -> int:
     """Wraps the forward of every submodule of `root` (and root itself when prefix is given) in
-    a record_function named after its path. Returns the number of modules tagged."""
+    a record_function named after its path, and the methods a module names in
+    `traced_methods` (RMSNorm's rows and after, which models call instead of forward). Returns
+    the number of modules tagged."""
     count = 0
     for name, module in root.named_modules(prefix=prefix):
         if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
             continue
         module.forward = tagged(module.forward, name)
+        for method in getattr(module, "traced_methods", ()):
+            setattr(module, method, tagged(getattr(module, method), name))
         if hasattr(module, "trace_tag"):  # attention: compiled forwards call it through an op
             module.trace_tag = name
         count += 1

@@ -213,6 +213,24 @@ def _tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_m, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
+SCALE_PARTS = 64  # partial sums of squares a deferred norm's scale loads at a time (_row_rstd)
+_SCALE_PARTS = tl.constexpr(SCALE_PARTS)  # the kernels' name for it
+
+
+@triton.jit
+def _row_rstd(ss_ptr, offs_m, M, parts, K, eps, BLOCK_P: tl.constexpr):
+    """1/rms [BLOCK_M] of x's rows over their K features from their partial sums of squares
+    (ss_ptr [M, parts] float32, kernels/gemv_norm.py): a deferred RMSNorm's scale. The parts
+    are added in one order whatever wrote them first."""
+    rows = offs_m[:, None].to(tl.int64) * parts
+    total = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
+    for p0 in range(0, parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (offs_m < M)[:, None] & (p < parts)[None, :]
+        total += tl.sum(tl.load(ss_ptr + rows + p[None, :], mask=ok, other=0.0), axis=1)
+    return tl.rsqrt(total / K + eps)
+
+
 @triton.jit
 def _tile_sums(
     x, w, offs_m, offs_n, M, N, K, stride_xm, stride_wn,
@@ -305,18 +323,21 @@ def _add_splits(
         return acc, up, last
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "parts"])
 def _gemv_kernel(
     x,  # [M, K], last dim contiguous: a pointer, or (X_DESC) a descriptor of its tiles
     w,  # [N, K] ([2N, K] GATED), last dim contiguous: a pointer, or (W_DESC) a descriptor
     y_ptr,  # [M, N] contiguous
     ws_ptr,  # SPLIT_K > 1: [SPLIT_K, M, N] ([SPLIT_K, M, 2N] GATED) float32 partial sums
     count_ptr,  # SPLIT_K > 1: int32 per output tile, 0 between launches
+    ss_ptr,  # ROW_SCALE: [M, parts] float32 partial sums of squares of x's rows before a norm
     M,
     N,
     K,
     stride_xm,
     stride_wn,
+    parts,
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -326,9 +347,12 @@ def _gemv_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
     GATED: tl.constexpr,  # y = silu(x W[:N]^T) * x W[N:]^T: SwiGLU's gate and up rows, fused
+    ROW_SCALE: tl.constexpr,  # x is a deferred RMSNorm's rows: the sums times their 1/rms
 ):
     pdl_start(PDL)
     offs_m, offs_n = _tile_offsets(BLOCK_M, BLOCK_N)
+    if ROW_SCALE:  # asked for before the K loop, used after it
+        rstd = _row_rstd(ss_ptr, offs_m, M, parts, K, eps, _SCALE_PARTS)
     acc, up = _tile_sums(
         x, w, offs_m, offs_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
         W_DESC, X_DESC, DOT_PRECISION, GATED,
@@ -337,6 +361,9 @@ def _gemv_kernel(
         acc, up, offs_m, offs_n, ws_ptr, count_ptr, M, N, BLOCK_M, BLOCK_N, SPLIT_K, GATED
     )
     if last:
+        if ROW_SCALE:
+            acc = acc * rstd[:, None]
+            up = up * rstd[:, None]
         tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         tl.store(y_ptr + tile, _output(acc, up, y_ptr.dtype.element_ty, GATED), mask=ok)
@@ -403,14 +430,30 @@ def tile_sizes(cfg: GemvConfig, m: int, n: int, k: int) -> tuple[int, int, int, 
     return block_m, block_n, block_k, max(1, min(cfg.split_k, cdiv(k, block_k)))
 
 
+RowScale = tuple[Tensor, float]  # a deferred RMSNorm's (partial sums of squares [M, parts], eps)
+
+
+def row_rstd_ref(row_scale: RowScale, k: int) -> Tensor:
+    """1/rms [M, 1] float32 of rows of k features from a deferred norm's partial sums."""
+    sumsq, eps = row_scale
+    return torch.rsqrt(sumsq.float().sum(-1, keepdim=True) / k + eps)
+
+
 def gemv(
-    x: Tensor, weight: Tensor, config: GemvConfig | None = None, *, gated: bool = False
+    x: Tensor,
+    weight: Tensor,
+    config: GemvConfig | None = None,
+    *,
+    gated: bool = False,
+    row_scale: RowScale | None = None,
 ) -> Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N] in x's dtype: M <= MAX_M with gemv_config's tile by
     default, any M with a config of block_m > 0. gated: weight [2N, K] holds SwiGLU's gate rows,
     then its up rows, and y = silu(x @ gate^T) * (x @ up^T) [M, N] (gemv_silu_and_mul_ref),
     each program reading a tile of both (the config's tiles each: linear_config's gated tile;
-    by default gemv_config's made gated)."""
+    by default gemv_config's made gated). row_scale: x holds a deferred RMSNorm's rows
+    (kernels/gemv_norm.py) and each row's sums are multiplied by its 1/rms (row_rstd_ref)
+    before they are rounded (and before the SiLU, gated)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit")
     if gated and weight.shape[0] % 2:
@@ -434,13 +477,22 @@ def gemv(
     if w_desc is not None and block_m >= X_DESC_ROWS:
         x_desc = tile_descriptor(x, block_m, block_k)
     ws, counters = split_buffers(split_k, m, weight.shape[0], grid[0] * grid[1], y)
+    sumsq, eps = row_scale if row_scale is not None else (ws, 0.0)  # unread without a scale
+    if row_scale is not None and (
+        sumsq.dim() != 2
+        or sumsq.shape[0] != m
+        or sumsq.dtype != torch.float32
+        or not sumsq.is_contiguous()
+    ):
+        raise ValueError(f"row scale sums {tuple(sumsq.shape)} {sumsq.dtype}: want [{m}, parts] "
+                         "contiguous float32")  # fmt: skip
     launch(
         _gemv_kernel, grid,
         x if x_desc is None else x_desc, weight if w_desc is None else w_desc, y, ws, counters,
-        m, n, k, x.stride(0), weight.stride(0),
+        sumsq, m, n, k, x.stride(0), weight.stride(0), sumsq.shape[-1], eps,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         W_DESC=w_desc is not None, X_DESC=x_desc is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x), GATED=gated,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ROW_SCALE=row_scale is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y

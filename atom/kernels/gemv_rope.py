@@ -24,7 +24,17 @@ import triton.language as tl
 from torch import Tensor
 
 from atom.kernels import gemv as _gemv
-from atom.kernels.gemv import GemvConfig, _add_splits, _tile_offsets, _tile_sums, gemv_ref
+from atom.kernels.gemv import (
+    _SCALE_PARTS,
+    GemvConfig,
+    RowScale,
+    _add_splits,
+    _row_rstd,
+    _tile_offsets,
+    _tile_sums,
+    gemv_ref,
+    row_rstd_ref,
+)
 from atom.kernels.launch import launch, pdl, pdl_start
 from atom.kernels.reshape_and_cache import FP8_DTYPES
 from atom.kernels.rotary import Norm, _normed, _put, rotary_and_cache_ref
@@ -111,7 +121,7 @@ def _rope_store(
         _put(kv_dst + d2, x2, ok, ty, scale, fp8_max, IS_FP8)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "parts"])
 def _gemv_rope_kernel(
     x,  # [M, K], last dim contiguous
     w,  # a descriptor of the [(H + 2 H_kv) D, K] weight's [HEAD_DIM, BLOCK_K] tiles
@@ -124,10 +134,13 @@ def _gemv_rope_kernel(
     cos_sin_ptr,  # [max_position, D] float32: cos | sin
     qn_ptr,  # HAS_NORM: the per-head RMSNorm weights of q and k [D]
     kn_ptr,
+    ss_ptr,  # ROW_SCALE: [M, parts] float32 partial sums of squares of x's rows before a norm
     M,
     N,
     K,
     stride_xm,
+    parts,
+    row_eps,
     num_heads,
     num_kv_heads,
     value_offset,
@@ -143,6 +156,7 @@ def _gemv_rope_kernel(
     PDL: tl.constexpr,
     HAS_NORM: tl.constexpr,
     IS_FP8: tl.constexpr,
+    ROW_SCALE: tl.constexpr,  # x is a deferred RMSNorm's rows: the sums times their 1/rms
 ):
     pdl_start(PDL)
     # The epilogue's inputs (step inputs, written before any kernel of the step) asked for
@@ -153,6 +167,8 @@ def _gemv_rope_kernel(
     m_ok = offs_m < M
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
+    if ROW_SCALE:
+        rstd = _row_rstd(ss_ptr, offs_m, M, parts, K, row_eps, _SCALE_PARTS)
     acc, up = _tile_sums(
         x, w, offs_m, offs_n, M, N, K, stride_xm, 0, BLOCK_M, HEAD_DIM, BLOCK_K, SPLIT_K, True,
         False, DOT_PRECISION, False,
@@ -164,6 +180,8 @@ def _gemv_rope_kernel(
         acc, up, offs_m, offs_n, ws_ptr, count_ptr, M, N, BLOCK_M, HEAD_DIM, SPLIT_K, False
     )
     if last:
+        if ROW_SCALE:
+            acc = acc * rstd[:, None]
         _rope_store(
             acc, offs_m, m_ok, tl.program_id(1), cos, sin, slot, q_ptr, cache_ptr, qn_ptr, kn_ptr,
             num_heads, num_kv_heads, value_offset, eps, k_scale, v_scale, fp8_max, HEAD_DIM,
@@ -184,12 +202,14 @@ def gemv_rope_and_cache(
     v_scale: float = 1.0,
     norm: Norm | None = None,
     config: GemvConfig | None = None,
+    row_scale: RowScale | None = None,
 ) -> Tensor:
     """x [T, K] (T <= gemv.MAX_M) @ weight [(H + 2 H_kv) D, K]^T split into q, k, v heads; q and k
     rotated (neox, the whole head; after the per-head norms when `norm` is given), k and v
     written into kv_cache [2, blocks, block_size, H_kv, D] at slot_mapping [T] (< 0 skipped; fp8
     stores value / scale). Returns q [T, H, D]. config: gemv's tile of this weight (default
-    linear_config's), made one head of rows (rope_tile)."""
+    linear_config's), made one head of rows (rope_tile). row_scale: x holds a deferred
+    RMSNorm's rows, each row's sums multiplied by its 1/rms first (gemv.gemv's)."""
     head_dim = kv_cache.shape[-1]
     t, k = x.shape
     if weight.shape != ((num_heads + 2 * num_kv_heads) * head_dim, k) or x.dim() != 2:
@@ -217,16 +237,18 @@ def gemv_rope_and_cache(
     ws, counters = _gemv.split_buffers(split_k, t, n, grid[1], q)
     q_norm, k_norm, eps = norm if norm is not None else (q, q, 0.0)  # unread without norm
     is_fp8 = kv_cache.dtype in FP8_DTYPES
+    sumsq, row_eps = row_scale if row_scale is not None else (ws, 0.0)  # unread without
     launch(
         _gemv_rope_kernel, grid,
         x, w_desc, q, kv_cache, ws, counters, positions, slot_mapping,
-        cos_sin_cache.contiguous().float(), q_norm, k_norm, t, n, k, x.stride(0), num_heads,
-        num_kv_heads, kv_cache[0].numel(), eps, k_scale, v_scale,
+        cos_sin_cache.contiguous().float(), q_norm, k_norm, sumsq, t, n, k, x.stride(0),
+        sumsq.shape[-1], row_eps, num_heads, num_kv_heads, kv_cache[0].numel(), eps, k_scale,
+        v_scale,
         torch.finfo(kv_cache.dtype).max if is_fp8 else 0.0,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl(x),
-        HAS_NORM=norm is not None, IS_FP8=is_fp8, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        HAS_NORM=norm is not None, IS_FP8=is_fp8, ROW_SCALE=row_scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return q
 
@@ -243,11 +265,15 @@ def gemv_rope_and_cache_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     norm: Norm | None = None,
+    row_scale: RowScale | None = None,
 ) -> Tensor:
-    """The chain of references: the projection (float32, rounded to x's dtype), then
-    rotary_and_cache_ref."""
+    """The chain of references: the projection (float32, times the rows' 1/rms with a
+    row_scale, rounded to x's dtype), then rotary_and_cache_ref."""
     head_dim = kv_cache.shape[-1]
-    q, k, v = gemv_ref(x, weight).to(x.dtype).view(x.shape[0], -1, head_dim).split(
+    y = gemv_ref(x, weight)
+    if row_scale is not None:
+        y = y * row_rstd_ref(row_scale, x.shape[-1])
+    q, k, v = y.to(x.dtype).view(x.shape[0], -1, head_dim).split(
         [num_heads, num_kv_heads, num_kv_heads], dim=1
     )  # fmt: skip
     args = (cos_sin_cache, head_dim, True, k_scale, v_scale, norm)

@@ -1,5 +1,8 @@
 """RMSNorm, alone or with the residual add fused in: one read and one write of each row.
 
+DEFER writes a deferred norm instead (kernels/gemv_norm.py): the rows times the weight and each
+row's sum of squares, the 1/rms scale left to the GEMM that reads them.
+
 Rows may be the tokens of [T, hidden] or the heads of [T, heads, head_dim] (Qwen3's q_norm/k_norm
 on views of the fused qkv output, whose token stride is not heads * head_dim). The kernel takes
 the two strides so that such views are read in place, without a copy.
@@ -42,6 +45,7 @@ def _rms_norm_kernel(
     w_ptr,
     out_ptr,  # [num_rows, n] contiguous
     res_out_ptr,  # [num_rows, n] contiguous: x + residual (written only when HAS_RESIDUAL)
+    ss_ptr,  # DEFER: [num_rows] float32 sums of squares out
     num_rows,
     n,
     inner,  # rows per outer index: row r lives at (r // inner) * s_outer + (r % inner) * s_inner
@@ -54,6 +58,7 @@ def _rms_norm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
+    DEFER: tl.constexpr,  # out = x * w and ss = sum(x^2), the scale left to the next GEMM
 ):
     pdl_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,11 +75,15 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + out_off, x, mask=mask)
     xf = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n + eps)
-    # Cast back to the input dtype before the weight multiply, as transformers does.
-    y = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + out_off, (y * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    if DEFER:
+        tl.store(ss_ptr + rows, tl.sum(xf * xf, axis=1), mask=rows < num_rows)
+        tl.store(out_ptr + out_off, (xf * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / n + eps)
+        # Cast back to the input dtype before the weight multiply, as transformers does.
+        y = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + out_off, (y * w[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rows_view(x: Tensor) -> tuple[Tensor, int, int, int]:
@@ -108,8 +117,9 @@ def norm_outputs(
 
 
 def _launch(
-    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, sumsq: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
+    """The kernel; with sumsq ([rows, 1] float32) a deferred norm."""
     out, res_out = norm_outputs(x, residual, weight)
     n = x.shape[-1]
     num_rows = x.numel() // n if n else 0
@@ -135,6 +145,7 @@ def _launch(
         weight,
         out,
         res_out if res_out is not None else out,
+        sumsq if sumsq is not None else out,
         num_rows,
         n,
         inner,
@@ -147,6 +158,7 @@ def _launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PDL=pdl(x),
+        DEFER=sumsq is not None,
         num_warps=num_warps,
     )
     return out, res_out
@@ -164,3 +176,15 @@ def fused_add_rms_norm(
     out, res_out = _launch(x, residual, weight, eps)
     assert res_out is not None
     return out, res_out
+
+
+def deferred_rms_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """A deferred RMSNorm (kernels/gemv_norm.py) of x (+ residual): (r * weight, r = x +
+    residual or None without one, float32 sums of r^2 [rows, 1]); x [..., n]; dtypes and
+    layouts as rms_norm's."""
+    n = x.shape[-1]
+    sumsq = torch.empty((x.numel() // n if n else 0, 1), dtype=torch.float32, device=x.device)
+    out, res_out = _launch(x, residual, weight, 0.0, sumsq)
+    return out, res_out, sumsq

@@ -25,7 +25,7 @@ from atom.executor.forward_context import AttentionMetadata, get_forward_context
 from atom.kernels import ops
 from atom.kernels.attention_config import DecodeKind, padded_head_dim
 from atom.kernels.paged_attention import sdpa
-from atom.layers.norm import RMSNorm
+from atom.layers.norm import NormedRows, RMSNorm
 from atom.layers.rotary import RotaryEmbedding
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -121,34 +121,44 @@ class Attention(nn.Module):
             self.forward_into(q, k, v, positions, out)
         return out
 
-    def project_and_attend(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """x [T, hidden] through the layer's qkv projection, then forward: -> [T, heads,
-        head_dim]. The projection runs inside the op (at decode row counts with rotary and the
-        cache write in its epilogue)."""
+    def project_and_attend(self, x: Tensor | NormedRows, positions: Tensor | None = None) -> Tensor:
+        """x [T, hidden] (or an RMSNorm's rows of it) through the layer's qkv projection, then
+        forward: -> [T, heads, head_dim]. The projection runs inside the op (at decode row
+        counts with rotary and the cache write in its epilogue)."""
         if self.qkv is None:
             raise ValueError("project_and_attend needs the layer's qkv projection (qkv=)")
+        x, sumsq, eps = x if isinstance(x, NormedRows) else (x, None, 0.0)
         out = torch.empty((x.shape[0], self.num_heads, self.head_dim), dtype=x.dtype,
                           device=x.device)  # fmt: skip
         if torch.compiler.is_compiling():
-            torch.ops.atom.qkv_attention(x, positions, out, self.layer_index)
+            torch.ops.atom.qkv_attention(x, sumsq, eps, positions, out, self.layer_index)
         else:  # the module tag forward would have (--mark-trace): this is called instead
             with self.trace_scope():
-                self.project_into(x, positions, out)
+                self.project_into(x, positions, out, sumsq, eps)
         return out
 
-    def project_into(self, x: Tensor, positions: Tensor | None, out: Tensor) -> None:
+    def project_into(
+        self,
+        x: Tensor,
+        positions: Tensor | None,
+        out: Tensor,
+        sumsq: Tensor | None = None,
+        eps: float = 0.0,
+    ) -> None:
         """project_and_attend's work, into out: the fused projection where it applies (a step
-        with a cache), else the projection module, then forward_into."""
+        with a cache), else the projection module, then forward_into. sumsq, eps: x is an
+        RMSNorm's rows (NormedRows)."""
         assert self.qkv is not None
         context = get_forward_context()
         meta = None if context is None else context.attn
         if meta is not None and self.kv_cache.numel() and self.fuses_projection(x):
             assert positions is not None
-            q = self.project_into_cache(x, positions, self.kv_cache, meta.slot_mapping)
+            q = self.project_into_cache(x, positions, self.kv_cache, meta.slot_mapping, sumsq, eps)
             self.attend_cached(q, out, self.kv_cache, meta)
             return
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv[0](x).split([q_size, kv_size, kv_size], -1)
+        rows = x if sumsq is None else NormedRows(x, sumsq, eps)
+        q, k, v = self.qkv[0](rows).split([q_size, kv_size, kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -171,7 +181,13 @@ class Attention(nn.Module):
         )
 
     def project_into_cache(
-        self, x: Tensor, positions: Tensor, kv_cache: Tensor, slot_mapping: Tensor
+        self,
+        x: Tensor,
+        positions: Tensor,
+        kv_cache: Tensor,
+        slot_mapping: Tensor,
+        sumsq: Tensor | None = None,
+        eps: float = 0.0,
     ) -> Tensor:
         """The fused projection (where fuses_projection): rotated q [T, heads, head_dim]; k and
         v into kv_cache (the layer's own in a step, a stand-in in the start-up precompile)."""
@@ -180,7 +196,7 @@ class Attention(nn.Module):
         norm = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
         return ops.gemv_rope_and_cache(
             x, self.qkv[0].weight, positions, kv_cache, slot_mapping, rotary.cos_sin_cache,
-            self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale, norm,
+            self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale, norm, sumsq, eps,
         )  # fmt: skip
 
     def trace_scope(self) -> AbstractContextManager[Any]:
@@ -274,15 +290,27 @@ def _(
 
 @torch.library.custom_op("atom::qkv_attention", mutates_args=("out",))
 def _qkv_attention_op(
-    x: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
+    x: Tensor,
+    sumsq: Tensor | None,
+    eps: float,
+    positions: Tensor | None,
+    out: Tensor,
+    layer_index: Tensor,
 ) -> None:
     context = get_forward_context()
     assert context is not None, "atom.qkv_attention runs inside the runner's forward context"
     layer = context.layers[int(layer_index)]
     with layer.trace_scope():
-        layer.project_into(x, positions, out)
+        layer.project_into(x, positions, out, sumsq, eps)
 
 
 @_qkv_attention_op.register_fake
-def _(x: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor) -> None:
+def _(
+    x: Tensor,
+    sumsq: Tensor | None,
+    eps: float,
+    positions: Tensor | None,
+    out: Tensor,
+    layer_index: Tensor,
+) -> None:
     return None

@@ -10,11 +10,17 @@ that every parameter was filled exactly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
 from atom.kernels import ops
+from atom.layers.norm import NormedRows
+
+if TYPE_CHECKING:
+    from atom.layers.norm import RMSNorm
 
 
 def _copy_checked(dst: Tensor, src: Tensor, what: str) -> int:
@@ -49,11 +55,19 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        # Set by the model where an RMSNorm follows this layer (forward_add_norm: the residual
+        # add and the norm in its gemv epilogue) or precedes it (NormedRows in): which variants
+        # the start-up precompile launches (executor/precompile.py).
+        self.norm_after = False
+        self.normed_input = False
 
     def weight_loader(self, param: Tensor, loaded: Tensor, shard_id: object = None) -> int:
         return default_weight_loader(param, loaded)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | NormedRows) -> Tensor:
+        """x: rows, or an RMSNorm's (NormedRows: their deferred scale applied here)."""
+        if isinstance(x, NormedRows):
+            return ops.linear(x.rows, self.weight, self.bias, x.sumsq, x.eps)
         return ops.linear(x, self.weight, self.bias)
 
 
@@ -124,6 +138,24 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         return _copy_checked(param.data, loaded.narrow(1, self.tp_rank * size, size), "row")
 
+    # --mark-trace tags it too (executor/profiling.py): its tag holds the norm after the layer
+    traced_methods = ("forward_add_norm",)
+
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias if self.tp_rank == 0 else None
         return all_reduce(ops.linear(x, self.weight, bias))
+
+    def forward_add_norm(
+        self, x: Tensor, residual: Tensor, norm: RMSNorm
+    ) -> tuple[NormedRows, Tensor]:
+        """(norm's rows of forward(x) + residual for the linear layer after the norm, the sum):
+        at decode row counts the residual add and the norm in this layer's gemv epilogue, the
+        norm's 1/rms left to the next layer's (kernels/gemv_norm.py); over several ranks the
+        norm runs after the all-reduce."""
+        if self.tp_size > 1:
+            h, residual, sumsq = ops.add_rms_norm_rows(self(x), residual, norm.weight, norm.eps)
+        else:
+            h, residual, sumsq = ops.linear_add_rms_norm(
+                x, self.weight, self.bias, residual, norm.weight, norm.eps
+            )
+        return NormedRows(h, sumsq, norm.eps), residual

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from atom.kernels import ops
 from atom.layers.activation import check_gated_act
 from atom.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from atom.layers.norm import NormedRows
 
 
 class GateUpSiluLinear(MergedColumnParallelLinear):
@@ -18,7 +19,9 @@ class GateUpSiluLinear(MergedColumnParallelLinear):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
         super().__init__(hidden_size, [intermediate_size, intermediate_size], bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | NormedRows) -> Tensor:
+        if isinstance(x, NormedRows):
+            return ops.linear_silu_and_mul(x.rows, self.weight, self.bias, x.sumsq, x.eps)
         return ops.linear_silu_and_mul(x, self.weight, self.bias)
 
 
@@ -31,5 +34,5 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = GateUpSiluLinear(hidden_size, intermediate_size, bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | NormedRows) -> Tensor:
         return self.down_proj(self.gate_up_proj(x))

@@ -10,7 +10,7 @@ from atom.layers.attention import Attention, sliding_window_of
 from atom.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from atom.layers.linear import QKVParallelLinear, RowParallelLinear
 from atom.layers.mlp import GatedMLP
-from atom.layers.norm import RMSNorm
+from atom.layers.norm import NormedRows, RMSNorm
 from atom.layers.rotary import RotaryEmbedding
 
 
@@ -46,10 +46,12 @@ class Qwen3Attention(nn.Module):
             qkv=self.qkv_proj,
         )
 
-    def forward(self, positions: Tensor, hidden_states: Tensor) -> Tensor:
-        # hidden_states: [num_tokens, hidden_size]; no batch dimension anywhere
-        # the qkv projection runs in the attention op (rotary and the cache write fused at decode)
-        return self.o_proj(self.attn.project_and_attend(hidden_states, positions).flatten(1))
+    def forward(self, positions: Tensor, x: NormedRows) -> Tensor:
+        """x: input_layernorm's rows [num_tokens, hidden_size] (no batch dimension anywhere) ->
+        the heads' outputs [num_tokens, heads * head_dim], before o_proj (the decoder layer
+        runs it with the norm after it). The qkv projection runs in the attention op
+        (rotary and the cache write fused at decode)."""
+        return self.attn.project_and_attend(x, positions).flatten(1)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -64,14 +66,26 @@ class Qwen3DecoderLayer(nn.Module):
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Each norm runs in the linear layer before it (forward_add_norm; over several ranks
+        # after its all-reduce) and hands NormedRows to the one after: the precompile's variants.
+        for linear in (self.self_attn.o_proj, self.mlp.down_proj):
+            linear.norm_after = linear.tp_size == 1
+        self.self_attn.qkv_proj.normed_input = self.mlp.gate_up_proj.normed_input = True
 
     def forward(
-        self, positions: Tensor, hidden_states: Tensor, residual: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        self, positions: Tensor, x: NormedRows, residual: Tensor, next_norm: RMSNorm | None
+    ) -> tuple[NormedRows | Tensor, Tensor]:
+        """x: input_layernorm's rows of the residual stream -> (next_norm's rows of the stream
+        after this layer, or without a next_norm the MLP's output to add to it; the stream).
+        Each norm runs with the residual add in the linear layer before it (forward_add_norm)."""
+        attn = self.self_attn(positions, x)
+        x, residual = self.self_attn.o_proj.forward_add_norm(
+            attn, residual, self.post_attention_layernorm
+        )
+        gated = self.mlp.gate_up_proj(x)
+        if next_norm is None:
+            return self.mlp.down_proj(gated), residual
+        return self.mlp.down_proj.forward_add_norm(gated, residual, next_norm)
 
 
 class Qwen3Model(nn.Module):
@@ -84,10 +98,13 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        return self.norm(hidden_states, residual)[0]
+        residual = self.embed_tokens(input_ids)
+        x: NormedRows | Tensor = self.layers[0].input_layernorm.rows(residual)
+        for i, layer in enumerate(self.layers):
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
+            x, residual = layer(positions, x, residual, after)
+        assert isinstance(x, Tensor)
+        return self.norm(x, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):

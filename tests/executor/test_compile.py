@@ -103,9 +103,10 @@ def _count_compiles(monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
 def test_level3_traces_two_layers_and_compiles_three_pieces(
     num_layers: int, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Level 3 whatever the depth: Dynamo traces the first layer (no residual yet) and one other,
-    every later layer reuses the second graph; Inductor compiles 3 pieces (before attention in
-    each of the two graphs, after it once: the two are alike). One token runs eagerly."""
+    """Level 3 whatever the depth: Dynamo traces one layer and the last (no next layer's norm
+    to run in its down_proj), every other layer reuses the first graph; Inductor compiles 3
+    pieces (after attention in each of the two graphs, before it once: the two are alike). One
+    token runs eagerly."""
     runner = _tiny_runner(tmp_path / "model", num_layers)
     sizes = (5, 1, 13, 2)
     expected = [_run(runner, runner.model.forward, n) for n in sizes]
@@ -141,7 +142,7 @@ def test_runner_runs_one_token_eagerly(tmp_path, monkeypatch: pytest.MonkeyPatch
     assert graphs == []
     for n, want in zip((5, 1, 9, 1), expected, strict=True):
         torch.testing.assert_close(_run(runner, runner.forward, n), want, atol=1e-5, rtol=1e-5)
-    assert len(graphs) == 2  # the first layer and the others, for every count > 1
+    assert len(graphs) == 2  # the last layer and the others, for every count > 1
 
 
 _KERNEL = object()  # stands for a traced Triton kernel in the side table

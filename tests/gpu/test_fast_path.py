@@ -266,8 +266,8 @@ def test_level3_compiles_each_distinct_piece_once_on_cuda(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CUDA the pieces call our Triton kernels (traced with a side-table index per call):
-    the first layer's graph and the one every other layer shares make 3 Inductor compiles
-    (before attention in each, after it once), however many layers; and no other start-up
+    the last layer's graph and the one every other layer shares make 3 Inductor compiles
+    (after attention in each, before it once), however many layers; and no other start-up
     step (the memory profile, warm-up, the captures) compiles again."""
     from atom.executor import compile as compile_module
 

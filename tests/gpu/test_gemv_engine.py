@@ -1,11 +1,12 @@
 """The decode fast paths change no greedy token: small-batch linear layers through gemv.py's
 kernel (against cuBLAS, ATOM_GEMV=0), the MLP's gate/up and SiLU in one launch
 (ATOM_GEMV_SILU=1), rotary and the KV-cache write in the qkv projection's epilogue (against
-ATOM_GEMV_ROPE=0), x's tiles through a descriptor at 1-16 rows (ATOM_GEMV_X_DESC_ROWS=16), its
-row-tiled regime past 16 rows (a tile forced for every weight: the tuned table holds 16-bit
-tiles only) and programmatic dependent launch (against plain launches, ATOM_PDL=0); a float32
-Llama with CUDA graphs at level 3, decode batches of 1-8 rows and of 40 (run by
-benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+ATOM_GEMV_ROPE=0), RMSNorm deferred into the GEMMs around it (ATOM_GEMV_NORM=0), x's tiles
+through a descriptor at 1-16 rows (ATOM_GEMV_X_DESC_ROWS=16), its row-tiled regime past 16 rows
+(a tile forced for every weight: the tuned table holds 16-bit tiles only) and programmatic
+dependent launch (against plain launches, ATOM_PDL=0); a float32 Llama with CUDA graphs at level
+3, decode batches of 1-8 rows and of 40 (run by benchmarks/gpu_run.sh on the GPU machine;
+skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,24 @@ def test_rope_epilogue_changes_no_token(checkpoint: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(ops._gemv_rope, "ROPE", "1")
     assert _tokens(checkpoint) == baseline
     assert fused, "no qkv projection took the fused epilogue"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_deferred_norm_changes_no_token(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, gated: bool
+) -> None:
+    """RMSNorm at 1-16 rows in the GEMMs around it (kernels/gemv_norm.py): the residual add and
+    the sums in o_proj's and down_proj's epilogue, the 1/rms in gate/up's (gated or not) and the
+    qkv projection's, against the norm kernels apart (ATOM_GEMV_NORM=0)."""
+    monkeypatch.setattr(ops, "_GEMV_SILU", gated)
+    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, ops._gemv_norm)
+    scaled = _gemv_launches_where(monkeypatch, lambda kwargs: bool(kwargs.get("ROW_SCALE")))
+    monkeypatch.setattr(ops, "_NORM", False)
+    baseline = _tokens(checkpoint)
+    assert not fused and not scaled
+    monkeypatch.setattr(ops, "_NORM", True)
+    assert _tokens(checkpoint) == baseline
+    assert fused and scaled, "no launch took the deferred norm"
 
 
 def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ import transformers
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
 from atom.kernels.gemv import _gemv_kernel
+from atom.kernels.gemv_norm import _gemv_add_norm_kernel
 from atom.kernels.gemv_rope import _gemv_rope_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
@@ -30,6 +31,7 @@ KERNELS = {
     "cache": _reshape_and_cache_kernel,
     "gemv": _gemv_kernel,
     "gemv_rope": _gemv_rope_kernel,
+    "gemv_norm": _gemv_add_norm_kernel,
 }
 
 

@@ -46,7 +46,9 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2,
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize(
+    ("norm", "row_scale"), [(False, False), (False, True), (True, False), (True, True)]
+)
 @pytest.mark.parametrize(
     ("rows", "heads", "kv_heads", "head_dim", "hidden", "split_k"),
     [(1, 4, 2, 64, 96, 1), (5, 3, 1, 32, 200, 3), (MAX_M, 2, 2, 64, 136, 2)],
@@ -59,17 +61,24 @@ def test_matches_the_chain_of_references(
     hidden: int,
     split_k: int,
     norm: bool,
+    row_scale: bool,
     dtype: torch.dtype,
     cache_dtype: torch.dtype | None,
 ) -> None:
+    """row_scale: x is a deferred RMSNorm's rows (kernels/gemv_norm.py), 3 partial sums a row."""
     x, weight, positions, cache, slots, cos_sin, norms = _case(
         rows, heads, kv_heads, head_dim, hidden, dtype, cache_dtype, seed=rows + head_dim
     )
     expected = cache.clone()
     args = (cos_sin, heads, kv_heads, 0.5, 2.0, (*norms, 1e-6) if norm else None)
     config = GemvConfig(block_n=head_dim, block_k=32, split_k=split_k, num_stages=2)
-    q = gemv_rope_and_cache(x, weight, positions, cache, slots, *args, config=config)
-    q_ref = gemv_rope_and_cache_ref(x, weight, positions, expected, slots, *args)
+    scale = None
+    if row_scale:
+        sums = torch.rand(rows, 3, generator=torch.Generator().manual_seed(rows)) * hidden
+        scale = (sums.to(DEVICE), 1e-5)
+    q = gemv_rope_and_cache(x, weight, positions, cache, slots, *args, config=config,
+                            row_scale=scale)  # fmt: skip
+    q_ref = gemv_rope_and_cache_ref(x, weight, positions, expected, slots, *args, row_scale=scale)
     assert q.shape == (rows, heads, head_dim) and q.dtype == dtype
     tol = dict(atol=5e-3, rtol=2e-3) if norm and dtype == torch.float16 else TOL[dtype]
     torch.testing.assert_close(q, q_ref, **tol)

@@ -1,13 +1,15 @@
 """The opaque ops that compiled pieces call (`atom::rms_norm`, `atom::fused_add_rms_norm`,
-`atom::silu_and_mul`): schema, fake (meta) functions and results against the references, by
-torch.library.opcheck (the Triton interpreter without a GPU)."""
+`atom::silu_and_mul`, the deferred norm's): schema, fake (meta) functions and results against
+the references, by torch.library.opcheck (the Triton interpreter without a GPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import atom.kernels.ops  # noqa: F401  (registers the ops)
+from atom.kernels import ops  # registers the ops
+from atom.kernels.gemv import MAX_M
+from atom.kernels.gemv_norm import parts
 from atom.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
 from atom.kernels.silu_and_mul import silu_and_mul_ref
 
@@ -76,3 +78,40 @@ def test_silu_and_mul_fake_rejects_odd_width() -> None:
         x = torch.empty(4, 7)
         with pytest.raises(ValueError, match="even"):
             torch.ops.atom.silu_and_mul(x)
+
+
+@pytest.fixture
+def decode_rows_defer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ops decides on CUDA: norms of 1-16 rows defer (kernels/gemv_norm.py)."""
+    monkeypatch.setattr(ops, "defers_norm", lambda x: 0 < x.numel() // x.shape[-1] <= MAX_M)
+
+
+# Past 16 rows the sums are not written: the checks that compare outputs are left out there.
+ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+              "test_aot_dispatch_dynamic")  # fmt: skip
+NO_OUTPUT_CHECKS = ("test_schema", "test_faketensor")
+
+
+@pytest.mark.parametrize("rows", [3, 20])
+def test_deferred_norm_ops(rows: int, decode_rows_defer: None) -> None:
+    """The deferred norm's ops (rms_norm_rows, add_rms_norm_rows, linear_add_rms_norm, linear
+    with sums): fakes against the launchers, the fused launch's columns of sums, and the chain
+    against the unfused norm, then the GEMM."""
+    x, residual = _randn(rows, 64, seed=7), _randn(rows, 160, seed=8)
+    w_o, w_next = _randn(160, 64, seed=9) / 8, _randn(24, 160, seed=10) / 12
+    norm_weight = _randn(160, seed=11)
+    utils = ALL_CHECKS if rows <= MAX_M else NO_OUTPUT_CHECKS
+    for op, args in (
+        (torch.ops.atom.rms_norm_rows, (residual, norm_weight, 1e-6)),
+        (torch.ops.atom.add_rms_norm_rows, (residual, residual, norm_weight, 1e-6)),
+        (torch.ops.atom.linear_add_rms_norm, (x, w_o, None, residual, norm_weight, 1e-6)),
+    ):
+        torch.library.opcheck(op, args, test_utils=utils)
+    h, r, sumsq = torch.ops.atom.linear_add_rms_norm(x, w_o, None, residual, norm_weight, 1e-6)
+    assert sumsq.shape == (rows, parts(x, w_o, None, norm_weight))
+    assert rows > MAX_M or sumsq.shape[1] > 1  # the fused launch: a column a tile
+    normed, ref_r = fused_add_rms_norm_ref(x @ w_o.T, residual, norm_weight, 1e-6)
+    torch.testing.assert_close(r, ref_r, **TOL)
+    torch.library.opcheck(torch.ops.atom.linear, (h, w_next, None, sumsq, 1e-6), test_utils=utils)
+    y = torch.ops.atom.linear(h, w_next, None, sumsq, 1e-6)
+    torch.testing.assert_close(y, normed @ w_next.T, atol=1e-4, rtol=1e-4)

@@ -61,17 +61,18 @@ def test_fused_projection_changes_no_token(
     path = _checkpoint(family, tmp_path)
     baseline = _tokens(path)
     rows: list[int] = []
-    fused = ops.gemv_rope_and_cache if kernel == "references" else gemv_rope.gemv_rope_and_cache
+    ref = gemv_rope.gemv_rope_and_cache_ref
+    fused = ref if kernel == "references" else gemv_rope.gemv_rope_and_cache
 
-    def counted(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    def counted(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         rows.append(x.shape[0])
-        return fused(x, *args)
+        return fused(x, *args, **kwargs)
 
     # What ops decides on CUDA, here: steps of 1-16 tokens (decodes, short prompts) fuse.
     monkeypatch.setattr(
         ops, "fuses_qkv_rope", lambda x, w, d, r, neox: gemv_rope.fuses(x.shape[0], w, d, r, neox)
     )
-    monkeypatch.setattr(ops, "gemv_rope_and_cache", counted)
+    monkeypatch.setattr(gemv_rope, "gemv_rope_and_cache_ref", counted)
     assert _tokens(path) == baseline
     assert rows and max(rows) <= 16 and 3 in rows, rows  # the batch of three decodes
 
