@@ -8,9 +8,11 @@
      before and after it, attention run eagerly between them
 
 Level 3 compiles the decoder layers, not the whole forward: the layers of a class run one
-function, and Dynamo traces it once (twice: the last layer has no next layer's norm to run in
-its down_proj, forward_add_norm) and reuses the graph for every other layer, whose weights are
-the graph's inputs. Tracing all 32 layers of an
+function, and Dynamo traces it once and reuses the graph for every other layer, whose weights
+are the graph's inputs; again for the last layer (it has no next layer's norm to run in its
+down_proj: forward_add_norm), and for the first where its input norm's sums are narrower than
+a down_proj's (rms_norm_rows writes one column, a fused down_proj one a tile: models of more than
+one tile of hidden features). Tracing all 32 layers of an
 8B model took 5-6 s of every start, warm compile cache or not. The embedding, the final norm and
 the loop between layers run eagerly (a gather, a norm, Python: as fast as compiled); decode runs
 as CUDA graphs over the whole forward anyway.
@@ -105,8 +107,8 @@ def compile_layers(layers: Iterable[nn.Module], backend: Callable[..., Any]) -> 
 
 
 class _CompiledLayer:
-    """A decoder layer's forward(positions, hidden_states, residual) through its class's
-    compiled function; one token runs the layer's own (eager) forward."""
+    """A decoder layer's forward(positions, x, residual, ...) through its class's compiled
+    function; one token runs the layer's own (eager) forward."""
 
     def __init__(self, layer: nn.Module, compiled: Callable[..., Any]) -> None:
         self.eager = layer.forward  # bound, or a --mark-trace wrapper of it

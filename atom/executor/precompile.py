@@ -99,7 +99,7 @@ class Precompile:
                         self._calls += 1
                     self._calls += project_stand_in(layer, shapes)
                 for weight, gated, norm_after, normed_input in distinct_weights(weights):
-                    self._calls += norm_stand_in(weight, norm_after, normed_input)
+                    self._calls += norm_stand_in(weight, norm_after, normed_input, gated)
                     buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
                     for rows in buckets if MAX_M in buckets else (1, *buckets):
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
@@ -196,10 +196,13 @@ def distinct_weights(weights: Iterable[Weight]) -> Iterator[Weight]:
             yield item
 
 
-def norm_stand_in(weight: torch.Tensor, norm_after: bool, normed_input: bool) -> int:
+def norm_stand_in(
+    weight: torch.Tensor, norm_after: bool, normed_input: bool, gated: bool = False
+) -> int:
     """The deferred norm's 1-16-row launches of this weight on stand-ins of one row (one variant
     serves 1-16 rows): with the residual add and norm in its epilogue (norm_after), and its sums
-    scaled by a norm's 1/rms (normed_input). How many launched."""
+    scaled by a norm's 1/rms (normed_input; gated: the SiLU-fused launch where it takes one).
+    How many launched."""
     x = torch.empty((1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
     launched = 0
     if norm_after and ops.defers_norm(x):
@@ -207,9 +210,14 @@ def norm_stand_in(weight: torch.Tensor, norm_after: bool, normed_input: bool) ->
         norm_weight = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
         ops.linear_add_rms_norm(x, weight, None, residual, norm_weight, 1e-6)
         launched += 1
-    if normed_input and ops.defers_norm(x) and linear_config(1, weight) is not None:
+    if normed_input and ops.defers_norm(x):
         sumsq = torch.empty((1, 1), dtype=torch.float32, device=weight.device)
-        ops.small_batch_linear(x, weight, None, (sumsq, 1e-6))
+        if gated and linear_config(1, weight, gated=True) is not None:
+            ops.small_batch_linear_silu_and_mul(x, weight, (sumsq, 1e-6))
+        elif linear_config(1, weight) is not None:
+            ops.small_batch_linear(x, weight, None, (sumsq, 1e-6))
+        else:
+            return launched
         launched += 1
     return launched
 

@@ -81,12 +81,17 @@ NORM_ENV = "ATOM_GEMV_NORM"
 _NORM = os.environ.get(NORM_ENV, "1") != "0"
 
 
+_NORM_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def defers_norm(x: Tensor) -> bool:
     """Whether an RMSNorm over x's rows leaves its 1/rms to the linear layer after it: 1 to
-    gemv.MAX_M rows on CUDA with gemv on. The norms (rms_norm_rows, linear_add_rms_norm) and
-    the linear layers after them (linear with sums, the fused qkv projection) ask it of the same
-    rows, inside their opaque ops: the answer is no guard on a compiled graph."""
-    if not (_GEMV and _NORM and x.is_cuda) or x.dtype not in _GEMV_DTYPES:
+    gemv.MAX_M rows on CUDA with gemv on, bfloat16 or float32 (a deferred norm stores r * w
+    unscaled, which float16's range may not hold). The norms (rms_norm_rows,
+    linear_add_rms_norm) and the linear layers after them (linear with sums, the fused qkv
+    projection) ask it of the same rows, inside their opaque ops: the answer is no guard on a
+    compiled graph."""
+    if not (_GEMV and _NORM and x.is_cuda) or x.dtype not in _NORM_DTYPES:
         return False
     k = x.shape[-1]
     return 0 < (x.numel() // k if k else 0) <= _gemv.MAX_M
@@ -282,13 +287,15 @@ def small_batch_linear(
 
 @torch.library.custom_op("atom::linear", mutates_args=())
 def _linear_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, sumsq: Tensor | None, eps: float
+    x: Tensor, weight: Tensor, bias: Tensor | None, sumsq: Tensor | None = None, eps: float = 0.0
 ) -> Tensor:
     return small_batch_linear(x, weight, bias, _row_scale(x, sumsq, eps))
 
 
 @_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, sumsq: Tensor | None, eps: float) -> Tensor:
+def _(
+    x: Tensor, weight: Tensor, bias: Tensor | None, sumsq: Tensor | None = None, eps: float = 0.0
+) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -331,12 +338,14 @@ def small_batch_linear_silu_and_mul(
 
 
 @torch.library.custom_op("atom::linear_silu_and_mul", mutates_args=())
-def _linear_silu_and_mul_op(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float) -> Tensor:
+def _linear_silu_and_mul_op(
+    x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: float = 0.0
+) -> Tensor:
     return small_batch_linear_silu_and_mul(x, weight, _row_scale(x, sumsq, eps))
 
 
 @_linear_silu_and_mul_op.register_fake
-def _(x: Tensor, weight: Tensor, sumsq: Tensor | None, eps: float) -> Tensor:
+def _(x: Tensor, weight: Tensor, sumsq: Tensor | None = None, eps: float = 0.0) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
 
 

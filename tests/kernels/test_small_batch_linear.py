@@ -86,9 +86,9 @@ def test_gated_pair_where_the_table_says_so(monkeypatch: pytest.MonkeyPatch) -> 
     launches = []
     gemv = ops._gemv.gemv
 
-    def recorded(*args: object, gated: bool = False) -> torch.Tensor:
+    def recorded(*args: object, gated: bool = False, **kwargs: object) -> torch.Tensor:
         launches.append((args[2], gated))
-        return gemv(*args, gated=gated)
+        return gemv(*args, gated=gated, **kwargs)
 
     monkeypatch.setattr(ops._gemv, "gemv", recorded)
     x, w = _randn(3, 48, seed=1), _randn(2 * 20, 48, seed=2) * 0.1
