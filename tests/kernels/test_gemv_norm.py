@@ -23,31 +23,9 @@ from atom.kernels.gemv_norm import (
     parts,
 )
 from atom.kernels.rms_norm import deferred_rms_norm, fused_add_rms_norm_ref, rms_norm_ref
+from tests.kernels.test_gemv import DEVICE, DTYPES, TOL, _randn, descriptors  # noqa: F401
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=2e-2, rtol=2e-2),
-    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
-}
-# The interpreter mishandles bfloat16: that case runs on a GPU only.
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="GPU only")),
-]
 EPS = 1e-5
-
-
-def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
-
-
-@pytest.fixture(params=[True, False], ids=["descriptor", "pointers"])
-def descriptors(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(gemv_module, "DESCRIPTORS", request.param)
-    return request.param
 
 
 # (M, N, K): N past a whole number of tiles; K of several tiles and splits
@@ -61,8 +39,9 @@ TILES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tile", TILES, ids=["unsplit", "split3"])
+@pytest.mark.usefixtures("descriptors")  # weight tiles through descriptors, then pointers
 def test_gemv_add_rms_norm(
-    dtype: torch.dtype, shape: tuple[int, int, int], tile: GemvConfig, descriptors: bool,
+    dtype: torch.dtype, shape: tuple[int, int, int], tile: GemvConfig,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     m, n, k = shape
