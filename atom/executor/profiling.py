@@ -46,8 +46,8 @@ def capture_warmup_label(size: int) -> str:
 def tag_modules(root: nn.Module, prefix: str = "") -> int:
     """Wraps the forward of every submodule of `root` (and root itself when prefix is given) in
     a record_function named after its path, and the methods a module names in
-    `traced_methods` (RMSNorm's rows and after, which models call instead of forward). Returns
-    the number of modules tagged."""
+    `traced_methods` (RMSNorm.rows and RowParallelLinear.forward_add_norm, which models call
+    instead of forward). Returns the number of modules tagged."""
     count = 0
     for name, module in root.named_modules(prefix=prefix):
         if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
