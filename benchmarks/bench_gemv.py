@@ -30,7 +30,8 @@ plain table kept.
 --gated times the MLP's gate/up GEMM and SiLU-and-mul of each --tune shape set (the two models, the
 8B's -tp 2 share) at 1, 8 and 16 rows where gemv runs the GEMM, with the tile linear_config
 picks, as CUDA graphs over cold weight copies: the pair (gemv or cuBLAS, then the SiLU-and-mul
-kernel) against gemv's gated launch (ops.small_batch_linear_silu_and_mul with ATOM_GEMV_SILU=1).
+kernel) against gemv's gated launch (linear_ops.small_batch_linear_silu_and_mul with
+ATOM_GEMV_SILU=1).
 Launched without PDL, as --tune: back to back with PDL, each gated launch's programs waited on the
 SMs the one before needed, and the 8B's took 84 us against 58 us plain, while in the engine (a
 norm, then down-proj beside it) the step moved by 1% either way (RESULTS, thirty-first sitting).
@@ -67,7 +68,7 @@ from atom.kernels.gemv import (
     shape_key,
 )
 from atom.kernels.launch import plain_launches
-from atom.kernels.ops import small_batch_linear, small_batch_linear_silu_and_mul
+from atom.kernels.linear_ops import small_batch_linear, small_batch_linear_silu_and_mul
 from atom.kernels.silu_and_mul import silu_and_mul
 
 HIDDEN, INTER = 4096, 14336

@@ -117,17 +117,18 @@ class _CompiledLayer:
         self.marked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # every tensor argument, also inside tuples (NormedRows)
-        leaves = pytree.tree_leaves((args, kwargs))
-        tensors = [a for a in leaves if isinstance(a, Tensor)]
-        if tensors[0].shape[0] <= 1:
+        positions = next(a for a in args if isinstance(a, Tensor))  # the first argument, [T]
+        if positions.shape[0] <= 1:
             return self.eager(*args, **kwargs)
         if not self.marked:
             # The first compiled call traces (or finds) the graph with a symbolic token count;
             # later calls of any count >= 2 match it unmarked. mark_dynamic costs ~0.1 ms a call:
             # 3 per layer on every eager forward was milliseconds of each prefill's host time.
-            for t in tensors:  # every tensor is token-major: [T] positions, [T, H] states
-                torch._dynamo.mark_dynamic(t, 0)
+            # Every tensor, also inside tuples (NormedRows), is token-major: [T] positions,
+            # [T, H] states, [T, parts] a norm's sums.
+            for t in pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor):
+                    torch._dynamo.mark_dynamic(t, 0)
             self.marked = True
         return self.compiled(self.layer, *args, **kwargs)
 

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 from atom.executor.forward_context import AttentionMetadata
-from atom.kernels import ops
+from atom.kernels import linear_ops
 from atom.kernels.attention_config import (
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
@@ -105,9 +105,9 @@ class Precompile:
                         x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
                                         device=weight.device)  # fmt: skip
                         if gated and linear_config(rows, weight, gated=True) is not None:
-                            ops.small_batch_linear_silu_and_mul(x, weight)
+                            linear_ops.small_batch_linear_silu_and_mul(x, weight)
                         elif linear_config(rows, weight) is not None:
-                            ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
+                            linear_ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
                         else:
                             continue  # cuBLAS
                         self._calls += 1
@@ -141,9 +141,9 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
     without it)."""
     layers = [m for m in model.modules() if type(m) is Attention]  # not MLA
     weights = []
-    if ops._GEMV:
+    if linear_ops._GEMV:
         # A gated MLP's gate/up weight launches the fused SiLU variant when that is on.
-        fused = ops._GEMV_SILU
+        fused = linear_ops._GEMV_SILU
         # An attention layer's qkv projection: its row-scaled launch is project_stand_in's.
         projections = {id(layer.qkv[0]) for layer in layers if layer.qkv is not None}
         weights = [Weight(m.weight, fused and isinstance(m, GateUpSiluLinear) and m.bias is None,
@@ -205,17 +205,17 @@ def norm_stand_in(
     How many launched."""
     x = torch.empty((1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
     launched = 0
-    if norm_after and ops.defers_norm(x):
+    if norm_after and linear_ops.defers_norm(x):
         residual = torch.empty((1, weight.shape[0]), dtype=weight.dtype, device=weight.device)
         norm_weight = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-        ops.linear_add_rms_norm(x, weight, None, residual, norm_weight, 1e-6)
+        linear_ops.linear_add_rms_norm(x, weight, None, residual, norm_weight, 1e-6)
         launched += 1
-    if normed_input and ops.defers_norm(x):
+    if normed_input and linear_ops.defers_norm(x):
         sumsq = torch.empty((1, 1), dtype=torch.float32, device=weight.device)
         if gated and linear_config(1, weight, gated=True) is not None:
-            ops.small_batch_linear_silu_and_mul(x, weight, (sumsq, 1e-6))
+            linear_ops.small_batch_linear_silu_and_mul(x, weight, (sumsq, 1e-6))
         elif linear_config(1, weight) is not None:
-            ops.small_batch_linear(x, weight, None, (sumsq, 1e-6))
+            linear_ops.small_batch_linear(x, weight, None, (sumsq, 1e-6))
         else:
             return launched
         launched += 1
@@ -286,7 +286,7 @@ def project_stand_in(layer: Attention, shapes: StandIn) -> bool:
     positions = torch.zeros(1, dtype=torch.int64, device=shapes.device)
     slots = torch.full((1,), -1, dtype=torch.int64, device=shapes.device)
     sumsq = None  # the input norm's deferred scale, where the model defers it
-    if getattr(layer.qkv[0], "normed_input", False):
+    if layer.qkv[0].normed_input:
         sumsq = torch.empty((1, 1), dtype=torch.float32, device=shapes.device)
     layer.project_into_cache(x, positions, cache, slots, sumsq, 1e-6)
     return True

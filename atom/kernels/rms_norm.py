@@ -102,8 +102,8 @@ def norm_outputs(
 ) -> tuple[Tensor, Tensor | None]:
     """The launchers' outputs, after checking their inputs: the normalised rows, contiguous in
     the promoted dtype of x and the weight (a float32 weight over bf16 rows gives float32), and
-    with a residual the contiguous sum in x's dtype. Also the opaque ops' fakes (ops.py): the
-    dtype a compiled graph assumes must be the one the kernel writes."""
+    with a residual the contiguous sum in x's dtype. Also the opaque ops' fakes (ops.py,
+    linear_ops.py): the dtype a compiled graph assumes must be the one the kernel writes."""
     n = x.shape[-1]
     if weight.shape != (n,):
         raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {n}")

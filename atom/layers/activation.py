@@ -1,5 +1,5 @@
 """Gated activations: the hidden_act names GatedMLP computes as SiLU-and-mul (the op after the
-gate/up GEMM, or fused into it: ops.linear_silu_and_mul)."""
+gate/up GEMM, or fused into it: linear_ops.linear_silu_and_mul)."""
 
 from __future__ import annotations
 

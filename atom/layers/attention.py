@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from atom.distributed import tp_rank, tp_world_size
 from atom.executor.forward_context import AttentionMetadata, get_forward_context
-from atom.kernels import ops
+from atom.kernels import linear_ops, ops
 from atom.kernels.attention_config import DecodeKind, padded_head_dim
 from atom.kernels.paged_attention import sdpa
 from atom.layers.norm import NormedRows, RMSNorm
@@ -176,7 +176,7 @@ class Attention(nn.Module):
             q_norm.eps != k_norm.eps or not q_norm.weight.dtype == k_norm.weight.dtype == x.dtype
         ):
             return False
-        return ops.fuses_qkv_rope(
+        return linear_ops.fuses_qkv_rope(
             x, self.qkv[0].weight, self.head_dim, rotary.rotary_dim, rotary.is_neox_style
         )
 
@@ -194,7 +194,7 @@ class Attention(nn.Module):
         assert self.qkv is not None and self.rope is not None
         rotary, q_norm, k_norm = self.rope
         norm = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
-        return ops.gemv_rope_and_cache(
+        return linear_ops.gemv_rope_and_cache(
             x, self.qkv[0].weight, positions, kv_cache, slot_mapping, rotary.cos_sin_cache,
             self.num_heads, self.num_kv_heads, self.k_scale, self.v_scale, norm, sumsq, eps,
         )  # fmt: skip

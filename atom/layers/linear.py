@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from atom.distributed import all_reduce, tp_rank, tp_world_size
-from atom.kernels import ops
+from atom.kernels import linear_ops
 from atom.layers.norm import NormedRows
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class LinearBase(nn.Module):
     def forward(self, x: Tensor | NormedRows) -> Tensor:
         """x: rows, or an RMSNorm's (NormedRows: their deferred scale applied here)."""
         if isinstance(x, NormedRows):
-            return ops.linear(x.rows, self.weight, self.bias, x.sumsq, x.eps)
-        return ops.linear(x, self.weight, self.bias)
+            return linear_ops.linear(x.rows, self.weight, self.bias, x.sumsq, x.eps)
+        return linear_ops.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -143,7 +143,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = self.bias if self.tp_rank == 0 else None
-        return all_reduce(ops.linear(x, self.weight, bias))
+        return all_reduce(linear_ops.linear(x, self.weight, bias))
 
     def forward_add_norm(
         self, x: Tensor, residual: Tensor, norm: RMSNorm
@@ -153,9 +153,11 @@ class RowParallelLinear(LinearBase):
         norm's 1/rms left to the next layer's (kernels/gemv_norm.py); over several ranks the
         norm runs after the all-reduce."""
         if self.tp_size > 1:
-            h, residual, sumsq = ops.add_rms_norm_rows(self(x), residual, norm.weight, norm.eps)
+            h, residual, sumsq = linear_ops.add_rms_norm_rows(
+                self(x), residual, norm.weight, norm.eps
+            )
         else:
-            h, residual, sumsq = ops.linear_add_rms_norm(
+            h, residual, sumsq = linear_ops.linear_add_rms_norm(
                 x, self.weight, self.bias, residual, norm.weight, norm.eps
             )
         return NormedRows(h, sumsq, norm.eps), residual

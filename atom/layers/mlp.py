@@ -1,12 +1,12 @@
 """The gated MLP of Llama-style models: down(silu(gate(x)) * up(x)), the gate/up GEMM and its
-SiLU-and-mul one module and one op (ops.linear_silu_and_mul: one kernel where gemv runs the
+SiLU-and-mul one module and one op (linear_ops.linear_silu_and_mul: one kernel where gemv runs the
 GEMM and ATOM_GEMV_SILU=1)."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from atom.kernels import ops
+from atom.kernels import linear_ops
 from atom.layers.activation import check_gated_act
 from atom.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from atom.layers.norm import NormedRows
@@ -21,8 +21,8 @@ class GateUpSiluLinear(MergedColumnParallelLinear):
 
     def forward(self, x: Tensor | NormedRows) -> Tensor:
         if isinstance(x, NormedRows):
-            return ops.linear_silu_and_mul(x.rows, self.weight, self.bias, x.sumsq, x.eps)
-        return ops.linear_silu_and_mul(x, self.weight, self.bias)
+            return linear_ops.linear_silu_and_mul(x.rows, self.weight, self.bias, x.sumsq, x.eps)
+        return linear_ops.linear_silu_and_mul(x, self.weight, self.bias)
 
 
 class GatedMLP(nn.Module):

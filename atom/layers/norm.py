@@ -10,14 +10,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from atom.kernels import ops
+from atom.kernels import linear_ops, ops
 
 
 class NormedRows(NamedTuple):
     """An RMSNorm's output for the linear layer after it (linear layers and the attention's qkv
-    projection take it): the normed rows, or where ops.defers_norm (1-16 rows on CUDA) the rows
-    times the norm's weight with their float32 sums of squares, which the linear layer turns
-    into each row's 1/rms and applies to its sums."""
+    projection take it): the normed rows, or where linear_ops.defers_norm (1-16 rows on CUDA)
+    the rows times the norm's weight with their float32 sums of squares, which the linear layer
+    turns into each row's 1/rms and applies to its sums."""
 
     rows: Tensor
     sumsq: Tensor
@@ -44,4 +44,4 @@ class RMSNorm(nn.Module):
 
     def rows(self, x: Tensor) -> NormedRows:
         """norm(x) for a linear layer after it."""
-        return NormedRows(*ops.rms_norm_rows(x, self.weight, self.eps), self.eps)
+        return NormedRows(*linear_ops.rms_norm_rows(x, self.weight, self.eps), self.eps)

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
-from atom.kernels import launch, ops
+from atom.kernels import launch, linear_ops, ops
 from atom.kernels.gemv import MAX_M, MAX_TUNED_M, GemvConfig
 from tests.gpu.conftest import SMALL_ENGINE
 
@@ -59,17 +59,17 @@ def _tokens(checkpoint: Path, num_prompts: int = 6) -> list[list[int]]:
 
 def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    kernel = ops.small_batch_linear
+    kernel = linear_ops.small_batch_linear
 
     def counted(*args: object) -> torch.Tensor:
         if not launch._COMPILE_ONLY.get():  # not the start-up precompile's stand-in launches
             calls.append(1)
         return kernel(*args)
 
-    monkeypatch.setattr(ops, "_GEMV", False)
+    monkeypatch.setattr(linear_ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
-    monkeypatch.setattr(ops, "_GEMV", True)
-    monkeypatch.setattr(ops, "small_batch_linear", counted)
+    monkeypatch.setattr(linear_ops, "_GEMV", True)
+    monkeypatch.setattr(linear_ops, "small_batch_linear", counted)
     assert _tokens(checkpoint) == baseline
     assert calls, "the small-batch path never ran"
 
@@ -77,7 +77,7 @@ def test_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 def _gemv_launches_where(
     monkeypatch: pytest.MonkeyPatch,
     wanted: Callable[[dict[str, Any]], bool],
-    module: Any = ops._gemv,
+    module: Any = linear_ops._gemv,
 ) -> list[int]:
     """From now on, one entry per real launch of the module's kernels (gemv.py's by default; not
     the precompile's compile-only stand-ins) whose keyword arguments `wanted` accepts."""
@@ -95,10 +95,10 @@ def _gemv_launches_where(
 
 def test_gated_gemv_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The MLP's gate/up GEMM and SiLU-and-mul in one gemv launch (ATOM_GEMV_SILU=1)."""
-    monkeypatch.setattr(ops, "_GEMV", False)
+    monkeypatch.setattr(linear_ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
-    monkeypatch.setattr(ops, "_GEMV", True)
-    monkeypatch.setattr(ops, "_GEMV_SILU", True)
+    monkeypatch.setattr(linear_ops, "_GEMV", True)
+    monkeypatch.setattr(linear_ops, "_GEMV_SILU", True)
     gated = _gemv_launches_where(monkeypatch, lambda kwargs: bool(kwargs.get("GATED")))
     assert _tokens(checkpoint) == baseline
     assert gated, "no gated gemv launch"
@@ -110,10 +110,10 @@ def test_x_through_a_descriptor_changes_no_token(
     """ATOM_GEMV_X_DESC_ROWS=16: x's tiles through a descriptor at 1-16 rows as well."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm90")
-    monkeypatch.setattr(ops, "_GEMV", False)
+    monkeypatch.setattr(linear_ops, "_GEMV", False)
     baseline = _tokens(checkpoint)
-    monkeypatch.setattr(ops, "_GEMV", True)
-    monkeypatch.setattr(ops._gemv, "X_DESC_ROWS", MAX_M)
+    monkeypatch.setattr(linear_ops, "_GEMV", True)
+    monkeypatch.setattr(linear_ops._gemv, "X_DESC_ROWS", MAX_M)
     x_desc = _gemv_launches_where(
         monkeypatch, lambda kwargs: bool(kwargs.get("X_DESC")) and kwargs.get("BLOCK_M") == MAX_M
     )
@@ -126,11 +126,11 @@ def test_rope_epilogue_changes_no_token(checkpoint: Path, monkeypatch: pytest.Mo
     (kernels/gemv_rope.py) against gemv, then rotary_and_cache."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm90")
-    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, ops._gemv_rope)
-    monkeypatch.setattr(ops._gemv_rope, "ROPE", "0")
+    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, linear_ops._gemv_rope)
+    monkeypatch.setattr(linear_ops._gemv_rope, "ROPE", "0")
     baseline = _tokens(checkpoint)
     assert not fused
-    monkeypatch.setattr(ops._gemv_rope, "ROPE", "1")
+    monkeypatch.setattr(linear_ops._gemv_rope, "ROPE", "1")
     assert _tokens(checkpoint) == baseline
     assert fused, "no qkv projection took the fused epilogue"
 
@@ -142,13 +142,13 @@ def test_deferred_norm_changes_no_token(
     """RMSNorm at 1-16 rows in the GEMMs around it (kernels/gemv_norm.py): the residual add and
     the sums in o_proj's and down_proj's epilogue, the 1/rms in gate/up's (gated or not) and the
     qkv projection's, against the norm kernels apart (ATOM_GEMV_NORM=0)."""
-    monkeypatch.setattr(ops, "_GEMV_SILU", gated)
-    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, ops._gemv_norm)
+    monkeypatch.setattr(linear_ops, "_GEMV_SILU", gated)
+    fused = _gemv_launches_where(monkeypatch, lambda kwargs: True, linear_ops._gemv_norm)
     scaled = _gemv_launches_where(monkeypatch, lambda kwargs: bool(kwargs.get("ROW_SCALE")))
-    monkeypatch.setattr(ops, "_NORM", False)
+    monkeypatch.setattr(linear_ops, "_NORM", False)
     baseline = _tokens(checkpoint)
     assert not fused and not scaled
-    monkeypatch.setattr(ops, "_NORM", True)
+    monkeypatch.setattr(linear_ops, "_NORM", True)
     assert _tokens(checkpoint) == baseline
     assert fused and scaled, "no launch took the deferred norm"
 
@@ -159,7 +159,7 @@ def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyP
     rows_tiled = []
     tile = GemvConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, block_m=32)
 
-    chosen = ops._gemv.linear_config
+    chosen = linear_ops._gemv.linear_config
 
     def forced(rows: int, weight: torch.Tensor, gated: bool = False) -> GemvConfig | None:
         if launch._COMPILE_ONLY.get():
@@ -169,10 +169,10 @@ def test_row_tiles_change_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyP
             return tile
         return chosen(rows, weight, gated)
 
-    monkeypatch.setattr(ops, "_GEMV", False)
+    monkeypatch.setattr(linear_ops, "_GEMV", False)
     baseline = _tokens(checkpoint, num_prompts=40)
-    monkeypatch.setattr(ops, "_GEMV", True)
-    monkeypatch.setattr(ops._gemv, "linear_config", forced)
+    monkeypatch.setattr(linear_ops, "_GEMV", True)
+    monkeypatch.setattr(linear_ops._gemv, "linear_config", forced)
     assert _tokens(checkpoint, num_prompts=40) == baseline
     assert 48 in rows_tiled, sorted(set(rows_tiled))
 
@@ -189,7 +189,14 @@ def test_pdl_changes_no_token(checkpoint: Path, monkeypatch: pytest.MonkeyPatch)
             launches.append(bool(kwargs.get("PDL")))
         plain(kernel, grid, *args, **kwargs)
 
-    for module in (ops._attention, ops._gemv, ops._gemv_rope, ops._norm, ops._rotary, ops._silu):
+    for module in (
+        ops._attention,
+        linear_ops._gemv,
+        linear_ops._gemv_rope,
+        ops._norm,
+        ops._rotary,
+        ops._silu,
+    ):
         monkeypatch.setattr(module, "launch", counted)
     monkeypatch.setattr(launch, "_PDL", False)
     baseline = _tokens(checkpoint)

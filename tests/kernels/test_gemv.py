@@ -284,10 +284,10 @@ for dt, (w_desc, x_desc, bm), split, gated, scale in itertools.product(
 """
 
 
-# The gated variant of every tile of the tuned table (ops.linear_silu_and_mul takes the table's
-# gated tile of the gate/up weight, else its plain tile with K halved), and every 1-16-row tile
-# plain and gated with x's tiles through a descriptor (ATOM_GEMV_X_DESC_ROWS=16), bf16, compiled
-# for sm90: their shared memory fits an H100/H200's 227 KB.
+# The gated variant of every tile of the tuned table (linear_ops.linear_silu_and_mul takes the
+# table's gated tile of the gate/up weight, else its plain tile with K halved), and every 1-16-row
+# tile plain and gated with x's tiles through a descriptor (ATOM_GEMV_X_DESC_ROWS=16), bf16,
+# compiled for sm90: their shared memory fits an H100/H200's 227 KB.
 _TABLE_TILES = """
 import json, triton
 from triton.backends.compiler import GPUTarget

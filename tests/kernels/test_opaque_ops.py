@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atom.kernels import ops  # registers the ops
+from atom.kernels import linear_ops  # registers the ops
 from atom.kernels.gemv import MAX_M
 from atom.kernels.gemv_norm import parts
 from atom.kernels.rms_norm import fused_add_rms_norm_ref, rms_norm_ref
@@ -83,7 +83,7 @@ def test_silu_and_mul_fake_rejects_odd_width() -> None:
 @pytest.fixture
 def decode_rows_defer(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ops decides on CUDA: norms of 1-16 rows defer (kernels/gemv_norm.py)."""
-    monkeypatch.setattr(ops, "defers_norm", lambda x: 0 < x.numel() // x.shape[-1] <= MAX_M)
+    monkeypatch.setattr(linear_ops, "defers_norm", lambda x: 0 < x.numel() // x.shape[-1] <= MAX_M)
 
 
 # Past 16 rows the sums are not written: the checks that compare outputs are left out there.

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atom.kernels import ops
+from atom.kernels import linear_ops
 from atom.kernels.gemv import MAX_M, GemvConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,18 +28,18 @@ def _randn(*shape: int, seed: int) -> torch.Tensor:
 def test_matches_f_linear(shape: tuple[int, ...], with_bias: bool) -> None:
     x, w = _randn(*shape, seed=1), _randn(40, 48, seed=2) * 0.1
     bias = _randn(40, seed=3) if with_bias else None
-    out = ops.small_batch_linear(x, w, bias)
+    out = linear_ops.small_batch_linear(x, w, bias)
     assert out.shape == (*shape[:-1], 40)
     torch.testing.assert_close(out, F.linear(x, w, bias), atol=1e-4, rtol=1e-4)
 
 
 def test_on_by_default_and_plain_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ops._GEMV or os.environ.get(ops.GEMV_ENV) == "0"
+    assert linear_ops._GEMV or os.environ.get(linear_ops.GEMV_ENV) == "0"
     calls = []
-    monkeypatch.setattr(ops, "small_batch_linear", lambda *a: calls.append(a))
+    monkeypatch.setattr(linear_ops, "small_batch_linear", lambda *a: calls.append(a))
     x, w = torch.randn(2, 8), torch.randn(4, 8)
-    monkeypatch.setattr(ops, "_GEMV", True)
-    torch.testing.assert_close(ops.linear(x, w, None), F.linear(x, w))  # a CPU tensor
+    monkeypatch.setattr(linear_ops, "_GEMV", True)
+    torch.testing.assert_close(linear_ops.linear(x, w, None), F.linear(x, w))  # a CPU tensor
     assert not calls
 
 
@@ -72,7 +72,7 @@ def test_gated_matches_silu_of_f_linear(shape: tuple[int, ...]) -> None:
     """gemv's gated launch up to MAX_M rows (the interpreter without a GPU), F.linear and the
     SiLU-and-mul kernel past them."""
     x, w = _randn(*shape, seed=1), _randn(2 * 20, 48, seed=2) * 0.1
-    out = ops.small_batch_linear_silu_and_mul(x, w)
+    out = linear_ops.small_batch_linear_silu_and_mul(x, w)
     assert out.shape == (*shape[:-1], 20)
     torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
 
@@ -81,18 +81,18 @@ def test_gated_pair_where_the_table_says_so(monkeypatch: pytest.MonkeyPatch) -> 
     """Where linear_config gives no gated tile but a plain one (the table's gated entry null:
     the pair won), gemv's plain launch and the SiLU-and-mul kernel run."""
     plain = GemvConfig(16, 32, 4, 2)
-    monkeypatch.setattr(ops._gemv, "linear_config",
+    monkeypatch.setattr(linear_ops._gemv, "linear_config",
                         lambda rows, w, gated=False: None if gated else plain)  # fmt: skip
     launches = []
-    gemv = ops._gemv.gemv
+    gemv = linear_ops._gemv.gemv
 
     def recorded(*args: object, gated: bool = False, **kwargs: object) -> torch.Tensor:
         launches.append((args[2], gated))
         return gemv(*args, gated=gated, **kwargs)
 
-    monkeypatch.setattr(ops._gemv, "gemv", recorded)
+    monkeypatch.setattr(linear_ops._gemv, "gemv", recorded)
     x, w = _randn(3, 48, seed=1), _randn(2 * 20, 48, seed=2) * 0.1
-    out = ops.small_batch_linear_silu_and_mul(x, w)
+    out = linear_ops.small_batch_linear_silu_and_mul(x, w)
     torch.testing.assert_close(out, _silu_and_mul(F.linear(x, w)), atol=1e-4, rtol=1e-4)
     assert launches == [(plain, False)]
 
@@ -101,12 +101,12 @@ def test_linear_silu_and_mul_off_by_default_and_plain_on_the_cpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Off by default (ATOM_GEMV_SILU=1 turns it on); on the CPU the two ops, a bias added."""
-    assert not ops._GEMV_SILU or os.environ.get(ops.GEMV_SILU_ENV) == "1"
+    assert not linear_ops._GEMV_SILU or os.environ.get(linear_ops.GEMV_SILU_ENV) == "1"
     calls = []
-    monkeypatch.setattr(ops, "small_batch_linear_silu_and_mul", lambda *a: calls.append(a))
-    monkeypatch.setattr(ops, "_GEMV_SILU", True)
+    monkeypatch.setattr(linear_ops, "small_batch_linear_silu_and_mul", lambda *a: calls.append(a))
+    monkeypatch.setattr(linear_ops, "_GEMV_SILU", True)
     x, w, bias = torch.randn(2, 8), torch.randn(6, 8), torch.randn(6)
-    torch.testing.assert_close(ops.linear_silu_and_mul(x, w, bias),
+    torch.testing.assert_close(linear_ops.linear_silu_and_mul(x, w, bias),
                                _silu_and_mul(F.linear(x, w, bias)))  # fmt: skip
     assert not calls
 

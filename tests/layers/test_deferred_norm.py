@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atom.kernels import gemv, gemv_norm, gemv_rope, ops
+from atom.kernels import gemv, gemv_norm, gemv_rope, linear_ops
 from atom.layers.linear import RowParallelLinear
 from atom.layers.norm import NormedRows, RMSNorm
 from tests.layers.test_qkv_projection import _checkpoint, _tokens
@@ -28,16 +28,16 @@ def _decode_rows(x: torch.Tensor) -> bool:
 def deferred(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Norms of 1-16 rows defer on the CPU; returns the row counts of the deferred norms after
     a linear layer."""
-    monkeypatch.setattr(ops, "defers_norm", _decode_rows)
+    monkeypatch.setattr(linear_ops, "defers_norm", _decode_rows)
     rows: list[int] = []
-    real = ops._linear_add_rms_norm_ref
+    real = linear_ops._linear_add_rms_norm_ref
 
     def counted(x: torch.Tensor, *args: Any) -> Any:
-        if ops.defers_norm(x):
+        if linear_ops.defers_norm(x):
             rows.append(x.shape[0])
         return real(x, *args)
 
-    monkeypatch.setattr(ops, "_linear_add_rms_norm_ref", counted)
+    monkeypatch.setattr(linear_ops, "_linear_add_rms_norm_ref", counted)
     return rows
 
 
@@ -46,19 +46,21 @@ def _kernels_on_the_cpu(monkeypatch: pytest.MonkeyPatch, rows: list[int]) -> Non
     the fused qkv projection with its row scale."""
 
     def add_norm(x: torch.Tensor, *args: Any) -> Any:
-        if ops.defers_norm(x):
+        if linear_ops.defers_norm(x):
             rows.append(x.shape[0])
-        return ops._linear_add_rms_norm(x, *args)
+        return linear_ops._linear_add_rms_norm(x, *args)
 
     def linear(
         x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, scale: Any
     ) -> torch.Tensor:
-        return F.linear(x, w, b) if scale is None else ops.small_batch_linear(x, w, b, scale)
+        return F.linear(x, w, b) if scale is None else linear_ops.small_batch_linear(x, w, b, scale)
 
-    monkeypatch.setattr(ops, "_linear_add_rms_norm_ref", add_norm)
-    monkeypatch.setattr(ops, "_linear_ref", linear)
+    monkeypatch.setattr(linear_ops, "_linear_add_rms_norm_ref", add_norm)
+    monkeypatch.setattr(linear_ops, "_linear_ref", linear)
     monkeypatch.setattr(
-        ops, "fuses_qkv_rope", lambda x, w, d, r, neox: gemv_rope.fuses(x.shape[0], w, d, r, neox)
+        linear_ops,
+        "fuses_qkv_rope",
+        lambda x, w, d, r, neox: gemv_rope.fuses(x.shape[0], w, d, r, neox),
     )
     monkeypatch.setattr(gemv_rope, "gemv_rope_and_cache_ref", gemv_rope.gemv_rope_and_cache)
 
@@ -74,7 +76,7 @@ def test_deferred_norm_changes_no_token(
 ) -> None:
     path = _checkpoint(family, tmp_path)
     with monkeypatch.context() as undeferred:
-        undeferred.setattr(ops, "defers_norm", lambda x: False)
+        undeferred.setattr(linear_ops, "defers_norm", lambda x: False)
         baseline = _tokens(path)
     if kernel == "triton":
         _kernels_on_the_cpu(monkeypatch, deferred)
@@ -102,7 +104,7 @@ def test_a_biased_projection_defers_its_norm_apart(
         widths.append(width or r.shape[-1])
         return real(r, w, width)
 
-    monkeypatch.setattr(ops, "defers_norm", _decode_rows)
+    monkeypatch.setattr(linear_ops, "defers_norm", _decode_rows)
     monkeypatch.setattr(gemv_norm, "deferred_norm_ref", counted)
     assert _tokens(tmp_path) == baseline
     assert config.hidden_size in widths  # the biased o_proj's and the first layer's norms
@@ -110,9 +112,9 @@ def test_a_biased_projection_defers_its_norm_apart(
 
 def test_norm_after_an_all_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
     """forward_add_norm over several ranks: the linear layer (its all-reduce), then
-    ops.add_rms_norm_rows; the deferred rows through the next linear layer equal the normed rows
-    through it; past 16 rows the rows are normed."""
-    monkeypatch.setattr(ops, "defers_norm", _decode_rows)
+    linear_ops.add_rms_norm_rows; the deferred rows through the next linear layer equal the
+    normed rows through it; past 16 rows the rows are normed."""
+    monkeypatch.setattr(linear_ops, "defers_norm", _decode_rows)
     gen = torch.Generator().manual_seed(0)
     norm = RMSNorm(48, 1e-5)
     norm.weight.data = torch.rand(48, generator=gen) + 0.5
@@ -125,7 +127,7 @@ def test_norm_after_an_all_reduce(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(normed, NormedRows) and normed.sumsq.shape == (3, 1)
     expected, expected_stream = norm(linear(x), residual)
     torch.testing.assert_close(stream, expected_stream)
-    y = ops.linear(normed.rows, w_next, None, normed.sumsq, normed.eps)
+    y = linear_ops.linear(normed.rows, w_next, None, normed.sumsq, normed.eps)
     torch.testing.assert_close(y, F.linear(expected, w_next), atol=1e-5, rtol=1e-5)
     many, many_res = torch.randn(40, 32, generator=gen), torch.randn(40, 48, generator=gen)
     normed, _ = linear.forward_add_norm(many, many_res, norm)

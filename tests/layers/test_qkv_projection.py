@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from atom import LLM, SamplingParams
-from atom.kernels import gemv_rope, ops
+from atom.kernels import gemv_rope, linear_ops
 from atom.layers.attention import Attention
 from atom.layers.linear import QKVParallelLinear
 from atom.layers.norm import RMSNorm
@@ -70,7 +70,9 @@ def test_fused_projection_changes_no_token(
 
     # What ops decides on CUDA, here: steps of 1-16 tokens (decodes, short prompts) fuse.
     monkeypatch.setattr(
-        ops, "fuses_qkv_rope", lambda x, w, d, r, neox: gemv_rope.fuses(x.shape[0], w, d, r, neox)
+        linear_ops,
+        "fuses_qkv_rope",
+        lambda x, w, d, r, neox: gemv_rope.fuses(x.shape[0], w, d, r, neox),
     )
     monkeypatch.setattr(gemv_rope, "gemv_rope_and_cache_ref", counted)
     assert _tokens(path) == baseline
@@ -86,7 +88,7 @@ def _layer(bias: bool = False, norms: tuple[float, float] | None = None) -> Atte
 
 
 def test_what_fuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "fuses_qkv_rope", lambda *args: True)  # as on CUDA
+    monkeypatch.setattr(linear_ops, "fuses_qkv_rope", lambda *args: True)  # as on CUDA
     x = torch.zeros(2, 32)
     assert _layer().fuses_projection(x)
     assert _layer(norms=(1e-6, 1e-6)).fuses_projection(x)
