@@ -225,9 +225,9 @@ def norm_stand_in(
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
     """The metadata of steps covering every launch configuration: one-sequence decodes at
     contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, decodes whose programs cover every SM
-    twice (never split) over short and longer contexts (attention_config.short_decode_tiles), a
-    one-sequence decode over a short context (split, short tiles), then one sequence of each of
-    QUERY_LENS. Slots are -1 (nothing would be written) and the
+    twice (never split) over short and longer contexts (attention_config.short_decode_tiles),
+    decodes of few sequences over short contexts (split or not, 64- or 128-key tiles), then one
+    sequence of each of QUERY_LENS. Slots are -1 (nothing would be written) and the
     block tables zeros: nothing runs anyway."""
     splits = [1 << i for i in range(MAX_SPLITS.bit_length())]  # 1, 2, 4, ... MAX_SPLITS
     # A context of (s + 1) * MIN_TOKENS_PER_SPLIT - 1 tokens picks s splits at batch 1 when s is a
@@ -235,7 +235,14 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
     many = 2 * num_sms(device)  # sequences: programs enough at any number of KV heads
     steps = [(1, 1, c) for c in contexts] + [(many, 1, 1), (many, 1, SHORT_CONTEXT + 1)]
-    steps.append((1, 1, SHORT_CONTEXT))  # a short decode's splits (short tiles, split)
+    # A short decode's tiles, split and not (attention_config.short_split_tokens): one sequence
+    # (the fewest programs: the shortest splits and tiles); for 1-16 KV heads, sequences whose
+    # programs fill just over an eighth of the SMs (longer splits); unsplit, sequences whose
+    # programs fill more than an eighth at 1-64 KV heads (3: from 8, a quarter of the SMs: 1-7).
+    eighth = num_sms(device) // 8
+    steps += [(1, 1, SHORT_CONTEXT)]
+    steps += [(eighth // kv_heads + 1, 1, SHORT_CONTEXT) for kv_heads in (1, 2, 4, 8, 16)]
+    steps += [(seqs, 1, 1) for seqs in (3, num_sms(device) // 4)]
     steps += [(1, q, q) for q in QUERY_LENS if q > 1]
     for seqs, q, context in steps:
         blocks = -(-context // block_size)

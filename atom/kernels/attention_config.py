@@ -22,6 +22,7 @@ DEFAULT_NUM_SMS = 132  # an H100/H200; used where no CUDA device can be asked (t
 DO_NOT_SPECIALIZE = ("num_seqs", "num_splits", "stride_bt")
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (Q load, partials) dominates
 SHORT_SPLIT_TOKENS = 128  # ... except in a short-context decode of few programs (choose_num_splits)
+FEWEST_SPLIT_TOKENS = 64  # ... and of fewer still (an eighth of the SMs: short_split_tokens)
 MAX_SPLITS = 64
 SHORT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # decode contexts up to this take short_decode_tiles
 
@@ -106,6 +107,15 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
+def short_split_tokens(programs: int, num_sms: int) -> int:
+    """Keys a split (and its one tile) of a short-context decode of programs that fill at most a
+    quarter of the SMs: 128, or 64 where they fill at most an eighth (Llama-3.1-8B's batches 1-2:
+    64 programs of one 64-key tile at batch 1 over contexts of 128-400 tokens, 4.040 ms a step
+    against 4.064 with 128-key splits and 4.056 with 32-key ones; batch 2 4.109 vs 4.124; H200,
+    RESULTS thirty-sixth sitting)."""
+    return FEWEST_SPLIT_TOKENS if 8 * programs <= num_sms else SHORT_SPLIT_TOKENS
+
+
 def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
     """(tile, stages) of a decode over contexts of at most SHORT_CONTEXT tokens: a program runs a
     few tiles, so its fixed costs (the query, the output) weigh, and one stage of K/V in shared
@@ -114,7 +124,9 @@ def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
     tune_attention_decode.py: batch 128 2,847 GB/s against 2,420 with 128-token tiles and two
     stages; batch 1 / 8 88 / 650 GB/s with one stage of 128-token tiles against 81 / 595 with
     two; RESULTS, seventeenth sitting)."""
-    return (64, 1) if programs >= 2 * num_sms else (128, 1)
+    if programs >= 2 * num_sms:
+        return 64, 1
+    return (short_split_tokens(programs, num_sms) if 4 * programs <= num_sms else 128), 1
 
 
 @functools.lru_cache(maxsize=16)
@@ -147,7 +159,8 @@ def choose_num_splits(
 
     With short_splits (the unified kernel's), decodes over contexts of at most SHORT_CONTEXT
     tokens whose programs fill at most a quarter of the SMs split every SHORT_SPLIT_TOKENS keys
-    instead: a program there walks its few tiles one after another, each waiting out its loads.
+    instead (FEWEST_SPLIT_TOKENS where they fill an eighth: short_split_tokens), one tile a
+    split: a program there walks its few tiles one after another, each waiting out its loads.
     H200, contexts of 128-400 tokens, a split per tile (4 at the graphs' cap) against none, ms a
     step (RESULTS, thirty-fifth sitting): Llama-3.1-8B batch 1 4.193 vs 4.287, batch 4 4.326 vs
     4.361, batch 8 (64 programs) 4.482 vs 4.469; Qwen3-0.6B batch 1 0.964 vs 1.037, batch 4
@@ -159,7 +172,7 @@ def choose_num_splits(
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     short = short_splits and max_seq_len <= SHORT_CONTEXT and 4 * programs <= num_sms
     if short:  # one split a 128-key tile: the kernel deals whole tiles out to the splits
-        by_length = math.ceil(max_seq_len / SHORT_SPLIT_TOKENS)
+        by_length = math.ceil(max_seq_len / short_split_tokens(programs, num_sms))
     else:
         by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))

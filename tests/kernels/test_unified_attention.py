@@ -299,7 +299,8 @@ def test_decode_tiles_by_context() -> None:
         cfg = launch_config(q, 4, head_dim, programs, context, sms)
         return cfg.tile, cfg.num_stages
 
-    assert tiles(1, 128, 8, SHORT_CONTEXT) == (128, 1)
+    assert tiles(1, 128, 8, SHORT_CONTEXT) == (64, 1)  # an eighth of the SMs: 64-key splits
+    assert tiles(1, 128, 24, SHORT_CONTEXT) == (128, 1)
     assert tiles(1, 128, 2 * sms - 1, 100) == (128, 1)
     assert tiles(1, 128, 2 * sms, 100) == (64, 1)
     assert tiles(1, 128, 2 * sms, SHORT_CONTEXT + 1) == (128, 2)
@@ -317,10 +318,12 @@ def test_choose_num_splits() -> None:
     assert choose_num_splits(4, 8, 1, 100, sms) == 1  # too short to split
     assert choose_num_splits(32, 8, 1, 32768, sms) == 2  # 256 programs: each SM's two
     assert choose_num_splits(32, 8, 1, 400, sms) == 1  # ... but too short to split
-    # short contexts of programs filling at most a quarter of the SMs: a split a 128-key tile
-    assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms) == 4
-    assert choose_num_splits(1, 8, 1, 272, sms) == 3
-    assert choose_num_splits(1, 8, 1, 100, sms) == 1
+    # short contexts of programs filling at most a quarter of the SMs: a split a 128-key tile,
+    # at most an eighth: a split a 64-key tile
+    assert choose_num_splits(1, 8, 1, SHORT_CONTEXT, sms) == 8
+    assert choose_num_splits(2, 8, 1, 272, sms) == 5
+    assert choose_num_splits(1, 8, 1, 60, sms) == 1
+    assert choose_num_splits(3, 8, 1, 272, sms) == 3  # 24 programs
     assert choose_num_splits(4, 8, 1, SHORT_CONTEXT, sms) == 4  # 32 programs
     assert choose_num_splits(8, 8, 1, SHORT_CONTEXT, sms) == 1  # 64 programs: not
     assert choose_num_splits(1, 8, 1, SHORT_CONTEXT + 1, sms) == 2  # longer: 256 keys a split
