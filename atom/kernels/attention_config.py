@@ -171,7 +171,7 @@ def choose_num_splits(
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
     short = short_splits and max_seq_len <= SHORT_CONTEXT and 4 * programs <= num_sms
-    if short:  # one split a 128-key tile: the kernel deals whole tiles out to the splits
+    if short:  # one split a short tile: the kernel deals whole tiles out to the splits
         by_length = math.ceil(max_seq_len / short_split_tokens(programs, num_sms))
     else:
         by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
