@@ -38,7 +38,11 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(new_residual, weight, eps), new_residual
 
 
-@triton.jit
+# The row count is a step's token count: Triton would compile a variant per class of its value
+# (1, a multiple of 16, other), and an eager prefill step of a token count of a class no step had
+# yet compiled one mid-run (the bench's last prefill step, 16,384 tokens before it and graphs of
+# padded sizes: ~120 ms, H200, RESULTS thirty-sixth sitting).
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(
     x_ptr,
     res_ptr,  # residual in (read only when HAS_RESIDUAL)

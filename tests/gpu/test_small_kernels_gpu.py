@@ -44,6 +44,22 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> to
     return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
 
+def test_rms_norm_row_counts_share_a_variant() -> None:
+    """A step's token count is the norm's row count: 1, multiples of 16 and others must reuse one
+    compiled variant, not compile one mid-run (an eager prefill step of a new count's class)."""
+    from atom.kernels.rms_norm import _rms_norm_kernel
+
+    w = _randn(1024, dtype=torch.bfloat16, seed=2)
+    counts = []
+    for rows in (48, 1, 16, 4099, 7):
+        x = _randn(rows, 1024, dtype=torch.bfloat16, seed=rows)
+        residual = _randn(rows, 1024, dtype=torch.bfloat16, seed=1)
+        fused_add_rms_norm(x, residual, w, EPS)
+        rms_norm(x, w, EPS)
+        counts.append(sum(len(c[0]) for c in _rms_norm_kernel.device_caches.values()))
+    assert counts[1:] == counts[:1] * 4, counts
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden_size", [64, 769, 4096])
 @pytest.mark.parametrize("num_tokens", TOKENS)
