@@ -237,12 +237,12 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
     steps = [(1, 1, c) for c in contexts] + [(many, 1, 1), (many, 1, SHORT_CONTEXT + 1)]
     # A short decode's tiles, split and not (attention_config.short_split_tokens): one sequence
     # (the fewest programs: the shortest splits and tiles); for 1-16 KV heads, sequences whose
-    # programs fill just over an eighth of the SMs (longer splits); unsplit, sequences whose
-    # programs fill more than an eighth at 1-64 KV heads (3: from 8, a quarter of the SMs: 1-7).
+    # programs fill just over an eighth of the SMs (longer splits); unsplit, a quarter of the SMs'
+    # count of sequences (128-key tiles at any number of KV heads that takes short tiles).
     eighth = num_sms(device) // 8
     steps += [(1, 1, SHORT_CONTEXT)]
     steps += [(eighth // kv_heads + 1, 1, SHORT_CONTEXT) for kv_heads in (1, 2, 4, 8, 16)]
-    steps += [(seqs, 1, 1) for seqs in (3, num_sms(device) // 4)]
+    steps.append((num_sms(device) // 4, 1, 1))
     steps += [(1, q, q) for q in QUERY_LENS if q > 1]
     for seqs, q, context in steps:
         blocks = -(-context // block_size)

@@ -110,7 +110,8 @@ def padded_head_dim(head_dim: int) -> int:
 def short_split_tokens(programs: int, num_sms: int) -> int:
     """Keys a split (and its one tile) of a short-context decode of programs that fill at most a
     quarter of the SMs: 128, or 64 where they fill at most an eighth (Llama-3.1-8B's batches 1-2:
-    64 programs of one 64-key tile at batch 1 over contexts of 128-400 tokens, 4.040 ms a step
+    at batch 1 its 8 programs split 8 ways, one 64-key tile each, over contexts of 128-400 tokens
+    at the graphs' 511-token cap: 4.040 ms a step
     against 4.064 with 128-key splits and 4.056 with 32-key ones; batch 2 4.109 vs 4.124; H200,
     RESULTS thirty-sixth sitting)."""
     return FEWEST_SPLIT_TOKENS if 8 * programs <= num_sms else SHORT_SPLIT_TOKENS
@@ -123,7 +124,8 @@ def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
     tiles put up to seven on one (H200, Llama-3.1-8B's heads over contexts of 144-400 tokens,
     tune_attention_decode.py: batch 128 2,847 GB/s against 2,420 with 128-token tiles and two
     stages; batch 1 / 8 88 / 650 GB/s with one stage of 128-token tiles against 81 / 595 with
-    two; RESULTS, seventeenth sitting)."""
+    two; RESULTS, seventeenth sitting). Where they fill at most a quarter of the SMs, the tile is
+    a split's keys (short_split_tokens: 64 where they fill at most an eighth)."""
     if programs >= 2 * num_sms:
         return 64, 1
     return (short_split_tokens(programs, num_sms) if 4 * programs <= num_sms else 128), 1

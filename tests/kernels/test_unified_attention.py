@@ -292,7 +292,8 @@ def test_many_short_decodes(dtype: torch.dtype) -> None:
 
 def test_decode_tiles_by_context() -> None:
     """Decode tiles: short contexts take one stage, 64-token tiles once the programs cover every
-    SM twice; longer contexts, head dims past 128 and prefill keep theirs."""
+    SM twice or fill at most an eighth of the SMs (one a split); longer contexts, head dims past
+    128 and prefill keep theirs."""
     sms = DEFAULT_NUM_SMS
 
     def tiles(q: int, head_dim: int, programs: int, context: int | None) -> tuple[int, int]:
