@@ -107,14 +107,16 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 
 
-def short_split_tokens(programs: int, num_sms: int) -> int:
-    """Keys a split (and its one tile) of a short-context decode of programs that fill at most a
-    quarter of the SMs: 128, or 64 where they fill at most an eighth (Llama-3.1-8B's batches 1-2:
-    at batch 1 its 8 programs split 8 ways, one 64-key tile each, over contexts of 128-400 tokens
-    at the graphs' 511-token cap: 4.040 ms a step
-    against 4.064 with 128-key splits and 4.056 with 32-key ones; batch 2 4.109 vs 4.124; H200,
-    RESULTS thirty-sixth sitting)."""
-    return FEWEST_SPLIT_TOKENS if 8 * programs <= num_sms else SHORT_SPLIT_TOKENS
+def short_split_tokens(programs: int, num_sms: int) -> int | None:
+    """Keys a split (and its one tile) of a short-context decode of `programs` programs: 128
+    where they fill at most a quarter of the SMs, 64 where at most an eighth (Llama-3.1-8B's
+    batches 1-2: at batch 1 its 8 programs split 8 ways, one 64-key tile each, over contexts of
+    128-400 tokens at the graphs' 511-token cap: 4.040 ms a step against 4.064 with 128-key
+    splits and 4.056 with 32-key ones; batch 2 4.109 vs 4.124; H200, RESULTS thirty-sixth
+    sitting); None where they fill more (unsplit: choose_num_splits)."""
+    if 8 * programs <= num_sms:
+        return FEWEST_SPLIT_TOKENS
+    return SHORT_SPLIT_TOKENS if 4 * programs <= num_sms else None
 
 
 def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
@@ -128,7 +130,7 @@ def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
     a split's keys (short_split_tokens: 64 where they fill at most an eighth)."""
     if programs >= 2 * num_sms:
         return 64, 1
-    return (short_split_tokens(programs, num_sms) if 4 * programs <= num_sms else 128), 1
+    return short_split_tokens(programs, num_sms) or 128, 1
 
 
 @functools.lru_cache(maxsize=16)
@@ -172,9 +174,11 @@ def choose_num_splits(
     if max_query_len != 1 or programs == 0 or programs >= (2 if fill_twice else 1) * num_sms:
         return 1
     wanted = 2 if programs >= num_sms else math.ceil(4 * num_sms / programs)
-    short = short_splits and max_seq_len <= SHORT_CONTEXT and 4 * programs <= num_sms
-    if short:  # one split a short tile: the kernel deals whole tiles out to the splits
-        by_length = math.ceil(max_seq_len / short_split_tokens(programs, num_sms))
+    split_tokens = None
+    if short_splits and max_seq_len <= SHORT_CONTEXT:
+        split_tokens = short_split_tokens(programs, num_sms)
+    if split_tokens:  # one split a short tile: the kernel deals whole tiles out to the splits
+        by_length = math.ceil(max_seq_len / split_tokens)
     else:
         by_length = max(max_seq_len // MIN_TOKENS_PER_SPLIT, 1)
     return max(1, min(wanted, by_length, MAX_SPLITS))

@@ -80,8 +80,13 @@ def defers_norm(x: Tensor) -> bool:
     compiled graph."""
     if not (_GEMV and _NORM and x.is_cuda) or x.dtype not in _NORM_DTYPES:
         return False
+    return 0 < _num_rows(x) <= _gemv.MAX_M
+
+
+def _num_rows(x: Tensor) -> int:
+    """Rows of x's last dimension (0 where it is empty)."""
     k = x.shape[-1]
-    return 0 < (x.numel() // k if k else 0) <= _gemv.MAX_M
+    return x.numel() // k if k else 0
 
 
 def _row_scale(x: Tensor, sumsq: Tensor | None, eps: float) -> _gemv.RowScale | None:
@@ -91,8 +96,7 @@ def _row_scale(x: Tensor, sumsq: Tensor | None, eps: float) -> _gemv.RowScale | 
 
 def _unused_sums(x: Tensor, parts: int) -> Tensor:
     """The sums output of a norm that did not defer: its shape, never read."""
-    k = x.shape[-1]
-    return torch.empty((x.numel() // k if k else 0, parts), dtype=torch.float32, device=x.device)
+    return torch.empty((_num_rows(x), parts), dtype=torch.float32, device=x.device)
 
 
 def rms_norm_rows(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -250,8 +254,7 @@ def _(
 
 def _gemv_config(x: Tensor, weight: Tensor, gated: bool = False) -> _gemv.GemvConfig | None:
     """gemv's tile for x's rows of this weight (gemv.linear_config), or None: F.linear."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
+    rows = _num_rows(x)
     if rows == 0 or x.dtype not in _GEMV_DTYPES or weight.dtype != x.dtype:
         return None
     return _gemv.linear_config(rows, weight, gated)
