@@ -189,7 +189,9 @@ def _unified_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
+    # Step inputs (query_start_loc, seq_lens, the block tables) are uploaded before the step's
+    # first kernel and written by none: read before the PDL wait, their chain of loads runs while
+    # the kernel before drains. Whatever depends on its output (q, this step's K/V) comes after.
     split = tl.program_id(2)
     if ONE_BLOCK_PER_SEQ:
         # Heads fastest: a sequence's KV heads run side by side (they read the same pages), and
@@ -205,9 +207,10 @@ def _unified_attention_kernel(
         q_block = pid - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    pdl_start(PDL)  # before any return: a grid whose programs all skipped it would not wait
     if q_block * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
     context = seq_len - q_len  # tokens cached before this step's queries
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -308,10 +311,11 @@ def _reduce_splits_kernel(
     USE_SINKS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_start(PDL)
     tok = tl.program_id(0)
     head = tl.program_id(1)
-    if tok >= tl.load(qsl_ptr + num_seqs):  # padding tokens after the last sequence
+    num_tokens = tl.load(qsl_ptr + num_seqs)  # a step input: read before the PDL wait
+    pdl_start(PDL)
+    if tok >= num_tokens:  # padding tokens after the last sequence
         return
     offs_s = tl.arange(0, SPLITS_P)
     offs_d = tl.arange(0, HEAD_DIM_P)
