@@ -10,14 +10,15 @@ the mode is not read: `is_dynamo_compiling` is a trace-time constant, False when
 Dynamo compiles on one (the precompile thread's launches would then run).
 
 Programmatic dependent launch (PDL, Hopper and later): a kernel given `PDL=pdl(x)` calls
-`pdl_start(PDL)` first. It waits there for the kernel before it in the stream to finish (its
-writes visible), then lets the next kernel launch; `launch` gives such a kernel the launch
-attribute, so its programs start while the one before it drains: launch latency and tails
-overlap the kernels beside them, in CUDA graphs as well (programmatic edges). The wait comes
-before every read or write of another kernel's data, so the order of results is the stream's;
-the next kernel's programs may take free SMs early, never run ahead of the wait. Off under
-Dynamo (Inductor launches the traced kernels itself), in the interpreter, before sm90, and with
-ATOM_PDL=0.
+`pdl_start(PDL)` before it touches another kernel's data. It waits there for the kernel before
+it in the stream to finish (its writes visible), then lets the next kernel launch; `launch` gives
+such a kernel the launch attribute, so its programs start while the one before it drains: launch
+latency and tails overlap the kernels beside them, in CUDA graphs as well (programmatic edges).
+The order of results is the stream's; the next kernel's programs may take free SMs early, never
+run ahead of the wait. Only reads of the step's inputs (uploaded before its first kernel, written
+by none) may come before the wait: attention reads query_start_loc and seq_lens there, so that
+their chain of loads overlaps the kernel before. Off under Dynamo (Inductor launches the traced
+kernels itself), in the interpreter, before sm90, and with ATOM_PDL=0.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def pdl(t: Tensor) -> bool:
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
-    """A PDL kernel's first statement: wait for the kernel before, then release the next."""
+    """Wait for the kernel before, then release the next: before a PDL kernel's first access to
+    another kernel's data and before any return (a grid none of whose programs waited would let
+    the next kernel run ahead of the one before)."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
