@@ -62,3 +62,10 @@ def get_forward_context() -> ForwardContext | None:
 def get_attention_metadata() -> AttentionMetadata | None:
     context = _CONTEXT.get()
     return None if context is None else context.attn
+
+
+def context_layer(layer_index: Tensor, op: str) -> Any:
+    """The attention layer a custom op names by its index (the op runs inside a runner step)."""
+    context = _CONTEXT.get()
+    assert context is not None, f"{op} runs inside the runner's forward context"
+    return context.layers[int(layer_index)]

@@ -21,7 +21,11 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from atom.distributed import tp_rank, tp_world_size
-from atom.executor.forward_context import AttentionMetadata, get_forward_context
+from atom.executor.forward_context import (
+    AttentionMetadata,
+    context_layer,
+    get_attention_metadata,
+)
 from atom.kernels import linear_ops, ops
 from atom.kernels.attention_config import DecodeKind, padded_head_dim
 from atom.kernels.paged_attention import sdpa
@@ -149,8 +153,7 @@ class Attention(nn.Module):
         with a cache), else the projection module, then forward_into. sumsq, eps: x is an
         RMSNorm's rows (NormedRows)."""
         assert self.qkv is not None
-        context = get_forward_context()
-        meta = None if context is None else context.attn
+        meta = get_attention_metadata()
         if meta is not None and self.kv_cache.numel() and self.fuses_projection(x):
             assert positions is not None
             q = self.project_into_cache(x, positions, self.kv_cache, meta.slot_mapping, sumsq, eps)
@@ -205,8 +208,7 @@ class Attention(nn.Module):
     def forward_into(
         self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor
     ) -> None:
-        context = get_forward_context()
-        meta = None if context is None else context.attn
+        meta = get_attention_metadata()
         if meta is None or self.kv_cache.numel() == 0:
             # A forward with no cache (memory profile, fp8 calibration): one causal sequence.
             if self.rope is not None:
@@ -274,9 +276,7 @@ class Attention(nn.Module):
 def _attention_op(
     q: Tensor, k: Tensor, v: Tensor, positions: Tensor | None, out: Tensor, layer_index: Tensor
 ) -> None:
-    context = get_forward_context()
-    assert context is not None, "atom.attention runs inside the runner's forward context"
-    layer = context.layers[int(layer_index)]
+    layer = context_layer(layer_index, "atom.attention")
     with layer.trace_scope():
         layer.forward_into(q, k, v, positions, out)
 
@@ -297,9 +297,7 @@ def _qkv_attention_op(
     out: Tensor,
     layer_index: Tensor,
 ) -> None:
-    context = get_forward_context()
-    assert context is not None, "atom.qkv_attention runs inside the runner's forward context"
-    layer = context.layers[int(layer_index)]
+    layer = context_layer(layer_index, "atom.qkv_attention")
     with layer.trace_scope():
         layer.project_into(x, positions, out, sumsq, eps)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from atom.executor.forward_context import get_forward_context
+from atom.executor.forward_context import context_layer, get_attention_metadata
 from atom.kernels import mla_attention, ops
 from atom.kernels.attention_config import DecodeKind
 from atom.kernels.mla_reference import mla_expanded_ref
@@ -63,8 +63,7 @@ class MLAAttention(Attention):
         return out
 
     def forward_into(self, q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor) -> None:  # type: ignore[override]
-        context = get_forward_context()
-        meta = None if context is None else context.attn
+        meta = get_attention_metadata()
         if meta is None or self.kv_cache.numel() == 0:
             if self.kv_amax is not None:  # fp8 calibration: one scale for the whole row
                 amax = max(self.kv_amax[0], latent.abs().max().item())
@@ -81,9 +80,7 @@ class MLAAttention(Attention):
 def _mla_attention_op(
     q: Tensor, latent: Tensor, w_kv_b: Tensor, out: Tensor, layer_index: Tensor
 ) -> None:
-    context = get_forward_context()
-    assert context is not None, "atom.mla_attention runs inside the runner's forward context"
-    layer = context.layers[int(layer_index)]
+    layer = context_layer(layer_index, "atom.mla_attention")
     with layer.trace_scope():
         layer.forward_into(q, latent, w_kv_b, out)
 
