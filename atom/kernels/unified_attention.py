@@ -189,9 +189,9 @@ def _unified_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # Step inputs (query_start_loc, seq_lens, the block tables) are uploaded before the step's
-    # first kernel and written by none: read before the PDL wait, their chain of loads runs while
-    # the kernel before drains. Whatever depends on its output (q, this step's K/V) comes after.
+    # query_start_loc and seq_lens are step inputs, uploaded before the step's first kernel and
+    # written by none: read before the PDL wait, their chain of loads runs while the kernel before
+    # drains. Everything else (q, this step's K/V, the block tables) is read after it.
     split = tl.program_id(2)
     if ONE_BLOCK_PER_SEQ:
         # Heads fastest: a sequence's KV heads run side by side (they read the same pages), and

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +30,7 @@ from atom.kernels.gemv import (
     shape_key,
     tuned_buckets,
 )
+from tests.kernels.compiled import run_compiled
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
@@ -337,29 +334,15 @@ SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
 def test_table_tiles_fit_shared_memory() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _TABLE_TILES], env=env,
-                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    sizes = {" ".join(line.split()[1:4]): int(line.split()[4]) for line in run.stdout.splitlines()}
+    stdout = run_compiled(_TABLE_TILES)
+    sizes = {" ".join(line.split()[1:4]): int(line.split()[4]) for line in stdout.splitlines()}
     assert {key.split()[0] for key in sizes} == {"gated", "gated-x16", "plain-x16"}, sizes
     assert all(size <= SM90_SHARED for size in sizes.values()), sizes
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a GPU runs the kernels themselves")
 def test_every_variant_compiles_for_sm90() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_VARIANTS],
-        env=env,
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("compiled") == 48
+    assert run_compiled(_COMPILE_VARIANTS).count("compiled") == 48
 
 
 def test_row_buckets() -> None:

@@ -7,11 +7,7 @@ step's q_len tokens; (0, 0) is a padding row of the batch.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +21,7 @@ from atom.kernels.attention_config import (
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import unified_attention
 from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
+from tests.kernels.compiled import run_compiled
 
 BLOCK = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -433,10 +430,5 @@ def test_step_inputs_load_before_the_pdl_wait() -> None:
     read before the PDL wait, and nothing else: q and this step's K/V come from the kernel before.
     H200, 8B decode: batch 1 / 4 / 32 0.6 / 1.0 / 0.4% faster a step (RESULTS, thirty-seventh
     sitting)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _PRE_WAIT_LOADS], env=env,
-                         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    counts = dict(line.rsplit(" ", 1) for line in run.stdout.splitlines())
+    counts = dict(line.rsplit(" ", 1) for line in run_compiled(_PRE_WAIT_LOADS).splitlines())
     assert counts == {"attention True": "3", "attention False": "4", "reduce": "1"}, counts
