@@ -45,7 +45,7 @@
 #            splits per batch, then random batch order against longest context first, then cache
 #            layouts, on the nano-vllm bench's shapes ($OUT/attention_decode_tune.json; ~4
 #            minutes; TUNE_SECTIONS= picks sections, e.g. layout; TUNE_BATCHES= and
-#            TUNE_CONFIGS=tile:warps:stages,... the configs section; TUNE_SHAPE= other
+#            TUNE_CONFIGS=tile:warps:stages[:maxnreg],... the configs section; TUNE_SHAPE= other
 #            shapes, e.g. "--heads 32 --context 129,384" for the 8B latency benchmark's)
 #   moe      MoE/MLA models with dummy weights (MOE_MODELS=, default qwen3-30b-a3b deepseek-v2-lite
 #            gpt-oss-20b): benchmark_latency (batch 1..128) and benchmark_throughput, each

@@ -6,7 +6,10 @@
 The nano-vllm bench's attention (Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128, bf16,
 block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids shuffled):
 every (tile, num_warps, num_stages) is timed as bench_attention.py times a kernel (L2 flushed,
-median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run.
+median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run;
+`--configs tile:warps:stages[:maxnreg]` picks some, a fourth number capping the registers of a
+thread (Triton's `maxnreg`: more programs an SM, spilling the rest; compiled for sm90 the decode
+variants take 255 registers with 4 warps, two programs an SM: RESULTS, thirty-eighth sitting).
 The current choice (attention_config.launch_config) is marked; configurations that do not fit
 the GPU's shared memory are skipped. Then the current tiles with 1-16 KV splits at batches 8-256,
 choose_num_splits's pick marked. Then ("order") the current launch at batches 16-256 with the
@@ -22,6 +25,7 @@ contexts of 129-384 tokens (`--heads 32 --context 129,384`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -36,6 +40,7 @@ import bench_attention  # the timing helper
 
 import atom.kernels.unified_attention as ua
 from atom.kernels.attention_config import LaunchConfig, choose_num_splits, launch_config, num_sms
+from atom.kernels.launch import launch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 BATCHES = [64, 256]
@@ -93,7 +98,8 @@ def main() -> None:
     parser.add_argument("--sections", default="configs,splits,order")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
-    parser.add_argument("--configs", default="", help="tile:warps:stages,... (default all)")
+    parser.add_argument("--configs", default="",
+                        help="tile:warps:stages[:maxnreg],... (default all)")  # fmt: skip
     parser.add_argument("--heads", type=int, default=HEADS, help="query heads (8 KV heads)")
     parser.add_argument("--context", default="", help="LO,HI: contexts uniform in [LO, HI]")
     parser.add_argument("--split-batches", default="", help="the splits section's batches")
@@ -135,9 +141,12 @@ def sweep_configs(
         )  # fmt: skip
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
-        for tile, warps, stages in configs or itertools.product(TILES, WARPS, STAGES):
+        for tile, warps, stages, *cap in configs or itertools.product(TILES, WARPS, STAGES):
             cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages)
             ua.launch_config = lambda *_, cfg=cfg: cfg
+            maxnreg = cap[0] if cap else None
+            if maxnreg:
+                ua.launch = functools.partial(launch, maxnreg=maxnreg)
             try:
                 call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731
                 ms = bench_attention.bench(call)
@@ -148,13 +157,15 @@ def sweep_configs(
                 continue
             finally:
                 ua.launch_config = original
+                ua.launch = launch
             gbps = kv_bytes / ms / 1e6
-            mark = " <- current" if cfg == current else ""
-            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages}: {ms * 1e3:.1f} us "
-                  f"{gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
+            mark = " <- current" if cfg == current and not maxnreg else ""
+            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages} maxnreg {maxnreg}: "
+                  f"{ms * 1e3:.1f} us {gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
             runs.append(
-                {"batch": batch, "tile": tile, "warps": warps, "stages": stages, "ms": ms,
-                 "gb_per_s": gbps, "current": cfg == current}
+                {"batch": batch, "tile": tile, "warps": warps, "stages": stages,
+                 "maxnreg": maxnreg, "ms": ms, "gb_per_s": gbps,
+                 "current": cfg == current and not maxnreg}
             )  # fmt: skip
     return runs
 

@@ -123,10 +123,11 @@ def short_decode_tiles(programs: int, num_sms: int) -> tuple[int, int]:
     """(tile, stages) of a decode over contexts of at most SHORT_CONTEXT tokens: a program runs a
     few tiles, so its fixed costs (the query, the output) weigh, and one stage of K/V in shared
     memory lets more programs share an SM. Where the programs cover every SM twice, 64-token
-    tiles put up to seven on one (H200, Llama-3.1-8B's heads over contexts of 144-400 tokens,
-    tune_attention_decode.py: batch 128 2,847 GB/s against 2,420 with 128-token tiles and two
-    stages; batch 1 / 8 88 / 650 GB/s with one stage of 128-token tiles against 81 / 595 with
-    two; RESULTS, seventeenth sitting). Where they fill at most a quarter of the SMs, the tile is
+    tiles put four on one (126 registers a thread, where their 36 KB of shared memory would allow
+    six: benchmarks/attention_resources.py). H200, Llama-3.1-8B's heads over contexts of 144-400
+    tokens, tune_attention_decode.py: batch 128 2,847 GB/s against 2,420 with 128-token tiles and
+    two stages; batch 1 / 8 88 / 650 GB/s with one stage of 128-token tiles against 81 / 595 with
+    two (RESULTS, seventeenth sitting). Where they fill at most a quarter of the SMs, the tile is
     a split's keys (short_split_tokens: 64 where they fill at most an eighth)."""
     if programs >= 2 * num_sms:
         return 64, 1
