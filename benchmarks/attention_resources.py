@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from atom.kernels.attention_config import DO_NOT_SPECIALIZE
 from atom.kernels.unified_attention import _unified_attention_kernel
 
 REGISTERS, SHARED, MAX_WARPS = 65536, 228 * 1024, 64  # an H100/H200 SM
@@ -30,7 +31,9 @@ POINTERS = ("out_ptr", "q_ptr", "k_ptr", "v_ptr", "block_tables_ptr", "seq_lens_
             "ws_acc_ptr", "ws_m_ptr", "ws_l_ptr", "sinks_ptr")  # fmt: skip
 INTS = ("num_seqs", "num_splits", "stride_qt", "stride_qh", "stride_ot", "stride_oh",
         "stride_kb", "stride_ks", "stride_kh", "stride_bt")  # fmt: skip
-ALIGNED = (
+# Strides that are multiples of 16 in the engine: Triton specialises those not in
+# DO_NOT_SPECIALIZE on it.
+STRIDES = (
     "stride_qt",
     "stride_qh",
     "stride_ot",
@@ -38,7 +41,8 @@ ALIGNED = (
     "stride_kb",
     "stride_ks",
     "stride_kh",
-)  # multiples of 16 in the engine (DO_NOT_SPECIALIZE leaves them to Triton)
+)
+ALIGNED = tuple(name for name in STRIDES if name not in DO_NOT_SPECIALIZE)
 # (name, query heads per KV head, tile, warps, stages): the decode launches of the benchmarks
 VARIANTS = [
     ("8B short contexts, batch >= 33 (64-key tiles)", 4, 64, 4, 1),

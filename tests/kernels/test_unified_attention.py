@@ -432,3 +432,22 @@ def test_step_inputs_load_before_the_pdl_wait() -> None:
     sitting)."""
     counts = dict(line.rsplit(" ", 1) for line in run_compiled(_PRE_WAIT_LOADS).splitlines())
     assert counts == {"attention True": "3", "attention False": "4", "reduce": "1"}, counts
+
+
+_RESOURCES = """
+import sys
+sys.path.insert(0, "benchmarks")
+from attention_resources import resources
+r = resources(2, 128, 4, 2, None)  # the nano-vllm bench's long-context decode
+print(r["registers"], r["spill_bytes"], r["programs_per_sm"])
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="compiles for sm90 on the CPU machine")
+def test_decode_variant_vectorises_its_kv_loads() -> None:
+    """Compiled for sm90 as a launch specialises it (aligned pointers, strides multiples of 16),
+    the bench's decode variant fits in 196 registers without spilling: two programs an SM
+    (benchmarks/attention_resources.py). Strides left unspecialised (DO_NOT_SPECIALIZE) would
+    turn its K/V loads into scalar 2-byte loads at 255 registers."""
+    registers, spilled, programs = map(int, run_compiled(_RESOURCES).split())
+    assert registers < 224 and spilled == 0 and programs >= 2, (registers, spilled, programs)
