@@ -18,6 +18,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -51,13 +52,12 @@ VARIANTS = [
 ]
 
 
-def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | None) -> dict:
-    """Registers a thread, spill stack bytes and shared memory of one decode variant (D 128)."""
-    const = {"NUM_HEADS": 8 * group, "GROUP": group, "HEAD_DIM": 128, "HEAD_DIM_P": 128,
-             "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_Q": 16 // group, "TILE": tile,
-             "ONE_BLOCK_PER_SEQ": True, "SPLIT": False, "SLIDING_WINDOW": 0,
-             "USE_SOFTCAP": False, "USE_SINKS": False, "KV_FP8": False,
-             "DOT_PRECISION": "tf32", "PDL": True}  # fmt: skip
+def compile_attention(
+    const: dict, num_warps: int, num_stages: int, maxnreg: int | None = None
+) -> Any:
+    """The attention kernel compiled for sm90 with these constexprs (a full set) as a launch
+    specialises it: 16-byte aligned pointers and strides that are multiples of 16 (the K/V loads
+    vectorise on them; without, they are scalar 2-byte loads at 255 registers)."""
     ints = ("tables_ptr", "lens_ptr", "qsl_ptr")
     types = {name: "*i32" if name.endswith(ints) else "*fp32"
              if name.startswith(("ws_", "sinks")) else "*bf16" for name in POINTERS}  # fmt: skip
@@ -65,27 +65,42 @@ def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | Non
     types.update(dict.fromkeys(INTS, "i32"))
     types.update(dict.fromkeys(const, "constexpr"))
     names = _unified_attention_kernel.arg_names
-    # What a real launch specialises: 16-byte aligned pointers and strides that are multiples
-    # of 16 (the K/V loads vectorise on them: without, 255 registers of scalar loads).
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *ALIGNED)}
-    options: dict = {"num_warps": warps, "num_stages": stages}
+    options: dict = {"num_warps": num_warps, "num_stages": num_stages}
     if maxnreg:
         options["maxnreg"] = maxnreg
     source = ASTSource(fn=_unified_attention_kernel, signature={n: types[n] for n in names},
                        constexprs=const, attrs=attrs)  # fmt: skip
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def decode_const(group: int, tile: int) -> dict:
+    """The constexprs of an unsplit bf16 decode launch (head_dim 128, 8 KV heads, 16-token
+    blocks, PDL) with `group` query heads per KV head."""
+    return {"NUM_HEADS": 8 * group, "GROUP": group, "HEAD_DIM": 128, "HEAD_DIM_P": 128,
+            "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_Q": 16 // group, "TILE": tile,
+            "ONE_BLOCK_PER_SEQ": True, "SPLIT": False, "SLIDING_WINDOW": 0,
+            "USE_SOFTCAP": False, "USE_SINKS": False, "KV_FP8": False,
+            "DOT_PRECISION": "tf32", "PDL": True}  # fmt: skip
+
+
+def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | None) -> dict:
+    """Registers a thread, spill stack bytes, shared memory and programs an SM of one decode
+    variant."""
+    kernel = compile_attention(decode_const(group, tile), warps, stages, maxnreg)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
         usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
-    fields = dict(item.split(":") for item in usage.split("REG:", 1)[1].split()[1:] if ":" in item)
-    regs = int(usage.split("REG:", 1)[1].split()[0])
-    shared = kernel.metadata.shared
+    # "REG:196 STACK:0 SHARED:1024 LOCAL:0 ..." (SHARED: the static part only)
+    line = next(line for line in usage.splitlines() if "REG:" in line)
+    fields = dict(item.split(":") for item in line.split() if ":" in item)
+    regs, shared = int(fields["REG"]), kernel.metadata.shared
     by_regs = REGISTERS // (32 * warps * -(-regs // 8) * 8)  # registers go out 8 a thread
     programs = min(by_regs, SHARED // max(shared, 1), MAX_WARPS // warps)
-    return {"registers": regs, "spill_bytes": int(fields.get("STACK", 0)), "shared": shared,
+    return {"registers": regs, "spill_bytes": int(fields["STACK"]), "shared": shared,
             "programs_per_sm": programs}  # fmt: skip
 
 

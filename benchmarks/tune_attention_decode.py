@@ -8,8 +8,9 @@ block 16) at batches of mixed context lengths (uniform in [100, 2048], block ids
 every (tile, num_warps, num_stages) is timed as bench_attention.py times a kernel (L2 flushed,
 median of 20) and reported in GB/s of KV read, beside the copy bandwidth measured in the same run;
 `--configs tile:warps:stages[:maxnreg]` picks some, a fourth number capping the registers of a
-thread (Triton's `maxnreg`: more programs an SM, spilling the rest; compiled for sm90 the decode
-variants take 255 registers with 4 warps, two programs an SM: RESULTS, thirty-eighth sitting).
+thread (Triton's `maxnreg`: more programs an SM, spilling the rest; the long-context decode's 196
+registers with 4 warps leave two programs an SM where its shared memory allows three:
+benchmarks/attention_resources.py, RESULTS thirty-eighth sitting).
 The current choice (attention_config.launch_config) is marked; configurations that do not fit
 the GPU's shared memory are skipped. Then the current tiles with 1-16 KV splits at batches 8-256,
 choose_num_splits's pick marked. Then ("order") the current launch at batches 16-256 with the
@@ -159,13 +160,14 @@ def sweep_configs(
                 ua.launch_config = original
                 ua.launch = launch
             gbps = kv_bytes / ms / 1e6
-            mark = " <- current" if cfg == current and not maxnreg else ""
+            is_current = cfg == current and not maxnreg
+            mark = " <- current" if is_current else ""
             print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages} maxnreg {maxnreg}: "
                   f"{ms * 1e3:.1f} us {gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
             runs.append(
                 {"batch": batch, "tile": tile, "warps": warps, "stages": stages,
                  "maxnreg": maxnreg, "ms": ms, "gb_per_s": gbps,
-                 "current": cfg == current and not maxnreg}
+                 "current": is_current}
             )  # fmt: skip
     return runs
 

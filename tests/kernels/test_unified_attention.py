@@ -389,38 +389,34 @@ def test_reference_softcap_matches_dense(window: int | None) -> None:
 # Both kernels compiled for sm90 (not interpreted), in their own process (this one's kernels were
 # defined for the interpreter): the PTX's global loads before the PDL wait, decode and mixed.
 _PRE_WAIT_LOADS = """
+import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
+from atom.kernels.unified_attention import _reduce_splits_kernel
+sys.path.insert(0, "benchmarks")
+from attention_resources import compile_attention, decode_const
 
-def loads_before_wait(fn, sig, const, **options):
-    sig.update(dict.fromkeys(const, "constexpr"))
-    ptx = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                         target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+def loads_before_wait(ptx):
     return ptx.split("griddepcontrol.wait")[0].count("ld.global")
 
-sig = {name: "*i32" if name.endswith(("tables_ptr", "lens_ptr", "qsl_ptr")) else "*fp32"
-       if name.startswith(("ws_", "sinks")) else "*bf16" for name in
-       ("out_ptr", "q_ptr", "k_ptr", "v_ptr", "block_tables_ptr", "seq_lens_ptr", "qsl_ptr",
-        "ws_acc_ptr", "ws_m_ptr", "ws_l_ptr", "sinks_ptr")}
-sig.update(qk_scale="fp32", softcap="fp32", v_scale="fp32")
-sig.update(dict.fromkeys(("num_seqs", "num_splits", "stride_qt", "stride_qh", "stride_ot",
-                          "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_bt"), "i32"))
 for decode in (True, False):
-    const = {"NUM_HEADS": 32, "GROUP": 4, "HEAD_DIM": 128, "HEAD_DIM_P": 128, "BLOCK_SIZE": 16,
-             "BLOCK_M": 16 if decode else 64, "BLOCK_Q": 4 if decode else 16,
-             "TILE": 64, "ONE_BLOCK_PER_SEQ": decode, "SPLIT": decode, "SLIDING_WINDOW": 0,
-             "USE_SOFTCAP": False, "USE_SINKS": False, "KV_FP8": False,
-             "DOT_PRECISION": "tf32", "PDL": True}
-    print("attention", decode, loads_before_wait(_unified_attention_kernel, dict(sig), const,
-                                                 num_warps=4, num_stages=2))
+    const = decode_const(4, 64)
+    if decode:
+        const["SPLIT"] = True
+    else:
+        const.update(BLOCK_M=64, BLOCK_Q=16, ONE_BLOCK_PER_SEQ=False)
+    kernel = compile_attention(const, num_warps=4, num_stages=2)
+    print("attention", decode, loads_before_wait(kernel.asm["ptx"]))
 sig = {"out_ptr": "*bf16", "ws_acc_ptr": "*fp32", "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32",
        "sinks_ptr": "*fp32", "qsl_ptr": "*i32", "num_seqs": "i32", "num_splits": "i32",
        "stride_ot": "i32", "stride_oh": "i32"}
 const = {"NUM_HEADS": 32, "HEAD_DIM": 128, "HEAD_DIM_P": 128, "SPLITS_P": 8, "USE_SINKS": False,
          "PDL": True}
-print("reduce", loads_before_wait(_reduce_splits_kernel, sig, const, num_warps=4))
+sig.update(dict.fromkeys(const, "constexpr"))
+ptx = triton.compile(ASTSource(fn=_reduce_splits_kernel, signature=sig, constexprs=const),
+                     target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+print("reduce", loads_before_wait(ptx))
 """
 
 
