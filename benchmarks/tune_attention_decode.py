@@ -26,7 +26,6 @@ contexts of 129-384 tokens (`--heads 32 --context 129,384`)."""
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import sys
@@ -41,7 +40,6 @@ import bench_attention  # the timing helper
 
 import atom.kernels.unified_attention as ua
 from atom.kernels.attention_config import LaunchConfig, choose_num_splits, launch_config, num_sms
-from atom.kernels.launch import launch
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 8, 128, 16
 BATCHES = [64, 256]
@@ -143,11 +141,9 @@ def sweep_configs(
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
         for tile, warps, stages, *cap in configs or itertools.product(TILES, WARPS, STAGES):
-            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages)
-            ua.launch_config = lambda *_, cfg=cfg: cfg
             maxnreg = cap[0] if cap else None
-            if maxnreg:
-                ua.launch = functools.partial(launch, maxnreg=maxnreg)
+            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages, maxnreg)
+            ua.launch_config = lambda *_, cfg=cfg: cfg
             try:
                 call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731
                 ms = bench_attention.bench(call)
@@ -158,9 +154,8 @@ def sweep_configs(
                 continue
             finally:
                 ua.launch_config = original
-                ua.launch = launch
             gbps = kv_bytes / ms / 1e6
-            is_current = cfg == current and not maxnreg
+            is_current = cfg == current
             mark = " <- current" if is_current else ""
             print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages} maxnreg {maxnreg}: "
                   f"{ms * 1e3:.1f} us {gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip

@@ -35,6 +35,7 @@ class LaunchConfig:
     one_block_per_seq: bool
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # registers a thread at most (Triton's maxnreg); None: no cap
 
 
 def launch_config(

@@ -407,6 +407,7 @@ def unified_attention(
         USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
         DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
     if split:
         launch(
