@@ -195,12 +195,15 @@ def build_step_inputs(
     buffers: StepBuffers,
     pad_to: Callable[[int], int | None] = lambda n: None,
     pad_mixed: Callable[[int], tuple[int, int] | None] = lambda n: None,
+    pad_eager: Callable[[int], int | None] = lambda n: None,
 ) -> StepInputs:
     """Writes the step's flat inputs into `buffers`. A decode-only batch of B sequences for which
     pad_to(B) gives G > B gets G - B padding rows (one token each, seq_len 0, slot -1). Any other
     step of T tokens (not decode-only) for which pad_mixed(T) gives (T', S'), S' > B, is padded
     to T' tokens (id 0, position 0, slot -1) in S' sequences: the B + 1st owns the padding
-    tokens, and every padding sequence has seq_len 0 (executor/mixed_graphs.py)."""
+    tokens, and every padding sequence has seq_len 0 (executor/mixed_graphs.py). Such a step
+    that no mixed graph holds, for which pad_eager(T) gives T' > T, runs eagerly padded the same
+    way in B + 1 sequences, its max_query_len raised to the padding's (executor/eager_steps.py)."""
     req_ids = [r.req_id for r in sched.new_reqs] + [r.req_id for r in sched.cached_reqs]
     if sched.total_num_scheduled_tokens == len(req_ids):
         # One token each: longest context first. Decode attention launches its programs in
@@ -255,6 +258,11 @@ def build_step_inputs(
     decode_only = max_query_len == 1 and len(sample_rows) == num_seqs and not spans
     padded = pad_to(num_seqs) if decode_only else None
     mixed = None if decode_only else pad_mixed(t)  # a decode past every graph runs eagerly
+    eager = None if decode_only or mixed is not None else pad_eager(t)
+    if eager is not None and eager <= t:
+        eager = None
+    if eager is not None:
+        max_query_len = max(max_query_len, eager - t)  # the padding sequence's query
     # Row i holds request i's block ids; its columns past the request's own blocks hold stale
     # ids, and padding rows stale rows: attention reads only a row's seq_len worth of blocks.
     table = b.tables_np[: num_seqs * max_blocks].reshape(num_seqs, max_blocks)
@@ -268,8 +276,8 @@ def build_step_inputs(
         qsl += list(range(t + 1, padded + 1))
         b.tables_np[num_seqs * max_blocks : padded * max_blocks] = 0
         num_seqs = t = padded
-    elif mixed is not None:
-        tokens, seqs = mixed
+    elif mixed is not None or eager is not None:
+        tokens, seqs = mixed or (eager, num_seqs + 1)
         assert tokens >= t and seqs > num_seqs, (mixed, t, num_seqs)
         b.ids_np[t:tokens] = 0
         b.pos_np[t:tokens] = 0

@@ -17,6 +17,7 @@ from atom.distributed import all_reduce_min, broadcast_from_first
 from atom.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from atom.executor.compile import compile_forward
 from atom.executor.cuda_graphs import DecodeGraphs
+from atom.executor.eager_steps import eager_step_size, eager_step_sizes, load_gemm_kernels
 from atom.executor.forward_context import ForwardContext, set_forward_context
 from atom.executor.graph_capture import capture_decode_graphs, capture_mixed_graphs, mixed_seqs
 from atom.executor.input_batch import (
@@ -103,6 +104,10 @@ class ModelRunner:
         mixed = fast and self.plain_attention and config.parallel.tensor_parallel_size == 1
         self.mixed_sizes = comp.mixed_graph_sizes(sched.max_num_batched_tokens) if mixed else []
         self.mixed_graphs: MixedGraphs | None = None
+        # Larger steps (not decode-only) pad to a few token counts whose GEMMs the start-up runs.
+        low = self.mixed_sizes[-1] if self.mixed_sizes else 0
+        eager = fast and self.plain_attention
+        self.eager_sizes = eager_step_sizes(low, sched.max_num_batched_tokens) if eager else []
         self.mixed_graph_estimate = 0  # their pool's bytes in the KV budget (memory_profile.py)
         self.profiler = TorchProfiler(
             config.torch_profiler_dir, rank, config.model.model, self.device, config.mark_trace
@@ -216,6 +221,19 @@ class ModelRunner:
             capture_mixed_graphs(self)
         if self.device.type == "cuda":
             self._load_lm_head_kernels()
+        if self.eager_sizes:
+            start = time.perf_counter()
+            n = load_gemm_kernels(self.model, self.eager_sizes)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            logger.info(
+                "layer GEMMs run at %d eager step sizes (%d..%d tokens): %d in %.2f s",
+                len(self.eager_sizes),
+                self.eager_sizes[0],
+                self.eager_sizes[-1],
+                n,
+                time.perf_counter() - start,
+            )
 
     @torch.inference_mode()
     def _load_lm_head_kernels(self) -> None:
@@ -258,6 +276,12 @@ class ModelRunner:
             return None
         size = self.mixed_graphs.padded_size(num_tokens)
         return None if size is None else (size, mixed_seqs(self.config))
+
+    def _pad_eager(self, num_tokens: int) -> int | None:
+        """A step's token count past every mixed graph: eager_sizes holds what it pads to."""
+        if not self.eager_sizes:
+            return None
+        return eager_step_size(num_tokens, self.config.scheduler.max_num_batched_tokens)
 
     def _pad_to(self, num_seqs: int) -> int | None:
         return None if self.graphs is None else self.graphs.padded_size(num_seqs)
@@ -303,7 +327,13 @@ class ModelRunner:
         if sched.is_empty:
             return ModelRunnerOutput
         inputs = build_step_inputs(
-            sched, self.states, self.block_size, self.buffers, self._pad_to, self._pad_mixed
+            sched,
+            self.states,
+            self.block_size,
+            self.buffers,
+            self._pad_to,
+            self._pad_mixed,
+            self._pad_eager,
         )
         if inputs.pending_inputs:
             self._fill_pending_inputs(inputs.pending_inputs)

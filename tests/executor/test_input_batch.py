@@ -113,6 +113,48 @@ def test_mixed_step_padded_for_a_graph() -> None:
     assert plain.attn.query_start_loc.tolist() == [0, 6, 7]
 
 
+def test_step_past_every_mixed_graph_padded_eagerly() -> None:
+    """A step no mixed graph holds, padded to the size pad_eager gives (executor/eager_steps.py):
+    as a mixed graph's padding but in one more sequence than the step's, the compact block table
+    (no graph reads the static one), and max_query_len raised to the padding sequence's query."""
+    states, sched = _chunk_beside_a_decode()
+    bufs = _buffers()
+    bufs.slots_np[:] = 99  # stale values from an earlier step must not survive padding
+    asked = []
+
+    def pad_eager(n: int) -> int:
+        asked.append(n)
+        return 16
+
+    inputs = build_step_inputs(sched, states, BS, bufs, lambda n: 8, lambda n: None, pad_eager)
+    assert asked == [7] and not inputs.mixed_graph and inputs.num_tokens == 7
+    assert inputs.input_ids.tolist() == [14, 15, 16, 17, 18, 19, 5] + [0] * 9
+    assert inputs.positions.tolist() == [4, 5, 6, 7, 8, 9, 3] + [0] * 9
+    assert inputs.attn.slot_mapping.tolist() == [12, 13, 14, 15, 36, 37, 11] + [-1] * 9
+    assert inputs.attn.seq_lens.tolist() == [10, 4, 0]
+    assert inputs.attn.query_start_loc.tolist() == [0, 6, 7, 16]
+    assert inputs.attn.max_query_len == 9 and inputs.attn.max_seq_len == 10
+    table = inputs.attn.block_tables
+    assert table.data_ptr() != bufs.block_tables.data_ptr()
+    assert table.tolist() == [[7, 3, 9], [2, 0, 0], [0, 0, 0]]
+    assert inputs.logits_indices.tolist() == [5, 6] and inputs.sample_rows == [0, 1]
+
+    # A size that adds nothing leaves the step as it is; a mixed graph that holds it wins.
+    plain = build_step_inputs(
+        sched, states, BS, _buffers(), lambda n: 8, lambda n: None, lambda n: 7
+    )
+    assert plain.input_ids.shape[0] == 7 and plain.attn.query_start_loc.tolist() == [0, 6, 7]
+    assert plain.attn.max_query_len == 6
+
+    def no_eager(n: int) -> int:
+        raise AssertionError("a step a mixed graph holds asked for an eager size")
+
+    graphed = build_step_inputs(
+        sched, states, BS, _buffers(), lambda n: 8, lambda n: (12, 3), no_eager
+    )
+    assert graphed.mixed_graph and graphed.input_ids.shape[0] == 12
+
+
 def test_decode_batch_past_every_graph_runs_eagerly() -> None:
     """A decode-only batch larger than every decode graph is not padded as a mixed step (its
     launches differ: split-KV among them)."""

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from atom import LLM, SamplingParams
 from atom.executor.model_runner import ModelRunner
+from atom.layers.linear import LinearBase
 from tests.gpu.conftest import SMALL_ENGINE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -183,50 +186,95 @@ def test_dummy_qwen3_0p6b_profiles_memory(tmp_path: Path) -> None:
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
 
 
-def test_lm_head_at_any_sampled_row_count_waits_for_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After start-up, an eager step's LM head GEMM at any row count it can sample returns while
-    earlier work still runs: cuBLAS's first GEMM needing a kernel not yet used waited for every
-    queued kernel (35-42 ms behind 40 ms of them, H200), until the start-up ran each row count
-    (ModelRunner._load_lm_head_kernels). Qwen3-0.6B's head (151,936 x 1,024), where it was seen,
-    under one layer."""
-    _qwen3_0p6b(tmp_path, num_hidden_layers=1)
+def _started_runner(
+    path: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+) -> tuple[LLM, ModelRunner]:
+    """An engine on Qwen3-0.6B's shapes under one layer, and its runner."""
+    _qwen3_0p6b(path, num_hidden_layers=1)
     runners: list[ModelRunner] = []
-    load = ModelRunner._load_lm_head_kernels
+    allocate = ModelRunner.allocate_kv_cache
 
-    def kept(self: ModelRunner) -> None:
+    def kept(self: ModelRunner, num_blocks: int) -> None:
         runners.append(self)
-        load(self)
+        allocate(self, num_blocks)
 
-    monkeypatch.setattr(ModelRunner, "_load_lm_head_kernels", kept)
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache", kept)
     llm = LLM(
-        str(tmp_path),
+        str(path),
         skip_tokenizer_init=True,
         load_format="dummy",
         device="cuda",
-        max_model_len=1024,
-        max_num_seqs=300,
         cudagraph_capture_sizes=[1, 2, 4, 8],
         kv_cache_memory_bytes=1 << 30,
+        **kwargs,
     )
+    (runner,) = runners
+    return llm, runner
+
+
+def _waits_for_nothing(name: str, call: Callable[[], object]) -> None:
+    """call() returns while ~40 ms of queued matmuls still run (H200): cuBLAS's first GEMM that
+    needs a kernel not used yet in the process waits for every queued kernel (35-42 ms behind
+    them), so a kernel the start-up did not load shows."""
+    work = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(30):
+        work @ work
+    queued = time.perf_counter()
+    with torch.inference_mode():
+        call()
+    host = time.perf_counter() - queued
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    assert host < total / 4, f"{name}: {host * 1e3:.1f} of {total * 1e3:.1f} ms"
+
+
+def test_lm_head_at_any_sampled_row_count_waits_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After start-up, an eager step's LM head GEMM at any row count it can sample loads no
+    kernel (ModelRunner._load_lm_head_kernels): Qwen3-0.6B's head (151,936 x 1,024), where it
+    was seen (35-42 ms at 62, 91, 119, ... rows behind 40 ms of queued matmuls)."""
+    llm, runner = _started_runner(tmp_path, monkeypatch, max_model_len=1024, max_num_seqs=300)
     try:
-        (runner,) = runners
         hidden = torch.zeros(300, 1024, dtype=torch.bfloat16, device="cuda")
-        work = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
         gen = torch.Generator().manual_seed(3)
         for rows in torch.randint(1, 301, (12,), generator=gen).tolist():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(30):  # ~40 ms of queued matmuls on an H200
-                work @ work
-            queued = time.perf_counter()
-            with torch.inference_mode():
-                runner.model.compute_logits(hidden[:rows])
-            host = time.perf_counter() - queued
-            torch.cuda.synchronize()
-            total = time.perf_counter() - start
-            assert host < total / 4, f"{rows} rows: {host * 1e3:.1f} of {total * 1e3:.1f} ms"
+            _waits_for_nothing(
+                f"{rows} rows", lambda rows=rows: runner.model.compute_logits(hidden[:rows])
+            )
+    finally:
+        llm.shutdown()
+
+
+def test_layer_gemms_of_any_eager_step_wait_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step past every mixed graph (2,048 tokens) pads to one of eager_sizes, at each of which
+    the start-up ran every layer GEMM (executor/eager_steps.py): none of them then loads a
+    kernel. The bench's last prefill step (11,755 tokens) held the host 66-69 ms against 37-39 ms
+    of GPU work that way."""
+    llm, runner = _started_runner(tmp_path, monkeypatch)
+    try:
+        assert runner.eager_sizes[0] == 2176 and runner.eager_sizes[-1] == 16384
+        weights = {
+            tuple(m.weight.shape): m.weight
+            for m in runner.model.modules()
+            if isinstance(m, LinearBase)
+        }
+        assert len(weights) == 4  # qkv, o, gate/up, down
+        x = torch.zeros(16384 * 3072, dtype=torch.bfloat16, device="cuda")
+        gen = torch.Generator().manual_seed(4)
+        for n in torch.randint(2049, 16385, (8,), generator=gen).tolist():
+            rows = runner._pad_eager(n)
+            assert rows in runner.eager_sizes and n <= rows < n * 17 / 16
+
+            def gemms(rows: int = rows) -> None:
+                for w in weights.values():
+                    F.linear(x[: rows * w.shape[1]].view(rows, w.shape[1]), w)
+
+            _waits_for_nothing(f"{n} tokens ({rows})", gemms)
     finally:
         llm.shutdown()
 

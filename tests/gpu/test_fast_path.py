@@ -13,6 +13,7 @@ import transformers
 from atom import LLM, SamplingParams, custom_all_reduce, distributed
 from atom.executor.cuda_graphs import DecodeGraphs
 from atom.executor.mixed_graphs import MixedGraphs
+from atom.executor.model_runner import ModelRunner
 from atom.kernels.attention_config import SHORT_CONTEXT, short_decode_tiles
 from tests.gpu.conftest import SMALL_ENGINE, unwarmed_sizes_change_no_token
 
@@ -159,12 +160,21 @@ def test_mixed_step_graphs_change_no_token(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, level: int
 ) -> None:
     """Steps that are not decode-only replay a mixed graph padded to the next size (here those
-    of up to 256 tokens; the 512-token chunks run ungraphed in the same run): tokens as eager."""
+    of up to 256 tokens; the 512-token chunks run ungraphed in the same run, and the last
+    prompt's step, of 269 tokens and some decode rows, ungraphed padded to a multiple of 16:
+    executor/eager_steps.py): tokens as eager.
+    Without mixed graphs every such step runs ungraphed, padded to its eager size."""
     chunked = {"dtype": "float32", "max_num_batched_tokens": 512}
     eager = _tokens(checkpoint, enforce_eager=True, **chunked)
     replayed: list[int] = []
     ungraphed: list[int] = []  # token counts of mixed steps too large for every graph
+    padded: list[tuple[int, int | None]] = []  # (token count, its eager size)
     replay, padded_size = MixedGraphs.replay, MixedGraphs.padded_size
+    pad_eager = ModelRunner._pad_eager
+
+    def eager_spy(self: ModelRunner, num_tokens: int) -> int | None:
+        padded.append((num_tokens, pad_eager(self, num_tokens)))
+        return padded[-1][1]
 
     def spy(self: MixedGraphs, size: int) -> torch.Tensor:
         replayed.append(size)
@@ -178,13 +188,17 @@ def test_mixed_step_graphs_change_no_token(
 
     monkeypatch.setattr(MixedGraphs, "replay", spy)
     monkeypatch.setattr(MixedGraphs, "padded_size", size_spy)
+    monkeypatch.setattr(ModelRunner, "_pad_eager", eager_spy)
     mixed = _tokens(checkpoint, level=level, mixed_graph_max_tokens=256, **chunked)
     assert mixed == eager
     assert replayed and set(replayed) <= {16, 32, 64, 128, 256}, replayed
     assert 512 in ungraphed, ungraphed  # the full chunks ran ungraphed beside them
+    assert (512, 512) in padded and any(256 < n < (size or 0) for n, size in padded), padded
     replayed.clear()
+    padded.clear()
     off = _tokens(checkpoint, level=level, mixed_graph_max_tokens=0, **chunked)
     assert off == eager and not replayed
+    assert any(size > n for n, size in padded if size is not None), padded
 
 
 @pytest.mark.parametrize("level", [0, 3])
