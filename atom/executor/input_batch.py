@@ -259,8 +259,7 @@ def build_step_inputs(
     padded = pad_to(num_seqs) if decode_only else None
     mixed = None if decode_only else pad_mixed(t)  # a decode past every graph runs eagerly
     eager = None if decode_only or mixed is not None else pad_eager(t)
-    if eager is not None and eager <= t:
-        eager = None
+    eager = eager if eager is not None and eager > t else None
     if eager is not None:
         max_query_len = max(max_query_len, eager - t)  # the padding sequence's query
     # Row i holds request i's block ids; its columns past the request's own blocks hold stale

@@ -222,18 +222,21 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._load_lm_head_kernels()
         if self.eager_sizes:
-            start = time.perf_counter()
-            n = load_gemm_kernels(self.model, self.eager_sizes)
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            logger.info(
-                "layer GEMMs run at %d eager step sizes (%d..%d tokens): %d in %.2f s",
-                len(self.eager_sizes),
-                self.eager_sizes[0],
-                self.eager_sizes[-1],
-                n,
-                time.perf_counter() - start,
-            )
+            self._load_layer_gemm_kernels()
+
+    def _load_layer_gemm_kernels(self) -> None:
+        """The layer GEMMs at every eager step size (executor/eager_steps.py): as the LM head's
+        below, no ungraphed step then loads a cuBLAS kernel behind queued work."""
+        start = time.perf_counter()
+        n = load_gemm_kernels(self.model, self.eager_sizes)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # what the KV budget left free stays free
+        sizes = self.eager_sizes
+        seconds = time.perf_counter() - start
+        logger.info(
+            "layer GEMMs run at %d eager step sizes (%d..%d tokens): %d in %.2f s",
+            len(sizes), sizes[0], sizes[-1], n, seconds,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def _load_lm_head_kernels(self) -> None:
