@@ -3,6 +3,7 @@
     python benchmarks/bench_gemv.py [out.json]          # default ./gemv_bench.json
     python benchmarks/bench_gemv.py --tune [table.json] # default ./gemv_configs.json
     python benchmarks/bench_gemv.py --gated [out.json]  # default ./gemv_gated.json
+    python benchmarks/bench_gemv.py --orientations [out.json]  # ./gemv_orientations.json
 
 The Llama-3.1-8B decode layer's four GEMMs (qkv 6144 x 4096, o 4096 x 4096, gate/up 28672 x 4096,
 down 4096 x 14336; bf16) at 1, 4 and 8 rows: cuBLAS (F.linear) against gemv over a sweep of tiles
@@ -35,6 +36,11 @@ ATOM_GEMV_SILU=1).
 Launched without PDL, as --tune: back to back with PDL, each gated launch's programs waited on the
 SMs the one before needed, and the 8B's took 84 us against 58 us plain, while in the engine (a
 norm, then down-proj beside it) the step moved by 1% either way (RESULTS, thirty-first sitting).
+
+--orientations times cuBLAS on the two models' decode GEMMs at ORIENTATION_ROWS rows in the four
+ways its operands can lie, as CUDA graphs over cold weight copies: y = x W^T with W as the engine
+stores it ([N, K], F.linear) or stored transposed ([K, N]), and y^T = W x^T from either (the
+output transposed, for a consumer that reads it so). cuBLAS picks another kernel for each.
 """
 
 from __future__ import annotations
@@ -135,6 +141,36 @@ def graph_us_per_gemm(fn: Callable[[torch.Tensor], object], weights: list[torch.
     torch.cuda.synchronize()
     ms = triton.testing.do_bench_cudagraph(run, rep=20, return_mode="median")
     return 1e3 * ms / len(weights)
+
+
+ORIENTATION_ROWS = (64, 128, 256)
+
+
+def orientations(path: str) -> None:
+    """cuBLAS per operand layout at 64-256 rows (module doc: --orientations)."""
+    results: dict = {"copy_GBps": copy_gbps(), "us": {}}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for model in ("qwen3-0.6b", "llama-3.1-8b"):
+        for name, (n, k) in TUNE_SHAPES[model].items():
+            copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                  for _ in range(copies)]  # fmt: skip
+            wts = [w.t().contiguous() for w in ws]  # [K, N]
+            for rows in ORIENTATION_ROWS:
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+                xt = x.t().contiguous()
+                us = {
+                    "y = x W^T, W [N,K]": graph_us_per_gemm(lambda w, x=x: F.linear(x, w), ws),
+                    "y = x W^T, W [K,N]": graph_us_per_gemm(lambda w, x=x: x @ w, wts),
+                    "y^T = W x^T, W [N,K]": graph_us_per_gemm(lambda w, x=x: w @ x.t(), ws),
+                    "y^T = W x^T, W [K,N]": graph_us_per_gemm(lambda w, xt=xt: w.t() @ xt, wts),
+                }
+                results["us"][f"{model} {name} {n}x{k} rows {rows}"] = us
+                print(f"{model:12s} {name:7s} rows {rows:3d}: "
+                      + ", ".join(f"{kind} {t:6.2f} us" for kind, t in us.items()),
+                      flush=True)  # fmt: skip
+            del ws, wts
+    Path(path).write_text(json.dumps(results, indent=1))
 
 
 GATED_SHAPES = {model: shapes["gate_up"] for model, shapes in TUNE_SHAPES.items()}
@@ -316,7 +352,11 @@ def main() -> None:
     parser.add_argument("--silu-only", action="store_true", help="--tune: only the gate/up "
                         "weights' gated entries (SiLU fused), the plain ones kept")  # fmt: skip
     parser.add_argument("--gated", action="store_true", help="gate/up + SiLU: pair vs fused")
+    parser.add_argument("--orientations", action="store_true", help="cuBLAS per operand layout")
     args = parser.parse_args()
+    if args.orientations:
+        orientations(args.out or "gemv_orientations.json")
+        return
     if args.gated:
         with plain_launches():
             gated(args.out or "gemv_gated.json")

@@ -2,6 +2,7 @@
 # Everything GPU-related, run on the GPU machine through the device tool's `run`:
 #   bash benchmarks/gpu_run.sh STAGE...     stages: tests kernels tune bench latency latency_warm
 #                                           nopdl host tune_gemv gemv_gated gemv_ab
+#                                           gemv_orientations
 #                                           imports profile startup moe serving peer peer_serving
 #                                           smol stash
 #                                           tune_attention ab tp tp_latency
@@ -38,6 +39,8 @@
 #            "--silu-only" (the gate/up weights' gated entries alone, ATOM_GEMV_SILU=1's tiles)
 #   gemv_gated  bench_gemv.py --gated: the gate/up GEMM and SiLU-and-mul at 1-16 rows, the pair of
 #            kernels against gemv's gated launch ($OUT/gemv_gated.json)
+#   gemv_orientations  bench_gemv.py --orientations: cuBLAS at 64-256 rows with the weight and
+#            the output each as stored or transposed ($OUT/gemv_orientations.json)
 #   gemv_ab  benchmark_throughput without and with that table, alternating, twice
 #            (benchmarks/throughput_logged.py: step periods and Python's collections logged), then
 #            benchmark_latency without and with it
@@ -142,6 +145,11 @@ stage_tune_gemv() {  # the row-tiled gemv's table, then used by the stages after
 
 stage_gemv_gated() {
     python3 benchmarks/bench_gemv.py --gated "$OUT/gemv_gated.json" 2>&1 | tee "$OUT/gemv_gated.log"
+}
+
+stage_gemv_orientations() {
+    python3 benchmarks/bench_gemv.py --orientations "$OUT/gemv_orientations.json" 2>&1 \
+        | tee "$OUT/gemv_orientations.log"
 }
 
 # The throughput (throughput_logged.py) and 8B latency benchmarks with gemv's tuned table and
