@@ -143,6 +143,14 @@ def graph_us_per_gemm(fn: Callable[[torch.Tensor], object], weights: list[torch.
     return 1e3 * ms / len(weights)
 
 
+def cold_weights(n: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Copies of an [n, k] bf16 weight, enough (COLD_BYTES) that L2 holds none when its turn comes
+    in graph_us_per_gemm."""
+    copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(k**-0.5)
+            for _ in range(copies)]  # fmt: skip
+
+
 ORIENTATION_ROWS = (64, 128, 256)
 
 
@@ -152,9 +160,7 @@ def orientations(path: str) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model in ("qwen3-0.6b", "llama-3.1-8b"):
         for name, (n, k) in TUNE_SHAPES[model].items():
-            copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                  for _ in range(copies)]  # fmt: skip
+            ws = cold_weights(n, k, gen)
             wts = [w.t().contiguous() for w in ws]  # [K, N]
             for rows in ORIENTATION_ROWS:
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -182,9 +188,7 @@ def gated(path: str) -> None:
     results: dict = {"device": torch.cuda.get_device_name(), "runs": []}
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, (n, k) in GATED_SHAPES.items():
-        copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
+        weights = cold_weights(n, k, gen)
         for rows in GATED_ROWS:
             tile = linear_config(rows, weights[0], gated=True)
             if tile is None:  # the pair runs (gemv's plain tile or cuBLAS): nothing to compare
@@ -264,9 +268,7 @@ def tune(
                 continue
             key = shape_key(n, k)
             fastest = {}  # per bucket, its inputs and the plain tiles gated launches start from
-            copies = max(2, math.ceil(COLD_BYTES / (2 * n * k)))
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-                       .mul_(k**-0.5) for _ in range(copies)]  # fmt: skip
+            weights = cold_weights(n, k, gen)
             table["shapes"].setdefault(key, {})
             table["timings_us"].setdefault(key, {})
             for bucket in buckets:
