@@ -63,6 +63,8 @@ def compile_attention(
              if name.startswith(("ws_", "sinks")) else "*bf16" for name in POINTERS}  # fmt: skip
     types.update(qk_scale="fp32", softcap="fp32", v_scale="fp32")
     types.update(dict.fromkeys(INTS, "i32"))
+    box = f"tensordesc<bf16[{const['BLOCK_SIZE']}, {const['HEAD_DIM']}]>"
+    types.update(dict.fromkeys(("k_desc", "v_desc"), box if const["KV_DESC"] else "*bf16"))
     types.update(dict.fromkeys(const, "constexpr"))
     names = _unified_attention_kernel.arg_names
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in (*POINTERS, *ALIGNED)}
@@ -74,14 +76,14 @@ def compile_attention(
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def decode_const(group: int, tile: int) -> dict:
+def decode_const(group: int, tile: int, kv_desc: bool = False) -> dict:
     """The constexprs of an unsplit bf16 decode launch (head_dim 128, 8 KV heads, 16-token
     blocks, PDL) with `group` query heads per KV head."""
     return {"NUM_HEADS": 8 * group, "GROUP": group, "HEAD_DIM": 128, "HEAD_DIM_P": 128,
             "BLOCK_SIZE": 16, "BLOCK_M": 16, "BLOCK_Q": 16 // group, "TILE": tile,
             "ONE_BLOCK_PER_SEQ": True, "SPLIT": False, "SLIDING_WINDOW": 0,
             "USE_SOFTCAP": False, "USE_SINKS": False, "KV_FP8": False,
-            "DOT_PRECISION": "tf32", "PDL": True}  # fmt: skip
+            "DOT_PRECISION": "tf32", "KV_DESC": kv_desc, "PDL": True}  # fmt: skip
 
 
 def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | None) -> dict:

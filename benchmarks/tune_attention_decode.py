@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)),
                         help="the configs section's batches")  # fmt: skip
     parser.add_argument("--configs", default="",
-                        help="tile:warps:stages[:maxnreg],... (default all)")  # fmt: skip
+                        help="tile:warps:stages[:maxnreg][:d],... (default all; 0: no cap, d: "
+                        "one-block tiles through tensor descriptors)")  # fmt: skip
+    parser.add_argument("--block", type=int, default=BLOCK,
+                        help="the cache's block size (the configs section)")  # fmt: skip
     parser.add_argument("--heads", type=int, default=HEADS, help="query heads (8 KV heads)")
     parser.add_argument("--context", default="", help="LO,HI: contexts uniform in [LO, HI]")
     parser.add_argument("--split-batches", default="", help="the splits section's batches")
@@ -113,9 +116,9 @@ def main() -> None:
     results = {"copy_GBps": copy_gbps(), "current": str(current), "runs": []}
     print(f"copy bandwidth {results['copy_GBps']:.0f} GB/s; long contexts {current}", flush=True)
     if "configs" in sections:
-        configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",") if c]
+        configs = [parse_config(c) for c in args.configs.split(",") if c]
         batches = [int(b) for b in args.batches.split(",")]
-        results["runs"] = sweep_configs(current, batches, configs)
+        results["runs"] = sweep_configs(current, batches, configs, args.block)
     if "splits" in sections:
         results["splits"] = sweep_splits()
     if "order" in sections:
@@ -127,25 +130,43 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+Config = tuple[int, int, int, int | None, bool, int | None]
+
+
+def parse_config(text: str) -> Config:
+    """tile:warps:stages[:maxnreg][:d][:sN] -> (tile, warps, stages, maxnreg or None,
+    descriptors, KV splits or None: choose_num_splits's)."""
+    fields = text.split(":")
+    splits = int(fields.pop()[1:]) if fields[-1].startswith("s") else None
+    desc = fields[-1] == "d"
+    nums = [int(f) for f in fields[: len(fields) - desc]]
+    return nums[0], nums[1], nums[2], (nums[3] or None) if len(nums) > 3 else None, desc, splits
+
+
 def sweep_configs(
-    base: LaunchConfig, batches: list[int], configs: list[tuple[int, ...]]
+    base: LaunchConfig,
+    batches: list[int],
+    configs: list[Config],
+    block: int = BLOCK,
 ) -> list[dict]:
     runs = []
     original = ua.launch_config
+    default = [(*c, None, False, None) for c in itertools.product(TILES, WARPS, STAGES)]
     for batch in batches:
-        inp = inputs(batch, True)
+        inp = inputs(batch, True, block)
         current = original(
             1, HEADS // KV_HEADS, HEAD_DIM, batch * KV_HEADS, inp["max_seq_len"],
             num_sms(inp["query"].device),
         )  # fmt: skip
         kv_bytes = inp.pop("kv_bytes")
         out = torch.empty_like(inp["query"])
-        for tile, warps, stages, *cap in configs or itertools.product(TILES, WARPS, STAGES):
-            maxnreg = cap[0] if cap else None
-            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages, maxnreg)
+        for tile, warps, stages, maxnreg, desc, splits in configs or default:
+            cfg = LaunchConfig(base.block_m, base.block_q, tile, True, warps, stages, maxnreg, desc)
             ua.launch_config = lambda *_, cfg=cfg: cfg
             try:
-                call = lambda inp=inp, out=out: ua.unified_attention(**inp, out=out)  # noqa: E731
+                call = lambda inp=inp, out=out, n=splits: ua.unified_attention(  # noqa: E731
+                    **inp, out=out, num_splits=n
+                )
                 ms = bench_attention.bench(call)
             except Exception as e:  # out of shared memory, say
                 print(
@@ -155,13 +176,15 @@ def sweep_configs(
             finally:
                 ua.launch_config = original
             gbps = kv_bytes / ms / 1e6
-            is_current = cfg == current
+            is_current = cfg == current and splits is None
             mark = " <- current" if is_current else ""
-            print(f"batch {batch} tile {tile:3d} warps {warps} stages {stages} maxnreg {maxnreg}: "
-                  f"{ms * 1e3:.1f} us {gbps:6.0f} GB/s{mark}", flush=True)  # fmt: skip
+            print(f"batch {batch} block {block} tile {tile:3d} warps {warps} stages {stages} "
+                  f"maxnreg {maxnreg} desc {int(desc)} splits {splits}: {ms * 1e3:.1f} us "
+                  f"{gbps:6.0f} GB/s{mark}",
+                  flush=True)  # fmt: skip
             runs.append(
-                {"batch": batch, "tile": tile, "warps": warps, "stages": stages,
-                 "maxnreg": maxnreg, "ms": ms, "gb_per_s": gbps,
+                {"batch": batch, "block": block, "tile": tile, "warps": warps, "stages": stages,
+                 "maxnreg": maxnreg, "desc": desc, "splits": splits, "ms": ms, "gb_per_s": gbps,
                  "current": is_current}
             )  # fmt: skip
     return runs

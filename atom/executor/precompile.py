@@ -46,6 +46,7 @@ import torch
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import linear_ops
 from atom.kernels.attention_config import (
+    DESC_PROGRAMS_PER_SM,
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
     SHORT_CONTEXT,
@@ -225,7 +226,8 @@ def norm_stand_in(
 def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionMetadata]:
     """The metadata of steps covering every launch configuration: one-sequence decodes at
     contexts that pick 1, 2, 4, ... MAX_SPLITS KV splits, decodes whose programs cover every SM
-    twice (never split) over short and longer contexts (attention_config.short_decode_tiles),
+    twice (never split) over short and longer contexts (attention_config.short_decode_tiles), over
+    longer contexts from the programs that take descriptor tiles (descriptor_decode),
     decodes of few sequences over short contexts (split or not, 64- or 128-key tiles), then one
     sequence of each of QUERY_LENS. Slots are -1 (nothing would be written) and the
     block tables zeros: nothing runs anyway."""
@@ -234,7 +236,12 @@ def stand_in_steps(block_size: int, device: torch.device) -> Iterator[AttentionM
     # power of two (attention_config.choose_num_splits): its reduce kernel is the SPLITS_P = s one.
     contexts = [(s + 1) * MIN_TOKENS_PER_SPLIT - 1 if s > 1 else 1 for s in splits]
     many = 2 * num_sms(device)  # sequences: programs enough at any number of KV heads
-    steps = [(1, 1, c) for c in contexts] + [(many, 1, 1), (many, 1, SHORT_CONTEXT + 1)]
+    steps = [(1, 1, c) for c in contexts] + [(many, 1, 1)]
+    # Longer contexts, unsplit: pointer tiles from twice the SMs' programs, descriptor tiles from
+    # DESC_PROGRAMS_PER_SM times (attention_config.descriptor_decode), for 1-16 KV heads.
+    for per_sm in (2, DESC_PROGRAMS_PER_SM):
+        steps += [(-(-per_sm * num_sms(device) // kv_heads), 1, SHORT_CONTEXT + 1)
+                  for kv_heads in (1, 2, 4, 8, 16)]  # fmt: skip
     # A short decode's tiles, split and not (attention_config.short_split_tokens): one sequence
     # (the fewest programs: the shortest splits and tiles); for 1-16 KV heads, sequences whose
     # programs fill just over an eighth of the SMs (longer splits); unsplit, a quarter of the SMs'

@@ -25,6 +25,7 @@ SHORT_SPLIT_TOKENS = 128  # ... except in a short-context decode of few programs
 FEWEST_SPLIT_TOKENS = 64  # ... and of fewer still (an eighth of the SMs: short_split_tokens)
 MAX_SPLITS = 64
 SHORT_CONTEXT = 2 * MIN_TOKENS_PER_SPLIT - 1  # decode contexts up to this take short_decode_tiles
+DESC_PROGRAMS_PER_SM = 8  # long-context decodes of this many programs an SM copy K/V by TMA
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # registers a thread at most (Triton's maxnreg); None: no cap
+    kv_desc: bool = False  # K/V blocks through tensor descriptors (a tile of 1, 2 or 4 blocks)
 
 
 def launch_config(
@@ -66,11 +68,30 @@ def launch_config(
         if max_query_len == 1 and short and head_dim_p <= 128:
             tile, stages = short_decode_tiles(programs, num_sms)
             return LaunchConfig(block_m, block_q, tile, True, 4, stages)
-        return LaunchConfig(block_m, block_q, 128 if head_dim_p <= 128 else 64, True, 4, 2)
+        if max_query_len == 1 and head_dim_p <= 128 and programs >= DESC_PROGRAMS_PER_SM * num_sms:
+            return descriptor_decode(block_m, block_q)
+        return pointer_decode(block_m, block_q, head_dim_p)
     # D = 256 halves the tile and doubles the warps to keep the fp32 accumulator in registers.
     tile, num_warps = (64, 4) if head_dim_p <= 128 else (32, 8)
     block_m = max(64, next_power_of_2(group))
     return LaunchConfig(block_m, max(block_m // group, 1), tile, False, num_warps, 2)
+
+
+def pointer_decode(block_m: int, block_q: int, head_dim_p: int) -> LaunchConfig:
+    """A long-context decode's tiles through pointer loads: 128 keys (64 at D = 256), K and V
+    double-buffered, 4 warps (196 registers a thread: two programs an SM)."""
+    return LaunchConfig(block_m, block_q, 128 if head_dim_p <= 128 else 64, True, 4, 2)
+
+
+def descriptor_decode(block_m: int, block_q: int) -> LaunchConfig:
+    """A long-context decode of at least DESC_PROGRAMS_PER_SM programs an SM: 32-key tiles of
+    two 16-token blocks, each block's K and V copied by the tensor memory accelerator, one warp,
+    six stages (unified_attention.kv_descriptors; with other block sizes pointer_decode's). H200,
+    the nano-vllm bench's heads over contexts of 100-2,048 tokens, GB/s of KV against
+    pointer_decode's (tune_attention_decode.py, RESULTS forty-first sitting): batch 256 4,119
+    vs 3,930, 128 3,761 vs 3,734, 64 3,105 vs 3,384: fewer programs leave each one's chain of
+    small tiles exposed."""
+    return LaunchConfig(block_m, block_q, 32, True, 1, 6, kv_desc=True)
 
 
 class DecodeKind(NamedTuple):

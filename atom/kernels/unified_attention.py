@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from atom.kernels.attention_config import (
     DO_NOT_SPECIALIZE,
@@ -39,6 +40,7 @@ from atom.kernels.attention_config import (
     launch_config,
     num_sms,
     padded_head_dim,
+    pointer_decode,
 )
 from atom.kernels.grid import next_power_of_2
 from atom.kernels.launch import launch, pdl, pdl_start
@@ -146,12 +148,172 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
+@triton.jit
+def _block_scores(
+    q,
+    k_desc,
+    bt_row,
+    b,  # the sequence's block index
+    kv_col,
+    pos,
+    kv_hi,
+    qk_scale,
+    softcap,
+    BLOCK_SIZE: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Block b's log2-domain scores [BLOCK_M, BLOCK_SIZE], its K copied through the descriptor,
+    and its first row in the descriptor's view. A block past kv_hi (a tile's tail) reads block
+    0's row of the table's first entry: its scores are masked out."""
+    j = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if MASKED:
+        row = tl.load(bt_row + b, mask=b * BLOCK_SIZE < kv_hi, other=0) * BLOCK_SIZE
+    else:
+        row = tl.load(bt_row + b) * BLOCK_SIZE
+    k = k_desc.load([row, kv_col])  # [BLOCK_SIZE, HEAD_DIM]
+    s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION)
+    if USE_SOFTCAP:
+        s = _softcap(s * qk_scale, softcap) * 1.4426950408889634
+    else:
+        s = s * (qk_scale * 1.4426950408889634)
+    if MASKED:
+        seen = (j[None, :] <= pos[:, None]) & (j < kv_hi)[None, :]
+        if SLIDING_WINDOW > 0:
+            seen &= j[None, :] > pos[:, None] - SLIDING_WINDOW
+        s = tl.where(seen, s, float("-inf"))
+    return s, row
+
+
+@triton.jit
+def _block_values(
+    acc, p, v_desc, row, b, kv_col, kv_hi, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc + p @ V of block b (V copied through the descriptor). Keys past kv_hi weigh 0 in p,
+    but their values must read as 0 too (whatever a block's tail holds: NaN * 0 = NaN)."""
+    v = v_desc.load([row, kv_col]).to(p.dtype)  # [BLOCK_SIZE, HEAD_DIM]
+    if MASKED:
+        j = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        v = tl.where((j < kv_hi)[:, None], v, 0.0)
+    return tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_blocks(
+    acc,
+    m_i,
+    l_i,
+    q,
+    tile_lo,
+    tile_hi,
+    k_desc,  # descriptors of the caches' [BLOCK_SIZE, HEAD_DIM] tiles
+    v_desc,
+    kv_col,  # this KV head's first column in a descriptor's [tokens, H_kv * D] view
+    bt_row,
+    pos,
+    kv_hi,
+    qk_scale,
+    softcap,
+    BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,  # 1, 2 or 4 blocks
+    SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """_attend_tiles with each block copied whole by the tensor memory accelerator (no address
+    registers, deeper pipelines): a tile's blocks each get their own dots, one softmax update a
+    tile."""
+    NB: tl.constexpr = TILE // BLOCK_SIZE
+    for t in range(tile_lo, tile_hi):
+        b = t * NB
+        s0, r0 = _block_scores(
+            q, k_desc, bt_row, b, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
+            SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
+        )  # fmt: skip
+        m_tile = tl.max(s0, axis=1)
+        if NB >= 2:
+            s1, r1 = _block_scores(
+                q, k_desc, bt_row, b + 1, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
+                SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
+            )  # fmt: skip
+            m_tile = tl.maximum(m_tile, tl.max(s1, axis=1))
+        if NB >= 4:
+            s2, r2 = _block_scores(
+                q, k_desc, bt_row, b + 2, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
+                SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
+            )  # fmt: skip
+            s3, r3 = _block_scores(
+                q, k_desc, bt_row, b + 3, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
+                SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
+            )  # fmt: skip
+            m_tile = tl.maximum(m_tile, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
+        m_new = tl.maximum(m_i, m_tile)
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _attend_tiles
+        alpha = tl.exp2(m_i - m_exp)
+        acc = acc * alpha[:, None]
+        p = tl.exp2(s0 - m_exp[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _block_values(
+            acc, p.to(q.dtype), v_desc, r0, b, kv_col, kv_hi, BLOCK_SIZE, MASKED, DOT_PRECISION
+        )
+        if NB >= 2:
+            p = tl.exp2(s1 - m_exp[:, None])
+            l_i += tl.sum(p, axis=1)
+            acc = _block_values(
+                acc, p.to(q.dtype), v_desc, r1, b + 1, kv_col, kv_hi, BLOCK_SIZE, MASKED,
+                DOT_PRECISION,
+            )  # fmt: skip
+        if NB >= 4:
+            p = tl.exp2(s2 - m_exp[:, None])
+            l_i += tl.sum(p, axis=1)
+            acc = _block_values(
+                acc, p.to(q.dtype), v_desc, r2, b + 2, kv_col, kv_hi, BLOCK_SIZE, MASKED,
+                DOT_PRECISION,
+            )  # fmt: skip
+            p = tl.exp2(s3 - m_exp[:, None])
+            l_i += tl.sum(p, axis=1)
+            acc = _block_values(
+                acc, p.to(q.dtype), v_desc, r3, b + 3, kv_col, kv_hi, BLOCK_SIZE, MASKED,
+                DOT_PRECISION,
+            )  # fmt: skip
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend(
+    acc, m_i, l_i, q, tile_lo, tile_hi, k_base, v_base, k_desc, v_desc, kv_col, bt_row, pos,
+    kv_hi, qk_scale, softcap, stride_kb, stride_ks, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_DESC: tl.constexpr,
+):  # fmt: skip
+    """The tiles [tile_lo, tile_hi) through descriptors (KV_DESC) or pointers."""
+    if KV_DESC:
+        return _attend_blocks(
+            acc, m_i, l_i, q, tile_lo, tile_hi, k_desc, v_desc, kv_col, bt_row, pos, kv_hi,
+            qk_scale, softcap, BLOCK_SIZE, TILE, SLIDING_WINDOW, USE_SOFTCAP, MASKED,
+            DOT_PRECISION,
+        )  # fmt: skip
+    return _attend_tiles(
+        acc, m_i, l_i, q, tile_lo, tile_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale,
+        softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
+        USE_SOFTCAP, MASKED, DOT_PRECISION,
+    )  # fmt: skip
+
+
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def _unified_attention_kernel(
     out_ptr,  # [T, H, D]
     q_ptr,  # [T, H, D]
     k_ptr,  # [num_blocks, block_size, H_kv, D]
     v_ptr,  # [num_blocks, block_size, H_kv, D]
+    k_desc,  # KV_DESC: descriptors of k's and v's [BLOCK_SIZE, HEAD_DIM] tiles, else unused
+    v_desc,
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     qsl_ptr,  # [B + 1] int32
@@ -187,6 +349,7 @@ def _unified_attention_kernel(
     USE_SINKS: tl.constexpr,
     KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_DESC: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # query_start_loc and seq_lens are step inputs, uploaded before the step's first kernel and
@@ -255,24 +418,25 @@ def _unified_attention_kernel(
 
     k_base = k_ptr + kv_head * stride_kh
     v_base = v_ptr + kv_head * stride_kh
+    kv_col = kv_head * HEAD_DIM  # KV_DESC: a [tokens, H_kv * D] view's column
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, True, DOT_PRECISION,
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, s_lo, mid_lo, k_base, v_base, k_desc, v_desc, kv_col, bt_row, pos, kv_hi,
+        qk_scale, softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+        SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION, KV_DESC,
     )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, False, DOT_PRECISION,
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, mid_lo, mid_hi, k_base, v_base, k_desc, v_desc, kv_col, bt_row, pos,
+        kv_hi, qk_scale, softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+        SLIDING_WINDOW, USE_SOFTCAP, False, DOT_PRECISION, KV_DESC,
     )  # fmt: skip
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, bt_row, pos, kv_hi, qk_scale, softcap,
-        stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P, SLIDING_WINDOW,
-        USE_SOFTCAP, True, DOT_PRECISION,
+    acc, m_i, l_i = _attend(
+        acc, m_i, l_i, q, mid_hi, s_hi, k_base, v_base, k_desc, v_desc, kv_col, bt_row, pos, kv_hi,
+        qk_scale, softcap, stride_kb, stride_ks, BLOCK_SIZE, TILE, HEAD_DIM, HEAD_DIM_P,
+        SLIDING_WINDOW, USE_SOFTCAP, True, DOT_PRECISION, KV_DESC,
     )  # fmt: skip
     acc = acc * v_scale  # an fp8 cache's V scale, applied once instead of per loaded element
 
@@ -389,13 +553,17 @@ def unified_attention(
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
     ws_acc, ws_m, ws_l = split_workspace(num_tokens, num_heads, num_splits, head_dim_p, query)
+    descs = kv_descriptors(kv_cache, cfg.tile) if cfg.kv_desc else None
+    if cfg.kv_desc and descs is None:  # a block size or layout the descriptor tiles do not fit
+        cfg = pointer_decode(cfg.block_m, cfg.block_q, head_dim_p)
     if cfg.one_block_per_seq:
         grid = (num_seqs * num_kv_heads, 1, num_splits)
     else:
         grid = (num_tokens // cfg.block_q + num_seqs, num_kv_heads, num_splits)
     launch(
         _unified_attention_kernel, grid,
-        out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
+        out, query, kv_cache[0], kv_cache[1], *(descs or (kv_cache[0], kv_cache[1])),
+        block_tables, seq_lens, query_start_loc,
         ws_acc, ws_m, ws_l, ws_m if sinks is None else sinks,  # any fp32 pointer when unused
         scale * k_scale, softcap or 0.0, v_scale, num_seqs, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -405,8 +573,8 @@ def unified_attention(
         ONE_BLOCK_PER_SEQ=cfg.one_block_per_seq, SPLIT=split,
         SLIDING_WINDOW=sliding_window or 0, USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None and not split, KV_FP8=kv_fp8,  # split: in the reduce
-        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", PDL=pdl(query),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32", KV_DESC=descs is not None,
+        PDL=pdl(query), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
     )  # fmt: skip
     if split:
@@ -419,6 +587,33 @@ def unified_attention(
             num_warps=4,
         )  # fmt: skip
     return out
+
+
+def kv_descriptors(kv_cache: Tensor, tile: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
+    """Descriptors of the K and V caches' blocks ([block_size, D] of one KV head, in a
+    [blocks * block_size, H_kv * D] view) where a tile is 1, 2 or 4 blocks and the layout allows
+    it (token-major, contiguous, D a power of two the copy engine can box); None otherwise."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    width = num_kv_heads * head_dim
+    token_major = kv_cache.stride(3) == head_dim and kv_cache.stride(2) == width
+    if (
+        tile not in (block_size, 2 * block_size, 4 * block_size)
+        or head_dim != padded_head_dim(head_dim)
+        or head_dim > 256
+        or block_size > 256
+        or not token_major
+        or kv_cache.stride(1) != block_size * width
+        or (width * kv_cache.element_size()) % 16
+        or kv_cache.data_ptr() % 16
+        or (kv_cache.stride(0) * kv_cache.element_size()) % 16
+    ):
+        return None
+    return tuple(
+        TensorDescriptor(
+            kv_cache[i], [num_blocks * block_size, width], [width, 1], [block_size, head_dim]
+        )
+        for i in (0, 1)
+    )  # type: ignore[return-value]
 
 
 def _check_inputs(

@@ -7,14 +7,18 @@ step's q_len tokens; (0, 0) is a padding row of the batch.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+import atom.kernels.unified_attention as ua
 from atom.kernels.attention_config import (
     DEFAULT_NUM_SMS,
+    DESC_PROGRAMS_PER_SM,
     SHORT_CONTEXT,
+    LaunchConfig,
     choose_num_splits,
     launch_config,
 )
@@ -310,6 +314,84 @@ def test_decode_tiles_by_context() -> None:
     assert tiles(1, 256, 2 * sms, 100) == (64, 2)
     assert tiles(512, 128, 2 * sms, 100) == (64, 2)  # prefill
     assert tiles(2, 128, 2 * sms, 100) == (128, 2)  # short queries keep theirs
+
+
+def test_large_long_context_decodes_take_descriptors() -> None:
+    """Long-context decodes of at least DESC_PROGRAMS_PER_SM programs an SM copy K/V blocks
+    through descriptors (32-key tiles, one warp); fewer programs, short contexts, head dims past
+    128, prefill and multi-token decodes keep pointer loads."""
+    sms = DEFAULT_NUM_SMS
+    many = DESC_PROGRAMS_PER_SM * sms
+    cfg = launch_config(1, 2, 128, many, 2048, sms)
+    assert (cfg.kv_desc, cfg.tile, cfg.num_warps) == (True, 32, 1)
+    assert not launch_config(1, 2, 128, many - 1, 2048, sms).kv_desc
+    assert not launch_config(1, 2, 128, many, SHORT_CONTEXT, sms).kv_desc
+    assert not launch_config(1, 2, 256, many, 2048, sms).kv_desc
+    assert not launch_config(512, 2, 128, many, 2048, sms).kv_desc
+    assert not launch_config(4, 2, 128, many, 2048, sms).kv_desc  # speculative steps
+
+
+@pytest.fixture
+def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
+    """Every launch forced onto descriptor tiles of request.param keys; records whether each
+    launch got its descriptors (kv_descriptors not None)."""
+    got: list[bool] = []
+    tile = request.param
+    plain_config, plain_descriptors = ua.launch_config, ua.kv_descriptors
+
+    def config(*args: object) -> LaunchConfig:
+        return dataclasses.replace(plain_config(*args), tile=tile, kv_desc=True)
+
+    def descriptors(*args: object) -> object:
+        got.append((found := plain_descriptors(*args)) is not None)
+        return found
+
+    monkeypatch.setattr(ua, "launch_config", config)
+    monkeypatch.setattr(ua, "kv_descriptors", descriptors)
+    return got
+
+
+@pytest.mark.parametrize("descriptor_tiles", [16, 32, 64], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_descriptor_tiles_match_reference(descriptor_tiles: list, dtype: torch.dtype) -> None:
+    """K/V blocks through descriptors, 1, 2 or 4 blocks a tile: decode and mixed batches, splits
+    (a tile's blocks past the context masked), a sliding window, softcap, and blocks whose tail
+    past the context holds NaN (its values must weigh exactly 0)."""
+    seqs = [(100, 1), (37, 1), (250, 1), (20, 5), (16, 1), (33, 17)]
+    batch = make_batch(seqs, 8, 4, 128)
+    for i, (seq_len, _) in enumerate(seqs):
+        last = int(batch.tables[i, (seq_len - 1) // BLOCK])
+        batch.cache[:, last, (seq_len - 1) % BLOCK + 1 :] = float("nan")
+    check(batch, dtype)
+    check(batch, dtype, num_splits=3)
+    check(batch, dtype, sliding_window=20)
+    check(batch, dtype, softcap=10.0)
+    assert descriptor_tiles and all(descriptor_tiles)
+
+
+@pytest.mark.parametrize("descriptor_tiles", [32], indirect=True)
+def test_descriptor_tiles_read_fp8(descriptor_tiles: list) -> None:
+    batch = make_batch([(100, 1), (37, 1), (0, 0), (250, 1)], 8, 2, 64)
+    stored = batch.cache / torch.tensor([0.5, 2.0]).view(2, 1, 1, 1, 1)
+    cache8 = stored.to(torch.float8_e4m3fn)
+    scales = {"k_scale": 0.5, "v_scale": 2.0}
+    out = batch.run(torch.float16, cache=cache8, **scales)
+    expected = batch.expected(torch.float16, cache=cache8, **scales)
+    n = batch.rows
+    torch.testing.assert_close(out.float().cpu()[:n], expected[:n], atol=5e-3, rtol=5e-3)
+    assert descriptor_tiles == [True]
+
+
+@pytest.mark.parametrize("descriptor_tiles", [32], indirect=True)
+def test_descriptor_tiles_fall_back_to_pointers(descriptor_tiles: list) -> None:
+    """A cache whose layout descriptors cannot box (head-major blocks: a KV head's rows
+    contiguous) or whose tile is not 1, 2 or 4 blocks takes the pointer tiles, same result."""
+    batch = make_batch([(100, 1), (37, 1), (250, 1)], 8, 4, 64)
+    head_major = batch.cache.transpose(2, 3).contiguous().transpose(2, 3)
+    out = batch.run(torch.float32, cache=head_major)
+    torch.testing.assert_close(out.cpu(), batch.expected(torch.float32), atol=1e-5, rtol=1e-5)
+    assert descriptor_tiles == [False]
+    assert ua.kv_descriptors(batch.cache, 128) is None  # eight blocks a tile
 
 
 def test_choose_num_splits() -> None:
