@@ -37,7 +37,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     maxnreg: int | None = None  # registers a thread at most (Triton's maxnreg); None: no cap
-    kv_desc: bool = False  # K/V blocks through tensor descriptors (a tile of 1, 2 or 4 blocks)
+    kv_desc: bool = False  # K/V blocks through tensor descriptors (a tile of one or two blocks)
 
 
 def launch_config(

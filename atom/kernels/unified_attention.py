@@ -218,7 +218,7 @@ def _attend_blocks(
     qk_scale,
     softcap,
     BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr,  # 1, 2 or 4 blocks
+    TILE: tl.constexpr,  # one or two blocks
     SLIDING_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     MASKED: tl.constexpr,
@@ -241,16 +241,6 @@ def _attend_blocks(
                 SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
             )  # fmt: skip
             m_tile = tl.maximum(m_tile, tl.max(s1, axis=1))
-        if NB >= 4:
-            s2, r2 = _block_scores(
-                q, k_desc, bt_row, b + 2, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
-                SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
-            )  # fmt: skip
-            s3, r3 = _block_scores(
-                q, k_desc, bt_row, b + 3, kv_col, pos, kv_hi, qk_scale, softcap, BLOCK_SIZE,
-                SLIDING_WINDOW, USE_SOFTCAP, MASKED, DOT_PRECISION,
-            )  # fmt: skip
-            m_tile = tl.maximum(m_tile, tl.maximum(tl.max(s2, axis=1), tl.max(s3, axis=1)))
         m_new = tl.maximum(m_i, m_tile)
         m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _attend_tiles
         alpha = tl.exp2(m_i - m_exp)
@@ -265,19 +255,6 @@ def _attend_blocks(
             l_i += tl.sum(p, axis=1)
             acc = _block_values(
                 acc, p.to(q.dtype), v_desc, r1, b + 1, kv_col, kv_hi, BLOCK_SIZE, MASKED,
-                DOT_PRECISION,
-            )  # fmt: skip
-        if NB >= 4:
-            p = tl.exp2(s2 - m_exp[:, None])
-            l_i += tl.sum(p, axis=1)
-            acc = _block_values(
-                acc, p.to(q.dtype), v_desc, r2, b + 2, kv_col, kv_hi, BLOCK_SIZE, MASKED,
-                DOT_PRECISION,
-            )  # fmt: skip
-            p = tl.exp2(s3 - m_exp[:, None])
-            l_i += tl.sum(p, axis=1)
-            acc = _block_values(
-                acc, p.to(q.dtype), v_desc, r3, b + 3, kv_col, kv_hi, BLOCK_SIZE, MASKED,
                 DOT_PRECISION,
             )  # fmt: skip
         m_i = m_new
@@ -553,7 +530,10 @@ def unified_attention(
     kv_fp8 = kv_cache.dtype in FP8_DTYPES
     dot_dtype = torch.float16 if kv_fp8 else query.dtype  # fp32: exact dots, not tf32
     ws_acc, ws_m, ws_l = split_workspace(num_tokens, num_heads, num_splits, head_dim_p, query)
-    descs = kv_descriptors(kv_cache, cfg.tile) if cfg.kv_desc else None
+    # Descriptor tiles serve decodes only (one query a sequence: the variant measured and run on
+    # the GPU; a forced prefill variant hung there, triton 3.6).
+    decode = cfg.one_block_per_seq and max_query_len == 1
+    descs = kv_descriptors(kv_cache, cfg.tile) if cfg.kv_desc and decode else None
     if cfg.kv_desc and descs is None:  # a block size or layout the descriptor tiles do not fit
         cfg = pointer_decode(cfg.block_m, cfg.block_q, head_dim_p)
     if cfg.one_block_per_seq:
@@ -591,13 +571,13 @@ def unified_attention(
 
 def kv_descriptors(kv_cache: Tensor, tile: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
     """Descriptors of the K and V caches' blocks ([block_size, D] of one KV head, in a
-    [blocks * block_size, H_kv * D] view) where a tile is 1, 2 or 4 blocks and the layout allows
+    [blocks * block_size, H_kv * D] view) where a tile is one or two blocks and the layout allows
     it (token-major, contiguous, D a power of two the copy engine can box); None otherwise."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     width = num_kv_heads * head_dim
     token_major = kv_cache.stride(3) == head_dim and kv_cache.stride(2) == width
     if (
-        tile not in (block_size, 2 * block_size, 4 * block_size)
+        tile not in (block_size, 2 * block_size)
         or head_dim != padded_head_dim(head_dim)
         or head_dim > 256
         or block_size > 256

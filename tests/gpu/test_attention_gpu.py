@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atom.kernels.attention_config import choose_num_splits
+from atom.kernels.attention_config import DESC_PROGRAMS_PER_SM, choose_num_splits, launch_config
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import _unified_attention_kernel, unified_attention
 
@@ -128,6 +128,46 @@ def test_fp8_cache(seqs: list[tuple[int, int]]) -> None:
     # The reference reads the same fp8 values back as stored * scale.
     expected = _reference(inp, query, cache8, scale=128**-0.5, **scales)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def _large_decode(kv_heads: int) -> list[tuple[int, int]]:
+    """A decode of enough sequences to take descriptor tiles (attention_config.descriptor_decode),
+    contexts of 513-2,100 tokens and some padding rows (a CUDA graph's)."""
+    n = -(-DESC_PROGRAMS_PER_SM * torch.cuda.get_device_properties(0).multi_processor_count
+          // kv_heads)  # fmt: skip
+    seqs = [(513 + (997 * i) % 1588, 1) for i in range(n)]
+    return seqs + [(0, 1)] * 5
+
+
+@pytest.mark.parametrize("kv", ["bf16", "fp16", "fp8"])
+def test_large_decode_through_descriptors(kv: str) -> None:
+    """The descriptor tiles at the batch that takes them (bf16, fp16 and fp8 caches) against the
+    reference, and a CUDA graph's replay of the launch identical to it."""
+    seqs = _large_decode(8)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert launch_config(1, 2, 128, len(seqs) * 8, 2100, sms).kv_desc
+    inp = _inputs(seqs, 16, 8, 128, seed=5)
+    dtype = torch.float16 if kv == "fp16" else torch.bfloat16
+    query, kw = inp["query"].to(dtype), {"scale": 128**-0.5}
+    cache = inp["cache"].to(dtype)
+    if kv == "fp8":
+        kw.update(k_scale=0.25, v_scale=2.0)
+        stored = inp["cache"] / torch.tensor([0.25, 2.0], device="cuda").view(2, 1, 1, 1, 1)
+        cache = stored.to(torch.float8_e4m3fn)
+    out = _kernel(inp, query, cache, **kw)
+    expected = _reference(inp, query, cache if kv == "fp8" else cache.float(), **kw)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    lens = torch.tensor([s for s, _ in seqs], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor(inp["qsl"], dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    replayed = torch.empty_like(out)
+    with torch.cuda.graph(graph):
+        unified_attention(
+            query, cache, inp["tables"], lens, qsl, 1, max(s for s, _ in seqs), out=replayed, **kw
+        )
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out)
 
 
 @pytest.mark.parametrize("max_seq_len", [64, 8192])  # single pass, then split-KV

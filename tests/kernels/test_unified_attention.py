@@ -20,6 +20,7 @@ from atom.kernels.attention_config import (
     SHORT_CONTEXT,
     LaunchConfig,
     choose_num_splits,
+    descriptor_decode,
     launch_config,
 )
 from atom.kernels.paged_attention import paged_attention_ref
@@ -331,6 +332,13 @@ def test_large_long_context_decodes_take_descriptors() -> None:
     assert not launch_config(4, 2, 128, many, 2048, sms).kv_desc  # speculative steps
 
 
+# Forced descriptor launches run in the interpreter only: on an H200 (triton 3.6) a forced
+# 4-warp descriptor variant over a mixed batch hung (RESULTS, forty-first sitting; the kernel now
+# takes descriptors for decodes only), and the engine's own descriptor launch is checked there in
+# bf16, fp16 and fp8 by tests/gpu/test_attention_gpu.py::test_large_decode_through_descriptors.
+interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the engine's launch")
+
+
 @pytest.fixture
 def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
     """Every launch forced onto descriptor tiles of request.param keys; records whether each
@@ -340,7 +348,8 @@ def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
     plain_config, plain_descriptors = ua.launch_config, ua.kv_descriptors
 
     def config(*args: object) -> LaunchConfig:
-        return dataclasses.replace(plain_config(*args), tile=tile, kv_desc=True)
+        plain = plain_config(*args)
+        return dataclasses.replace(descriptor_decode(plain.block_m, plain.block_q), tile=tile)
 
     def descriptors(*args: object) -> object:
         got.append((found := plain_descriptors(*args)) is not None)
@@ -351,15 +360,18 @@ def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
     return got
 
 
-@pytest.mark.parametrize("descriptor_tiles", [16, 32, 64], indirect=True)
+@interpreter_only
+@pytest.mark.parametrize("descriptor_tiles", [16, 32], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_descriptor_tiles_match_reference(descriptor_tiles: list, dtype: torch.dtype) -> None:
-    """K/V blocks through descriptors, 1, 2 or 4 blocks a tile: decode and mixed batches, splits
-    (a tile's blocks past the context masked), a sliding window, softcap, and blocks whose tail
-    past the context holds NaN (its values must weigh exactly 0)."""
-    seqs = [(100, 1), (37, 1), (250, 1), (20, 5), (16, 1), (33, 17)]
+    """K/V blocks through descriptors, one or two blocks a tile (descriptor_decode's launch) over
+    decodes: splits (a tile's blocks past the context masked), a sliding window, softcap, and
+    blocks whose tail past the context holds NaN (its values must weigh exactly 0)."""
+    seqs = [(100, 1), (37, 1), (250, 1), (20, 1), (16, 1), (0, 0), (33, 1)]
     batch = make_batch(seqs, 8, 4, 128)
     for i, (seq_len, _) in enumerate(seqs):
+        if not seq_len:
+            continue
         last = int(batch.tables[i, (seq_len - 1) // BLOCK])
         batch.cache[:, last, (seq_len - 1) % BLOCK + 1 :] = float("nan")
     check(batch, dtype)
@@ -369,6 +381,7 @@ def test_descriptor_tiles_match_reference(descriptor_tiles: list, dtype: torch.d
     assert descriptor_tiles and all(descriptor_tiles)
 
 
+@interpreter_only
 @pytest.mark.parametrize("descriptor_tiles", [32], indirect=True)
 def test_descriptor_tiles_read_fp8(descriptor_tiles: list) -> None:
     batch = make_batch([(100, 1), (37, 1), (0, 0), (250, 1)], 8, 2, 64)
@@ -385,13 +398,13 @@ def test_descriptor_tiles_read_fp8(descriptor_tiles: list) -> None:
 @pytest.mark.parametrize("descriptor_tiles", [32], indirect=True)
 def test_descriptor_tiles_fall_back_to_pointers(descriptor_tiles: list) -> None:
     """A cache whose layout descriptors cannot box (head-major blocks: a KV head's rows
-    contiguous) or whose tile is not 1, 2 or 4 blocks takes the pointer tiles, same result."""
+    contiguous) or whose tile is not one or two blocks takes the pointer tiles, same result."""
     batch = make_batch([(100, 1), (37, 1), (250, 1)], 8, 4, 64)
     head_major = batch.cache.transpose(2, 3).contiguous().transpose(2, 3)
     out = batch.run(torch.float32, cache=head_major)
     torch.testing.assert_close(out.cpu(), batch.expected(torch.float32), atol=1e-5, rtol=1e-5)
     assert descriptor_tiles == [False]
-    assert ua.kv_descriptors(batch.cache, 128) is None  # eight blocks a tile
+    assert ua.kv_descriptors(batch.cache, 64) is None  # four blocks a tile
 
 
 def test_choose_num_splits() -> None:
