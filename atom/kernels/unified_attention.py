@@ -166,8 +166,8 @@ def _block_scores(
     DOT_PRECISION: tl.constexpr,
 ):
     """Block b's log2-domain scores [BLOCK_M, BLOCK_SIZE], its K copied through the descriptor,
-    and its first row in the descriptor's view. A block past kv_hi (a tile's tail) reads block
-    0's row of the table's first entry: its scores are masked out."""
+    and its first row in the descriptor's view. A block past kv_hi (a two-block tile's tail,
+    maybe past the table's width) is not looked up: it reads cache block 0, its scores masked."""
     j = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     if MASKED:
         row = tl.load(bt_row + b, mask=b * BLOCK_SIZE < kv_hi, other=0) * BLOCK_SIZE
