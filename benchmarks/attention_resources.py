@@ -7,7 +7,8 @@ compiled with Triton for an H100/H200 and read back with the CUDA toolkit's `cuo
 Triton bundles. Programs an SM = min(by registers, by shared memory, by warps); H200: 65,536
 registers, 228 KB of shared memory and 64 warps an SM. The bench's long-context decode (128-key
 tiles, two stages, 4 warps) takes 196 registers a thread: two programs an SM, where its 72 KB of
-shared memory would allow three (RESULTS, thirty-eighth sitting). Run with TRITON_INTERPRET
+shared memory would allow three (RESULTS, thirty-eighth sitting); at 132 sequences and more its
+descriptor tiles (one warp, 41 KB) run five (forty-first sitting). Run with TRITON_INTERPRET
 unset.
 """
 
@@ -44,11 +45,12 @@ STRIDES = (
     "stride_kh",
 )
 ALIGNED = tuple(name for name in STRIDES if name not in DO_NOT_SPECIALIZE)
-# (name, query heads per KV head, tile, warps, stages): the decode launches of the benchmarks
+# (name, query heads per KV head, tile, warps, stages, descriptors): the benchmarks' decodes
 VARIANTS = [
-    ("8B short contexts, batch >= 33 (64-key tiles)", 4, 64, 4, 1),
-    ("8B short contexts, batch <= 32 (128-key tiles)", 4, 128, 4, 1),
-    ("0.6B long contexts (the bench)", 2, 128, 4, 2),
+    ("8B short contexts, batch >= 33 (64-key tiles)", 4, 64, 4, 1, False),
+    ("8B short contexts, batch <= 32 (128-key tiles)", 4, 128, 4, 1, False),
+    ("0.6B long contexts (the bench), batch < 132", 2, 128, 4, 2, False),
+    ("0.6B long contexts (the bench), batch >= 132 (descriptor tiles)", 2, 32, 1, 6, True),
 ]
 
 
@@ -86,10 +88,12 @@ def decode_const(group: int, tile: int, kv_desc: bool = False) -> dict:
             "DOT_PRECISION": "tf32", "KV_DESC": kv_desc, "PDL": True}  # fmt: skip
 
 
-def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | None) -> dict:
+def resources(
+    group: int, tile: int, warps: int, stages: int, maxnreg: int | None, kv_desc: bool = False
+) -> dict:
     """Registers a thread, spill stack bytes, shared memory and programs an SM of one decode
-    variant."""
-    kernel = compile_attention(decode_const(group, tile), warps, stages, maxnreg)
+    variant, and how many tensor-memory-accelerator copies its PTX issues."""
+    kernel = compile_attention(decode_const(group, tile, kv_desc), warps, stages, maxnreg)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -103,7 +107,8 @@ def resources(group: int, tile: int, warps: int, stages: int, maxnreg: int | Non
     by_regs = REGISTERS // (32 * warps * -(-regs // 8) * 8)  # registers go out 8 a thread
     programs = min(by_regs, SHARED // max(shared, 1), MAX_WARPS // warps)
     return {"registers": regs, "spill_bytes": int(fields["STACK"]), "shared": shared,
-            "programs_per_sm": programs}  # fmt: skip
+            "programs_per_sm": programs,
+            "tma_copies": kernel.asm["ptx"].count("cp.async.bulk.tensor")}  # fmt: skip
 
 
 def main() -> None:
@@ -114,10 +119,10 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("unset TRITON_INTERPRET: this compiles for sm90")
     caps = [None] + [int(c) for c in args.maxnreg.split(",") if c]
-    for name, group, tile, warps, stages in VARIANTS:
+    for name, group, tile, warps, stages, kv_desc in VARIANTS:
         for w in [warps] + [int(c) for c in args.warps.split(",") if c]:
             for cap in caps:
-                r = resources(group, tile, w, stages, cap)
+                r = resources(group, tile, w, stages, cap, kv_desc)
                 print(f"{name}: warps {w} stages {stages} maxnreg {cap}: {r['registers']} "
                       f"registers, {r['spill_bytes']} bytes spilled, {r['shared']} B shared, "
                       f"{r['programs_per_sm']} programs an SM", flush=True)  # fmt: skip

@@ -542,3 +542,23 @@ def test_decode_variant_vectorises_its_kv_loads() -> None:
     turn its K/V loads into scalar 2-byte loads at 255 registers."""
     registers, spilled, programs = map(int, run_compiled(_RESOURCES).split())
     assert registers < 224 and spilled == 0 and programs >= 2, (registers, spilled, programs)
+
+
+_DESC_RESOURCES = """
+import sys
+sys.path.insert(0, "benchmarks")
+from atom.kernels.attention_config import descriptor_decode
+cfg = descriptor_decode(16, 8)
+from attention_resources import resources
+r = resources(2, cfg.tile, cfg.num_warps, cfg.num_stages, None, True)
+print(r["spill_bytes"], r["programs_per_sm"], r["tma_copies"])
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="compiles for sm90 on the CPU machine")
+def test_descriptor_decode_copies_by_tma() -> None:
+    """The engine's descriptor launch (descriptor_decode) compiled for sm90: its K/V come by the
+    tensor memory accelerator, nothing spills, and more programs share an SM than the pointer
+    tiles' two (H200: five, by its 41 KB of shared memory)."""
+    spilled, programs, copies = map(int, run_compiled(_DESC_RESOURCES).split())
+    assert spilled == 0 and programs > 2 and copies > 0, (spilled, programs, copies)
