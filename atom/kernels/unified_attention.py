@@ -28,6 +28,8 @@ every row of the q-block sees completely skip the mask arithmetic.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -572,12 +574,16 @@ def unified_attention(
 def kv_descriptors(kv_cache: Tensor, tile: int) -> tuple[TensorDescriptor, TensorDescriptor] | None:
     """Descriptors of the K and V caches' blocks ([block_size, D] of one KV head, in a
     [blocks * block_size, H_kv * D] view) where a tile is one or two blocks and the layout allows
-    it (token-major, contiguous, D a power of two the copy engine can box); None otherwise."""
+    it (token-major, contiguous, D a power of two the copy engine can box, rows numbered in
+    int32), on a device that has the copy engine (Hopper on; the interpreter runs the path on
+    the CPU); None otherwise."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     width = num_kv_heads * head_dim
     token_major = kv_cache.stride(3) == head_dim and kv_cache.stride(2) == width
     if (
-        tile not in (block_size, 2 * block_size)
+        not _copies_by_tma(kv_cache.device)
+        or tile not in (block_size, 2 * block_size)
+        or num_blocks * block_size >= 2**31
         or head_dim != padded_head_dim(head_dim)
         or head_dim > 256
         or block_size > 256
@@ -594,6 +600,13 @@ def kv_descriptors(kv_cache: Tensor, tile: int) -> tuple[TensorDescriptor, Tenso
         )
         for i in (0, 1)
     )  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=16)
+def _copies_by_tma(device: torch.device) -> bool:
+    """Whether descriptor loads are bulk copies here: Hopper or later (before it, Triton lowers
+    them to plain loads, with a launch tuned for the copies)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _check_inputs(

@@ -89,7 +89,15 @@ def test_compile_only_holds_while_dynamo_compiles(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim"),
-    [(32, 8, 128), (16, 16, 64), (64, 1, 256), (8, 1, 128), (12, 2, 128), (64, 4, 64)],
+    [
+        (32, 8, 128),
+        (16, 16, 64),
+        (64, 1, 256),
+        (8, 1, 128),
+        (12, 2, 128),
+        (64, 4, 64),
+        (128, 64, 128),
+    ],
 )
 def test_stand_in_steps_cover_every_launch(heads: int, kv_heads: int, head_dim: int) -> None:
     """Every (tile configuration, split or not) pair of batches 1-600 at query lengths 1-300

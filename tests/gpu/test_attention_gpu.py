@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import atom.kernels.unified_attention as ua
 from atom.kernels.attention_config import DESC_PROGRAMS_PER_SM, choose_num_splits, launch_config
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import _unified_attention_kernel, unified_attention
@@ -140,12 +141,20 @@ def _large_decode(kv_heads: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("kv", ["bf16", "fp16", "fp8"])
-def test_large_decode_through_descriptors(kv: str) -> None:
+def test_large_decode_through_descriptors(kv: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The descriptor tiles at the batch that takes them (bf16, fp16 and fp8 caches) against the
     reference, and a CUDA graph's replay of the launch identical to it."""
     seqs = _large_decode(8)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert launch_config(1, 2, 128, len(seqs) * 8, 2100, sms).kv_desc
+    built: list[bool] = []
+    plain = ua.kv_descriptors
+
+    def descriptors(*args: object) -> object:
+        built.append((found := plain(*args)) is not None)
+        return found
+
+    monkeypatch.setattr(ua, "kv_descriptors", descriptors)
     inp = _inputs(seqs, 16, 8, 128, seed=5)
     dtype = torch.float16 if kv == "fp16" else torch.bfloat16
     query, kw = inp["query"].to(dtype), {"scale": 128**-0.5}
@@ -168,6 +177,7 @@ def test_large_decode_through_descriptors(kv: str) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, out)
+    assert built == [True, True]  # the eager launch and the captured one
 
 
 @pytest.mark.parametrize("max_seq_len", [64, 8192])  # single pass, then split-KV

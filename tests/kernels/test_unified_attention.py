@@ -365,10 +365,12 @@ def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureReq
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_descriptor_tiles_match_reference(descriptor_tiles: list, dtype: torch.dtype) -> None:
     """K/V blocks through descriptors, one or two blocks a tile (descriptor_decode's launch) over
-    decodes: splits (a tile's blocks past the context masked), a sliding window, softcap, and
-    blocks whose tail past the context holds NaN (its values must weigh exactly 0)."""
-    seqs = [(100, 1), (37, 1), (250, 1), (20, 1), (16, 1), (0, 0), (33, 1)]
+    decodes: splits (a tile's blocks past the context masked), a sliding window, softcap, blocks
+    whose tail past the context holds NaN (its values must weigh exactly 0), and a table no
+    wider than the longest sequence's 15 blocks (a two-block tile's second block past it)."""
+    seqs = [(100, 1), (37, 1), (225, 1), (20, 1), (16, 1), (0, 0), (33, 1)]
     batch = make_batch(seqs, 8, 4, 128)
+    batch.tables = batch.tables[:, :15].contiguous()
     for i, (seq_len, _) in enumerate(seqs):
         if not seq_len:
             continue
