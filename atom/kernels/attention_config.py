@@ -86,7 +86,7 @@ def pointer_decode(block_m: int, block_q: int, head_dim_p: int) -> LaunchConfig:
 def descriptor_decode(block_m: int, block_q: int) -> LaunchConfig:
     """A long-context decode of at least DESC_PROGRAMS_PER_SM programs an SM: 32-key tiles of
     two 16-token blocks, each block's K and V copied by the tensor memory accelerator, one warp,
-    six stages (unified_attention.kv_descriptors; with other block sizes pointer_decode's). H200,
+    six stages (attention_tiles.kv_descriptors; with other block sizes pointer_decode's). H200,
     the nano-vllm bench's heads over contexts of 100-2,048 tokens, GB/s of KV against
     pointer_decode's (tune_attention_decode.py, RESULTS forty-first sitting): batch 256 4,119
     vs 3,930, 128 3,761 vs 3,734, 64 3,105 vs 3,384: fewer programs leave each one's chain of
