@@ -98,6 +98,17 @@ def freeze_long_lived_objects() -> None:
     _unfreeze_at_exit()
 
 
+def reclaim_dropped_engines() -> None:
+    """Free an earlier engine of this process that was dropped without shutdown() (a notebook's
+    second LLM, a test after another) before this one measures memory: the earlier one's objects
+    were frozen at its start, so only a collection after unfreezing finds them, and until then its
+    weights, KV cache and graphs count as this engine's peak and leave its KV cache nothing. The
+    first engine of a process finds nothing frozen and pays nothing."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
+
+
 @functools.cache
 def _unfreeze_at_exit() -> None:  # registered once per process
     atexit.register(gc.unfreeze)
@@ -112,6 +123,7 @@ class EngineCore:
             phases[name] = time.perf_counter() - start - sum(phases.values())
 
         self.config = config
+        reclaim_dropped_engines()
         self.executor = executor if executor is not None else create_executor(config)
         lap("model")
         try:

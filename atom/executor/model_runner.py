@@ -295,9 +295,11 @@ class ModelRunner:
             self._precompile = None
 
     def shutdown(self, sync: bool = True) -> None:
-        """Stop the precompile and the profiler, and destroy the CUDA graphs: a tensor-parallel
-        rank leaves its NCCL group after this, which waits for them (DecodeGraphs.release;
-        sync False where a rank died)."""
+        """Stop the precompile and the profiler, destroy the CUDA graphs (a tensor-parallel
+        rank leaves its NCCL group after this, which waits for them: DecodeGraphs.release;
+        sync False where a rank died), and free the KV cache: Dynamo's caches may keep the
+        model alive after the engine, and a later engine of the process would count the cache
+        against its own budget."""
         self._join_precompile()
         if self.profiler.running:
             self.stop_profile()
@@ -307,6 +309,10 @@ class ModelRunner:
         if self.mixed_graphs is not None:
             self.mixed_graphs.release(sync)
             self.mixed_graphs = None
+        for layer in self.attn_layers:
+            layer.kv_cache = torch.empty(0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # ---- torch profiler ----
     def start_profile(self) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from atom import LLM
+from atom.engine import core
 from atom.engine.core import freeze_long_lived_objects
 
 
@@ -25,3 +31,39 @@ def test_freeze_then_a_later_engine_reclaims_a_dropped_one() -> None:
     freeze_long_lived_objects()  # the next engine: unfreeze, collect, freeze
     assert ref() is None
     gc.unfreeze()
+
+
+def test_a_dropped_llm_is_freed_before_the_next_one_builds_its_model(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LLM dropped without shutdown() (a notebook's second LLM) and held only by reference
+    cycles (as on a GPU, where compiled and captured graphs refer back to it; here one made by
+    hand) is collected when the next one starts, before that one's model and memory profile: its
+    KV cache and weights would otherwise count against the new engine's budget (an H200 run left
+    a second SmolLM2 LLM no KV cache at all)."""
+    first = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    first.engine.executor.cycle = first.engine.executor  # type: ignore[attr-defined]
+    runner = weakref.ref(first.engine.executor)
+    del first
+    gc.collect()
+    assert runner() is not None  # frozen with its engine: the collector alone leaves it
+    alive_at_build: list[bool] = []
+    build = core.create_executor
+
+    def spy(config: Any) -> Any:
+        alive_at_build.append(runner() is not None)
+        return build(config)
+
+    monkeypatch.setattr(core, "create_executor", spy)
+    second = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    second.shutdown()
+    assert alive_at_build == [False]
+
+
+def test_shutdown_frees_the_kv_cache(tiny: Path) -> None:
+    """shutdown() drops every layer's cache, even where something else keeps the model."""
+    llm = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    layers = llm.engine.executor.attn_layers  # type: ignore[attr-defined]
+    assert all(layer.kv_cache.numel() for layer in layers)
+    llm.shutdown()
+    assert not any(layer.kv_cache.numel() for layer in layers)

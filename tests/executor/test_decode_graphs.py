@@ -164,6 +164,8 @@ def test_release_destroys_every_graph(monkeypatch: pytest.MonkeyPatch) -> None:
         mixed_graphs=mixed,
         _join_precompile=lambda: None,
         profiler=SimpleNamespace(running=False),
+        attn_layers=[],
+        device=torch.device("cpu"),
     )
     ModelRunner.shutdown(runner)  # type: ignore[arg-type]
     resets = [g.resets for g in (*made.values(), *draws.values(), *mixed_made.values())]
