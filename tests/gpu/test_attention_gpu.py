@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import atom.kernels.unified_attention as ua
 from atom.kernels.attention_config import DESC_PROGRAMS_PER_SM, choose_num_splits, launch_config
 from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import _unified_attention_kernel, unified_attention
+from tests.kernels.descriptors import record_descriptors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -147,14 +147,7 @@ def test_large_decode_through_descriptors(kv: str, monkeypatch: pytest.MonkeyPat
     seqs = _large_decode(8)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert launch_config(1, 2, 128, len(seqs) * 8, 2100, sms).kv_desc
-    built: list[bool] = []
-    plain = ua.kv_descriptors
-
-    def descriptors(*args: object) -> object:
-        built.append((found := plain(*args)) is not None)
-        return found
-
-    monkeypatch.setattr(ua, "kv_descriptors", descriptors)
+    built = record_descriptors(monkeypatch)
     inp = _inputs(seqs, 16, 8, 128, seed=5)
     dtype = torch.float16 if kv == "fp16" else torch.bfloat16
     query, kw = inp["query"].to(dtype), {"scale": 128**-0.5}

@@ -27,6 +27,7 @@ from atom.kernels.paged_attention import paged_attention_ref
 from atom.kernels.unified_attention import unified_attention
 from tests.kernels.block_tables import query_start_loc, shuffled_block_tables
 from tests.kernels.compiled import run_compiled
+from tests.kernels.descriptors import record_descriptors
 
 BLOCK = 16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -343,21 +344,15 @@ interpreter_only = pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the 
 def descriptor_tiles(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
     """Every launch forced onto descriptor tiles of request.param keys; records whether each
     launch got its descriptors (kv_descriptors not None)."""
-    got: list[bool] = []
     tile = request.param
-    plain_config, plain_descriptors = ua.launch_config, ua.kv_descriptors
+    plain_config = ua.launch_config
 
     def config(*args: object) -> LaunchConfig:
         plain = plain_config(*args)
         return dataclasses.replace(descriptor_decode(plain.block_m, plain.block_q), tile=tile)
 
-    def descriptors(*args: object) -> object:
-        got.append((found := plain_descriptors(*args)) is not None)
-        return found
-
     monkeypatch.setattr(ua, "launch_config", config)
-    monkeypatch.setattr(ua, "kv_descriptors", descriptors)
-    return got
+    return record_descriptors(monkeypatch)
 
 
 @interpreter_only
