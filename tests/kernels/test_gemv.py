@@ -256,17 +256,13 @@ def test_x_through_a_descriptor_from_one_row(
 # Every variant of the kernel compiled for sm90 (not interpreted): a compile error shows on the
 # CPU machine. Its own process: this one's kernels were defined for the interpreter.
 _COMPILE_VARIANTS = """
-import itertools, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from atom.kernels.gemv import _gemv_kernel
-for dt, (w_desc, x_desc, bm), split, gated, scale in itertools.product(
-    ("bf16", "fp32"), ((False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)),
-    (1, 3), (False, True), (False, True)
-):
-    if scale and dt == "fp32":  # the deferred norm's scale: bf16 is enough
-        continue
+import itertools
+from tests.kernels.compiled import compile_in_parallel
+
+def compile_one(job):
+    from triton.compiler import ASTSource
+    from atom.kernels.gemv import _gemv_kernel
+    dt, (w_desc, x_desc, bm), split, gated, scale = job
     sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
            "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
            "ws_ptr": "*fp32", "count_ptr": "*i32", "ss_ptr": "*fp32", "M": "i32", "N": "i32",
@@ -275,9 +271,14 @@ for dt, (w_desc, x_desc, bm), split, gated, scale in itertools.product(
              "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
              "GATED": gated, "ROW_SCALE": scale}
     sig.update(dict.fromkeys(const, "constexpr"))
-    src = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print("compiled", dt, w_desc, x_desc, bm, split, gated, scale, flush=True)
+    return ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const), {}, job
+
+jobs = [job for job in itertools.product(
+    ("bf16", "fp32"), ((False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)),
+    (1, 3), (False, True), (False, True)
+) if not (job[4] and job[0] == "fp32")]  # the deferred norm's scale: bf16 is enough
+for _, job in compile_in_parallel(compile_one, jobs):
+    print("compiled", *job, flush=True)
 """
 
 
@@ -286,12 +287,28 @@ for dt, (w_desc, x_desc, bm), split, gated, scale in itertools.product(
 # tile plain and gated with x's tiles through a descriptor (ATOM_GEMV_X_DESC_ROWS=16), bf16,
 # compiled for sm90: their shared memory fits an H100/H200's 227 KB.
 _TABLE_TILES = """
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+from tests.kernels.compiled import compile_in_parallel
 from atom.kernels.gemv import GATED_SUFFIX, MAX_M, TUNED_CONFIGS, X_DESC_ROWS, GemvConfig
-from atom.kernels.gemv import _gemv_kernel, gated_tile, tile_sizes
-seen = set()
+from atom.kernels.gemv import gated_tile, tile_sizes
+
+def compile_one(job):
+    from triton.compiler import ASTSource
+    from atom.kernels.gemv import _gemv_kernel
+    (gated, bm, bn, bk, split, warps, stages, w_desc, x_desc), name = job
+    sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
+           "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
+           "ws_ptr": "*fp32", "count_ptr": "*i32", "ss_ptr": "*fp32", "M": "i32",
+           "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
+           "parts": "i32", "eps": "fp32"}
+    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+             "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
+             "GATED": gated, "ROW_SCALE": True}
+    sig.update(dict.fromkeys(const, "constexpr"))
+    source = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
+    return source, {"num_warps": warps, "num_stages": stages}, name
+
+jobs, seen = [], set()
 for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
     gated_key = key.endswith(GATED_SUFFIX)
     n2, k = map(int, key.removesuffix(GATED_SUFFIX).split("x"))
@@ -311,23 +328,11 @@ for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
             w_desc = tile.descriptor
             x_desc = w_desc and (bm >= X_DESC_ROWS or x16)
             variant = (gated, bm, bn, bk, split, tile.num_warps, tile.num_stages, w_desc, x_desc)
-            if variant in seen:
-                continue
-            seen.add(variant)
-            sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
-                   "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
-                   "ws_ptr": "*fp32", "count_ptr": "*i32", "ss_ptr": "*fp32", "M": "i32",
-                   "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-                   "parts": "i32", "eps": "fp32"}
-            const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                     "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
-                     "GATED": gated, "ROW_SCALE": True}
-            sig.update(dict.fromkeys(const, "constexpr"))
-            kernel = triton.compile(ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const),
-                                    target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": tile.num_warps,
-                                             "num_stages": tile.num_stages})
-            print("shared", kind, key, bucket, kernel.metadata.shared, flush=True)
+            if variant not in seen:
+                seen.add(variant)
+                jobs.append((variant, f"{kind} {key} {bucket}"))
+for shared, name in compile_in_parallel(compile_one, jobs):
+    print("shared", name, shared, flush=True)
 """
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
