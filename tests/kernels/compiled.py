@@ -3,6 +3,7 @@ defined for the interpreter (conftest.py). For compiling kernels for sm90 on the
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import subprocess
@@ -41,4 +42,4 @@ def compile_in_parallel(
     own function."""
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=context) as pool:
-        yield from pool.map(_compile, [make] * len(jobs := list(jobs)), jobs)
+        yield from pool.map(functools.partial(_compile, make), jobs)

@@ -253,25 +253,34 @@ def test_x_through_a_descriptor_from_one_row(
     assert paths == [(True, True)] * 2
 
 
-# Every variant of the kernel compiled for sm90 (not interpreted): a compile error shows on the
-# CPU machine. Its own process: this one's kernels were defined for the interpreter.
-_COMPILE_VARIANTS = """
-import itertools
+# The gemv kernel's source for one variant (an sm90 compile script's prelude).
+_GEMV_SOURCE = """
 from tests.kernels.compiled import compile_in_parallel
 
-def compile_one(job):
+def gemv_source(dt, bm, bn, bk, split, w_desc, x_desc, gated, scale):
     from triton.compiler import ASTSource
     from atom.kernels.gemv import _gemv_kernel
-    dt, (w_desc, x_desc, bm), split, gated, scale = job
-    sig = {"x": f"tensordesc<{dt}[{bm}, 64]>" if x_desc else f"*{dt}",
-           "w": f"tensordesc<{dt}[64, 64]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
+    sig = {"x": f"tensordesc<{dt}[{bm}, {bk}]>" if x_desc else f"*{dt}",
+           "w": f"tensordesc<{dt}[{bn}, {bk}]>" if w_desc else f"*{dt}", "y_ptr": f"*{dt}",
            "ws_ptr": "*fp32", "count_ptr": "*i32", "ss_ptr": "*fp32", "M": "i32", "N": "i32",
            "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "parts": "i32", "eps": "fp32"}
-    const = {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split, "W_DESC": w_desc,
+    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "W_DESC": w_desc,
              "X_DESC": x_desc, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", "PDL": True,
              "GATED": gated, "ROW_SCALE": scale}
     sig.update(dict.fromkeys(const, "constexpr"))
-    return ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const), {}, job
+    return ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
+"""
+
+# Every variant of the kernel compiled for sm90 (not interpreted): a compile error shows on the
+# CPU machine. Its own process: this one's kernels were defined for the interpreter.
+_COMPILE_VARIANTS = (
+    _GEMV_SOURCE
+    + """
+import itertools
+
+def compile_one(job):
+    dt, (w_desc, x_desc, bm), split, gated, scale = job
+    return gemv_source(dt, bm, 64, 64, split, w_desc, x_desc, gated, scale), {}, job
 
 jobs = [job for job in itertools.product(
     ("bf16", "fp32"), ((False, False, 16), (True, False, 16), (True, True, 16), (True, True, 32)),
@@ -280,32 +289,23 @@ jobs = [job for job in itertools.product(
 for _, job in compile_in_parallel(compile_one, jobs):
     print("compiled", *job, flush=True)
 """
+)
 
 
 # The gated variant of every tile of the tuned table (linear_ops.linear_silu_and_mul takes the
 # table's gated tile of the gate/up weight, else its plain tile with K halved), and every 1-16-row
 # tile plain and gated with x's tiles through a descriptor (ATOM_GEMV_X_DESC_ROWS=16), bf16,
 # compiled for sm90: their shared memory fits an H100/H200's 227 KB.
-_TABLE_TILES = """
+_TABLE_TILES = (
+    _GEMV_SOURCE
+    + """
 import json
-from tests.kernels.compiled import compile_in_parallel
 from atom.kernels.gemv import GATED_SUFFIX, MAX_M, TUNED_CONFIGS, X_DESC_ROWS, GemvConfig
 from atom.kernels.gemv import gated_tile, tile_sizes
 
 def compile_one(job):
-    from triton.compiler import ASTSource
-    from atom.kernels.gemv import _gemv_kernel
     (gated, bm, bn, bk, split, warps, stages, w_desc, x_desc), name = job
-    sig = {"x": f"tensordesc<bf16[{bm}, {bk}]>" if x_desc else "*bf16",
-           "w": f"tensordesc<bf16[{bn}, {bk}]>" if w_desc else "*bf16", "y_ptr": "*bf16",
-           "ws_ptr": "*fp32", "count_ptr": "*i32", "ss_ptr": "*fp32", "M": "i32",
-           "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32",
-           "parts": "i32", "eps": "fp32"}
-    const = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-             "W_DESC": w_desc, "X_DESC": x_desc, "DOT_PRECISION": "tf32", "PDL": True,
-             "GATED": gated, "ROW_SCALE": True}
-    sig.update(dict.fromkeys(const, "constexpr"))
-    source = ASTSource(fn=_gemv_kernel, signature=sig, constexprs=const)
+    source = gemv_source("bf16", bm, bn, bk, split, w_desc, x_desc, gated, True)
     return source, {"num_warps": warps, "num_stages": stages}, name
 
 jobs, seen = [], set()
@@ -334,6 +334,7 @@ for key, buckets in json.loads(TUNED_CONFIGS.read_text())["shapes"].items():
 for shared, name in compile_in_parallel(compile_one, jobs):
     print("shared", name, shared, flush=True)
 """
+)
 SM90_SHARED = 232448  # bytes of shared memory a block may take on an H100/H200
 
 
