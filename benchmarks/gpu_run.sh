@@ -21,6 +21,8 @@
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
 #            the slowest imports printed (run after latency: its caches warm)
 #   startup  benchmarks/profile_startup.py twice (cold, then warm caches of its own): phases, Dynamo's
+#            (PYSPY=1: a third start under py-spy, $OUT/startup_3.pyspy; PYSPY=cold: its caches
+#            empty)
 #            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
@@ -286,6 +288,19 @@ from transformers import LlamaConfig, Qwen3Config' 2>&1 | tail -n 3
             grep -h -e 'process start' -e 'ready in' -e 'captured' -e 'piecewise' -e 'Triton:' \
                 -e 'precompiled' "$OUT/startup_$n.log" | cut -c1-1500
         done
+        # PYSPY=1: a third (warm) start sampled by py-spy (a py-spy wheel among the carried ones):
+        # $OUT/startup_3.pyspy, collapsed stacks of every thread (250 Hz, idle included);
+        # PYSPY=cold: the third start with empty compile caches.
+        if [ "${PYSPY:-0}" != 0 ] && [ -x /tmp/site/bin/py-spy ]; then
+            if [ "$PYSPY" = cold ]; then
+                export TORCHINDUCTOR_CACHE_DIR=$cache/inductor3 TRITON_CACHE_DIR=$cache/triton3
+            fi
+            # shellcheck disable=SC2086
+            /tmp/site/bin/py-spy record --rate 250 --format raw --idle --threads --nonblocking \
+                --output "$OUT/startup_3.pyspy" -- python3 benchmarks/profile_startup.py "$OUT" \
+                ${STARTUP_FLAGS:-} >"$OUT/startup_3.log" 2>&1 || tail -n 30 "$OUT/startup_3.log"
+            grep -h -e 'process start' -e 'ready in' "$OUT/startup_3.log" | cut -c1-600
+        fi
     )
     rm -rf "$cache"
 }

@@ -87,7 +87,8 @@ def main(argv: list[str]) -> None:
 
 def _log_triton_compiles(path: Path) -> list[dict[str, Any]]:
     """Every Triton compile of this process, one JSON line each (and in the list returned, which
-    fills as the process compiles): the parts of its cache key and how long the call took."""
+    fills as the process compiles): the parts of its cache key, when the call began and how long
+    it took."""
     try:
         import triton
         import triton.compiler
@@ -111,14 +112,19 @@ def _log_triton_compiles(path: Path) -> list[dict[str, Any]]:
             options_repr=repr(options),
             env=str(sorted(env_vars.items())),
             hook=repr(triton.knobs.runtime.add_stages_inspection_hook),
+            # What picks the variant: argument types and specialisations, constexpr values.
+            signature=repr(getattr(src, "signature", "")),
+            constants=repr(getattr(src, "constants", "")),
+            attrs=repr(getattr(src, "attrs", "")),
         )
         return original_key(src, backend, options, env_vars)
 
     def compile_logged(src: Any, target: Any = None, options: Any = None, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        at, start = seconds_since_process_start(), time.perf_counter()
         result = original_compile(src, target, options, **kwargs)
         record = {
             "seconds": round(time.perf_counter() - start, 4),
+            "at": None if at is None else round(at, 2),  # since the process started
             **getattr(local, "parts", {}),
             "name": getattr(src, "name", ""),
             "thread": threading.current_thread().name,

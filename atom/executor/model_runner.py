@@ -131,7 +131,7 @@ class ModelRunner:
         )
         # Last: attention's and gemv's Triton variants compile on other threads until
         # allocate_kv_cache.
-        self._precompile = start_precompile(self.model, self._stand_in)
+        self._precompile = start_precompile(self.model, self._stand_in, sched.max_num_seqs)
 
     def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
         """Hidden states of the model (inside a forward context). One token runs the eager model:

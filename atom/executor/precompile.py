@@ -36,13 +36,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from atom.executor.eager_stand_ins import Task, eager_stand_ins, run_on_side_stream
 from atom.executor.forward_context import AttentionMetadata
 from atom.kernels import linear_ops
 from atom.kernels.attention_config import (
@@ -70,10 +71,13 @@ ENV = "ATOM_PRECOMPILE"
 class Precompile:
     """A running precompile: `wait` joins it (and logs what it compiled, or why it failed)."""
 
-    def __init__(self, layers: list[Attention], weights: list[Weight], shapes: StandIn) -> None:
+    def __init__(
+        self, layers: list[Attention], weights: list[Weight], shapes: StandIn, eager: list[Task]
+    ) -> None:
         self._error: BaseException | None = None
         self._seconds = 0.0
         self._calls = 0
+        self._eager = eager
         # A daemon: an engine that fails before joining it (a worker process of tensor
         # parallelism, say) does not wait for it at exit.
         self._thread = threading.Thread(
@@ -88,33 +92,36 @@ class Precompile:
         try:
             torch.cuda.set_device(shapes.device)  # Triton compiles for the thread's device
             workers = min(MAX_WORKERS, os.cpu_count() or 1)
-            with (
-                ThreadPoolExecutor(workers, thread_name_prefix="atom-compile") as pool,
-                AsyncCompileMode(pool),
-                compile_only(),
-                torch.inference_mode(),
-            ):
-                for layer in distinct_kinds(layers):
-                    for meta in stand_in_steps(shapes.block_size, shapes.device):
-                        attend_stand_in(layer, meta, shapes)
-                        self._calls += 1
-                    self._calls += project_stand_in(layer, shapes)
-                for weight, gated, norm_after, normed_input in distinct_weights(weights):
-                    self._calls += norm_stand_in(weight, norm_after, normed_input, gated)
-                    buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
-                    for rows in buckets if MAX_M in buckets else (1, *buckets):
-                        x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
-                                        device=weight.device)  # fmt: skip
-                        if gated and linear_config(rows, weight, gated=True) is not None:
-                            linear_ops.small_batch_linear_silu_and_mul(x, weight)
-                        elif linear_config(rows, weight) is not None:
-                            linear_ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
-                        else:
-                            continue  # cuBLAS
-                        self._calls += 1
+            with ThreadPoolExecutor(workers, thread_name_prefix="atom-compile") as pool:
+                # First in the pool's queue: the main thread meets these kernels soonest.
+                eager = [pool.submit(run_on_side_stream, t, shapes.device) for t in self._eager]
+                with AsyncCompileMode(LaunchersToo(pool)), compile_only(), torch.inference_mode():
+                    self._compile(layers, weights, shapes)
+                for done in eager:
+                    done.result()
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
         self._seconds = time.perf_counter() - start
+
+    def _compile(self, layers: list[Attention], weights: list[Weight], shapes: StandIn) -> None:
+        for layer in distinct_kinds(layers):
+            for meta in stand_in_steps(shapes.block_size, shapes.device):
+                attend_stand_in(layer, meta, shapes)
+                self._calls += 1
+            self._calls += project_stand_in(layer, shapes)
+        for weight, gated, norm_after, normed_input in distinct_weights(weights):
+            self._calls += norm_stand_in(weight, norm_after, normed_input, gated)
+            buckets = tuned_buckets(weight, gated)  # 16: the variant of 1-16 rows
+            for rows in buckets if MAX_M in buckets else (1, *buckets):
+                x = torch.empty((rows, weight.shape[1]), dtype=weight.dtype,
+                                device=weight.device)  # fmt: skip
+                if gated and linear_config(rows, weight, gated=True) is not None:
+                    linear_ops.small_batch_linear_silu_and_mul(x, weight)
+                elif linear_config(rows, weight) is not None:
+                    linear_ops.small_batch_linear(x, weight, None)  # the pair's GEMM too
+                else:
+                    continue  # cuBLAS
+                self._calls += 1
 
     def wait(self) -> None:
         self._thread.join()
@@ -122,8 +129,35 @@ class Precompile:
             logger.warning("precompile failed (variants compile on first launch): %r",
                            self._error)  # fmt: skip
         else:
-            logger.info("attention and gemv variants precompiled in %.1f s (%d stand-in launches)",
-                        self._seconds, self._calls)  # fmt: skip
+            logger.info(
+                "attention and gemv variants precompiled in %.1f s (%d stand-in launches, "
+                "%d eager stand-ins)", self._seconds, self._calls, len(self._eager),
+            )  # fmt: skip
+
+
+class LaunchersToo:
+    """The executor AsyncCompileMode submits compiles to: each task also builds its variant's
+    launcher. Triton before 3.7 compiles a C launcher for each kernel signature with gcc (0.3-1 s,
+    then cached on disk beside the kernel) when a variant is first launched: in a cold 8B start on
+    the H200 that was ~5 s of the main thread's time, serially, while here it runs beside the
+    compiles (forty-fifth sitting). Newer Triton's launcher is generic and costs nothing here."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    def submit(self, compile_fn: Callable[[], Any]) -> Future[Any]:
+        return self._pool.submit(_with_launcher, compile_fn)
+
+
+def _with_launcher(compile_fn: Callable[[], Any]) -> Any:
+    kernel = compile_fn()
+    try:
+        from triton.runtime import driver
+
+        driver.active.launcher_cls(kernel.src, kernel.metadata)  # built into Triton's cache
+    except Exception as e:  # the variant's first launch builds it then, and reports the failure
+        logger.debug("launcher of %s not built ahead: %r", getattr(kernel, "name", "?"), e)
+    return kernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +170,12 @@ class StandIn:
     block_size: int
 
 
-def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | None:
-    """Starts the precompile thread for the model's attention layers and linear weights on a CUDA
-    device whose Triton has AsyncCompileMode, unless ATOM_PRECOMPILE=0 (to measure a start
-    without it)."""
+def start_precompile(
+    model: torch.nn.Module, shapes: StandIn, max_seqs: int = 1
+) -> Precompile | None:
+    """Starts the precompile thread for the model's attention layers and linear weights, and the
+    eager stand-ins (draws of up to max_seqs rows), on a CUDA device whose Triton has
+    AsyncCompileMode, unless ATOM_PRECOMPILE=0 (to measure a start without it)."""
     layers = [m for m in model.modules() if type(m) is Attention]  # not MLA
     weights = []
     if linear_ops._GEMV:
@@ -157,7 +193,8 @@ def start_precompile(model: torch.nn.Module, shapes: StandIn) -> Precompile | No
         import triton.runtime._async_compile  # noqa: F401
     except ImportError:
         return None
-    return Precompile(layers, weights, shapes)
+    eager = eager_stand_ins(model, layers, shapes.dtype, max_seqs)
+    return Precompile(layers, weights, shapes, eager)
 
 
 def distinct_kinds(layers: Iterable[Attention]) -> Iterator[Attention]:

@@ -128,6 +128,17 @@ def _splits(rows: int, vocab: int) -> tuple[int, int]:
     return cdiv(vocab, chunk), chunk
 
 
+def draw_variant_rows(vocab: int, max_rows: int) -> list[int]:
+    """The fewest row counts (1..max_rows) whose draws over vocab logits meet every variant of
+    the kernel that any row count does: Triton specialises num_splits on being 1, a multiple of
+    16, or neither (the start-up's stand-ins, executor/eager_stand_ins.py)."""
+    first: dict[int, int] = {}
+    for rows in range(1, max_rows + 1):
+        splits = _splits(rows, vocab)[0]
+        first.setdefault(1 if splits == 1 else 16 if splits % 16 == 0 else 0, rows)
+    return sorted(first.values())
+
+
 def _fast_log(t: Tensor) -> bool:
     """Whether the draw over t may take the PTX log2: an NVIDIA GPU, not the interpreter."""
     return t.is_cuda and torch.version.hip is None and not INTERPRET

@@ -1,6 +1,7 @@
-"""The start-up precompile compiles every attention and gemv variant a run meets: after it,
-neither the CUDA-graph warm-up, the warm-up requests nor a run with prefix hits compiles another
-(run by benchmarks/gpu_run.sh on the GPU machine; skipped elsewhere)."""
+"""The start-up precompile compiles every attention and gemv variant a run meets, and its eager
+stand-ins the norm, SiLU and draw variants: after it, neither the CUDA-graph warm-up, the warm-up
+requests nor a run with prefix hits compiles another (run by benchmarks/gpu_run.sh on the GPU
+machine; skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from atom.kernels.gemv import _gemv_kernel
 from atom.kernels.gemv_norm import _gemv_add_norm_kernel
 from atom.kernels.gemv_rope import _gemv_rope_kernel
 from atom.kernels.reshape_and_cache import _reshape_and_cache_kernel
+from atom.kernels.rms_norm import _rms_norm_kernel
 from atom.kernels.rotary import _rotary_embedding_kernel
+from atom.kernels.sampling import _gumbel_argmax_kernel
+from atom.kernels.silu_and_mul import _silu_and_mul_kernel
 from atom.kernels.unified_attention import _reduce_splits_kernel, _unified_attention_kernel
 from tests.gpu.conftest import SMALL_ENGINE
 
@@ -32,6 +36,9 @@ KERNELS = {
     "gemv": _gemv_kernel,
     "gemv_rope": _gemv_rope_kernel,
     "gemv_norm": _gemv_add_norm_kernel,
+    "norm": _rms_norm_kernel,
+    "silu": _silu_and_mul_kernel,
+    "draw": _gumbel_argmax_kernel,
 }
 
 

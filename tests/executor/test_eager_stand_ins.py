@@ -1,0 +1,132 @@
+"""The precompile's eager stand-ins (executor/eager_stand_ins.py): one task per distinct kernel
+use, launching what a real step launches on one-row stand-ins; the precompile's executor builds
+each compiled variant's launcher (the compiles and launches themselves: tests/gpu)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from atom.executor import eager_stand_ins as stand_ins
+from atom.executor.precompile import LaunchersToo
+from atom.kernels.sampling import _splits, draw_variant_rows
+from atom.layers.attention import Attention
+from atom.layers.rotary import RotaryEmbedding
+from atom.models.qwen3 import Qwen3ForCausalLM
+
+
+def _variant(rows: int, vocab: int) -> str:
+    splits = _splits(rows, vocab)[0]
+    return "one" if splits == 1 else "sixteen" if splits % 16 == 0 else "other"
+
+
+@pytest.mark.parametrize("vocab", [100, 32000, 49152, 128256, 151936])
+@pytest.mark.parametrize("max_rows", [1, 24, 512])
+def test_draw_rows_meet_every_variant_once(vocab: int, max_rows: int) -> None:
+    rows = draw_variant_rows(vocab, max_rows)
+    assert rows == sorted(rows) and all(1 <= r <= max_rows for r in rows)
+    met = [_variant(r, vocab) for r in rows]
+    assert len(set(met)) == len(met)  # one row count a variant
+    assert set(met) == {_variant(r, vocab) for r in range(1, max_rows + 1)}
+
+
+def test_one_task_per_distinct_use_with_a_real_steps_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Qwen3 of three layers: one norm width (the q/k norms run inside the rotary kernel), one
+    gate/up width, one rope shape, the draw; each task's launches shaped as the model's."""
+    config = transformers.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    )
+    model = Qwen3ForCausalLM(config, 64)
+    layers = [m for m in model.modules() if type(m) is Attention]
+    calls: list[tuple] = []
+
+    def record(name: str) -> Callable[..., None]:
+        return lambda *args: calls.append((name, *[_shape(a) for a in args]))
+
+    for name in ("rms_norm", "fused_add_rms_norm", "deferred_rms_norm", "silu_and_mul",
+                 "gumbel_argmax"):  # fmt: skip
+        monkeypatch.setattr(stand_ins, name, record(name))
+    monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, *args: record("rotary")(*args))
+    tasks = stand_ins.eager_stand_ins(model, layers, torch.float32, max_seqs=64)
+    assert len(tasks) == 4
+    for task in tasks:
+        task()
+    weight = ((64,), (1,), torch.float32)
+    row = ((1, 64), (64, 1), torch.float32)
+    assert calls[:3] == [
+        ("rms_norm", row, weight, None),
+        ("fused_add_rms_norm", row, row, weight, None),
+        ("deferred_rms_norm", row, None, weight),
+    ]
+    assert calls[3] == ("silu_and_mul", ((1, 192), (192, 1), torch.float32))
+    # q and k: views of fused projection rows of (4 + 2 * 2) heads of 16, with the q/k norms.
+    q, k = ((2, 4, 16), (128, 16, 1), torch.float32), ((2, 2, 16), (128, 16, 1), torch.float32)
+    assert calls[4] == ("rotary", ((2,), (1,), torch.int64), q, k, *layers[0].rope[1:])
+    draws = calls[5:]
+    rows = draw_variant_rows(100, 64)
+    assert [d[1][0][0] for d in draws] == [r for r in rows for _ in range(2)]
+    assert {d[1][2] for d in draws} == {torch.float32}  # the model's logits and the filtered ones
+
+
+def _shape(a: object) -> object:
+    if isinstance(a, torch.Tensor):
+        return (tuple(a.shape), a.stride(), a.dtype)
+    if isinstance(a, float):
+        return None
+    return a
+
+
+def test_side_stream_task_runs_on_the_cpu_free_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_on_side_stream sets the device, runs the task on a stream of its own and waits."""
+    seen = []
+    stream = SimpleNamespace(synchronize=lambda: seen.append("synchronized"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.append(("device", device)))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: _Scope(seen, s is stream))
+    stand_ins.run_on_side_stream(lambda: seen.append("task"), torch.device("cuda", 1))
+    assert seen == [("device", torch.device("cuda", 1)), ("enter", True), "task", "exit",
+                    "synchronized"]  # fmt: skip
+
+
+class _Scope:
+    def __init__(self, seen: list, ours: bool) -> None:
+        self.seen, self.ours = seen, ours
+
+    def __enter__(self) -> None:
+        self.seen.append(("enter", self.ours))
+
+    def __exit__(self, *exc: object) -> None:
+        self.seen.append("exit")
+
+
+def test_compiles_build_their_launcher_and_a_failed_build_costs_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import triton.runtime
+
+    built = []
+    kernel = SimpleNamespace(src="src", metadata="meta", name="k")
+    fake = SimpleNamespace(active=SimpleNamespace(launcher_cls=lambda s, m: built.append((s, m))))
+    monkeypatch.setattr(triton.runtime, "driver", fake)
+    with ThreadPoolExecutor(2) as pool:
+        assert LaunchersToo(pool).submit(lambda: kernel).result() is kernel
+        assert built == [("src", "meta")]
+
+        def fails(src: str, meta: str) -> None:
+            raise RuntimeError("gcc failed")
+
+        fake.active.launcher_cls = fails
+        assert LaunchersToo(pool).submit(lambda: kernel).result() is kernel
