@@ -19,7 +19,10 @@ layer an RMSNorm follows or precedes (LinearBase.norm_after / normed_input, kern
 also launches its 1-16-row fused-norm or row-scaled variant. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
-at work), and the real launches find them compiled.
+at work), and the real launches find them compiled. Each pool task also builds its variant's C
+launcher (`LaunchersToo`: gcc, in Triton before 3.7), and the pool first runs real launches of
+the main thread's other eager kernels (norms, SiLU-and-mul, the memory profile's rotary, the
+draw: executor/eager_stand_ins.py).
 
 The runner waits for the thread before its first paged-attention launch (`wait`), so no real
 launch meets a variant still compiling (Triton's pending kernels are not safe to finish from two
