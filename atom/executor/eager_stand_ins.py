@@ -3,7 +3,7 @@ stand-ins of a row or two by the start-up precompile's threads (executor/precomp
 
 RMSNorm (plain, with the residual add, deferred), SiLU-and-mul, the memory profile's rotary (no
 cache) and the draw compile their variants at their first launch, on the main thread: in a cold
-8B start on the H200 ~1.5 s of compiles and C launchers (Triton < 3.7) after the precompile had
+8B start on the H200 ~1.5 s of compiles and C launchers (Triton 3.6) after the precompile had
 finished (forty-fifth sitting). Each task here makes the launches a real step makes, with the
 model's sizes and dtypes, so the main thread finds them compiled and loaded.
 

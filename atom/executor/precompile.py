@@ -20,7 +20,7 @@ also launches its 1-16-row fused-norm or row-scaled variant. The
 launches are compile-only (`kernels/launch.py`) under Triton's AsyncCompileMode, so the variants
 compile in parallel on a thread pool while the main thread profiles memory (Dynamo and Inductor
 at work), and the real launches find them compiled. Each pool task also builds its variant's C
-launcher (`LaunchersToo`: gcc, in Triton before 3.7), and the pool first runs real launches of
+launcher (`LaunchersToo`: gcc, in Triton 3.6), and the pool first runs real launches of
 the main thread's other eager kernels (norms, SiLU-and-mul, the memory profile's rotary, the
 draw: executor/eager_stand_ins.py).
 
@@ -140,10 +140,10 @@ class Precompile:
 
 class LaunchersToo:
     """The executor AsyncCompileMode submits compiles to: each task also builds its variant's
-    launcher. Triton before 3.7 compiles a C launcher for each kernel signature with gcc (0.3-1 s,
+    launcher. Triton 3.6 compiles a C launcher for each kernel signature with gcc (0.3-1 s,
     then cached on disk beside the kernel) when a variant is first launched: in a cold 8B start on
     the H200 that was ~5 s of the main thread's time, serially, while here it runs beside the
-    compiles (forty-fifth sitting). Newer Triton's launcher is generic and costs nothing here."""
+    compiles (forty-fifth sitting). Triton 3.9's launcher is generic: there this costs nothing."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self._pool = pool
