@@ -11,10 +11,11 @@ These are real launches, not compile-only ones: the main thread launches some of
 while the precompile runs (the memory profile's first norm), and a variant compiled under
 AsyncCompileMode is not safe to finish from two threads. A real launch compiles synchronously in
 its worker thread (Triton's async mode is a context variable the pool's threads do not have); a
-variant the main thread meets at the same time is compiled by both, which is only waste. Each
-task runs on a stream of its own and waits for it, so none of its kernels is left running when
-the precompile is joined (before the CUDA graphs' captures). The tensors are a row or two: a few KiB
-beside the memory profile's peak.
+variant the main thread meets at the same time is compiled and loaded by both (in Triton 3.6 its
+launch then loads the module itself: one module loaded twice), which is only waste. Each task
+runs on a stream of its own and waits for it, so none of its kernels is left running when the
+precompile is joined (before the CUDA graphs' captures). The tensors are a row or two (the
+draw's rows overlap): KiBs to a few MiB beside the memory profile's peak, which they may overlap.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from functools import partial
 
 import torch
 
+from atom.kernels.linear_ops import defers_norm
 from atom.kernels.rms_norm import deferred_rms_norm, fused_add_rms_norm, rms_norm
 from atom.kernels.sampling import draw_variant_rows, gumbel_argmax
 from atom.kernels.silu_and_mul import silu_and_mul
@@ -59,8 +61,10 @@ def eager_stand_ins(
     tasks += [partial(_rotary, layer, dtype) for layer in ropes.values()]
     head = getattr(model, "lm_head", None)
     if head is not None and hasattr(head, "padded_vocab_size"):
-        tasks.append(partial(_draws, head.weight, head.vocab_size, head.padded_vocab_size,
-                             max_seqs))  # fmt: skip
+        vocab, width = head.vocab_size, head.padded_vocab_size
+        for rows in draw_variant_rows(vocab, max_seqs):
+            tasks.append(partial(_draw, head.weight.device, head.weight.dtype, rows, vocab, width))
+            tasks.append(partial(_draw, head.weight.device, torch.float32, rows, vocab, vocab))
     return tasks
 
 
@@ -74,10 +78,12 @@ def run_on_side_stream(task: Task, device: torch.device) -> None:
 
 
 def _norms(weight: torch.Tensor, dtype: torch.dtype) -> None:
+    """Plain, with the residual add, and deferred where norms defer (linear_ops.defers_norm)."""
     x = torch.empty((1, weight.shape[0]), dtype=dtype, device=weight.device)
     rms_norm(x, weight, 1e-6)
     fused_add_rms_norm(x, torch.empty_like(x), weight, 1e-6)
-    deferred_rms_norm(x, None, weight)
+    if defers_norm(x):
+        deferred_rms_norm(x, None, weight)
 
 
 def _silu(width: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -97,14 +103,15 @@ def _rotary(layer: Attention, dtype: torch.dtype) -> None:
     rotary(positions, q.view(-1, h, d), k.view(-1, h_kv, d), q_norm, k_norm)
 
 
-def _draws(head_weight: torch.Tensor, vocab: int, width: int, max_seqs: int) -> None:
-    """The draw over the head's logits ([rows, vocab] of a padded-width buffer) and over float32
-    ones (the filtered path), at a row count of each variant."""
-    device = head_weight.device
-    for rows in draw_variant_rows(vocab, max_seqs):
-        temperature = torch.ones(rows, dtype=torch.float32, device=device)
-        seeds = torch.zeros(rows, dtype=torch.int64, device=device)
-        logits = torch.empty((rows, width), dtype=head_weight.dtype, device=device)
-        gumbel_argmax(logits[:, :vocab], temperature, seeds)
-        floats = torch.empty((rows, vocab), dtype=torch.float32, device=device)
-        gumbel_argmax(floats, temperature, seeds)
+def _draw(device: torch.device, dtype: torch.dtype, rows: int, vocab: int, row_stride: int) -> None:
+    """The draw over [rows, vocab] logits whose rows lie row_stride apart: the LM head's (a view
+    of its padded-width output) or the filtered path's float32 copy. The rows overlap here (the
+    kernel only reads them): a stride of 16, or 17 where the real one is no multiple of 16, picks
+    the same variant, and the stand-in holds a row's worth of logits, not rows x vocab (~0.9 GB
+    for Qwen3's vocabulary at 1,024 rows)."""
+    stride = 16 if row_stride % 16 == 0 else 17
+    flat = torch.empty((rows - 1) * stride + vocab, dtype=dtype, device=device)
+    logits = flat.as_strided((rows, vocab), (stride, 1))
+    temperature = torch.ones(rows, dtype=torch.float32, device=device)
+    seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+    gumbel_argmax(logits, temperature, seeds)

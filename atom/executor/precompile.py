@@ -78,6 +78,7 @@ class Precompile:
         self, layers: list[Attention], weights: list[Weight], shapes: StandIn, eager: list[Task]
     ) -> None:
         self._error: BaseException | None = None
+        self._eager_error: BaseException | None = None
         self._seconds = 0.0
         self._calls = 0
         self._eager = eager
@@ -100,8 +101,7 @@ class Precompile:
                 eager = [pool.submit(run_on_side_stream, t, shapes.device) for t in self._eager]
                 with AsyncCompileMode(LaunchersToo(pool)), compile_only(), torch.inference_mode():
                     self._compile(layers, weights, shapes)
-                for done in eager:
-                    done.result()
+                self._eager_error = next((e for f in eager if (e := f.exception())), None)
         except BaseException as e:  # a failed precompile only costs the compiles it saved
             self._error = e
         self._seconds = time.perf_counter() - start
@@ -128,6 +128,9 @@ class Precompile:
 
     def wait(self) -> None:
         self._thread.join()
+        if self._eager_error is not None:
+            logger.warning("eager stand-ins failed (their variants compile on first launch): %r",
+                           self._eager_error)  # fmt: skip
         if self._error is not None:
             logger.warning("precompile failed (variants compile on first launch): %r",
                            self._error)  # fmt: skip
@@ -196,7 +199,11 @@ def start_precompile(
         import triton.runtime._async_compile  # noqa: F401
     except ImportError:
         return None
-    eager = eager_stand_ins(model, layers, shapes.dtype, max_seqs)
+    try:
+        eager = eager_stand_ins(model, layers, shapes.dtype, max_seqs)
+    except Exception as e:  # a model these do not fit: its kernels compile on first launch
+        logger.warning("no eager stand-ins (their variants compile on first launch): %r", e)
+        eager = []
     return Precompile(layers, weights, shapes, eager)
 
 

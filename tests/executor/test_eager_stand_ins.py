@@ -59,9 +59,11 @@ def test_one_task_per_distinct_use_with_a_real_steps_shapes(
     for name in ("rms_norm", "fused_add_rms_norm", "deferred_rms_norm", "silu_and_mul",
                  "gumbel_argmax"):  # fmt: skip
         monkeypatch.setattr(stand_ins, name, record(name))
+    monkeypatch.setattr(stand_ins, "defers_norm", lambda x: True)  # as on a GPU with gemv on
     monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, *args: record("rotary")(*args))
     tasks = stand_ins.eager_stand_ins(model, layers, torch.float32, max_seqs=64)
-    assert len(tasks) == 4
+    rows = draw_variant_rows(100, 64)
+    assert len(tasks) == 3 + 2 * len(rows)  # the draw: a task per variant, head's and float32
     for task in tasks:
         task()
     weight = ((64,), (1,), torch.float32)
@@ -75,10 +77,27 @@ def test_one_task_per_distinct_use_with_a_real_steps_shapes(
     # q and k: views of fused projection rows of (4 + 2 * 2) heads of 16, with the q/k norms.
     q, k = ((2, 4, 16), (128, 16, 1), torch.float32), ((2, 2, 16), (128, 16, 1), torch.float32)
     assert calls[4] == ("rotary", ((2,), (1,), torch.int64), q, k, *layers[0].rope[1:])
-    draws = calls[5:]
-    rows = draw_variant_rows(100, 64)
-    assert [d[1][0][0] for d in draws] == [r for r in rows for _ in range(2)]
-    assert {d[1][2] for d in draws} == {torch.float32}  # the model's logits and the filtered ones
+    # Each draw variant's rows, overlapping at a stride of the real one's class (100 is no
+    # multiple of 16: 17); temperature and seeds a row each.
+    assert [c[1] for c in calls[5:]] == [((r, 100), (17, 1), torch.float32) for r in rows
+                                         for _ in range(2)]  # fmt: skip
+    assert all(c[2][0] == c[3][0] == (c[1][0][0],) for c in calls[5:])
+    calls.clear()
+    monkeypatch.setattr(stand_ins, "defers_norm", lambda x: False)  # fp16, ATOM_GEMV=0, ...
+    tasks[0]()
+    assert [c[0] for c in calls] == ["rms_norm", "fused_add_rms_norm"]
+
+
+def test_draw_stand_in_holds_a_row_of_logits_in_the_real_stride_class(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = []
+    monkeypatch.setattr(stand_ins, "gumbel_argmax", lambda logits, t, s: seen.append(logits))
+    for row_stride, stride in ((151936, 16), (32001, 17)):
+        stand_ins._draw(torch.device("cpu"), torch.bfloat16, 1024, 1000, row_stride)
+        logits = seen.pop()
+        assert logits.shape == (1024, 1000) and logits.stride() == (stride, 1)
+        assert logits.untyped_storage().nbytes() == ((1023 * stride) + 1000) * 2
 
 
 def _shape(a: object) -> object:
