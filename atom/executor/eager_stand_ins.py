@@ -25,6 +25,7 @@ from functools import partial
 
 import torch
 
+from atom.distributed import tp_world_size
 from atom.kernels.linear_ops import defers_norm
 from atom.kernels.rms_norm import deferred_rms_norm, fused_add_rms_norm, rms_norm
 from atom.kernels.sampling import draw_variant_rows, gumbel_argmax
@@ -78,12 +79,16 @@ def run_on_side_stream(task: Task, device: torch.device) -> None:
 
 
 def _norms(weight: torch.Tensor, dtype: torch.dtype) -> None:
-    """Plain, with the residual add, and deferred where norms defer (linear_ops.defers_norm)."""
+    """Plain, with the residual add, and deferred where norms defer (linear_ops.defers_norm):
+    alone, and over several ranks also with the residual add (add_rms_norm_rows, after the
+    all-reduce)."""
     x = torch.empty((1, weight.shape[0]), dtype=dtype, device=weight.device)
     rms_norm(x, weight, 1e-6)
     fused_add_rms_norm(x, torch.empty_like(x), weight, 1e-6)
     if defers_norm(x):
         deferred_rms_norm(x, None, weight)
+        if tp_world_size() > 1:
+            deferred_rms_norm(x, torch.empty_like(x), weight)
 
 
 def _silu(width: int, dtype: torch.dtype, device: torch.device) -> None:

@@ -83,6 +83,10 @@ def test_one_task_per_distinct_use_with_a_real_steps_shapes(
                                          for _ in range(2)]  # fmt: skip
     assert all(c[2][0] == c[3][0] == (c[1][0][0],) for c in calls[5:])
     calls.clear()
+    monkeypatch.setattr(stand_ins, "tp_world_size", lambda: 2)  # and the residual's, after the
+    tasks[0]()  # all-reduce
+    assert calls[3] == ("deferred_rms_norm", row, row, weight)
+    calls.clear()
     monkeypatch.setattr(stand_ins, "defers_norm", lambda x: False)  # fp16, ATOM_GEMV=0, ...
     tasks[0]()
     assert [c[0] for c in calls] == ["rms_norm", "fused_add_rms_norm"]
