@@ -21,9 +21,8 @@
 #   imports  one more warm start of the latency engine under -X importtime: $OUT/importtime.txt,
 #            the slowest imports printed (run after latency: its caches warm)
 #   startup  benchmarks/profile_startup.py twice (cold, then warm caches of its own): phases, Dynamo's
-#            (PYSPY=1: a third start under py-spy, $OUT/startup_3.pyspy; PYSPY=cold: its caches
-#            empty)
-#            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*)
+#            times, every Triton compile with its cache key ($OUT/startup_*, triton_compiles_*);
+#            PYSPY=1: a third start under py-spy ($OUT/startup_3.pyspy), PYSPY=cold: its caches empty
 #   profile  benchmark_throughput with a traced second run (--mark-trace; PROFILE_FLAGS= for a
 #            plain trace with less host overhead), then both trace tools
 #            on the trace: $OUT/trace_summary.md (GPU busy per step), $OUT/trace_breakdown.csv;

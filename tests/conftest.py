@@ -1,7 +1,8 @@
 """Without a GPU, Triton kernels run in the Triton interpreter on CPU tensors.
 
 Set before anything imports triton: `triton.jit` reads TRITON_INTERPRET when a kernel is defined.
-Also the tiny random Llama the engine-level tests share (`tiny`, `tiny_llama_config`).
+Also the tiny random Llama the engine-level tests share (`tiny`, `tiny_llama_config`), and a
+tiny Qwen3 shape (q/k norms, GQA) for tests that build the model in process (`tiny_qwen3_config`).
 """
 
 import os
@@ -31,6 +32,18 @@ def tiny_llama_config(**overrides: Any) -> transformers.LlamaConfig:
     )
     values.update(overrides)
     return transformers.LlamaConfig(**values)
+
+
+def tiny_qwen3_config() -> transformers.Qwen3Config:
+    return transformers.Qwen3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    )
 
 
 @pytest.fixture(scope="module")

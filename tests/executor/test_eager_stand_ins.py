@@ -1,6 +1,6 @@
 """The precompile's eager stand-ins (executor/eager_stand_ins.py): one task per distinct kernel
-use, launching what a real step launches on one-row stand-ins; the precompile's executor builds
-each compiled variant's launcher (the compiles and launches themselves: tests/gpu)."""
+use, launching what a real step launches on stand-ins of a row or two; the precompile's executor
+builds each compiled variant's launcher (the compiles and launches themselves: tests/gpu)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import transformers
 
 from atom.executor import eager_stand_ins as stand_ins
 from atom.executor.precompile import LaunchersToo
@@ -18,6 +17,7 @@ from atom.kernels.sampling import _splits, draw_variant_rows
 from atom.layers.attention import Attention
 from atom.layers.rotary import RotaryEmbedding
 from atom.models.qwen3 import Qwen3ForCausalLM
+from tests.conftest import tiny_qwen3_config
 
 
 def _variant(rows: int, vocab: int) -> str:
@@ -40,16 +40,7 @@ def test_one_task_per_distinct_use_with_a_real_steps_shapes(
 ) -> None:
     """A Qwen3 of three layers: one norm width (the q/k norms run inside the rotary kernel), one
     gate/up width, one rope shape, the draw; each task's launches shaped as the model's."""
-    config = transformers.Qwen3Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=100,
-    )
-    model = Qwen3ForCausalLM(config, 64)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(), 64)
     layers = [m for m in model.modules() if type(m) is Attention]
     calls: list[tuple] = []
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from atom.executor.eager_steps import eager_step_size, eager_step_sizes, load_gemm_kernels
 from atom.models.qwen3 import Qwen3ForCausalLM
+from tests.conftest import tiny_qwen3_config
 
 
 @pytest.mark.parametrize("cap", [16384, 3000, 512])
@@ -30,16 +30,7 @@ def test_load_gemm_kernels_runs_each_distinct_gemm_at_every_size(
 ) -> None:
     """Qwen3's layers hold four distinct GEMMs (qkv, o, gate/up, down), however many layers; each
     runs once at each size on contiguous rows."""
-    config = transformers.Qwen3Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=100,
-    )
-    model = Qwen3ForCausalLM(config, 64)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(), 64)
     seen = []
     linear = torch.nn.functional.linear
 
